@@ -35,6 +35,7 @@ POLICY_MODULES = {
 
 BACKEND_MODULES = {
     "http": "agproxy.backends.http",
+    "static": "agproxy.backends.static",
     "agentcore": "agproxy.backends.agentcore",
     "mcp": "agproxy.backends.mcp",
     "openapi_mcp": "agproxy.backends.openapi_mcp",

@@ -133,7 +133,7 @@ def haproxy_spec(workdir: Path, ports: Ports, tls: keys.TlsFiles) -> Spec:
     conf = workdir / "haproxy.cfg"
     conf.write_text(f"""global
   nbthread 1
-  maxconn 20000
+  maxconn 4096
   log stdout format raw local0 info
 
 defaults
@@ -316,8 +316,8 @@ def agproxy_spec(workdir: Path, ports: Ports, tls: keys.TlsFiles,
     conf = workdir / f"{name}.toml"
     conf.write_text(agproxy_toml(workdir, ports, tls, jwt_files))
     port = ports.proxy["agproxy"]["h1"]
-    env_note = os.environ.get("AGPROXY_BENCH_ARGS", "")
-    argv = [agproxy_binary(), "run", "--config", str(conf), *env_note.split()]
+    extra = os.environ.get("AGPROXY_BENCH_ARGS", "").split()  # e.g. flags under test
+    argv = [agproxy_binary(), "run", "--config", str(conf), *extra]
     return Spec(name, argv, urls_for(port, port, port), ready_timeout=30.0)
 
 

@@ -1,0 +1,1 @@
+"""What a route points at: http, agentcore, (later) llm groups and MCP."""

@@ -1,0 +1,34 @@
+"""`type = "static"`: the gateway answers itself (demo routes, health checks, maintenance)."""
+
+from __future__ import annotations
+
+from agproxy.config.reader import Section
+from agproxy.http.messages import Headers
+from agproxy.proxy.build import Backend, BuildContext
+
+
+class StaticBackend(Backend):
+    kind = "static"
+
+    def __init__(self, status: int, body: bytes, headers: list[tuple[str, str]]):
+        self.status = status
+        self.body = body
+        self.headers = headers
+
+    async def handle(self, ex) -> None:
+        await ex.reply(self.status, Headers(self.headers), self.body)
+
+    def describe(self) -> dict:
+        return {"type": self.kind, "status": self.status}
+
+
+def build(name: str, sec: Section, ctx: BuildContext) -> StaticBackend:
+    sec.str("type")
+    status = sec.int("status", 200, min=100, max=599)
+    body = sec.str("body", "")
+    headers = sec.str_map("headers", {}) or {}
+    sec.done()
+    items = [(k.lower(), v) for k, v in headers.items()]
+    if not any(k == "content-type" for k, _ in items):
+        items.append(("content-type", "text/plain; charset=utf-8"))
+    return StaticBackend(status, (body or "").encode(), items)

@@ -1,0 +1,538 @@
+"""CEL expressions: compile once at config load, evaluate per request.
+
+Theory of operation
+===================
+
+Every CEL expression in the config (authorization rules, header values, rate-limit
+keys, health checks, ...) goes through this module, and nothing else imports the
+CEL library, so the library can be swapped by rewriting this one file.
+
+The library is ``cel-expr-python`` (import ``cel_expr_python``): Google's C++ CEL
+runtime (cel-cpp) behind pybind11.  ``benchmarks/cel_bench.py`` and
+``benchmarks/results/cel.md`` say why (about 10x faster per request than the pure
+Python ``cel-python``, and a real type-checker at compile time).
+
+Compile time (``compile_expression``, once per expression at config load)
+    1. The source is tokenized by a small CEL lexer (strings, numbers, identifiers,
+       punctuation).  The tokens give ``Expression.variables``: the top-level
+       variables of ``VARIABLES`` the expression references (an identifier that is
+       not a field name after ``.``).  This may over-approximate (a comprehension
+       variable named ``jwt`` counts) but never misses one.
+    2. ``default(x, fallback)`` calls are rewritten (see below).
+    3. The (rewritten) source is parsed and type-checked by the library in one
+       shared environment that declares the ``VARIABLES`` as ``map(string, dyn)``
+       and loads the ``strings`` extension (``join``, ``split``, ``lowerAscii``,
+       ``upperAscii``, ``replace``, ``trim``, ``indexOf``, ...) and the
+       ``encoders`` extension (``base64.encode/decode``).  Syntax errors,
+       undeclared variables, unknown functions and statically wrong overloads
+       (``1 == 1.0``, ``jwt == 1``) are ``CelCompileError`` here, never later.
+
+Per request (``Activation`` + ``Expression.evaluate*``)
+    The proxy builds one ``Activation`` per request from *providers*: zero-argument
+    callables producing plain Python values (``dict``/``list``/``str``/``int``/
+    ``float``/``bool``/``None``/``bytes``; no tuples or sets: the library rejects
+    them when the value is read).  Nothing is computed up front.  When an
+    expression is evaluated, the activation calls the providers of the variables
+    that expression references (each provider at most once per activation) and
+    hands the values to the library's own activation object, which converts a
+    Python value to CEL the first time the expression reads it.  That native
+    activation is reused by every later expression of the request; it is rebuilt
+    (rarely: once per newly needed variable) only when an expression needs a
+    variable that was not materialized yet.
+
+    A variable whose provider is missing is an empty map.  So ``jwt.sub`` on a route
+    without JWT authentication is an evaluation error ("no such key"), which
+    callers treat as not matching / deny.  ``has(jwt.sub)`` is ``false`` there and
+    ``default(jwt.sub, "anonymous")`` is ``"anonymous"``.
+
+Errors are exceptions, never values
+    The library does not raise on an evaluation error: it returns a value of type
+    ERROR whose payload is a (truthy!) message string.  ``Expression.evaluate``
+    checks for it and raises ``CelEvalError`` naming the expression, so that a rule
+    like ``jwt.role == "admin"`` on a token without ``role`` can never be taken
+    for true.  The check is cheap: an error's payload is a ``str``, so only string
+    results pay for the type check; a ``bool`` result (the common case of a rule)
+    is returned at once.
+
+``default(x, fallback)``
+    CEL functions are strict (an error argument never reaches the function) and
+    the library offers no non-strict or macro hook, so ``default`` is a source
+    rewrite done at compile time::
+
+        default(X, Y)   ==>   (__agproxy_ok(N) ? dyn(X) : dyn(Y))
+
+    ``X`` is also compiled on its own as probe ``N``; the ``__agproxy_ok``
+    function (implemented in Python) evaluates that probe against the current
+    activation and says whether it succeeded with a non-null value.  So ``X`` is
+    evaluated twice on success (it is usually a field lookup: about a
+    microsecond), ``Y`` only when needed, and the result keeps its exact CEL type.
+    Consequences: ``default`` answers ``Y`` when ``X`` is an error of any kind
+    (missing key, no such overload, division by zero, ...) or ``null``; ``X``
+    cannot use a comprehension variable (``l.map(v, default(v.x, 0))`` is a
+    compile error); and compile errors inside a ``default`` show the rewritten
+    text.  Identifiers starting with ``__agproxy`` are reserved.
+
+Number comparisons
+    CEL does not convert between int and double.  Between two literals the
+    type-checker rejects it (``1 == 1.0`` is a compile error); with a ``dyn`` value
+    the runtime compares numerically (``jwt.exp == 1700000000.0`` and
+    ``jwt.exp < 1.5e10`` are ``true`` for an int claim).
+
+Results
+    ``evaluate`` returns plain Python values: ``str``, ``int`` (CEL ``int`` and
+    ``uint``), ``float``, ``bool``, ``None``, ``bytes``, ``list``, ``dict``;
+    also ``datetime.datetime`` / ``datetime.timedelta`` for CEL timestamps and
+    durations, and a type's name (``str``) for a CEL type value.
+
+Threads
+    ``default()`` finds the current activation through a module global, so one
+    process evaluates on one thread (the event loop), as the design says.
+"""
+from __future__ import annotations
+
+import datetime
+import itertools
+import re
+import weakref
+from typing import Callable
+
+__all__ = [
+    "CelError",
+    "CelCompileError",
+    "CelEvalError",
+    "VARIABLES",
+    "compile_expression",
+    "Expression",
+    "Activation",
+]
+
+VARIABLES = ("request", "source", "jwt", "mcp", "llm", "response")
+
+_RESERVED_PREFIX = "__agproxy"
+_OK_FUNCTION = "__agproxy_ok"
+_STR_VAR = "__agproxy_v"
+
+
+class CelError(Exception):
+    """Base class of CEL errors."""
+
+
+class CelCompileError(CelError):
+    """The expression is invalid: syntax, unknown function, undeclared variable, bad overload."""
+
+
+class CelEvalError(CelError):
+    """Evaluation failed (missing key, no such overload, wrong result type, ...)."""
+
+
+# ---------------------------------------------------------------------------------
+# The library's environment (built on first compile: it costs ~70 ms)
+# ---------------------------------------------------------------------------------
+
+_cel = None          # the cel_expr_python.cel module
+_env = None          # the shared environment
+_ERROR_TYPE = None   # cel.Type.ERROR
+_string_of = None    # compiled `string(__agproxy_v)` for CEL's text form of a value
+
+
+def _get_env():
+    global _cel, _env, _ERROR_TYPE, _string_of
+    if _env is None:
+        from cel_expr_python import cel
+        from cel_expr_python.ext import ext_encoders, ext_strings
+
+        map_type = cel.Type.Map(cel.Type.STRING, cel.Type.DYN)
+        variables = {name: map_type for name in VARIABLES}
+        variables[_STR_VAR] = cel.Type.DYN
+        ok_decl = cel.FunctionDecl(
+            _OK_FUNCTION,
+            [cel.Overload(_OK_FUNCTION + "_int", return_type=cel.Type.BOOL,
+                          parameters=[cel.Type.INT], impl=_probe_ok)],
+        )
+        env = cel.NewEnv(
+            variables=variables,
+            extensions=[ext_strings.ExtStrings(), ext_encoders.ExtEncoders()],
+            functions=[ok_decl],
+        )
+        _cel = cel
+        _ERROR_TYPE = cel.Type.ERROR
+        _string_of = env.compile(f"string({_STR_VAR})")
+        _env = env
+    return _env
+
+
+# ---------------------------------------------------------------------------------
+# Lexer: referenced variables and default() calls
+# ---------------------------------------------------------------------------------
+
+_TOKEN_RE = re.compile(
+    r"""
+      (?P<ws>\s+|//[^\n]*)
+    | (?P<str>
+          (?:[rR][bB]?|[bB][rR])          # raw strings: no escapes
+          (?:\"\"\"[\s\S]*?\"\"\"|'''[\s\S]*?'''|"[^"\r\n]*"|'[^'\r\n]*')
+        | [bB]?
+          (?:\"\"\"(?:\\[\s\S]|[^\\])*?\"\"\"|'''(?:\\[\s\S]|[^\\])*?'''
+             |"(?:\\.|[^"\\\r\n])*"|'(?:\\.|[^'\\\r\n])*')
+      )
+    | (?P<num>0[xX][0-9a-fA-F]+[uU]?|\d+(?:\.\d+)?(?:[eE][+-]?\d+)?[uU]?)
+    | (?P<ident>[_a-zA-Z][_a-zA-Z0-9]*)
+    | (?P<bq>`[^`]*`)
+    | (?P<op>[\s\S])
+    """,
+    re.VERBOSE,
+)
+
+# After one of these tokens a `.` is member access, so the identifier after it is a
+# field or method name, not a top-level variable.
+_OPERAND_END = frozenset({"str", "num", "ident", "bq", ")", "]", "}"})
+
+
+def _tokenize(source: str) -> list[tuple[str, str, int, int]]:
+    """(kind, text, start, end) for each significant token; kind is the op text for ops."""
+    tokens = []
+    for m in _TOKEN_RE.finditer(source):
+        kind = m.lastgroup
+        if kind == "ws":
+            continue
+        text = m.group()
+        if kind == "op":
+            kind = text
+        tokens.append((kind, text, m.start(), m.end()))
+    return tokens
+
+
+def _is_member(tokens, i: int) -> bool:
+    """Is tokens[i] (an identifier) a field/method name after `.` or `.?`?"""
+    j = i - 1
+    if j >= 0 and tokens[j][0] == "?":
+        j -= 1
+    return j >= 1 and tokens[j][0] == "." and tokens[j - 1][0] in _OPERAND_END
+
+
+def _referenced_variables(tokens) -> frozenset[str]:
+    names = set()
+    for i, (kind, text, _, _) in enumerate(tokens):
+        if kind == "ident" and text in VARIABLES and not _is_member(tokens, i):
+            names.add(text)
+    return frozenset(names)
+
+
+class _Probe:
+    """The first argument of one default() call, compiled on its own."""
+
+    __slots__ = ("expression", "__weakref__")
+
+    def __init__(self, expression: "Expression"):
+        self.expression = expression
+
+
+_probe_ids = itertools.count(1)
+_probes: "weakref.WeakValueDictionary[int, _Probe]" = weakref.WeakValueDictionary()
+_current: "Activation | None" = None   # the activation being evaluated (for default())
+
+
+def _probe_ok(probe_id: int) -> bool:
+    """__agproxy_ok(N): did default()'s first argument evaluate to a non-null value?"""
+    probe = _probes.get(probe_id)
+    activation = _current
+    if probe is None or activation is None:
+        return False
+    expr = probe.expression
+    try:
+        native = activation._native_for(expr.variables)
+        result = expr._program.eval(native)
+        value = result.plain_value()
+        if value is None:
+            return False
+        return not (type(value) is str and result.type() == _ERROR_TYPE)
+    except Exception:
+        return False
+
+
+def _rewrite(source: str, tokens, probes: list) -> str:
+    """Rewrite every default(X, Y) in source; new probes are appended to probes."""
+    out = []
+    pos = 0
+    i = 0
+    n = len(tokens)
+    while i < n:
+        kind, text, start, _ = tokens[i]
+        if kind == "ident" and text.startswith(_RESERVED_PREFIX):
+            raise CelCompileError(
+                f"invalid CEL expression {source!r}: identifiers starting with "
+                f"{_RESERVED_PREFIX!r} are reserved")
+        if (kind == "ident" and text == "default" and i + 1 < n and tokens[i + 1][0] == "("
+                and not _is_member(tokens, i)):
+            # Find the matching ")" and the top-level commas.
+            depth = 0
+            commas = []
+            j = i + 1
+            while j < n:
+                k = tokens[j][0]
+                if k in "([{":
+                    depth += 1
+                elif k in ")]}":
+                    depth -= 1
+                    if depth == 0:
+                        break
+                elif k == "," and depth == 1:
+                    commas.append(j)
+                j += 1
+            if j >= n or tokens[j][0] != ")":
+                raise CelCompileError(
+                    f"invalid CEL expression {source!r}: unbalanced parentheses in default(...)")
+            if len(commas) != 1 or commas[0] + 1 == j:
+                raise CelCompileError(
+                    f"invalid CEL expression {source!r}: default() takes exactly two "
+                    "arguments: default(expression, fallback)")
+            c = commas[0]
+            x_src = source[tokens[i + 2][2]:tokens[c][2]] if c > i + 2 else ""
+            y_src = source[tokens[c + 1][2]:tokens[j][2]]
+            if not x_src.strip():
+                raise CelCompileError(
+                    f"invalid CEL expression {source!r}: default() takes exactly two "
+                    "arguments: default(expression, fallback)")
+            x_tokens = tokens[i + 2:c]
+            y_tokens = tokens[c + 1:j]
+            x_rewritten = _rewrite(x_src, _shift(x_tokens, -tokens[i + 2][2]), probes)
+            y_rewritten = _rewrite(y_src, _shift(y_tokens, -tokens[c + 1][2]), probes)
+            try:
+                x_expr = _compile_rewritten(x_src, x_rewritten, x_tokens, ())
+            except CelCompileError as exc:
+                raise CelCompileError(
+                    f"invalid CEL expression {source!r}: in the first argument of "
+                    f"default(): {exc} (default() cannot use comprehension variables)"
+                ) from None
+            probe = _Probe(x_expr)
+            probe_id = next(_probe_ids)
+            _probes[probe_id] = probe
+            probes.append(probe)
+            out.append(source[pos:start])
+            out.append(f"({_OK_FUNCTION}({probe_id}) ? dyn({x_rewritten}) : dyn({y_rewritten}))")
+            pos = tokens[j][3]
+            i = j + 1
+            continue
+        i += 1
+    out.append(source[pos:])
+    return "".join(out)
+
+
+def _shift(tokens, delta: int):
+    return [(k, t, s + delta, e + delta) for (k, t, s, e) in tokens]
+
+
+# ---------------------------------------------------------------------------------
+# Public API
+# ---------------------------------------------------------------------------------
+
+def compile_expression(source: str) -> "Expression":
+    """Parse and type-check source; raises CelCompileError.  Call at config load."""
+    if not isinstance(source, str):
+        raise CelCompileError(f"a CEL expression must be a string, not {type(source).__name__}")
+    if not source.strip():
+        raise CelCompileError("empty CEL expression")
+    tokens = _tokenize(source)
+    probes: list[_Probe] = []
+    rewritten = _rewrite(source, tokens, probes)
+    return _compile_rewritten(source, rewritten, tokens, tuple(probes))
+
+
+def _compile_rewritten(source: str, rewritten: str, tokens, probes) -> "Expression":
+    env = _get_env()
+    try:
+        program = env.compile(rewritten)
+    except Exception as exc:
+        raise CelCompileError(
+            f"invalid CEL expression {source!r}: {_clean_compile_message(str(exc))}") from None
+    return Expression(source, _referenced_variables(tokens), program, probes)
+
+
+def _clean_compile_message(message: str) -> str:
+    # "INVALID_ARGUMENT: ERROR: <input>:1:5: undeclared reference to 'x' ...\n | src\n | ..^"
+    for prefix in ("INVALID_ARGUMENT: ",):
+        if message.startswith(prefix):
+            message = message[len(prefix):]
+    message = message.replace("ERROR: <input>:", "at ")
+    message = message.strip()
+    if message.endswith(" [INVALID_ARGUMENT]"):
+        message = message[: -len(" [INVALID_ARGUMENT]")]
+    return message
+
+
+class Expression:
+    """A compiled expression.  Immutable; share it between requests."""
+
+    __slots__ = ("source", "variables", "_program", "_probes")
+
+    def __init__(self, source: str, variables: frozenset, program, probes=()):
+        self.source = source
+        self.variables: frozenset[str] = variables
+        self._program = program
+        self._probes = probes   # keeps the default() probes alive
+
+    def __repr__(self) -> str:
+        return f"Expression({self.source!r})"
+
+    def _eval(self, activation: "Activation"):
+        """The library's result value; raises CelEvalError when the call itself fails."""
+        global _current
+        if self.variables <= activation._native_names:
+            native = activation._native
+        else:
+            native = activation._native_for(self.variables)
+        if self._probes:
+            saved = _current
+            _current = activation
+            try:
+                return self._program.eval(native)
+            except Exception as exc:
+                raise CelEvalError(f"evaluating {self.source!r}: {exc}") from exc
+            finally:
+                _current = saved
+        try:
+            return self._program.eval(native)
+        except Exception as exc:
+            raise CelEvalError(f"evaluating {self.source!r}: {exc}") from exc
+
+    def _error(self, result) -> CelEvalError:
+        return CelEvalError(f"evaluating {self.source!r}: {result.plain_value()}")
+
+    def evaluate(self, activation: "Activation") -> object:
+        """The result as a plain Python value; raises CelEvalError on any error."""
+        result = self._eval(activation)
+        value = result.plain_value()
+        t = type(value)
+        if t is bool or t is int or t is float or value is None:
+            return value
+        if t is str:
+            if result.type() == _ERROR_TYPE:
+                raise self._error(result)
+            return value
+        return _to_plain(value)
+
+    def evaluate_bool(self, activation: "Activation") -> bool:
+        """The result, which must be a bool; raises CelEvalError otherwise."""
+        result = self._eval(activation)
+        value = result.plain_value()
+        if value is True or value is False:
+            return value
+        if type(value) is str and result.type() == _ERROR_TYPE:
+            raise self._error(result)
+        raise CelEvalError(
+            f"evaluating {self.source!r}: expected a bool, got {_type_name(result)}")
+
+    def evaluate_str(self, activation: "Activation") -> str:
+        """The result as text (for header values, keys): str as is; int, uint, double,
+        bool, bytes (UTF-8), timestamp and duration in CEL's string() form; anything
+        else (list, map, null) raises CelEvalError."""
+        result = self._eval(activation)
+        value = result.plain_value()
+        t = type(value)
+        if t is str:
+            if result.type() == _ERROR_TYPE:
+                raise self._error(result)
+            return value
+        if t is int:
+            return str(value)
+        if t is bool:
+            return "true" if value else "false"
+        if t is float or t is bytearray:
+            text = _string_of.eval(data={_STR_VAR: value})
+            out = text.plain_value()
+            if type(out) is str and text.type() != _ERROR_TYPE:
+                return out
+            raise CelEvalError(f"evaluating {self.source!r}: {out}")
+        if t is datetime.datetime:
+            return _format_timestamp(value)
+        if t is datetime.timedelta:
+            return _format_duration(value)
+        raise CelEvalError(
+            f"evaluating {self.source!r}: expected a string, got {_type_name(result)}")
+
+
+def _type_name(result) -> str:
+    try:
+        return result.type().name().lower()
+    except Exception:   # pragma: no cover - defensive
+        return "unknown"
+
+
+def _format_timestamp(value: datetime.datetime) -> str:
+    """CEL's string(timestamp): RFC 3339 in UTC, fraction only when non-zero."""
+    if value.tzinfo is not None:
+        value = value.astimezone(datetime.timezone.utc)
+    text = value.strftime("%Y-%m-%dT%H:%M:%S")
+    return text + _fraction(value.microsecond) + "Z"
+
+
+def _format_duration(value: datetime.timedelta) -> str:
+    """CEL's string(duration): seconds, fraction only when non-zero ("1.500s")."""
+    micros = (value.days * 86400 + value.seconds) * 1_000_000 + value.microseconds
+    sign = "-" if micros < 0 else ""
+    seconds, fraction = divmod(abs(micros), 1_000_000)
+    return f"{sign}{seconds}{_fraction(fraction)}s"
+
+
+def _fraction(micros: int) -> str:
+    """".500" / ".000250" / "": digits in groups of three, as cel-cpp prints them."""
+    if not micros:
+        return ""
+    if micros % 1000 == 0:
+        return ".%03d" % (micros // 1000)
+    return ".%06d" % micros
+
+
+def _to_plain(value):
+    """Library plain values -> agproxy's plain values (bytes not bytearray, type names)."""
+    t = type(value)
+    if t is list:
+        return [_to_plain(v) for v in value]
+    if t is dict:
+        return {_to_plain(k): _to_plain(v) for k, v in value.items()}
+    if t is bytearray:
+        return bytes(value)
+    if _cel is not None and t is _cel.Type:
+        return value.name().lower()
+    return value
+
+
+class Activation:
+    """Lazily built variables.  Built per request by the proxy layer.
+
+    ``providers`` maps a variable name to a zero-argument function producing its
+    plain Python value.  A provider is called at most once, and only if an
+    evaluated expression references that variable.  A variable without provider
+    is an empty map.  A provider that raises makes the evaluation raise
+    CelEvalError (and is called again by the next expression that needs it).
+    """
+
+    __slots__ = ("_providers", "_values", "_native", "_native_names")
+
+    def __init__(self, providers: dict[str, Callable[[], object]] | None = None):
+        self._providers = providers or {}
+        self._values: dict[str, object] = {}
+        self._native = None                      # the library's activation
+        self._native_names: frozenset[str] = frozenset()
+
+    def _native_for(self, names: frozenset):
+        """A library activation holding at least names (materializing them)."""
+        if names <= self._native_names:
+            return self._native
+        values = self._values
+        providers = self._providers
+        for name in names:
+            if name not in values:
+                provider = providers.get(name)
+                if provider is None:
+                    values[name] = {}
+                    continue
+                try:
+                    value = provider()
+                except Exception as exc:
+                    raise CelEvalError(f"building CEL variable {name!r}: {exc!r}") from exc
+                values[name] = {} if value is None else value
+        env = _env if _env is not None else _get_env()
+        self._native = env.Activation(values)
+        self._native_names = frozenset(values)
+        return self._native

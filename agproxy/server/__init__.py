@@ -1,0 +1,1 @@
+"""Listeners, TLS/plaintext sniffing, worker processes, drain and reload."""

@@ -1,0 +1,196 @@
+"""One serving process: an event loop with its listeners, pool, runtime and signals.
+
+Theory of operation: `Worker.main()` builds the pool and telemetry, binds every
+listener (SO_REUSEPORT, so sibling workers share ports), starts the runtime's
+background tasks, and then waits for a signal. SIGHUP reloads: the file is
+loaded and built in full first; on any error the running snapshot stays and the
+error is logged. A new snapshot serves new requests at once; requests in flight
+finish on the old one. SIGTERM/SIGINT drain: stop accepting, tell every
+connection to finish what it has (HTTP/2 GOAWAY; HTTP/1.1 closes after the
+current response), and exit when all are gone or `drain_timeout` has passed.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import logging
+import os
+import signal
+import time
+from typing import Callable
+
+from agproxy.admin import Admin
+from agproxy.config.reader import ConfigError
+from agproxy.proxy.build import Runtime, load_runtime
+from agproxy.proxy.handler import Gateway
+from agproxy.server.listener import ConnectionTracker, Listener
+from agproxy.telemetry.access_log import AccessLog
+from agproxy.upstream.pool import Pool, set_pool
+
+log = logging.getLogger("agproxy.server")
+
+
+class Worker:
+    def __init__(self, config_path: str, metrics, *, serve_admin: bool = True, index: int = 0,
+                 on_ready: Callable[[], None] | None = None):
+        self.config_path = config_path
+        self.metrics = metrics
+        self.serve_admin = serve_admin
+        self.index = index
+        self.on_ready = on_ready
+        self.runtime: Runtime | None = None
+        self.gateway: Gateway | None = None
+        self.listeners: list[Listener] = []
+        self.admin_listener: Listener | None = None
+        self.tracker = ConnectionTracker()
+        self.ready = False
+        self._stop: asyncio.Event | None = None
+        self._draining = False
+
+    # -- lifecycle ----------------------------------------------------------------------
+    async def main(self) -> int:
+        loop = asyncio.get_running_loop()
+        self._stop = asyncio.Event()
+        self.pool = Pool(metrics=self.metrics)
+        set_pool(self.pool)
+        runtime = load_runtime(self.config_path, self.pool, self.metrics)
+        self.runtime = runtime
+        access_log = AccessLog(runtime.gateway.access_log)
+        self.gateway = Gateway(runtime, self.metrics, access_log)
+        self.tracker.gauge = None
+        for lcfg in runtime.listeners:
+            gauge = self.metrics.active.labels(lcfg.name) if self.metrics is not None else None
+            tracker = self.tracker
+            lst = Listener(lcfg, runtime.gateway, self.gateway.handle, _GaugedTracker(tracker, gauge))
+            lst.start()
+            self.listeners.append(lst)
+        if self.serve_admin and runtime.gateway.admin is not None:
+            self.start_admin(runtime)
+        for sig, fn in ((signal.SIGTERM, self.request_stop), (signal.SIGINT, self.request_stop),
+                        (signal.SIGHUP, self.request_reload)):
+            loop.add_signal_handler(sig, fn)
+        await runtime.start()
+        self.ready = True
+        self._schedule_idle_sweep(runtime.gateway.idle_timeout)
+        log.info("worker %d serving %s", self.index,
+                 ", ".join(f"{l.name}={l.cfg.host}:{l.port}{' (tls+plaintext)' if l.ssl else ''}" for l in self.listeners))
+        if self.on_ready is not None:
+            self.on_ready()
+        await self._stop.wait()
+        await self._drain(runtime.gateway.drain_timeout)
+        access_log.close()
+        await self.pool.close()
+        if self.runtime is not None:
+            await self.runtime.stop()
+        return 0
+
+    def start_admin(self, runtime: Runtime) -> None:
+        from agproxy.config.model import ListenerConfig
+        host, port = runtime.gateway.admin  # type: ignore[misc]
+        admin = Admin(lambda: self.runtime, self.metrics, self.not_ready)
+        self.admin_listener = Listener(ListenerConfig("admin", host, port), runtime.gateway,
+                                       admin.handle, ConnectionTracker())
+        self.admin_listener.start()
+
+    def not_ready(self) -> list[str]:
+        if not self.ready or self.runtime is None:
+            return ["starting"]
+        if self._draining:
+            return ["draining"]
+        return self.runtime.not_ready()
+
+    def request_stop(self) -> None:
+        if self._stop is not None:
+            self._stop.set()
+
+    def request_reload(self) -> None:
+        asyncio.get_running_loop().create_task(self.reload())
+
+    async def reload(self) -> bool:
+        try:
+            new = load_runtime(self.config_path, self.pool, self.metrics)
+        except ConfigError as exc:
+            log.error("reload of %s rejected, keeping the running config:\n%s", self.config_path, exc)
+            self._count_reload("rejected")
+            return False
+        except Exception as exc:
+            log.exception("reload of %s failed, keeping the running config: %s", self.config_path, exc)
+            self._count_reload("rejected")
+            return False
+        old_listeners = [(l.name, l.host, l.port, bool(l.tls)) for l in self.runtime.listeners]
+        new_listeners = [(l.name, l.host, l.port, bool(l.tls)) for l in new.listeners]
+        if old_listeners != new_listeners:
+            log.warning("reload: listener changes take effect only after a restart")
+        await new.start()
+        old, self.runtime = self.runtime, new
+        self.gateway.runtime = new
+        log.info("configuration reloaded from %s", self.config_path)
+        self._count_reload("ok")
+        if old is not None:
+            asyncio.get_running_loop().create_task(old.stop())
+        return True
+
+    def _count_reload(self, result: str) -> None:
+        if self.metrics is not None:
+            self.metrics.config_reloads.labels(result).inc()
+
+    async def _drain(self, timeout: float) -> None:
+        self._draining = True
+        for lst in self.listeners:
+            lst.stop_accepting()
+        for conn in list(self.tracker.conns):
+            conn.shutdown()
+        deadline = time.monotonic() + timeout
+        while self.tracker.conns and time.monotonic() < deadline:
+            waiter = asyncio.get_running_loop().create_future()
+            self.tracker.on_empty = waiter
+            try:
+                await asyncio.wait_for(waiter, max(0.01, deadline - time.monotonic()))
+            except asyncio.TimeoutError:
+                break
+        for conn in list(self.tracker.conns):
+            conn.close(abort=True)
+        if self.admin_listener is not None:
+            self.admin_listener.stop_accepting()
+
+    def _schedule_idle_sweep(self, idle_timeout: float) -> None:
+        loop = asyncio.get_running_loop()
+
+        def sweep() -> None:
+            cutoff = time.monotonic() - self.runtime.gateway.idle_timeout
+            for conn in list(self.tracker.conns):
+                if conn.idle and conn.last_activity < cutoff:
+                    conn.shutdown()
+            loop.call_later(max(0.5, min(idle_timeout / 4, 5.0)), sweep)
+
+        loop.call_later(max(0.5, min(idle_timeout / 4, 5.0)), sweep)
+
+
+class _GaugedTracker:
+    """The worker's tracker seen from one listener (which has its own gauge child)."""
+
+    def __init__(self, tracker: ConnectionTracker, gauge):
+        self.tracker = tracker
+        self.gauge = gauge
+
+    def add(self, conn) -> None:
+        if conn not in self.tracker.conns:
+            self.tracker.conns.add(conn)
+            if self.gauge is not None:
+                self.gauge.inc()
+
+    def discard(self, conn) -> None:
+        if conn in self.tracker.conns:
+            self.tracker.conns.discard(conn)
+            if self.gauge is not None:
+                self.gauge.dec()
+            waiter = getattr(self.tracker, "on_empty", None)
+            if waiter is not None and not self.tracker.conns and not waiter.done():
+                waiter.set_result(None)
+
+
+def run_worker(config_path: str, metrics, *, serve_admin: bool = True, index: int = 0,
+               on_ready: Callable[[], None] | None = None) -> int:
+    import uvloop
+    worker = Worker(config_path, metrics, serve_admin=serve_admin, index=index, on_ready=on_ready)
+    return uvloop.run(worker.main())

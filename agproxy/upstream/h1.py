@@ -1,0 +1,251 @@
+"""HTTP/1.1 client connection (httptools' llhttp parser), one request at a time.
+
+Theory of operation: `send()` writes a request head (and the body when it is
+already in memory) in one write and returns an `UpstreamResponse` whose head is
+awaited with `wait_head()`; parser callbacks fill it in and feed its `BodyReader`,
+which pauses the socket when the proxy is slower than the upstream. When a
+response is complete and both sides allow keep-alive, the connection goes back to
+the pool (`on_idle`). The request target is written byte for byte as given:
+nothing here decodes or normalises a path (AgentCore's SigV4 depends on that).
+
+httptools instead of h11: measured on this machine, an h11 relay did a quarter of
+what the same relay did with httptools; this is the hot path.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import socket
+from typing import Callable
+
+import httptools
+
+from agproxy.http.messages import BodyAborted, BodyReader, Headers
+from agproxy.upstream.errors import UpstreamError, UpstreamTimeout
+
+
+class UpstreamResponse:
+    """A response from an upstream; `body.read()` streams it, `body.trailers` after EOF."""
+
+    __slots__ = ("status", "headers", "body", "_head", "_conn", "http_version")
+
+    def __init__(self, conn, body: BodyReader):
+        self.status = 0
+        self.headers = Headers()
+        self.body = body
+        self._head: asyncio.Future = asyncio.get_running_loop().create_future()
+        self._conn = conn
+        self.http_version = "1.1"
+
+    async def wait_head(self, timeout: float | None) -> None:
+        fut = self._head
+        if fut.done():
+            return fut.result()
+        timer = None
+        if timeout:
+            timer = asyncio.get_running_loop().call_later(timeout, _expire, fut)
+        try:
+            await fut
+        finally:
+            if timer is not None:
+                timer.cancel()
+
+    def abort(self) -> None:
+        """Give up on this response: the connection cannot be reused."""
+        if self._conn.response is self:
+            self._conn.abort()
+
+
+def _expire(fut: asyncio.Future) -> None:
+    if not fut.done():
+        fut.set_exception(UpstreamTimeout())
+
+
+class H1ClientConnection(asyncio.Protocol):
+    __slots__ = ("origin", "transport", "parser", "on_idle", "response", "_headers", "_reused",
+                 "_got_bytes", "_keep_alive", "_request_done", "_closed", "_paused_writing",
+                 "_drain", "_head_only", "_parser_dirty", "last_used", "_name")
+
+    def __init__(self, origin, on_idle: Callable[["H1ClientConnection"], None]):
+        self.origin = origin
+        self.transport: asyncio.Transport | None = None
+        self.parser = httptools.HttpResponseParser(self)
+        self.on_idle = on_idle
+        self.response: UpstreamResponse | None = None
+        self._headers: list[tuple[str, str]] = []
+        self._name = b""
+        self._reused = False
+        self._got_bytes = False
+        self._keep_alive = True
+        self._request_done = True
+        self._closed = False
+        self._paused_writing = False
+        self._drain: asyncio.Future | None = None
+        self._head_only = False
+        self._parser_dirty = False
+        self.last_used = 0.0
+
+    # -- asyncio.Protocol -------------------------------------------------------------
+    def connection_made(self, transport) -> None:
+        self.transport = transport
+        sock = transport.get_extra_info("socket")
+        if sock is not None:
+            try:
+                sock.setsockopt(socket.IPPROTO_TCP, socket.TCP_NODELAY, 1)
+            except OSError:
+                pass
+
+    def data_received(self, data: bytes) -> None:
+        self._got_bytes = True
+        try:
+            self.parser.feed_data(data)
+        except httptools.HttpParserError as exc:
+            self._fail(UpstreamError("protocol", f"invalid response from upstream: {exc}"))
+            self.abort()
+
+    def eof_received(self):
+        return False
+
+    def connection_lost(self, exc) -> None:
+        self._closed = True
+        resp = self.response
+        if resp is not None:
+            if not resp._head.done():
+                resp._head.set_exception(UpstreamError(
+                    "reset", "upstream closed the connection before responding",
+                    retryable=self._reused and not self._got_bytes))
+            elif not resp.body.complete:
+                # A close-delimited body ends here; a framed one was cut short.
+                try:
+                    self.parser.feed_eof()
+                except httptools.HttpParserError:
+                    pass
+                if not resp.body.complete:
+                    resp.body.fail(BodyAborted("upstream closed the connection mid-body"))
+        if self._drain is not None and not self._drain.done():
+            self._drain.set_exception(ConnectionResetError("upstream connection lost"))
+
+    def pause_writing(self) -> None:
+        self._paused_writing = True
+
+    def resume_writing(self) -> None:
+        self._paused_writing = False
+        d = self._drain
+        if d is not None:
+            self._drain = None
+            if not d.done():
+                d.set_result(None)
+
+    # -- httptools callbacks ------------------------------------------------------------
+    def on_header(self, name: bytes, value: bytes) -> None:
+        self._headers.append((name.decode("latin-1").lower(), value.decode("latin-1")))
+
+    def on_headers_complete(self) -> None:
+        resp = self.response
+        if resp is None:
+            return
+        status = self.parser.get_status_code()
+        if 100 <= status < 200 and status != 101:
+            self._headers = []   # interim response: wait for the final one
+            return
+        resp.status = status
+        resp.headers = Headers(self._headers)
+        self._headers = []
+        self._keep_alive = self.parser.should_keep_alive()
+        if self.parser.get_http_version() == "1.0":
+            resp.http_version = "1.0"
+        if not resp._head.done():
+            resp._head.set_result(None)
+        if self._head_only or status in (204, 304):
+            # llhttp would wait for a body the HEAD response never sends.
+            self._parser_dirty = self._head_only
+            self._finish(resp)
+
+    def on_body(self, data: bytes) -> None:
+        resp = self.response
+        if resp is not None:
+            resp.body.feed(data)
+
+    def on_message_complete(self) -> None:
+        resp = self.response
+        if resp is not None and resp.status >= 200 and not resp.body.complete:
+            self._finish(resp)
+
+    def _finish(self, resp: UpstreamResponse) -> None:
+        resp.body.feed_eof()
+        self.response = None
+        if self._paused_reading_by_body(resp):
+            self.transport.resume_reading()
+        if self._keep_alive and self._request_done and not self._closed:
+            self.on_idle(self)
+        else:
+            self.abort()
+
+    @staticmethod
+    def _paused_reading_by_body(resp: UpstreamResponse) -> bool:
+        return resp.body._paused
+
+    def _fail(self, exc: BaseException) -> None:
+        resp = self.response
+        if resp is None:
+            return
+        if not resp._head.done():
+            resp._head.set_exception(exc)
+        else:
+            resp.body.fail(BodyAborted(str(exc)))
+
+    # -- requests ---------------------------------------------------------------------
+    @property
+    def usable(self) -> bool:
+        return not self._closed and self.response is None and self.transport is not None \
+            and not self.transport.is_closing()
+
+    def send(self, method: str, target: str, headers: Headers, body: bytes | None,
+             streaming: bool = False, reused: bool = False) -> UpstreamResponse:
+        """Write the request head (and in-memory body); streaming bodies follow via write_body."""
+        if self._parser_dirty:
+            self.parser = httptools.HttpResponseParser(self)
+            self._parser_dirty = False
+        self._reused = reused
+        self._got_bytes = False
+        self._head_only = method == "HEAD"
+        self._keep_alive = True
+        transport = self.transport
+        reader = BodyReader(transport.pause_reading, transport.resume_reading)
+        resp = self.response = UpstreamResponse(self, reader)
+        lines = [f"{method} {target} HTTP/1.1\r\n"]
+        for k, v in headers.items:
+            lines.append(f"{k}: {v}\r\n")
+        if streaming:
+            lines.append("transfer-encoding: chunked\r\n")
+            self._request_done = False
+        else:
+            if body or method in ("POST", "PUT", "PATCH"):
+                lines.append(f"content-length: {len(body) if body else 0}\r\n")
+            self._request_done = True
+        lines.append("\r\n")
+        head = "".join(lines).encode("latin-1")
+        transport.write(head + body if body else head)
+        return resp
+
+    async def write_body(self, data: bytes) -> None:
+        """One chunk of a streaming (chunked) request body."""
+        if self._closed:
+            raise ConnectionResetError("upstream connection lost")
+        if data:
+            self.transport.write(b"%x\r\n%b\r\n" % (len(data), data))
+        if self._paused_writing:
+            self._drain = asyncio.get_running_loop().create_future()
+            await self._drain
+
+    def end_body(self) -> None:
+        if not self._closed:
+            self.transport.write(b"0\r\n\r\n")
+        self._request_done = True
+        if self.response is None and self._keep_alive and not self._closed:
+            self.on_idle(self)
+
+    def abort(self) -> None:
+        self._closed = True
+        if self.transport is not None:
+            self.transport.abort()

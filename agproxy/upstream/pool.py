@@ -1,0 +1,237 @@
+"""The connection pool: keep-alive HTTP/1.1 connections and multiplexed HTTP/2 ones.
+
+Theory of operation: idle HTTP/1.1 connections wait per origin in a LIFO list (the
+most recently used is the least likely to have been closed by the upstream); a
+request takes one or connects. A request that fails on a reused connection
+before any response byte arrived (the upstream closed it while idle) is retried
+once on a fresh connection when its body can be replayed. HTTP/2 origins share
+one connection per origin, opened on demand and replaced when it goes away
+(upstream/h2.py). A sweeper closes connections idle longer than `idle_timeout`.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import time
+import weakref
+from typing import Any
+
+from agproxy.http.messages import BodyAborted, BodyReader, Headers
+from agproxy.upstream.errors import UpstreamError, UpstreamTimeout
+from agproxy.upstream.h1 import H1ClientConnection, UpstreamResponse
+from agproxy.upstream.origin import Origin
+
+__all__ = ["Pool", "Origin", "UpstreamResponse", "UpstreamError", "get_pool", "set_pool"]
+
+
+class Pool:
+    def __init__(self, *, max_idle_per_origin: int = 128, idle_timeout: float = 60.0,
+                 metrics: Any = None):
+        self.max_idle = max_idle_per_origin
+        self.idle_timeout = idle_timeout
+        self.metrics = metrics
+        self._idle: dict[tuple, list[H1ClientConnection]] = {}
+        self._h2: dict[tuple, Any] = {}
+        self._h2_connecting: dict[tuple, asyncio.Future] = {}
+        self._sweeper: asyncio.TimerHandle | None = None
+        self.connections_opened = 0
+        self._closed = False
+
+    # -- public ------------------------------------------------------------------------
+    async def request(self, origin: Origin, method: str, target: str, headers: Headers,
+                      body: bytes | BodyReader | None = None, *, timeout: float | None = 60.0,
+                      body_length: int | None = None) -> UpstreamResponse:
+        """Send a request; returns once the response head arrived (body streams after).
+
+        `body` is bytes (sent with the head), a BodyReader (streamed, chunked when
+        `body_length` is None), or None. Raises UpstreamError (kind connect / timeout /
+        reset / protocol).
+        """
+        if origin.http2:
+            return await self._request_h2(origin, method, target, headers, body, timeout)
+        replayable = not isinstance(body, BodyReader)
+        for attempt in (0, 1):
+            conn = self._take_idle(origin)
+            reused = conn is not None
+            if conn is None:
+                conn = await self._connect(origin)
+            try:
+                return await self._exchange_h1(conn, method, target, headers, body, body_length,
+                                               timeout, reused)
+            except UpstreamError as exc:
+                if attempt == 0 and exc.retryable and replayable:
+                    continue
+                raise
+        raise AssertionError("unreachable")
+
+    async def close(self) -> None:
+        self._closed = True
+        if self._sweeper is not None:
+            self._sweeper.cancel()
+        for conns in self._idle.values():
+            for c in conns:
+                c.abort()
+        self._idle.clear()
+        for h2 in self._h2.values():
+            try:
+                h2.close()
+            except Exception:
+                pass
+        self._h2.clear()
+
+    # -- HTTP/1.1 ------------------------------------------------------------------------
+    async def _exchange_h1(self, conn: H1ClientConnection, method, target, headers, body,
+                           body_length, timeout, reused) -> UpstreamResponse:
+        streaming = isinstance(body, BodyReader)
+        if streaming and body_length is not None:
+            headers = headers.copy()
+            headers.set("content-length", str(body_length))
+        try:
+            resp = conn.send(method, target, headers, None if streaming else body,
+                             streaming=streaming and body_length is None, reused=reused)
+        except (OSError, RuntimeError) as exc:
+            conn.abort()
+            raise UpstreamError("reset", f"upstream write failed: {exc}", retryable=reused)
+        pump = None
+        if streaming:
+            pump = asyncio.get_running_loop().create_task(
+                self._pump(conn, body, chunked=body_length is None))
+        try:
+            await resp.wait_head(timeout)
+        except UpstreamTimeout:
+            conn.abort()
+            if pump is not None:
+                pump.cancel()
+            raise
+        except UpstreamError:
+            if pump is not None:
+                pump.cancel()
+            raise
+        except asyncio.CancelledError:
+            conn.abort()
+            if pump is not None:
+                pump.cancel()
+            raise
+        return resp
+
+    async def _pump(self, conn: H1ClientConnection, body: BodyReader, chunked: bool) -> None:
+        try:
+            while True:
+                chunk = await body.read()
+                if not chunk:
+                    break
+                if chunked:
+                    await conn.write_body(chunk)
+                else:
+                    conn.transport.write(chunk)
+                    if conn._paused_writing:
+                        await conn.write_body(b"")
+            if chunked:
+                conn.end_body()
+            else:
+                conn._request_done = True
+        except (BodyAborted, ConnectionError, OSError):
+            conn.abort()   # the client went away mid-upload: the upstream must not see a complete request
+
+    def _take_idle(self, origin: Origin) -> H1ClientConnection | None:
+        conns = self._idle.get(origin.key)
+        while conns:
+            conn = conns.pop()
+            if conn.usable:
+                return conn
+        return None
+
+    def _release(self, conn: H1ClientConnection) -> None:
+        if self._closed or not conn.usable:
+            conn.abort()
+            return
+        conns = self._idle.setdefault(conn.origin.key, [])
+        if len(conns) >= self.max_idle:
+            conn.abort()
+            return
+        conn.last_used = time.monotonic()
+        conns.append(conn)
+        if self._sweeper is None:
+            self._schedule_sweep()
+
+    async def _connect(self, origin: Origin) -> H1ClientConnection:
+        loop = asyncio.get_running_loop()
+        start = time.monotonic()
+        try:
+            _, conn = await asyncio.wait_for(
+                loop.create_connection(
+                    lambda: H1ClientConnection(origin, self._release), origin.host, origin.port,
+                    ssl=origin.ssl_context(),
+                    server_hostname=origin.server_name if origin.tls else None),
+                origin.connect_timeout)
+        except asyncio.TimeoutError:
+            raise UpstreamError("connect", f"connect to {origin.authority} timed out") from None
+        except OSError as exc:
+            raise UpstreamError("connect", f"connect to {origin.authority} failed: {exc.strerror or exc}") from None
+        self.connections_opened += 1
+        if self.metrics is not None:
+            self.metrics.upstream_connect(origin.authority, time.monotonic() - start)
+        return conn
+
+    def _schedule_sweep(self) -> None:
+        loop = asyncio.get_running_loop()
+        self._sweeper = loop.call_later(max(1.0, self.idle_timeout / 2), self._sweep)
+
+    def _sweep(self) -> None:
+        self._sweeper = None
+        cutoff = time.monotonic() - self.idle_timeout
+        remaining = 0
+        for key, conns in list(self._idle.items()):
+            keep = []
+            for c in conns:
+                if c.usable and c.last_used >= cutoff:
+                    keep.append(c)
+                else:
+                    c.abort()
+            if keep:
+                self._idle[key] = keep
+                remaining += len(keep)
+            else:
+                del self._idle[key]
+        if remaining and not self._closed:
+            self._schedule_sweep()
+
+    # -- HTTP/2 ------------------------------------------------------------------------
+    async def _request_h2(self, origin, method, target, headers, body, timeout) -> UpstreamResponse:
+        from agproxy.upstream.h2 import connect_h2
+        conn = self._h2.get(origin.key)
+        if conn is None or not conn.usable:
+            pending = self._h2_connecting.get(origin.key)
+            if pending is None:
+                pending = asyncio.get_running_loop().create_future()
+                self._h2_connecting[origin.key] = pending
+                try:
+                    conn = await connect_h2(origin, self.metrics)
+                    self._h2[origin.key] = conn
+                    self.connections_opened += 1
+                    pending.set_result(conn)
+                except BaseException as exc:
+                    pending.set_exception(exc)
+                    pending.exception()  # mark retrieved
+                    raise
+                finally:
+                    self._h2_connecting.pop(origin.key, None)
+            else:
+                conn = await asyncio.shield(pending)
+        return await conn.request(method, target, headers, body, timeout=timeout)
+
+
+_pools: "weakref.WeakKeyDictionary[asyncio.AbstractEventLoop, Pool]" = weakref.WeakKeyDictionary()
+
+
+def get_pool() -> Pool:
+    """The running event loop's pool (connections belong to one loop)."""
+    loop = asyncio.get_running_loop()
+    pool = _pools.get(loop)
+    if pool is None:
+        pool = _pools[loop] = Pool()
+    return pool
+
+
+def set_pool(pool: Pool) -> None:
+    _pools[asyncio.get_running_loop()] = pool

@@ -1,0 +1,1 @@
+"""Pieces of the side-by-side benchmark driven by benchmarks/run.py."""

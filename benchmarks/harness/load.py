@@ -1,0 +1,145 @@
+"""Load generators (pinned to the load core) and the parsing of what they print.
+
+- wrk: HTTP/1.1 keep-alive, closed loop, 64 connections, 1 thread;
+  req/s and p50/p99 from its ``--latency`` distribution.
+- h2load: HTTP/2 (h2c prior knowledge, or h2 over TLS via ALPN), 16 connections
+  × 10 concurrent streams, 1 thread; p50/p99 from its per-request ``--log-file``.
+- h2load --rps: open-loop-ish fixed rate (each of 10 HTTP/1.1 connections sends
+  100 req/s → 1,000 req/s); p50/p99 from the per-request log.
+"""
+
+from __future__ import annotations
+
+import re
+from dataclasses import dataclass
+from pathlib import Path
+
+from .procs import Supervisor
+
+WRK_CONNECTIONS = 64
+H2_CLIENTS, H2_STREAMS = 16, 10
+RATE_CLIENTS, RATE_TOTAL = 10, 1000
+
+
+@dataclass
+class Measure:
+    rps: float
+    p50_ms: float | None = None
+    p99_ms: float | None = None
+    errors: int = 0  # failed requests + non-2xx answers
+
+
+class LoadError(RuntimeError):
+    pass
+
+
+_UNITS_MS = {"us": 1e-3, "ms": 1.0, "s": 1e3, "m": 60e3, "h": 3600e3}
+
+
+def _wrk_latency_ms(output: str, pct: str) -> float | None:
+    match = re.search(rf"^\s+{pct}%\s+([\d.]+)(us|ms|s|m|h)\s*$", output, re.M)
+    return float(match.group(1)) * _UNITS_MS[match.group(2)] if match else None
+
+
+def parse_wrk(output: str) -> Measure:
+    rps = re.search(r"Requests/sec:\s+([\d.]+)", output)
+    if not rps:
+        raise LoadError("wrk printed no Requests/sec: " + output.strip()[-300:])
+    errors = 0
+    non2xx = re.search(r"Non-2xx or 3xx responses:\s+(\d+)", output)
+    if non2xx:
+        errors += int(non2xx.group(1))
+    sock = re.search(r"Socket errors: connect (\d+), read (\d+), write (\d+), timeout (\d+)", output)
+    if sock:
+        errors += sum(int(n) for n in sock.groups())
+    return Measure(float(rps.group(1)), _wrk_latency_ms(output, "50"),
+                   _wrk_latency_ms(output, "99"), errors)
+
+
+def parse_h2load(output: str) -> Measure:
+    rps = re.search(r"finished in [\d.]+\w*, ([\d.]+) req/s", output)
+    reqs = re.search(r"requests: (\d+) total, (\d+) started, (\d+) done, (\d+) succeeded, "
+                     r"(\d+) failed, (\d+) errored, (\d+) timeout", output)
+    codes = re.search(r"status codes: (\d+) 2xx, (\d+) 3xx, (\d+) 4xx, (\d+) 5xx", output)
+    if not (rps and reqs and codes):
+        raise LoadError("h2load output not understood: " + output.strip()[-300:])
+    errors = int(reqs.group(5)) + sum(int(codes.group(i)) for i in (2, 3, 4))
+    if int(reqs.group(4)) == 0:
+        raise LoadError("no request succeeded: " + output.strip()[-300:])
+    return Measure(float(rps.group(1)), errors=errors)
+
+
+def percentiles_from_log(path: Path, warm_up_s: float) -> tuple[float | None, float | None]:
+    """p50/p99 in ms of successful requests in an h2load --log-file, warm-up excluded."""
+    rows = []
+    with open(path) as log:
+        for line in log:
+            cols = line.split("\t")
+            if len(cols) >= 3 and cols[1] != "-1":
+                rows.append((int(cols[0]), int(cols[2])))
+    if not rows:
+        return None, None
+    start = min(r[0] for r in rows) + int(warm_up_s * 1e6)
+    durations = sorted(d for t, d in rows if t >= start) or sorted(d for _, d in rows)
+    def pct(p: float) -> float:
+        return durations[min(len(durations) - 1, int(p * len(durations)))] / 1000.0
+    return pct(0.50), pct(0.99)
+
+
+@dataclass
+class LoadGen:
+    """Runs one measurement at a time on `core`, bounded by duration + slack."""
+    sup: Supervisor
+    workdir: Path
+    core: int
+    duration: float
+    warm_up: float
+
+    def _run(self, argv: list[str], run_for: float) -> str:
+        code, output = self.sup.run("load", argv, self.core, timeout=run_for + 30)
+        if code != 0:
+            raise LoadError(f"{argv[0]} exited {code}: " + output.strip()[-300:])
+        return output
+
+    def _headers(self, headers: dict[str, str] | None) -> list[str]:
+        return [arg for k, v in (headers or {}).items() for arg in ("-H", f"{k}: {v}")]
+
+    def wrk(self, url: str, headers: dict | None = None) -> Measure:
+        """HTTP/1.1 keep-alive, plaintext or TLS (by the URL scheme)."""
+        common = ["wrk", "-t1", f"-c{WRK_CONNECTIONS}", *self._headers(headers)]
+        if self.warm_up > 0:
+            self._run([*common, f"-d{self.warm_up:g}s", url], self.warm_up)
+        output = self._run([*common, f"-d{self.duration:g}s", "--latency", url], self.duration)
+        return parse_wrk(output)
+
+    def _h2load(self, flags: list[str], url: str, headers: dict | None) -> Measure:
+        log = self.workdir / "h2load-requests.log"
+        log.unlink(missing_ok=True)
+        argv = ["h2load", "-t1", *flags, "-D", f"{self.duration:g}",
+                "--warm-up-time", f"{max(self.warm_up, 0.1):g}",
+                "--log-file", str(log), *self._headers(headers), url]
+        measure = parse_h2load(self._run(argv, self.duration + self.warm_up))
+        measure.p50_ms, measure.p99_ms = percentiles_from_log(log, self.warm_up)
+        log.unlink(missing_ok=True)
+        return measure
+
+    def h2(self, url: str, headers: dict | None = None) -> Measure:
+        """HTTP/2: h2c prior knowledge for http://, ALPN h2 for https://."""
+        return self._h2load([f"-c{H2_CLIENTS}", f"-m{H2_STREAMS}"], url, headers)
+
+    def fixed_rate(self, url: str, headers: dict | None = None) -> Measure:
+        """HTTP/1.1 at RATE_TOTAL req/s in all, spread over RATE_CLIENTS connections."""
+        per_client = RATE_TOTAL // RATE_CLIENTS
+        return self._h2load(["--h1", f"-c{RATE_CLIENTS}", f"--rps={per_client}"], url, headers)
+
+    def smoke(self, url: str, http1: bool, headers: dict | None = None) -> str | None:
+        """20 requests; None if all got 200, else what went wrong."""
+        argv = ["h2load", "-n20", "-c1", *(["--h1"] if http1 else []), *self._headers(headers), url]
+        try:
+            code, output = self.sup.run("smoke", argv, self.core, timeout=20)
+            measure = parse_h2load(output)
+        except LoadError as exc:
+            return str(exc)
+        if code != 0 or measure.errors:
+            return f"h2load exit {code}, {measure.errors} errors: " + output.strip()[-200:]
+        return None
