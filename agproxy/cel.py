@@ -47,12 +47,15 @@ Per request (``Activation`` + ``Expression.evaluate*``)
 
 Errors are exceptions, never values
     The library does not raise on an evaluation error: it returns a value of type
-    ERROR whose payload is a (truthy!) message string.  ``Expression.evaluate``
-    checks for it and raises ``CelEvalError`` naming the expression, so that a rule
-    like ``jwt.role == "admin"`` on a token without ``role`` can never be taken
-    for true.  The check is cheap: an error's payload is a ``str``, so only string
-    results pay for the type check; a ``bool`` result (the common case of a rule)
-    is returned at once.
+    ERROR whose payload is a (truthy!) message string.  ``Expression.evaluate*``
+    raise ``CelEvalError`` naming the expression instead, so that a rule like
+    ``jwt.role == "admin"`` on a token without ``role`` can never be taken for
+    true.  Asking a result for its type costs more than evaluating a simple rule,
+    so the check is structural: an expression whose checked type is ``bool`` can
+    only produce a bool or an error; any other expression is compiled as the
+    one-element list ``[source]``, which is a list on success and an ERROR on
+    failure (a list literal with an error element is an error).  Either way one
+    ``type(value) is ...`` test tells success from error.
 
 ``default(x, fallback)``
     CEL functions are strict (an error argument never reaches the function) and
@@ -76,7 +79,8 @@ Number comparisons
     CEL does not convert between int and double.  Between two literals the
     type-checker rejects it (``1 == 1.0`` is a compile error); with a ``dyn`` value
     the runtime compares numerically (``jwt.exp == 1700000000.0`` and
-    ``jwt.exp < 1.5e10`` are ``true`` for an int claim).
+    ``jwt.exp < 1.5e10`` are ``true`` for an int claim), but arithmetic does not
+    mix them (``jwt.exp + 1.0`` is an evaluation error; write ``double(jwt.exp)``).
 
 Results
     ``evaluate`` returns plain Python values: ``str``, ``int`` (CEL ``int`` and
@@ -94,7 +98,7 @@ import datetime
 import itertools
 import re
 import weakref
-from typing import Callable
+from typing import Callable, Iterable
 
 __all__ = [
     "CelError",
@@ -131,12 +135,12 @@ class CelEvalError(CelError):
 
 _cel = None          # the cel_expr_python.cel module
 _env = None          # the shared environment
-_ERROR_TYPE = None   # cel.Type.ERROR
-_string_of = None    # compiled `string(__agproxy_v)` for CEL's text form of a value
+_BOOL_TYPE = None    # cel.Type.BOOL
+_string_of = None    # compiled `[string(__agproxy_v)]` for CEL's text form of a value
 
 
 def _get_env():
-    global _cel, _env, _ERROR_TYPE, _string_of
+    global _cel, _env, _BOOL_TYPE, _string_of
     if _env is None:
         from cel_expr_python import cel
         from cel_expr_python.ext import ext_encoders, ext_strings
@@ -155,8 +159,8 @@ def _get_env():
             functions=[ok_decl],
         )
         _cel = cel
-        _ERROR_TYPE = cel.Type.ERROR
-        _string_of = env.compile(f"string({_STR_VAR})")
+        _BOOL_TYPE = cel.Type.BOOL
+        _string_of = env.compile(f"[string({_STR_VAR})]")
         _env = env
     return _env
 
@@ -240,14 +244,12 @@ def _probe_ok(probe_id: int) -> bool:
         return False
     expr = probe.expression
     try:
-        native = activation._native_for(expr.variables)
-        result = expr._program.eval(native)
-        value = result.plain_value()
-        if value is None:
-            return False
-        return not (type(value) is str and result.type() == _ERROR_TYPE)
+        value = expr._program.eval(activation._native_for(expr.variables)).plain_value()
     except Exception:
         return False
+    if expr._wrapped:
+        return type(value) is list and value[0] is not None
+    return value is True or value is False
 
 
 def _rewrite(source: str, tokens, probes: list) -> str:
@@ -342,10 +344,15 @@ def _compile_rewritten(source: str, rewritten: str, tokens, probes) -> "Expressi
     env = _get_env()
     try:
         program = env.compile(rewritten)
+        wrapped = program.return_type() != _BOOL_TYPE
+        if wrapped:
+            # Make an error cheap to tell from a string: "[x]" is a list when x
+            # succeeds and stays an ERROR (a str payload) when it fails.
+            program = env.compile(f"[{rewritten}]")
     except Exception as exc:
         raise CelCompileError(
             f"invalid CEL expression {source!r}: {_clean_compile_message(str(exc))}") from None
-    return Expression(source, _referenced_variables(tokens), program, probes)
+    return Expression(source, _referenced_variables(tokens), program, probes, wrapped)
 
 
 def _clean_compile_message(message: str) -> str:
@@ -363,99 +370,92 @@ def _clean_compile_message(message: str) -> str:
 class Expression:
     """A compiled expression.  Immutable; share it between requests."""
 
-    __slots__ = ("source", "variables", "_program", "_probes")
+    __slots__ = ("source", "variables", "_program", "_probes", "_wrapped")
 
-    def __init__(self, source: str, variables: frozenset, program, probes=()):
+    def __init__(self, source: str, variables: frozenset, program, probes=(), wrapped=True):
         self.source = source
         self.variables: frozenset[str] = variables
         self._program = program
-        self._probes = probes   # keeps the default() probes alive
+        self._probes = probes      # keeps the default() probes alive
+        self._wrapped = wrapped    # program is "[source]" (the static type is not bool)
 
     def __repr__(self) -> str:
         return f"Expression({self.source!r})"
 
-    def _eval(self, activation: "Activation"):
-        """The library's result value; raises CelEvalError when the call itself fails."""
+    def _value(self, activation: "Activation"):
+        """The result's library plain value; raises CelEvalError on any error."""
         global _current
         if self.variables <= activation._native_names:
             native = activation._native
         else:
             native = activation._native_for(self.variables)
-        if self._probes:
-            saved = _current
-            _current = activation
-            try:
-                return self._program.eval(native)
-            except Exception as exc:
-                raise CelEvalError(f"evaluating {self.source!r}: {exc}") from exc
-            finally:
-                _current = saved
         try:
-            return self._program.eval(native)
+            if self._probes:
+                saved = _current
+                _current = activation
+                try:
+                    value = self._program.eval(native).plain_value()
+                finally:
+                    _current = saved
+            else:
+                value = self._program.eval(native).plain_value()
         except Exception as exc:
             raise CelEvalError(f"evaluating {self.source!r}: {exc}") from exc
-
-    def _error(self, result) -> CelEvalError:
-        return CelEvalError(f"evaluating {self.source!r}: {result.plain_value()}")
+        if self._wrapped:
+            if type(value) is list:
+                return value[0]
+        elif value is True or value is False:
+            return value
+        # An ERROR result: its plain value is the message.
+        raise CelEvalError(f"evaluating {self.source!r}: {value}")
 
     def evaluate(self, activation: "Activation") -> object:
         """The result as a plain Python value; raises CelEvalError on any error."""
-        result = self._eval(activation)
-        value = result.plain_value()
+        value = self._value(activation)
         t = type(value)
-        if t is bool or t is int or t is float or value is None:
-            return value
-        if t is str:
-            if result.type() == _ERROR_TYPE:
-                raise self._error(result)
+        if t is bool or t is str or t is int or t is float or value is None:
             return value
         return _to_plain(value)
 
     def evaluate_bool(self, activation: "Activation") -> bool:
         """The result, which must be a bool; raises CelEvalError otherwise."""
-        result = self._eval(activation)
-        value = result.plain_value()
+        value = self._value(activation)
         if value is True or value is False:
             return value
-        if type(value) is str and result.type() == _ERROR_TYPE:
-            raise self._error(result)
         raise CelEvalError(
-            f"evaluating {self.source!r}: expected a bool, got {_type_name(result)}")
+            f"evaluating {self.source!r}: expected a bool, got {_type_name(value)}")
 
     def evaluate_str(self, activation: "Activation") -> str:
         """The result as text (for header values, keys): str as is; int, uint, double,
         bool, bytes (UTF-8), timestamp and duration in CEL's string() form; anything
         else (list, map, null) raises CelEvalError."""
-        result = self._eval(activation)
-        value = result.plain_value()
+        value = self._value(activation)
         t = type(value)
         if t is str:
-            if result.type() == _ERROR_TYPE:
-                raise self._error(result)
             return value
         if t is int:
             return str(value)
         if t is bool:
             return "true" if value else "false"
         if t is float or t is bytearray:
-            text = _string_of.eval(data={_STR_VAR: value})
-            out = text.plain_value()
-            if type(out) is str and text.type() != _ERROR_TYPE:
-                return out
-            raise CelEvalError(f"evaluating {self.source!r}: {out}")
+            text = _string_of.eval(data={_STR_VAR: value}).plain_value()
+            if type(text) is list:
+                return text[0]
+            raise CelEvalError(f"evaluating {self.source!r}: {text}")
         if t is datetime.datetime:
             return _format_timestamp(value)
         if t is datetime.timedelta:
             return _format_duration(value)
         raise CelEvalError(
-            f"evaluating {self.source!r}: expected a string, got {_type_name(result)}")
+            f"evaluating {self.source!r}: expected a string, got {_type_name(value)}")
 
 
-def _type_name(result) -> str:
-    try:
-        return result.type().name().lower()
-    except Exception:   # pragma: no cover - defensive
-        return "unknown"
+def _type_name(value) -> str:
+    """The CEL type name of a library plain value (for messages)."""
+    if value is None:
+        return "null"
+    return {bool: "bool", int: "int", float: "double", str: "string", bytearray: "bytes",
+            list: "list", dict: "map"}.get(type(value), type(value).__name__)
 
 
 def _format_timestamp(value: datetime.datetime) -> str:
@@ -497,28 +497,52 @@ def _to_plain(value):
     return value
 
 
+_NO_NAMES: frozenset[str] = frozenset()
+
+
 class Activation:
     """Lazily built variables.  Built per request by the proxy layer.
 
     ``providers`` maps a variable name to a zero-argument function producing its
-    plain Python value.  A provider is called at most once, and only if an
-    evaluated expression references that variable.  A variable without provider
-    is an empty map.  A provider that raises makes the evaluation raise
-    CelEvalError (and is called again by the next expression that needs it).
+    plain Python value (a provider returning ``None`` gives an empty map).  A
+    provider is called at most once, and only if an evaluated expression references
+    that variable.  A variable without provider is an empty map.  A provider that
+    raises makes the evaluation raise CelEvalError (and is called again by the next
+    expression that needs it).
+
+    ``preload`` (optional) names variables to materialize together with the first
+    ones an evaluation needs: pass the union of ``Expression.variables`` of the
+    expressions a route will evaluate, and the library's activation is built once
+    instead of once per newly needed variable (a few µs each).  Their providers
+    are then called even if no evaluated expression needs them.
     """
 
-    __slots__ = ("_providers", "_values", "_native", "_native_names")
+    __slots__ = ("_providers", "_values", "_native", "_native_names", "_preload")
 
-    def __init__(self, providers: dict[str, Callable[[], object]] | None = None):
+    def __init__(self, providers: dict[str, Callable[[], object]] | None = None,
+                 preload: Iterable[str] = ()):
         self._providers = providers or {}
         self._values: dict[str, object] = {}
         self._native = None                      # the library's activation
-        self._native_names: frozenset[str] = frozenset()
+        self._native_names: frozenset[str] = _NO_NAMES
+        self._preload = frozenset(preload) if preload else _NO_NAMES
+
+    def set_provider(self, name: str, provider: Callable[[], object]) -> None:
+        """Add or replace one provider (e.g. ``response`` once the response head is
+        known), keeping every other variable already materialized."""
+        self._providers = {**self._providers, name: provider}
+        if name in self._values:
+            del self._values[name]
+            self._native = None
+            self._native_names = _NO_NAMES
 
     def _native_for(self, names: frozenset):
         """A library activation holding at least names (materializing them)."""
         if names <= self._native_names:
             return self._native
+        if self._preload:
+            names = names | self._preload
+            self._preload = _NO_NAMES
         values = self._values
         providers = self._providers
         for name in names:
@@ -533,6 +557,9 @@ class Activation:
                     raise CelEvalError(f"building CEL variable {name!r}: {exc!r}") from exc
                 values[name] = {} if value is None else value
         env = _env if _env is not None else _get_env()
-        self._native = env.Activation(values)
+        try:
+            self._native = env.Activation(values)
+        except Exception as exc:
+            raise CelEvalError(f"building the CEL activation: {exc}") from exc
         self._native_names = frozenset(values)
         return self._native

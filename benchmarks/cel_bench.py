@@ -15,7 +15,7 @@ The benchmark-only libraries are not runtime dependencies; install them into the
 venv to run this (`pip install cel-python common-expression-language`).  A library
 that is not installed is skipped.
 
-Measured (µs per call, best of 5 repeats of a calibrated loop):
+Measured (µs of CPU time per call, best of interleaved rounds of calibrated loops):
   eval 1 rule    evaluate `jwt.sub != ""` on an activation already built and used
   request 1 rule build the activation from a fresh request, evaluate 1 rule
   request 4 rules build the activation, evaluate the 4 rules below
@@ -179,35 +179,36 @@ class AgproxyCel:
         return program.evaluate(act)
 
 
-ADAPTERS = [CelPython, CommonExpressionLanguage, CelExprPython, AgproxyCel]
+class AgproxyCelPreload(AgproxyCel):
+    name = "agproxy.cel, preload=(jwt, request)"
+
+    def activation(self, request, jwt):
+        return self.cel.Activation({"request": lambda: request, "jwt": lambda: jwt},
+                                   preload=("request", "jwt"))
+
+
+ADAPTERS = [CelPython, CommonExpressionLanguage, CelExprPython, AgproxyCel, AgproxyCelPreload]
 
 
 # --------------------------------------------------------------------------------
 # Timing
 # --------------------------------------------------------------------------------
 
-def best_per_call(fn, min_time: float, repeats: int = 5) -> float:
-    """µs per call of fn(i) (i = iteration index), best of `repeats` calibrated loops."""
+def calibrate(fn, target: float) -> int:
+    """How many calls of fn(i) take about `target` seconds."""
     number = 1
     while True:
-        t0 = time.perf_counter()
+        t0 = time.process_time()
         for i in range(number):
             fn(i)
-        elapsed = time.perf_counter() - t0
-        if elapsed >= min_time / 4 or number >= 1 << 22:
-            break
-        number *= 2 if elapsed > 0 else 10
-    number = max(1, int(number * (min_time / max(elapsed, 1e-9)) / 4))
-    best = float("inf")
-    for _ in range(repeats):
-        t0 = time.perf_counter()
-        for i in range(number):
-            fn(i)
-        best = min(best, (time.perf_counter() - t0) / number)
-    return best * 1e6
+        elapsed = time.process_time() - t0
+        if elapsed >= target / 4 or number >= 1 << 22:
+            return max(1, int(number * target / max(elapsed, 1e-9)))
+        number *= 4
 
 
-def measure(adapter, requests, min_time: float) -> dict:
+def cases(adapter, requests) -> dict:
+    """The measured functions of one adapter: name -> fn(i)."""
     n = len(requests)
     rule1 = adapter.compile(RULE_1)
     rules4 = [adapter.compile(s) for s in RULES_4]
@@ -223,7 +224,9 @@ def measure(adapter, requests, min_time: float) -> dict:
 
     warm = mk(req, jwt)
     ev(rule1, warm)
-    eval1 = best_per_call(lambda i: ev(rule1, warm), min_time)
+
+    def eval1(i):
+        ev(rule1, warm)
 
     def request_1(i):
         r, j = requests[i % n]
@@ -239,11 +242,32 @@ def measure(adapter, requests, min_time: float) -> dict:
         r, j = requests[i % n]
         mk(r, j)
 
-    req1 = best_per_call(request_1, min_time)
-    req4 = best_per_call(request_4, min_time)
-    build = best_per_call(build_only, min_time)
-    return {"eval1": eval1, "req1": req1, "req4": req4, "build": build,
-            "activation": max(req1 - eval1, 0.0)}
+    return {"eval1": eval1, "req1": request_1, "req4": request_4, "build": build_only}
+
+
+def measure_all(adapters, requests, rounds: int, target: float) -> dict:
+    """Best µs per call for each (adapter, case), measured in interleaved rounds.
+
+    CPU time of this process (time.process_time), not wall time, and the best of
+    `rounds` short loops, interleaved across libraries: this machine is shared, and
+    other processes' load then inflates all libraries alike and mostly not at all.
+    """
+    fns = {(a.name, k): f for a in adapters for k, f in cases(a, requests).items()}
+    numbers = {key: calibrate(f, target) for key, f in fns.items()}
+    best = {key: float("inf") for key in fns}
+    for _ in range(rounds):
+        for key, f in fns.items():
+            number = numbers[key]
+            t0 = time.process_time()
+            for i in range(number):
+                f(i)
+            best[key] = min(best[key], (time.process_time() - t0) / number)
+    out = {}
+    for a in adapters:
+        m = {k: best[(a.name, k)] * 1e6 for k in ("eval1", "req1", "req4", "build")}
+        m["activation"] = max(m["req1"] - m["eval1"], 0.0)
+        out[a.name] = m
+    return out
 
 
 # --------------------------------------------------------------------------------
@@ -294,7 +318,7 @@ def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__.split("\n")[0])
     ap.add_argument("--quick", action="store_true", help="shorter loops (noisier)")
     args = ap.parse_args()
-    min_time = 0.05 if args.quick else 0.3
+    rounds, target = (3, 0.02) if args.quick else (15, 0.05)
     requests = make_requests()
 
     adapters = []
@@ -311,8 +335,9 @@ def main() -> None:
     print("| library | version | µs/eval, 1 rule (warm activation) | µs/request, 1 rule | "
           "µs/request, 4 rules | activation µs (incl. deferred conversion) | constructor only µs |")
     print("|---|---|---:|---:|---:|---:|---:|")
+    results = measure_all(adapters, requests, rounds, target)
     for a in adapters:
-        m = measure(a, requests, min_time)
+        m = results[a.name]
         print(f"| {a.name} | {version(a.dist)} | {m['eval1']:.2f} | {m['req1']:.2f} | "
               f"{m['req4']:.2f} | {m['activation']:.2f} | {m['build']:.2f} |", flush=True)
 

@@ -71,6 +71,7 @@ POLICY = "policy"
 POLICY_TITLE = ("agproxy plain route vs policy route (JWT RS256 + 3 authorization rules + "
                 "claims_to_headers), HTTP/1.1 plaintext, wrk 64 connections")
 POLICY_ROWS = ("plain route", "policy route")
+DID_NOT_START = "did not start (see: Proxies that failed)"
 
 
 @dataclass
@@ -146,8 +147,7 @@ class Bench:
                 continue
             running = self.start_proxy(self.proxy_spec(name))
             self.running[name] = running
-            status = "ok" if not running.error else running.error.splitlines()[0]
-            print(f"  {name:8s} {status}", flush=True)
+            print(f"  {name:8s} {running.error or 'ok'}", flush=True)
 
     def stop_proxy(self, name: str) -> None:
         running = self.running.get(name)
@@ -167,7 +167,7 @@ class Bench:
             for name in self.args.proxies:
                 cell = cells[name] = report.Cell()
                 running = self.running[name]
-                cell.error = running.error or self.load.smoke(
+                cell.error = DID_NOT_START if running.error else self.load.smoke(
                     running.urls[sc.transport] + "/", sc.http1)
             tables[sc.name] = report.Table(sc.name, sc.title, cells, ratio_base="envoy")
         return tables
@@ -231,14 +231,16 @@ class Bench:
         self.stop_proxy("agproxy")  # same ports, new config
         spec = proxies.agproxy_spec(self.workdir, self.ports, self.tls, self.jwt,
                                     name="agproxy-policy")
-        running = self.start_proxy(spec)
-        error = running.error
-        if not error:
+        running = self.start_proxy(spec, label="agproxy (policy config)")
+        if running.error:
+            self.running[running.name] = running
+            error = DID_NOT_START
+        else:
             error, warnings = self.policy_preflight(running.urls["h1"])
             self.notes += [f"policy preflight: {w}" for w in warnings]
         if error and not explicit:
-            print(f"  policy scenario skipped (not working yet): {error.splitlines()[0]}")
-            self.notes.append(f"policy scenario skipped: {error.splitlines()[0]}")
+            print(f"  policy scenario skipped (not working yet): {running.error or error}")
+            self.notes.append(f"policy scenario skipped: {(running.error or error).splitlines()[0]}")
             return
         cells = {row: report.Cell(error=error) for row in POLICY_ROWS}
         self.tables.append(report.Table(POLICY, POLICY_TITLE, cells, ratio_base="plain route",
@@ -306,7 +308,7 @@ def write_markdown(path: Path, bench: Bench, env: dict[str, str], argv: list[str
         lines += ["## Notes", "", *[f"- {n}" for n in bench.notes], ""]
     failures = {n: r.error for n, r in bench.running.items() if r.error}
     if failures:
-        lines += ["## Proxies that did not run", ""]
+        lines += ["## Proxies that failed", ""]
         for name, error in failures.items():
             lines += [f"**{name}**", "", "```", error.strip()[-3000:], "```", ""]
     path.write_text("\n".join(lines))

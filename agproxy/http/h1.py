@@ -219,7 +219,9 @@ class H1Connection(asyncio.Protocol):
         except BadRequest as exc:
             self._reject(exc)
         except httptools.HttpParserError as exc:
-            self._reject(BadRequest(400, _parser_message(exc)))
+            # httptools wraps what our callbacks raise; the cause carries our verdict.
+            cause = exc.__cause__ or exc.__context__
+            self._reject(cause if isinstance(cause, BadRequest) else BadRequest(400, _parser_message(exc)))
 
     def connection_lost(self, exc) -> None:
         self.closing = True

@@ -145,7 +145,8 @@ def build_actor_source(sec: Any, ctx: Any) -> ActorSource | None:
     if k8s or spiffe:
         if secret_env or secret_file:
             sec.error("client_secret_env", "only with client_id")
-        src = TokenFileActor(ctx.path(k8s or spiffe), "kubernetes" if k8s else "spiffe", recheck or 5.0)
+        src = TokenFileActor(ctx.path(k8s or spiffe), "kubernetes" if k8s else "spiffe",
+                             recheck if recheck is not None else 5.0)
         try:
             src.load()
         except ActorError as exc:

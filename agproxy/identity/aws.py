@@ -58,6 +58,7 @@ class AwsCredentials:
         self.error: str | None = "not resolved yet"
         self._task: asyncio.Task | None = None
         self._lock = threading.Lock()
+        self._resolving: asyncio.Future | None = None
 
     # -- resolution (blocking; run in a thread) --------------------------------------
     def resolve_blocking(self) -> None:
@@ -98,13 +99,28 @@ class AwsCredentials:
 
     async def start(self) -> None:
         """Resolve in a thread; keep refreshing ahead of expiry in a thread."""
+        loop = asyncio.get_running_loop()
+        self._resolving = loop.create_future()
         try:
             await asyncio.to_thread(self.resolve_blocking)
             log.info("aws credentials resolved (method=%s)", self.method)
         except Exception as exc:  # reported through readiness, not fatal
             self.error = _describe_error(exc)
             log.error("aws credentials: %s", self.error)
-        self._task = asyncio.get_running_loop().create_task(self._refresher())
+        finally:
+            fut, self._resolving = self._resolving, None
+            if fut is not None and not fut.done():
+                fut.set_result(None)
+        self._task = loop.create_task(self._refresher())
+
+    async def wait_resolved(self, timeout: float = 5.0) -> None:
+        """While the first resolution runs (a request raced startup), wait for it."""
+        fut = self._resolving
+        if fut is not None and self._creds is None:
+            try:
+                await asyncio.wait_for(asyncio.shield(fut), timeout)
+            except asyncio.TimeoutError:
+                pass
 
     async def stop(self) -> None:
         if self._task is not None:

@@ -64,7 +64,7 @@ def _expire(fut: asyncio.Future) -> None:
 class H1ClientConnection(asyncio.Protocol):
     __slots__ = ("origin", "transport", "parser", "on_idle", "response", "_headers", "_reused",
                  "_got_bytes", "_keep_alive", "_request_done", "_closed", "_paused_writing",
-                 "_drain", "_head_only", "_parser_dirty", "last_used", "_name")
+                 "_drain", "_head_only", "_parser_dirty", "last_used", "_name", "_close_delimited")
 
     def __init__(self, origin, on_idle: Callable[["H1ClientConnection"], None]):
         self.origin = origin
@@ -83,6 +83,7 @@ class H1ClientConnection(asyncio.Protocol):
         self._drain: asyncio.Future | None = None
         self._head_only = False
         self._parser_dirty = False
+        self._close_delimited = False
         self.last_used = 0.0
 
     # -- asyncio.Protocol -------------------------------------------------------------
@@ -115,12 +116,9 @@ class H1ClientConnection(asyncio.Protocol):
                     "reset", "upstream closed the connection before responding",
                     retryable=self._reused and not self._got_bytes))
             elif not resp.body.complete:
-                # A close-delimited body ends here; a framed one was cut short.
-                try:
-                    self.parser.feed_eof()
-                except httptools.HttpParserError:
-                    pass
-                if not resp.body.complete:
+                if self._close_delimited:
+                    resp.body.feed_eof()   # the close is the end of this body
+                else:
                     resp.body.fail(BodyAborted("upstream closed the connection mid-body"))
         if self._drain is not None and not self._drain.done():
             self._drain.set_exception(ConnectionResetError("upstream connection lost"))
@@ -152,6 +150,8 @@ class H1ClientConnection(asyncio.Protocol):
         resp.headers = Headers(self._headers)
         self._headers = []
         self._keep_alive = self.parser.should_keep_alive()
+        h = resp.headers
+        self._close_delimited = "content-length" not in h and "transfer-encoding" not in h
         if self.parser.get_http_version() == "1.0":
             resp.http_version = "1.0"
         if not resp._head.done():

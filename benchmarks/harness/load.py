@@ -44,7 +44,7 @@ def _wrk_latency_ms(output: str, pct: str) -> float | None:
 def parse_wrk(output: str) -> Measure:
     rps = re.search(r"Requests/sec:\s+([\d.]+)", output)
     if not rps:
-        raise LoadError("wrk printed no Requests/sec: " + output.strip()[-300:])
+        raise LoadError("wrk printed no Requests/sec: " + _tail(output))
     errors = 0
     non2xx = re.search(r"Non-2xx or 3xx responses:\s+(\d+)", output)
     if non2xx:
@@ -62,10 +62,10 @@ def parse_h2load(output: str) -> Measure:
                      r"(\d+) failed, (\d+) errored, (\d+) timeout", output)
     codes = re.search(r"status codes: (\d+) 2xx, (\d+) 3xx, (\d+) 4xx, (\d+) 5xx", output)
     if not (rps and reqs and codes):
-        raise LoadError("h2load output not understood: " + output.strip()[-300:])
+        raise LoadError("h2load output not understood: " + _h2load_summary(output))
     errors = int(reqs.group(5)) + sum(int(codes.group(i)) for i in (2, 3, 4))
     if int(reqs.group(4)) == 0:
-        raise LoadError("no request succeeded: " + output.strip()[-300:])
+        raise LoadError("no request succeeded: " + _h2load_summary(output))
     return Measure(float(rps.group(1)), errors=errors)
 
 
@@ -98,7 +98,7 @@ class LoadGen:
     def _run(self, argv: list[str], run_for: float) -> str:
         code, output = self.sup.run("load", argv, self.core, timeout=run_for + 30)
         if code != 0:
-            raise LoadError(f"{argv[0]} exited {code}: " + output.strip()[-300:])
+            raise LoadError(f"{argv[0]} exited {code}: " + _tail(output))
         return output
 
     def _headers(self, headers: dict[str, str] | None) -> list[str]:
@@ -133,13 +133,32 @@ class LoadGen:
         return self._h2load(["--h1", f"-c{RATE_CLIENTS}", f"--rps={per_client}"], url, headers)
 
     def smoke(self, url: str, http1: bool, headers: dict | None = None) -> str | None:
-        """20 requests; None if all got 200, else what went wrong."""
-        argv = ["h2load", "-n20", "-c1", *(["--h1"] if http1 else []), *self._headers(headers), url]
+        """20 requests; None if all got a 2xx, else what went wrong."""
+        argv = ["h2load", "-n20", "-c1", "-N3s", *(["--h1"] if http1 else []),
+                *self._headers(headers), url]
+        code, output = self.sup.run("smoke", argv, self.core, timeout=15)
+        if code == -1:
+            return "smoke test timed out (no answer in 15 s)"
         try:
-            code, output = self.sup.run("smoke", argv, self.core, timeout=20)
             measure = parse_h2load(output)
         except LoadError as exc:
-            return str(exc)
+            return f"smoke test: {exc}"
         if code != 0 or measure.errors:
-            return f"h2load exit {code}, {measure.errors} errors: " + output.strip()[-200:]
+            return f"smoke test: h2load exit {code}, {measure.errors} errors: {_h2load_summary(output)}"
         return None
+
+
+def _tail(output: str, chars: int = 300) -> str:
+    """The end of a tool's output on one line, for tables and logs."""
+    return " | ".join(line.strip() for line in output.strip()[-chars:].splitlines() if line.strip())
+
+
+_H2LOAD_KEY_LINES = re.compile(
+    r"requests:|status codes:|protocol|error|fail|refused|timeout|reset", re.I)
+
+
+def _h2load_summary(output: str) -> str:
+    """The lines of an h2load report that say what went wrong, on one line."""
+    lines = [line.strip() for line in output.splitlines()
+             if _H2LOAD_KEY_LINES.search(line) and not line.lstrip().startswith("time for")]
+    return " | ".join(lines[-6:]) or _tail(output)

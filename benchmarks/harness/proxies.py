@@ -308,7 +308,8 @@ url = "http://127.0.0.1:{ports.up_h1}"
 
 
 def agproxy_binary() -> str:
-    return str(VENV / "bin" / "agproxy")
+    """The venv's console script, or $AGPROXY_BIN (e.g. another build to compare)."""
+    return os.environ.get("AGPROXY_BIN") or str(VENV / "bin" / "agproxy")
 
 
 def agproxy_spec(workdir: Path, ports: Ports, tls: keys.TlsFiles,

@@ -86,8 +86,19 @@ def markdown_table(table: Table) -> str:
     head = header(table)
     lines = ["| " + " | ".join(head) + " |", "|" + "|".join(["---"] + ["---:"] * (len(head) - 1)) + "|"]
     lines += ["| " + " | ".join(row) + " |" for row in table_rows(table)]
-    notes = [f"- {label}: {cell.error}" for label, cell in table.cells.items() if cell.error]
+    notes = [_note(label, cell.error) for label, cell in table.cells.items() if cell.error]
     return "\n".join(lines + ([""] + notes if notes else []))
+
+
+def _note(label: str, error: str) -> str:
+    """A bullet; an error of several lines (a log tail) goes in a code block under it."""
+    first, _, rest = error.strip().partition("\n")
+    block = f"\n\n  ```\n{_indent(rest.strip()[-2000:])}\n  ```" if rest.strip() else ""
+    return f"- {label}: {first}{block}"
+
+
+def _indent(text: str) -> str:
+    return "\n".join("  " + line for line in text.splitlines())
 
 
 def console_table(table: Table) -> str:

@@ -403,6 +403,74 @@ class _Handler(BaseHTTPRequestHandler):
         self._send(status, out, resp_headers)
 
 
+# ---------------------------------------------------------------------------------
+# Demo / test identities: an IdP, a Kubernetes issuer, the gateway's OBO key
+# ---------------------------------------------------------------------------------
+
+DEMO_IDP_ISSUER = "https://idp.agproxy.test"
+DEMO_K8S_ISSUER = "https://kubernetes.default.svc"
+DEMO_AGENT_SA = "system:serviceaccount:agents:support"
+
+
+class DemoIdentity:
+    """Key files for the examples and tests, and tokens minted with them.
+
+    Files in `folder`: idp.pem + idp-jwks.json (the users' IdP), k8s.pem +
+    k8s-jwks.json (the cluster's service-account issuer), agent-token (a projected
+    SA token for the agent), obo-signing-1.pem / obo-signing-2.pem (the gateway's
+    OBO keys: the first signs, both are published).
+    """
+
+    def __init__(self, folder: str):
+        import os as _os
+        self.folder = folder
+        self.p = lambda name: _os.path.join(folder, name)
+
+    def create(self, actor_ttl: int = 10 * 365 * 86400) -> "DemoIdentity":
+        import os as _os
+        from cryptography.hazmat.primitives.asymmetric import rsa
+        from cryptography.hazmat.primitives import serialization
+        from agproxy.identity.minting import generate_rsa_pem, load_private_key, public_jwk
+        _os.makedirs(self.folder, exist_ok=True)
+        for name in ("idp", "k8s", "obo-signing-1", "obo-signing-2"):
+            generate_rsa_pem(self.p(f"{name}.pem"))
+        for name, kid in (("idp", "idp-1"), ("k8s", "k8s-1")):
+            key = load_private_key(self.p(f"{name}.pem"))
+            with open(self.p(f"{name}-jwks.json"), "w") as f:
+                json.dump({"keys": [public_jwk(key, kid, "RS256")]}, f, indent=1)
+        self.write_actor_token(ttl=actor_ttl)
+        return self
+
+    def _sign(self, name: str, kid: str, claims: dict) -> str:
+        from agproxy.identity.minting import load_private_key
+        return pyjwt.encode(claims, load_private_key(self.p(f"{name}.pem")), algorithm="RS256",
+                            headers={"kid": kid})
+
+    def user_token(self, sub: str = "alice", ttl: int = 3600, **extra: Any) -> str:
+        now = int(time.time())
+        claims = {"iss": DEMO_IDP_ISSUER, "sub": sub, "aud": "agents", "iat": now, "exp": now + ttl,
+                  "groups": ["support", "eng"], "department": "cx", "tenant_id": "t-42",
+                  "email": f"{sub}@example.com", "scope": "agents:invoke"}
+        claims.update(extra)
+        return self._sign("idp", "idp-1", {k: v for k, v in claims.items() if v is not None})
+
+    def actor_claims(self, ttl: int) -> dict:
+        now = int(time.time())
+        return {"iss": DEMO_K8S_ISSUER, "sub": DEMO_AGENT_SA, "aud": ["agproxy"], "iat": now, "exp": now + ttl,
+                "kubernetes.io": {"namespace": "agents", "serviceaccount": {"name": "support", "uid": "4f1c"},
+                                  "pod": {"name": "support-7d9f", "uid": "9a2b"}}}
+
+    def write_actor_token(self, ttl: int = 3600, path: str | None = None, signer: str = "k8s") -> str:
+        import os as _os
+        token = self._sign(signer, "k8s-1", self.actor_claims(ttl))
+        path = path or self.p("agent-token")
+        tmp = path + ".tmp"
+        with open(tmp, "w") as f:
+            f.write(token + "\n")
+        _os.replace(tmp, path)   # atomic, as kubelet rotates projected tokens
+        return token
+
+
 def main(argv: list[str] | None = None) -> None:
     ap = argparse.ArgumentParser(description="AgentCore Runtime emulator (tests and demos)")
     ap.add_argument("--host", default="127.0.0.1")
@@ -414,7 +482,14 @@ def main(argv: list[str] | None = None) -> None:
     ap.add_argument("--allowed-clients", action="append", default=None)
     ap.add_argument("--allow-header", action="append", default=None,
                     help="requestHeaderAllowlist entry (repeatable; default: the examples' headers)")
+    ap.add_argument("--print-token", metavar="SUB", default=None,
+                    help="print a user token from the demo IdP in --identity-dir and exit")
+    ap.add_argument("--identity-dir", default="conf/agentcore",
+                    help="demo key folder (default: conf/agentcore)")
     args = ap.parse_args(argv)
+    if args.print_token:
+        print(DemoIdentity(args.identity_dir).user_token(args.print_token))
+        return
     cfg = EmulatorConfig(mode=args.mode, runtime_arn=args.runtime_arn, discovery_url=args.discovery_url,
                          allowed_audience=args.allowed_audience, allowed_clients=args.allowed_clients)
     if args.allow_header:

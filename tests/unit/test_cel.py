@@ -406,3 +406,45 @@ def test_expression_is_shareable_between_activations():
     other = act(jwt={"sub": "bob"}, request={"headers": {"x-tenant": "t9"}})
     assert e.evaluate_str(other) == "bob:t9"
     assert repr(e) == "Expression('jwt.sub + \":\" + request.headers[\"x-tenant\"]')"
+
+
+# --------------------------------------------------------------------------------
+# additions beyond the base API: preload, set_provider
+# --------------------------------------------------------------------------------
+
+def test_preload_materializes_together_but_still_lazily():
+    jwt, request, llm = Counting(CLAIMS), Counting(REQUEST), Counting({})
+    a = Activation({"jwt": jwt, "request": request, "llm": llm}, preload=("jwt", "request"))
+    assert (jwt.calls, request.calls) == (0, 0)          # nothing up front
+    assert compile_expression('jwt.sub == "alice"').evaluate_bool(a)
+    assert (jwt.calls, request.calls, llm.calls) == (1, 1, 0)
+    native = a._native
+    assert compile_expression('request.headers["x-tenant"] == "t1"').evaluate_bool(a)
+    assert a._native is native                           # no rebuild
+    assert (jwt.calls, request.calls, llm.calls) == (1, 1, 0)
+
+
+def test_set_provider_keeps_other_variables():
+    jwt = Counting(CLAIMS)
+    a = Activation({"jwt": jwt})
+    rule = compile_expression("response.code >= 500")
+    with pytest.raises(CelEvalError):
+        rule.evaluate_bool(a)                            # no response yet: empty map
+    a.set_provider("response", lambda: {"code": 503})
+    assert rule.evaluate_bool(a) is True
+    a.set_provider("response", lambda: {"code": 200})    # replaces a materialized one
+    assert rule.evaluate_bool(a) is False
+    assert compile_expression("jwt.sub").evaluate(a) == "alice"
+    assert jwt.calls == 1
+
+
+@pytest.mark.parametrize("source, expected", [
+    ("jwt.flag", True),                          # dyn used as a rule
+    ('default(jwt.missing == "x", true)', True),
+    ('default(jwt.sub == "alice", false)', True),
+    ("default(jwt.flag, false)", True),
+    ("default(jwt.noflag, false)", False),
+])
+def test_bool_rules_of_dyn_type(source, expected):
+    a = act(jwt={**CLAIMS, "flag": True})
+    assert compile_expression(source).evaluate_bool(a) is expected

@@ -1,0 +1,131 @@
+"""`[route.authorization]`: allow / deny / require rules in CEL.
+
+Theory of operation
+===================
+
+Rules are compiled at load (a bad rule is a config error at
+`route[N].authorization.rules[M]`). Per request, with the semantics of CONFIG.md:
+
+1. any `deny` rule that matches → 403;
+2. any `require` rule that does not match → 403;
+3. if there are `allow` rules (a plain string is an allow rule), one must match,
+   else → 403;
+4. otherwise allow (no rules at all: the filter is not even built).
+
+An evaluation error is never an allow: a `deny` rule that fails to evaluate
+denies, a `require` or `allow` rule that fails does not match. So a rule on a
+claim the token lacks (`"admin" in jwt.groups` without `groups`) denies. Errors
+are logged (rate limited) on `agproxy.policy` with the rule's path and source.
+
+Everything is synchronous: CEL evaluation does no I/O.
+The 403 body is `{"error": "forbidden", "message": ...}`; the message does not
+reveal the rule (the access log's `error` field and the debug log name it).
+"""
+
+from __future__ import annotations
+
+import logging
+from typing import Any
+
+from agproxy.config.reader import Section
+from agproxy.filters import compile_cel, eval_errors
+from agproxy.proxy.filter import Filter, FilterResult, LocalReply
+
+log = logging.getLogger("agproxy.policy")
+
+KINDS = ("allow", "deny", "require")
+
+
+class AuthorizationFilter(Filter):
+    name = "authorization"
+
+    def __init__(self, deny: list, require: list, allow: list, path: str):
+        # each list: [(rule path, Expression)]
+        self.deny = tuple(deny)
+        self.require = tuple(require)
+        self.allow = tuple(allow)
+        self.path = path
+
+    def _forbid(self, ex: Any, why: str) -> LocalReply:
+        ex.error = f"authorization: {why}"
+        log.debug("%s: request %s denied: %s", self.path, getattr(ex, "request_id", "?"), why)
+        return LocalReply.error(403, "forbidden", "the request is not allowed by the route's authorization policy")
+
+    def on_request(self, ex: Any) -> FilterResult:
+        act = ex.activation
+        for where, expr in self.deny:
+            try:
+                hit = expr.evaluate_bool(act)
+            except Exception as exc:
+                eval_errors.error(where, expr.source, exc, "failed (deny rule: denying)")
+                return self._forbid(ex, f"{where} could not be evaluated")
+            if hit:
+                return self._forbid(ex, f"{where} matched")
+        for where, expr in self.require:
+            try:
+                ok = expr.evaluate_bool(act)
+            except Exception as exc:
+                eval_errors.error(where, expr.source, exc, "failed (require rule: denying)")
+                return self._forbid(ex, f"{where} could not be evaluated")
+            if not ok:
+                return self._forbid(ex, f"{where} not satisfied")
+        if self.allow:
+            for where, expr in self.allow:
+                try:
+                    if expr.evaluate_bool(act):
+                        return None
+                except Exception as exc:
+                    eval_errors.error(where, expr.source, exc, "failed (allow rule: no match)",
+                                      level=logging.INFO)
+            return self._forbid(ex, "no allow rule matched")
+        return None
+
+    def describe(self) -> dict:
+        return {
+            "type": self.name,
+            "deny": [e.source for _, e in self.deny],
+            "require": [e.source for _, e in self.require],
+            "allow": [e.source for _, e in self.allow],
+        }
+
+
+def build(sec: Section, ctx: Any) -> AuthorizationFilter | None:
+    problems = sec.problems
+    rules = sec.raw("rules", [])
+    sec.done()
+    if not isinstance(rules, list):
+        sec.error("rules", "expected a list of rules")
+        return None
+    buckets: dict[str, list] = {k: [] for k in KINDS}
+    ok = True
+    for i, rule in enumerate(rules):
+        path = f"{sec.sub('rules')}[{i}]"
+        if isinstance(rule, str):
+            kind, source = "allow", rule
+        elif isinstance(rule, dict):
+            kinds = [k for k in KINDS if k in rule]
+            extra = [k for k in rule if k not in KINDS]
+            if extra:
+                problems.add(f"{path}.{extra[0]}", "unknown key (a rule is { allow = ... }, "
+                                                   "{ deny = ... } or { require = ... })")
+                ok = False
+                continue
+            if len(kinds) != 1:
+                problems.add(path, "a rule has exactly one of allow, deny or require")
+                ok = False
+                continue
+            kind = kinds[0]
+            source = rule[kind]
+            path = f"{path}.{kind}"
+        else:
+            problems.add(path, "expected a CEL string or a table { allow | deny | require = \"...\" }")
+            ok = False
+            continue
+        expr = compile_cel(problems, path, source)
+        if expr is None:
+            ok = False
+            continue
+        buckets[kind].append((path, expr))
+    if not ok or not rules:
+        return None
+    return AuthorizationFilter(buckets["deny"], buckets["require"], buckets["allow"], sec.path)

@@ -1,0 +1,9 @@
+"""Ephemeral ports on 127.0.0.1 for test servers and gateways."""
+
+import socket
+
+
+def free_port() -> int:
+    with socket.socket(socket.AF_INET, socket.SOCK_STREAM) as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
