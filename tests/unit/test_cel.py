@@ -448,3 +448,18 @@ def test_set_provider_keeps_other_variables():
 def test_bool_rules_of_dyn_type(source, expected):
     a = act(jwt={**CLAIMS, "flag": True})
     assert compile_expression(source).evaluate_bool(a) is expected
+
+
+@pytest.mark.parametrize("source, expected, variables", [
+    ('"default(jwt.x, 1)"', "default(jwt.x, 1)", set()),          # not rewritten in strings
+    ("'''a \"default(\" b'''", 'a "default(" b', set()),
+    ('r"\\d" + default(jwt.q, "-")', "\\d-", {"jwt"}),
+    ('default(jwt.q, "a)b,c")', "a)b,c", {"jwt"}),
+    ('default(jwt.q, // fallback follows\n "x")', "x", {"jwt"}),
+    ('default({"k": [1, 2]}.k, [])', [1, 2], set()),
+    ('default(jwt.groups.filter(g, g.startsWith("c")), [])', ["contractor"], {"jwt"}),
+])
+def test_lexer_edge_cases(source, expected, variables):
+    e = compile_expression(source)
+    assert e.evaluate(std()) == expected
+    assert e.variables == frozenset(variables)
