@@ -347,8 +347,9 @@ def _compile_rewritten(source: str, rewritten: str, tokens, probes) -> "Expressi
         wrapped = program.return_type() != _BOOL_TYPE
         if wrapped:
             # Make an error cheap to tell from a string: "[x]" is a list when x
-            # succeeds and stays an ERROR (a str payload) when it fails.
-            program = env.compile(f"[{rewritten}]")
+            # succeeds and stays an ERROR (a str payload) when it fails.  (The
+            # newline ends a trailing // comment.)
+            program = env.compile(f"[{rewritten}\n]")
     except Exception as exc:
         raise CelCompileError(
             f"invalid CEL expression {source!r}: {_clean_compile_message(str(exc))}") from None

@@ -269,3 +269,53 @@ def test_admin_endpoints_and_config_redaction(start_gateway, upstream_echo):
     cfg = json.loads(body)
     assert cfg["routes"][0]["name"] == "echo"
     assert cfg["backends"]["echo"]["url"] == upstream_echo.url
+
+
+def test_https_upstream_verified_with_ca_file(start_gateway, certs):
+    from tests.support.echo import EchoServer
+    tls_echo = EchoServer(tls=certs).start()
+    try:
+        gw = start_gateway(f'''
+[[route]]
+name = "verified"
+match = {{ path_prefix = "/verified" }}
+backend = "good"
+
+[[route]]
+name = "unverified"
+match = {{ path_prefix = "/" }}
+backend = "untrusted"
+
+[backend.good]
+type = "http"
+url = "{tls_echo.url}"
+tls_ca_file = "{certs['ca']}"
+
+[backend.untrusted]
+type = "http"
+url = "{tls_echo.url}"
+''')
+        r = httpx.get(gw.url("/verified/x"))
+        assert r.status_code == 200 and r.json()["path"] == "/verified/x"
+        # The system trust store does not know the test CA: certificate verification fails → 502.
+        assert httpx.get(gw.url("/other")).status_code == 502
+        assert tls_echo.requests == 1
+    finally:
+        tls_echo.stop()
+
+
+def test_idle_client_connections_are_closed(start_gateway, upstream_echo):
+    gw = start_gateway(f'''
+[gateway]
+admin = "127.0.0.1:{{admin_port}}"
+idle_timeout = "1s"
+access_log = "off"
+''' + route_to(upstream_echo.url))
+    with socket.create_connection(("127.0.0.1", gw.port), timeout=15) as s:
+        s.sendall(b"GET /x HTTP/1.1\r\nHost: x\r\n\r\n")
+        first = s.recv(65536)
+        assert first.startswith(b"HTTP/1.1 200")
+        if b'"count"' not in first:
+            s.recv(65536)
+        # Now say nothing: the gateway closes the idle connection (recv returns EOF).
+        assert s.recv(1) == b""

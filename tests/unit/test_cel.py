@@ -456,6 +456,8 @@ def test_bool_rules_of_dyn_type(source, expected):
     ('r"\\d" + default(jwt.q, "-")', "\\d-", {"jwt"}),
     ('default(jwt.q, "a)b,c")', "a)b,c", {"jwt"}),
     ('default(jwt.q, // fallback follows\n "x")', "x", {"jwt"}),
+    ('jwt.sub // trailing comment', "alice", {"jwt"}),
+    ('jwt.sub == "alice" // trailing comment', True, {"jwt"}),
     ('default({"k": [1, 2]}.k, [])', [1, 2], set()),
     ('default(jwt.groups.filter(g, g.startsWith("c")), [])', ["contractor"], {"jwt"}),
 ])
