@@ -37,8 +37,11 @@ Per request (``Activation`` + ``Expression.evaluate*``)
     hands the values to the library's own activation object, which converts a
     Python value to CEL the first time the expression reads it.  That native
     activation is reused by every later expression of the request; it is rebuilt
-    (rarely: once per newly needed variable) only when an expression needs a
-    variable that was not materialized yet.
+    (a few µs) only when an expression needs a variable that was not materialized
+    yet.  ``Activation(providers, preload=names)`` avoids that when the caller knows
+    which variables a route's expressions use (the union of their ``variables``).
+    The conversion walks the whole value of a variable on its first access, so
+    variables should stay small (headers and claims: ~2 µs; a 1000-key map: ~0.4 ms).
 
     A variable whose provider is missing is an empty map.  So ``jwt.sub`` on a route
     without JWT authentication is an evaluation error ("no such key"), which

@@ -71,7 +71,8 @@ class Exchange:
     def add_cel_variable(self, name: str, provider: Callable[[], object]) -> None:
         """Filters that learn something CEL may use (mcp, llm, response) register it here."""
         self.facts.setdefault("cel", {})[name] = provider
-        self._activation = None
+        if self._activation is not None:
+            self._activation.set_provider(name, provider)
 
     def _cel_request(self) -> dict:
         r = self.request

@@ -64,6 +64,16 @@ class AccessLog:
             self._fd = None
 
 
+_second = -1
+_prefix = ""
+
+
 def now_iso() -> str:
+    """UTC timestamp with milliseconds; the seconds part is formatted once per second."""
+    global _second, _prefix
     t = time.time()
-    return time.strftime("%Y-%m-%dT%H:%M:%S", time.gmtime(t)) + f".{int(t % 1 * 1000):03d}Z"
+    s = int(t)
+    if s != _second:
+        _second = s
+        _prefix = time.strftime("%Y-%m-%dT%H:%M:%S", time.gmtime(s))
+    return f"{_prefix}.{int((t - s) * 1000):03d}Z"
