@@ -29,12 +29,14 @@ How it works
 from __future__ import annotations
 
 import argparse
+import os
 import shlex
 import shutil
 import sys
 import tempfile
 import time
 from dataclasses import dataclass
+from functools import partial
 from pathlib import Path
 
 HERE = Path(__file__).resolve().parent
@@ -157,8 +159,8 @@ class Bench:
 
     # --- measuring -------------------------------------------------------------
 
-    def measure(self, scenario: Scenario, url: str, headers: dict | None = None) -> Measure:
-        return getattr(self.load, scenario.tool)(url + "/", headers)
+    def measure(self, scenario: Scenario, url: str) -> Measure:
+        return getattr(self.load, scenario.tool)(url + "/")
 
     def smoke_cells(self, scenarios: list[Scenario]) -> dict[str, report.Table]:
         tables = {}
@@ -199,7 +201,7 @@ class Bench:
                     url = running.urls[sc.transport]
                     self.run_cell(f"[{rnd}/{self.args.rounds}] {sc.name:8s}",
                                   tables[sc.name].cells[name], running,
-                                  lambda: self.measure(sc, url), name)
+                                  partial(self.measure, sc, url), name)
 
     # --- policy scenario ---------------------------------------------------------
 
@@ -241,6 +243,8 @@ class Bench:
         if error and not explicit:
             print(f"  policy scenario skipped (not working yet): {running.error or error}")
             self.notes.append(f"policy scenario skipped: {(running.error or error).splitlines()[0]}")
+            if running.child:
+                self.sup.stop(running.child)
             return
         cells = {row: report.Cell(error=error) for row in POLICY_ROWS}
         self.tables.append(report.Table(POLICY, POLICY_TITLE, cells, ratio_base="plain route",
@@ -250,7 +254,7 @@ class Bench:
         for rnd in range(1, self.args.rounds + 1):
             for row in POLICY_ROWS:
                 self.run_cell(f"[{rnd}/{self.args.rounds}] {POLICY:8s}", cells[row], running,
-                              lambda: self.load.wrk(base + paths[row], self.policy_headers()),
+                              partial(self.load.wrk, base + paths[row], self.policy_headers()),
                               row)
         if running.child:
             self.sup.stop(running.child)
@@ -363,33 +367,40 @@ def main(argv: list[str]) -> int:
     workdir = Path(tempfile.mkdtemp(prefix="agproxy-bench-"))
     sup = Supervisor(workdir)
     print(f"work dir {workdir}; about {estimate_minutes(args):.0f} min", flush=True)
+    load_before = os.getloadavg()[0]
+    if load_before > 0.5:
+        print(f"warning: load average {load_before:.2f}: something else is running; "
+              "the numbers will be low and noisy", flush=True)
+    bench = None
     try:
         bench = Bench(args, workdir, sup)
         bench.start_upstream()
-        print("starting proxies:", flush=True)
-        bench.start_proxies()
         started = time.monotonic()
-        try:
-            bench.run_main([SCENARIOS[s] for s in args.scenarios if s in SCENARIOS])
-            if POLICY in args.scenarios and "agproxy" in args.proxies:
-                bench.run_policy(explicit=args.policy_explicit)
-        except KeyboardInterrupt:
-            print("\ninterrupted: partial results below, no report written")
-            for table in bench.tables:
-                print(report.console_table(table))
-            return 130
-        for table in bench.tables:
+        main_scenarios = [SCENARIOS[s] for s in args.scenarios if s in SCENARIOS]
+        if main_scenarios:
+            print("starting proxies:", flush=True)
+            bench.start_proxies()
+            bench.run_main(main_scenarios)
+        if args.policy_explicit or (POLICY in args.scenarios and "agproxy" in args.proxies):
+            bench.run_policy(explicit=args.policy_explicit)
+    except KeyboardInterrupt:
+        print("\ninterrupted: partial results below, no report written")
+        for table in bench.tables if bench else []:
             print(report.console_table(table))
-        env = report.environment(proxies.envoy_binary(), proxies.agproxy_binary())
-        write_markdown(args.output, bench, env, argv)
-        print(f"\nwrote {args.output} ({(time.monotonic() - started) / 60:.1f} min of runs)")
-        return 0
+        return 130
     finally:
         sup.stop_all()
         if args.keep_workdir:
             print(f"kept {workdir}")
         else:
             shutil.rmtree(workdir, ignore_errors=True)
+    for table in bench.tables:
+        print(report.console_table(table))
+    env = report.environment(proxies.envoy_binary(), proxies.agproxy_binary())
+    env["load average at start"] = f"{load_before:.2f} (1-minute; should be near 0)"
+    write_markdown(args.output, bench, env, argv)
+    print(f"\nwrote {args.output} ({(time.monotonic() - started) / 60:.1f} min of runs)")
+    return 0
 
 
 if __name__ == "__main__":

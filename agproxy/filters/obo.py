@@ -84,27 +84,32 @@ class OboFilter(Filter):
 
     async def _miss(self, ex, key, subject: str, actor) -> LocalReply | None:
         self.misses += 1
-        fut = self._inflight.get(key)
-        if fut is None:
-            fut = asyncio.get_running_loop().create_future()
-            self._inflight[key] = fut
-            try:
-                issued = await self.service.exchange(
-                    ExchangeRequest(subject_token=subject, actor=actor, audiences=[self.audience],
-                                    scope=self.scope), self.policy)
-                fut.set_result(issued)
-                self._store(key, issued)
-            except ExchangeError as exc:
-                fut.set_exception(exc)
-                fut.exception()   # mark retrieved: waiters re-raise their own reference
-            finally:
-                del self._inflight[key]
+        task = self._inflight.get(key)
+        if task is None:
+            # A task of its own: a client that goes away does not cancel the exchange
+            # that other requests for the same key are waiting on.
+            task = asyncio.get_running_loop().create_task(self._exchange(key, subject, actor))
+            task.add_done_callback(_retrieve)
+            self._inflight[key] = task
         try:
-            issued = await asyncio.shield(fut)
+            issued = await asyncio.shield(task)
         except ExchangeError as exc:
             return self._refusal(exc)
+        except Exception as exc:   # a bug or an unexpected failure: fail closed
+            log.error("route obo: token exchange failed: %s: %s", type(exc).__name__, exc)
+            return LocalReply.error(503, "token_exchange_failed", "the token exchange failed")
         self._apply(ex, issued.token)
         return None
+
+    async def _exchange(self, key, subject: str, actor) -> Issued:
+        try:
+            issued = await self.service.exchange(
+                ExchangeRequest(subject_token=subject, actor=actor, audiences=[self.audience],
+                                scope=self.scope), self.policy)
+            self._store(key, issued)
+            return issued
+        finally:
+            self._inflight.pop(key, None)
 
     def _store(self, key, issued: Issued) -> None:
         now = time.time()
@@ -150,6 +155,12 @@ class OboFilter(Filter):
             "refresh_before_seconds": self.refresh_before,
             "cache": {"entries": len(self._cache), "hits": self.hits, "misses": self.misses},
         }
+
+
+def _retrieve(task: asyncio.Task) -> None:
+    """Mark the outcome as seen even if every waiter went away."""
+    if not task.cancelled():
+        task.exception()
 
 
 def build(sec: Section, ctx: Any) -> OboFilter | None:

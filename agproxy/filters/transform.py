@@ -18,8 +18,11 @@ may not be framing/connection headers (`content-length`, `transfer-encoding`,
 `host`, ...), which belong to the HTTP layer.
 
 Request side (`on_request`, synchronous): all values are evaluated first, against
-the request as it arrived; then `remove`, then `set`, then `add` are applied. If
-any value fails to evaluate (missing claim, wrong type, a list where a string is
+the request as it arrived; then `remove`, then `set`, then `add` are applied (a
+`set` header is always removed first, so a client cannot supply it). A value
+whose expression references `jwt` is skipped on a request without a verified
+token (anonymous caller on an optional/permissive route), as in
+claims_to_headers: the header is simply absent. If any other value fails to evaluate (missing claim, wrong type, a list where a string is
 needed) or contains a control character (CR/LF would split the header), the
 request fails with 500 and a log line naming the expression; nothing is applied
 and nothing reaches the backend. Use `default(jwt.x, "")` or `has(...)` for
@@ -55,8 +58,8 @@ class _Side:
     __slots__ = ("set", "add", "remove", "uses_response")
 
     def __init__(self, set_: list, add: list, remove: frozenset[str]):
-        self.set = tuple(set_)        # (name, Expression, path)
-        self.add = tuple(add)
+        self.set = tuple((n, e, p, "jwt" in e.variables) for n, e, p in set_)   # (name, expr, path, uses_jwt)
+        self.add = tuple((n, e, p, "jwt" in e.variables) for n, e, p in add)
         self.remove = remove | frozenset(name for name, _, _ in set_)
         self.uses_response = any("response" in e.variables for _, e, _ in set_ + add)
 
@@ -66,10 +69,10 @@ class _Side:
     def describe(self) -> dict:
         out: dict[str, Any] = {}
         if self.set:
-            out["set"] = {n: e.source for n, e, _ in self.set}
+            out["set"] = {n: e.source for n, e, _, _ in self.set}
         if self.add:
-            out["add"] = {n: e.source for n, e, _ in self.add}
-        removed = self.remove - {n for n, _, _ in self.set}
+            out["add"] = {n: e.source for n, e, _, _ in self.add}
+        removed = self.remove - {n for n, _, _, _ in self.set}
         if removed:
             out["remove"] = sorted(removed)
         return out
@@ -95,8 +98,11 @@ class TransformFilter(Filter):
         computed_add = []
         if side.set or side.add:
             act = ex.activation
+            anonymous = ex.jwt_claims is None
             for out, entries in ((computed_set, side.set), (computed_add, side.add)):
-                for name, expr, where in entries:
+                for name, expr, where, uses_jwt in entries:
+                    if uses_jwt and anonymous:
+                        continue
                     try:
                         value = expr.evaluate_str(act)
                     except Exception as exc:
@@ -139,8 +145,11 @@ class ResponseTransformFilter(TransformFilter):
         computed = []
         if side.set or side.add:
             act = ex.activation
-            for kind, entries in (("set", side.set), ("add", side.add)):
-                for name, expr, where in entries:
+            anonymous = ex.jwt_claims is None
+            for entries in (side.set, side.add):
+                for name, expr, where, uses_jwt in entries:
+                    if uses_jwt and anonymous:
+                        continue
                     try:
                         value = expr.evaluate_str(act)
                     except Exception as exc:

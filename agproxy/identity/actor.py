@@ -125,7 +125,7 @@ class ClientCredentialsActor(ActorSource):
         return self._cred
 
     def describe(self) -> dict:
-        return {"kind": "client", "client_id": self.client_id, "client_secret": self.secret_source}
+        return {"kind": "client", "client_id": self.client_id, "secret_from": self.secret_source}
 
 
 def build_actor_source(sec: Any, ctx: Any) -> ActorSource | None:

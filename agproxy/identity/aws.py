@@ -31,12 +31,13 @@ import threading
 from typing import Any, Iterable
 from urllib.parse import urlsplit
 
-from botocore.auth import SIGV4_TIMESTAMP, SigV4Auth
+from botocore.auth import SIGNED_HEADERS_BLACKLIST, SIGV4_TIMESTAMP, SigV4Auth
 from botocore.awsrequest import AWSRequest
 
 log = logging.getLogger("agproxy.aws")
 
 EMPTY_SHA256 = hashlib.sha256(b"").hexdigest()
+_BLACKLIST = frozenset(SIGNED_HEADERS_BLACKLIST)
 
 
 class NoCredentials(Exception):
@@ -172,10 +173,36 @@ def _describe_error(exc: BaseException) -> str:
     return f"{type(exc).__name__}: {exc}"[:300]
 
 
+class _SignHeaders(dict):
+    """The headers to sign as botocore's canonicalisation reads them (name → values).
+
+    botocore builds an `email.message`-based HTTPHeaders for this, twice per
+    request; that is most of its signing time. Its `canonical_headers` and
+    `signed_headers` only iterate the names and call `get_all`, which this gives.
+    """
+
+    def get_all(self, name: str) -> list[str]:
+        return self[name]
+
+
 class _Auth(SigV4Auth):
-    """botocore's SigV4Auth with a precomputed payload hash and a cached signing key."""
+    """botocore's SigV4Auth with a precomputed payload hash, the header list given
+    directly (no HTTPHeaders round trip) and a cached signing key."""
 
     _keys: dict = {}
+
+    def headers_to_sign(self, request):  # noqa: D401 - botocore hook
+        given = request.context.get("sign_headers")
+        if given is None:
+            return super().headers_to_sign(request)
+        out = _SignHeaders()
+        for name, value in given:
+            lname = name.lower()
+            if lname not in _BLACKLIST:
+                out.setdefault(lname, []).append(value)
+        if "host" not in out:
+            raise ValueError("the host header must be among the headers to sign")
+        return out
 
     def payload(self, request) -> str:  # noqa: D401 - botocore hook
         h = request.context.get("payload_sha256")
@@ -227,22 +254,23 @@ class SigV4Signer:
         """
         frozen = self.credentials.frozen()
         auth = _Auth(frozen, self.service, self.region)
-        req = AWSRequest(method=method, url=url)
-        for k, v in headers:
-            req.headers[k] = v
         ts = (now or _dt.datetime.now(_dt.timezone.utc)).strftime(SIGV4_TIMESTAMP)
-        req.context["timestamp"] = ts
-        req.context["payload_sha256"] = hashlib.sha256(body).hexdigest() if body else EMPTY_SHA256
-        auth._modify_request_before_signing(req)
-        canonical = auth.canonical_request(req)
-        sts = auth.string_to_sign(req, canonical)
-        signature = auth.signature(sts, req)
-        auth._inject_signature_to_request(req, signature)
-        out = [("x-amz-date", ts)]
+        added = [("x-amz-date", ts)]
         if frozen.token:
-            out.append(("x-amz-security-token", frozen.token))
-        out.append(("authorization", req.headers["Authorization"]))
-        return out
+            added.append(("x-amz-security-token", frozen.token))
+        req = AWSRequest(method=method, url=url)
+        ctx = req.context
+        ctx["timestamp"] = ts
+        ctx["payload_sha256"] = hashlib.sha256(body).hexdigest() if body else EMPTY_SHA256
+        ctx["sign_headers"] = [*headers, *added]
+        # botocore: canonical request (path encoded once more), string to sign, signature.
+        canonical = auth.canonical_request(req)
+        signature = auth.signature(auth.string_to_sign(req, canonical), req)
+        signed = auth.signed_headers(auth.headers_to_sign(req))
+        # botocore's _inject_signature_to_request format, without the HTTPHeaders copy.
+        added.append(("authorization", f"AWS4-HMAC-SHA256 Credential={auth.scope(req)}, "
+                                       f"SignedHeaders={signed}, Signature={signature}"))
+        return added
 
 
 def verify_sigv4(method: str, url: str, headers: list[tuple[str, str]], body: bytes,

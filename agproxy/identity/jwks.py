@@ -22,7 +22,7 @@ a key that has rotated out must not stay valid through the cache).
 Sources (`KeySource`):
 
 - `StaticKeySource`: a JWKS from a file or inline JSON, parsed at config load
-  (errors are config errors).
+  (errors are config errors). A changed file is picked up by a config reload.
 - `RemoteKeySource`: a JWKS URL, or an OIDC discovery document whose `jwks_uri`
   it follows (the document's `issuer` must equal the provider's issuer, as OIDC
   Discovery §4.3 requires). No network I/O at load; `start()` launches a
@@ -45,6 +45,7 @@ from __future__ import annotations
 
 import asyncio
 import base64
+import binascii
 import hashlib
 import json
 import logging
@@ -76,22 +77,27 @@ class JwksError(ValueError):
     """A JWKS document (or the fetch of one) that cannot be used."""
 
 
+# '-' and '_' become the standard alphabet; '+', '/' and '=' (not base64url, or
+# padding, which JWS omits) become '*', which the strict decoder refuses.
+_B64URL = bytes.maketrans(b"-_+/=", b"+/***")
+
+
 def b64url_decode(text: str) -> bytes:
-    """Strict base64url (RFC 7515 §2: no padding, URL-safe alphabet only)."""
-    if not isinstance(text, str):
+    """Strict base64url (RFC 7515 §2: URL-safe alphabet only, no padding)."""
+    if type(text) is not str:
         raise ValueError("expected a base64url string")
     rem = len(text) % 4
     if rem == 1:
         raise ValueError("invalid base64url length")
     try:
-        raw = text.encode("ascii")
+        raw = text.encode("ascii").translate(_B64URL)
     except UnicodeEncodeError:
         raise ValueError("invalid base64url character") from None
     if rem:
-        raw += b"=" * (4 - rem)
+        raw += b"==" if rem == 2 else b"="
     try:
-        return base64.b64decode(raw, altchars=b"-_", validate=True)
-    except (ValueError, TypeError):
+        return binascii.a2b_base64(raw, strict_mode=True)
+    except binascii.Error:
         raise ValueError("invalid base64url") from None
 
 
@@ -408,7 +414,6 @@ class RemoteKeySource(KeySource):
         self.failures = 0                         # consecutive failed fetches
         self._inflight: asyncio.Future | None = None
         self._task: asyncio.Task | None = None
-        self._wake: asyncio.Event | None = None
 
     # -- fetching ---------------------------------------------------------------------
     async def _get(self, url: str) -> tuple[Any, Any]:

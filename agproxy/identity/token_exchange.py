@@ -49,7 +49,6 @@ or resource not served), `invalid_scope`. Descriptions never echo tokens.
 
 from __future__ import annotations
 
-import asyncio
 import base64
 import inspect
 import logging

@@ -57,7 +57,7 @@ class Worker:
         self.runtime = runtime
         access_log = AccessLog(runtime.gateway.access_log)
         self.gateway = Gateway(runtime, self.metrics, access_log)
-        self.tracker.gauge = None
+        await runtime.start()   # background work (credentials, JWKS) begins before traffic does
         for lcfg in runtime.listeners:
             gauge = self.metrics.active.labels(lcfg.name) if self.metrics is not None else None
             tracker = self.tracker
@@ -69,7 +69,6 @@ class Worker:
         for sig, fn in ((signal.SIGTERM, self.request_stop), (signal.SIGINT, self.request_stop),
                         (signal.SIGHUP, self.request_reload)):
             loop.add_signal_handler(sig, fn)
-        await runtime.start()
         self.ready = True
         self._schedule_idle_sweep(runtime.gateway.idle_timeout)
         log.info("worker %d serving %s", self.index,

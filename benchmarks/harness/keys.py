@@ -39,7 +39,7 @@ def make_tls(workdir: Path) -> TlsFiles:
     """ECDSA P-256 self-signed certificate for 127.0.0.1 / localhost."""
     key = ec.generate_private_key(ec.SECP256R1())
     name = x509.Name([x509.NameAttribute(NameOID.COMMON_NAME, "localhost")])
-    now = dt.datetime.now(dt.timezone.utc)
+    now = dt.datetime.now(dt.UTC)
     cert = (
         x509.CertificateBuilder()
         .subject_name(name).issuer_name(name)

@@ -10,6 +10,7 @@ the benchmark, even on Ctrl-C or an exception.
 from __future__ import annotations
 
 import atexit
+import contextlib
 import http.client
 import os
 import signal
@@ -84,23 +85,21 @@ class Supervisor:
 
     def stop_all(self) -> None:
         for child in list(reversed(self.children)):
-            try:
+            with contextlib.suppress(Exception):  # best effort, at exit
                 self.stop(child)
-            except Exception:  # noqa: BLE001 - best effort at exit
-                pass
 
 
 def _signal_group(popen: subprocess.Popen, sig: int) -> None:
-    try:
+    with contextlib.suppress(ProcessLookupError, PermissionError):
         os.killpg(popen.pid, sig)
-    except (ProcessLookupError, PermissionError):
-        pass
 
 
 def raise_on_termination_signals() -> None:
-    """Turn SIGTERM/SIGHUP into SystemExit so ``finally`` blocks run."""
+    """SIGINT → KeyboardInterrupt (even when started in the background, where it
+    is inherited as ignored); SIGTERM/SIGHUP → SystemExit: ``finally`` blocks run."""
     def handler(signum, _frame):
         raise SystemExit(128 + signum)
+    signal.signal(signal.SIGINT, signal.default_int_handler)
     for sig in (signal.SIGTERM, signal.SIGHUP):
         signal.signal(sig, handler)
 

@@ -93,7 +93,9 @@ def upstream_spec(workdir: Path, ports: Ports, tls: keys.TlsFiles) -> Spec:
     ssl_certificate_key {tls.key};
     location / {{ return 200 "{BODY.strip()}\\n"; }}
     # policy preflight: echo what the gateway asserted and what it forwarded
-    location = /policy/check {{ return 200 "user=$http_x_user groups=$http_x_groups authz=$http_authorization"; }}
+    location = /policy/check {{
+      return 200 "user=$http_x_user groups=$http_x_groups authz=$http_authorization";
+    }}
   }}"""
     conf = workdir / "upstream.conf"
     conf.write_text(_nginx_main(workdir, "upstream", http))

@@ -107,7 +107,7 @@ def console_table(table: Table) -> str:
     out = [f"\n== {table.scenario}: {table.title}"]
     for row in rows:
         out.append("  ".join(c.ljust(w) if i == 0 else c.rjust(w)
-                             for i, (c, w) in enumerate(zip(row, widths))))
+                             for i, (c, w) in enumerate(zip(row, widths, strict=True))))
     for label, cell in table.cells.items():
         if cell.error:
             out.append(f"  ! {label}: {cell.error.splitlines()[0][:200]}")
@@ -141,7 +141,7 @@ def environment(envoy_bin: str, agproxy_bin: str) -> dict[str, str]:
     cpus = re.search(r"^CPU\(s\):\s*(\d+)", lscpu, re.M)
     envoy = re.search(r"version: \S+?/([\d.]+\S*)", _cmd([envoy_bin, "--version"]))
     return {
-        "date": dt.datetime.now(dt.timezone.utc).strftime("%Y-%m-%d %H:%M UTC"),
+        "date": dt.datetime.now(dt.UTC).strftime("%Y-%m-%d %H:%M UTC"),
         "cpu": f"{model.group(1) if model else 'unknown'} ({cpus.group(1) if cpus else '?'} CPUs)",
         "kernel": platform.release(),
         "envoy": envoy.group(1) if envoy else "unavailable",

@@ -428,8 +428,6 @@ class DemoIdentity:
 
     def create(self, actor_ttl: int = 10 * 365 * 86400) -> "DemoIdentity":
         import os as _os
-        from cryptography.hazmat.primitives.asymmetric import rsa
-        from cryptography.hazmat.primitives import serialization
         from agproxy.identity.minting import generate_rsa_pem, load_private_key, public_jwk
         _os.makedirs(self.folder, exist_ok=True)
         for name in ("idp", "k8s", "obo-signing-1", "obo-signing-2"):
@@ -457,6 +455,7 @@ class DemoIdentity:
     def actor_claims(self, ttl: int) -> dict:
         now = int(time.time())
         return {"iss": DEMO_K8S_ISSUER, "sub": DEMO_AGENT_SA, "aud": ["agproxy"], "iat": now, "exp": now + ttl,
+                "jti": uuid.uuid4().hex,
                 "kubernetes.io": {"namespace": "agents", "serviceaccount": {"name": "support", "uid": "4f1c"},
                                   "pod": {"name": "support-7d9f", "uid": "9a2b"}}}
 

@@ -581,3 +581,27 @@ def test_keyset_candidates():
     assert ks.candidates("a", "ES256") == ()
     assert ks.candidates("zzz", "RS256") is None
     assert [k.kid for k in ks.candidates(None, "ES256")] == ["b"]
+
+
+def test_base64url_is_strict():
+    from agproxy.identity.jwks import b64url_decode
+    import os
+    for raw in (b"", b"a", b"ab", b"abc", os.urandom(33), os.urandom(256)):
+        assert b64url_decode(base64.urlsafe_b64encode(raw).rstrip(b"=").decode()) == raw
+    for bad in ("ab+c", "ab/c", "abc=", "YQ==", "a", "ab c", "ab\nc", "abé", "a.bc"):
+        with pytest.raises(ValueError):
+            b64url_decode(bad)
+
+
+def test_standard_base64_signature_variant_is_refused(idp):
+    """A signature re-encoded with '+' '/' (same bytes) is not the same token."""
+    v, ks = verifier(idp), keyset(idp)
+    for _ in range(20):
+        token = idp.mint(key=idp.keys[0])
+        h, p, s = token.split(".")
+        if "-" in s or "_" in s:
+            variant = f"{h}.{p}.{s.replace('-', '+').replace('_', '/')}"
+            with pytest.raises(JwtError, match="malformed"):
+                v.verify(variant, ks)
+            return
+    pytest.skip("no signature with - or _ in 20 tries")

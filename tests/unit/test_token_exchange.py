@@ -7,7 +7,6 @@ import base64
 import json
 import os
 import time
-from urllib.parse import urlencode
 
 import jwt
 import pytest
@@ -324,6 +323,24 @@ def test_obo_filter_caches_and_follows_rotation(world, tmp_path):
     finally:
         loop.close()
         asyncio.set_event_loop(None)
+
+
+def test_obo_filter_coalesces_concurrent_misses(world, tmp_path):
+    idp, k8s, *_ = world
+    svc = service(world)
+    path = tmp_path / "agent-token"
+    path.write_text(k8s_token(k8s))
+    actor = TokenFileActor(str(path), "kubernetes")
+    actor.load()
+    f = OboFilter(svc, actor, "support-agent", POLICY, None, 30.0, 100)
+    subject = user_token(idp)
+    exs = [FakeEx(subject) for _ in range(5)]
+
+    async def go():
+        return await asyncio.gather(*[f.on_request(ex) for ex in exs])
+
+    assert asyncio.run(go()) == [None] * 5
+    assert svc.issued == 1 and len({ex.facts["obo_token"] for ex in exs}) == 1
 
 
 def test_obo_filter_actor_not_trusted(world, tmp_path):
