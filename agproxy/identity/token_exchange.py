@@ -559,6 +559,8 @@ def build(sec: Section, ctx: Any) -> TokenExchangeService | None:
         out: dict[str, Any] = {}
         for i, n in enumerate(names or []):
             p = ctx.jwt_providers.get(n)
+            if p is None and n in ctx.cfg.jwt_providers:
+                continue   # the provider's own section is invalid; that problem is reported already
             if p is None:
                 from agproxy.config.reader import did_you_mean
                 sec.problems.add(f"{sec.sub(key)}[{i}]", f"unknown [jwt_provider.{n}]" +

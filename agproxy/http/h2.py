@@ -1,0 +1,807 @@
+"""HTTP/2 server side: bytes → streams with the h2 library, responses → frames.
+
+Theory of operation: `data_received` hands the bytes to h2 and walks the events
+it returns; each request becomes an `H2Stream` (RequestHead + BodyReader) whose
+handler runs in its own task, exactly as in http/h1.py. Output is never written
+per frame: h2 accumulates frames in its buffer and the connection writes that
+buffer once at the end of `data_received`, or once per event-loop turn for what
+handler tasks produce (`_schedule_flush` → `loop.call_soon`). A response head,
+its body and its end therefore usually leave in one write, and a burst of
+requests on one connection in one write for all of them.
+
+Flow control, both ways:
+- request bodies: DATA is acknowledged (WINDOW_UPDATE, batched by h2's window
+  manager) as it is handed to the stream's BodyReader; when the reader is above
+  its high-water mark it calls `pause()`, which withholds acknowledgement until
+  `resume()` — the client then runs out of window and stops sending. A stream
+  buffers at most high_water + one stream window. The connection window is
+  larger than a stream window so one stalled stream does not stall the others.
+- responses: `send_data` cuts data to the client's window and frame size and
+  awaits a WINDOW_UPDATE (or a SETTINGS change) when the window is empty, then
+  awaits the transport's drain when the socket buffer is full.
+
+Errors stay as small as the protocol allows. A RST_STREAM from the client fails
+that stream's BodyReader and cancels its handler task; a malformed request
+(missing pseudo-headers, uppercase or connection-specific header names, CR/LF/NUL
+in a value, a lying content-length) gets a 400 (or 431 for oversize headers) or
+a RST_STREAM on that stream only. Only what h2 reports as a connection error
+(bad framing, HPACK corruption) sends GOAWAY and closes. h2's own header
+validation is switched off (it turns many stream errors into connection errors
+and costs ~20% of its CPU); this module validates what a proxy relies on.
+
+SETTINGS_MAX_CONCURRENT_STREAMS is advertised from `limits` and enforced here
+(a stream beyond it is refused with RST_STREAM REFUSED_STREAM, which clients
+retry); h2 would instead kill the connection. `shutdown()` sends GOAWAY with the
+last stream id, lets the streams in flight finish, then closes; an idle
+connection is closed with GOAWAY after `limits.idle_timeout`.
+
+h2 needs three adjustments, made per connection (never globally, so other users
+of h2 in the process — httpx in tests — are untouched), see `GatewayH2`: it
+must keep working after GOAWAY in either direction (h2 otherwise refuses to send
+or receive anything more, breaking graceful shutdown), content-length is checked
+here per stream rather than as a connection error, and HPACK uses the faster
+coders below.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import re
+import time
+from typing import Callable
+
+import h2.config
+import h2.connection
+import h2.errors
+import h2.events
+import h2.exceptions
+import h2.settings
+from h2.connection import ConnectionInputs, ConnectionState, H2ConnectionStateMachine
+
+from agproxy.http.messages import BodyAborted, BodyReader, ConnInfo, Headers, RequestHead, ServerStream
+
+__all__ = ["H2Connection", "H2Stream", "GatewayH2", "server_config", "client_config"]
+
+_NO_ERROR = h2.errors.ErrorCodes.NO_ERROR
+_PROTOCOL_ERROR = h2.errors.ErrorCodes.PROTOCOL_ERROR
+_INTERNAL_ERROR = h2.errors.ErrorCodes.INTERNAL_ERROR
+_REFUSED_STREAM = h2.errors.ErrorCodes.REFUSED_STREAM
+_CANCEL = h2.errors.ErrorCodes.CANCEL
+
+_RequestReceived = h2.events.RequestReceived
+_DataReceived = h2.events.DataReceived
+_StreamEnded = h2.events.StreamEnded
+_StreamReset = h2.events.StreamReset
+_WindowUpdated = h2.events.WindowUpdated
+_TrailersReceived = h2.events.TrailersReceived
+_RemoteSettingsChanged = h2.events.RemoteSettingsChanged
+_ConnectionTerminated = h2.events.ConnectionTerminated
+
+# Headers that describe one hop and are illegal in HTTP/2 (RFC 9113 §8.2.2).
+CONNECTION_SPECIFIC = frozenset({"connection", "keep-alive", "proxy-connection",
+                                 "transfer-encoding", "upgrade"})
+_CONNECTION_SPECIFIC_B = frozenset(n.encode() for n in CONNECTION_SPECIFIC)
+
+# A field value may not carry CR, LF or NUL (it would be a header injection on an
+# HTTP/1.1 upstream); names are lowercase tokens; :path/:authority have no spaces.
+_BAD_VALUE = re.compile(rb"[\r\n\x00]").search
+_BAD_NAME = re.compile(rb"[^!#$%&'*+\-.^_`|~0-9a-z]").search
+_BAD_TARGET = re.compile(rb"[\x00-\x20\x7f]").search
+_BAD_METHOD = re.compile(rb"[^!#$%&'*+\-.^_`|~0-9A-Za-z]").search
+
+#: the stream-level receive window we grant (also bounds what a paused stream buffers)
+MAX_STREAM_WINDOW = 1 << 20
+#: ceiling of the connection-level receive window
+MAX_CONN_WINDOW = 16 << 20
+#: bytes queued in h2 before a flush is forced instead of waiting for the loop turn
+FLUSH_THRESHOLD = 64 * 1024
+
+
+# -- h2 adjustments ---------------------------------------------------------------------------
+
+def _keep_open_transitions() -> dict:
+    t = dict(H2ConnectionStateMachine._transitions)
+    for state in (ConnectionState.CLIENT_OPEN, ConnectionState.SERVER_OPEN):
+        t[(state, ConnectionInputs.SEND_GOAWAY)] = (None, state)
+        t[(state, ConnectionInputs.RECV_GOAWAY)] = (None, state)
+    return t
+
+
+_TRANSITIONS = _keep_open_transitions()
+
+
+def _no_content_length(*args) -> None:
+    return None
+
+
+class GatewayH2(h2.connection.H2Connection):
+    """h2's connection with the changes a proxy needs (see the module docstring).
+
+    - GOAWAY (sent or received) leaves the connection open for the streams in
+      flight; deciding what may start afterwards is the adapter's job.
+    - Receiving GOAWAY does not discard frames already queued for sending.
+    - Content-length is not tracked by h2 (a mismatch there is a connection
+      error); the adapters check it per stream.
+    - HPACK: FastEncoder / FastDecoder (hpack_fast.py).
+    """
+
+    def __init__(self, config: h2.config.H2Configuration):
+        super().__init__(config)
+        self.state_machine._transitions = _TRANSITIONS   # instance attribute: this connection only
+
+    def clear_outbound_data_buffer(self) -> None:
+        # Called by h2 only when a GOAWAY arrives; the frames queued for the streams
+        # still in flight must go out.
+        return None
+
+    def _begin_new_stream(self, stream_id, allowed_ids):
+        s = super()._begin_new_stream(stream_id, allowed_ids)
+        s._initialize_content_length = _no_content_length
+        s._track_content_length = _no_content_length
+        return s
+
+
+def _config(client_side: bool) -> h2.config.H2Configuration:
+    return h2.config.H2Configuration(
+        client_side=client_side, header_encoding=None,
+        validate_inbound_headers=False, validate_outbound_headers=False,
+        normalize_inbound_headers=False, normalize_outbound_headers=False)
+
+
+def server_config() -> h2.config.H2Configuration:
+    return _config(False)
+
+
+def client_config() -> h2.config.H2Configuration:
+    return _config(True)
+
+
+def apply_settings(conn: GatewayH2, *, client: bool, max_concurrent_streams: int | None,
+                   stream_window: int, conn_window: int, max_header_list: int | None) -> None:
+    """Initial SETTINGS (effective at once, as h2 treats initial values) + connection window."""
+    SC = h2.settings.SettingCodes
+    values = {SC.INITIAL_WINDOW_SIZE: stream_window}
+    if max_concurrent_streams is not None:
+        values[SC.MAX_CONCURRENT_STREAMS] = max_concurrent_streams
+    if max_header_list is not None:
+        values[SC.MAX_HEADER_LIST_SIZE] = max_header_list
+    if client:
+        values[SC.ENABLE_PUSH] = 0
+    conn.local_settings = h2.settings.Settings(client=client, initial_values=values)
+    conn.initiate_connection()
+    if not client and max_concurrent_streams is not None:
+        # Advertised, but enforced by the adapter (a stream error), not by h2 (a connection error).
+        del conn.local_settings[SC.MAX_CONCURRENT_STREAMS]
+    if conn_window > 65535:
+        conn.increment_flow_control_window(conn_window - 65535)
+
+
+def parse_length(value: str | bytes) -> int | None:
+    """A content-length value, or None when it is not 1*DIGIT."""
+    if not value.isdigit():
+        return None
+    return int(value)
+
+
+# -- streams --------------------------------------------------------------------------------------
+
+class H2Stream(ServerStream):
+    """One request/response exchange on an HTTP/2 connection."""
+
+    __slots__ = ("proto", "conn", "request", "body", "stream_id", "head_sent", "_head", "done",
+                 "task", "_paused", "_unacked", "_waiter", "_error", "_no_body", "_expected",
+                 "_received", "_trailers", "_remote_ended")
+
+    def __init__(self, proto: "H2Connection", stream_id: int, request: RequestHead,
+                 expected_length: int | None):
+        self.proto = proto
+        self.conn = proto.info
+        self.stream_id = stream_id
+        self.request = request
+        self.body = BodyReader(self._pause, self._resume, proto.limits.body_high_water)
+        self.head_sent = False
+        self._head: tuple[int, Headers] | None = None
+        self.done = False
+        self.task: asyncio.Task | None = None
+        self._paused = False
+        self._unacked = 0
+        self._waiter: asyncio.Future | None = None
+        self._error: BaseException | None = None
+        self._no_body = request.method == "HEAD"
+        self._expected = expected_length
+        self._received = 0
+        self._trailers: Headers | None = None
+        self._remote_ended = False
+
+    # -- flow control of the request body -------------------------------------------------
+    def _pause(self) -> None:
+        self._paused = True
+
+    def _resume(self) -> None:
+        self._paused = False
+        n = self._unacked
+        if n and not self.done:
+            self._unacked = 0
+            proto = self.proto
+            proto.h2.acknowledge_received_data(n, self.stream_id)
+            proto._schedule_flush()
+
+    # -- ServerStream -----------------------------------------------------------------------
+    def send_head(self, status: int, headers: Headers) -> None:
+        if self.head_sent or self._head is not None:
+            raise RuntimeError("response head already sent")
+        if status in (204, 304) or status < 200:
+            self._no_body = True
+        self._head = (status, headers)
+
+    def _write_head(self, end_stream: bool) -> None:
+        status, headers = self._head  # type: ignore[misc]
+        self._head = None
+        self.head_sent = True
+        self.proto.h2.send_headers(self.stream_id, response_block(status, headers), end_stream=end_stream)
+
+    async def send_data(self, data: bytes) -> None:
+        if self.done:
+            raise ConnectionResetError("response already finished" if self._error is None else str(self._error))
+        proto = self.proto
+        if self._head is not None:
+            self._write_head(False)
+            proto._schedule_flush()
+        if not data or self._no_body:
+            return
+        h2c = proto.h2
+        sid = self.stream_id
+        total = len(data)
+        pos = 0
+        view = None
+        while pos < total:
+            if self.done:
+                raise ConnectionResetError(str(self._error) if self._error else "stream closed")
+            window = h2c.local_flow_control_window(sid)
+            if window <= 0:
+                proto._flush_now()
+                await self._wait_window()
+                continue
+            size = total - pos
+            if size > window:
+                size = window
+            mfs = h2c.max_outbound_frame_size
+            if size > mfs:
+                size = mfs
+            if pos == 0 and size == total:
+                h2c.send_data(sid, data)
+            else:
+                if view is None:
+                    view = memoryview(data)
+                h2c.send_data(sid, view[pos:pos + size])
+            pos += size
+            proto._queued(size)
+        if proto.write_paused:
+            await proto.drain()
+
+    async def _wait_window(self) -> None:
+        fut = self._waiter = asyncio.get_running_loop().create_future()
+        try:
+            await fut
+        finally:
+            self._waiter = None
+
+    def _wake(self, exc: BaseException | None = None) -> None:
+        w = self._waiter
+        if w is not None and not w.done():
+            if exc is None:
+                w.set_result(None)
+            else:
+                w.set_exception(exc)
+
+    async def end(self, trailers: Headers | None = None) -> None:
+        if self.done:
+            return
+        proto = self.proto
+        h2c = proto.h2
+        sid = self.stream_id
+        if self._head is not None:
+            self._write_head(not trailers)
+            if trailers:
+                h2c.send_headers(sid, trailer_block(trailers), end_stream=True)
+        elif trailers:
+            h2c.send_headers(sid, trailer_block(trailers), end_stream=True)
+        else:
+            h2c.end_stream(sid)
+        self._finish()
+
+    def abort(self) -> None:
+        if self.done:
+            return
+        self._reset(_INTERNAL_ERROR)
+
+    # -- internal ----------------------------------------------------------------------------
+    def _finish(self) -> None:
+        """The response is complete: release the stream."""
+        self.done = True
+        proto = self.proto
+        if not self._remote_ended:
+            # The client is still sending a body nobody will read: tell it to stop
+            # (RFC 9113 §8.1); its window is handed back by h2 as the DATA arrives.
+            self.body.fail(BodyAborted("response finished before the request body"))
+            try:
+                proto.h2.reset_stream(self.stream_id, _NO_ERROR)
+            except h2.exceptions.H2Error:
+                pass
+        proto._stream_closed(self)
+
+    def _reset(self, code) -> None:
+        """Reset by us (abort, malformed body, handler failure)."""
+        self.done = True
+        proto = self.proto
+        self._error = ConnectionResetError("stream reset")
+        self.body.fail(BodyAborted("stream reset"))
+        try:
+            proto.h2.reset_stream(self.stream_id, code)
+        except h2.exceptions.H2Error:
+            pass
+        self._wake(self._error)
+        proto._stream_closed(self)
+
+    def _remote_reset(self, exc: BaseException) -> None:
+        """Reset by the client, or the connection went away."""
+        self.done = True
+        self._error = exc
+        self.body.fail(BodyAborted(str(exc)))
+        self._wake(ConnectionResetError(str(exc)))
+        t = self.task
+        if t is not None and not t.done():
+            t.cancel()
+
+    def _task_done(self, task: asyncio.Task) -> None:
+        # A handler that returns (or raises) without finishing its response must not
+        # leave the client waiting forever.
+        if not self.done and self.proto.transport is not None:
+            self._reset(_INTERNAL_ERROR)
+            self.proto._schedule_flush()
+        if not task.cancelled():
+            task.exception()   # retrieved: the proxy layer logs its own failures
+
+
+# -- header blocks ---------------------------------------------------------------------------------
+
+_STATUS = {}
+
+
+def _status_field(status: int) -> tuple[bytes, bytes]:
+    f = _STATUS.get(status)
+    if f is None:
+        f = _STATUS[status] = (b":status", str(status).encode())
+    return f
+
+
+def response_block(status: int, headers: Headers) -> list:
+    out = [_status_field(status)]
+    for k, v in headers.items:
+        if k in CONNECTION_SPECIFIC:
+            continue
+        out.append((k, v))
+    return out
+
+
+def trailer_block(trailers: Headers) -> list:
+    return [(k, v) for k, v in trailers.items if k not in CONNECTION_SPECIFIC]
+
+
+# Names seen so far → decoded str (or None: invalid in a request). Bounded; only
+# names that validate are ever cached, so its content is under the gateway's control.
+_NAMES: dict[bytes, str | None] = {}
+_NAMES_MAX = 4096
+
+
+def _field_name(name: bytes) -> str | None:
+    n = _NAMES.get(name)
+    if n is not None:
+        return n
+    if not name or _BAD_NAME(name) or name in _CONNECTION_SPECIFIC_B:
+        return None
+    n = name.decode("ascii")
+    if len(_NAMES) < _NAMES_MAX:
+        _NAMES[name] = n
+    return n
+
+
+class _Malformed(Exception):
+    def __init__(self, status: int, message: str):
+        super().__init__(message)
+        self.status = status
+
+
+def _headers_to_list(block, limits, trailers: bool = False) -> tuple[list, dict]:
+    """Regular fields → [(str, str)] and pseudo-headers → {bytes: bytes}; raises _Malformed."""
+    pseudo: dict[bytes, bytes] = {}
+    items: list[tuple[str, str]] = []
+    size = 0
+    regular = False
+    cookies = 0
+    max_headers = limits.max_headers
+    for name, value in block:
+        size += len(name) + len(value) + 32
+        if name[:1] == b":":
+            if regular or trailers or name in pseudo:
+                raise _Malformed(400, "misplaced or repeated pseudo-header")
+            pseudo[name] = value
+            continue
+        regular = True
+        n = _field_name(name)
+        if n is None:
+            raise _Malformed(400, "invalid header name")
+        if _BAD_VALUE(value):
+            raise _Malformed(400, "invalid header value")
+        if n == "te" and value != b"trailers":
+            raise _Malformed(400, "te other than 'trailers'")
+        if n == "cookie":
+            cookies += 1
+        items.append((n, value.decode("latin-1")))
+    if len(items) > max_headers or size > limits.max_header_bytes:
+        raise _Malformed(431, "request header fields too large")
+    if cookies > 1:
+        # RFC 9113 §8.2.3: crumbs are joined with "; " before reaching an HTTP/1.1 world.
+        joined = "; ".join(v for k, v in items if k == "cookie")
+        first = True
+        out = []
+        for k, v in items:
+            if k == "cookie":
+                if first:
+                    out.append(("cookie", joined))
+                    first = False
+                continue
+            out.append((k, v))
+        items = out
+    return items, pseudo
+
+
+# -- the connection --------------------------------------------------------------------------------
+
+class H2Connection(asyncio.Protocol):
+    """One client connection speaking HTTP/2 (TLS ALPN h2, or h2c prior knowledge)."""
+
+    def __init__(self, handler: Callable, info: ConnInfo, limits, tracker=None):
+        self.handler = handler
+        self.info = info
+        self.limits = limits
+        self.tracker = tracker
+        self.transport: asyncio.Transport | None = None
+        self.loop = asyncio.get_event_loop()
+        self.h2 = GatewayH2(server_config())
+        self.streams: dict[int, H2Stream] = {}
+        self.closing = False            # GOAWAY sent (shutdown) or connection closed
+        self.write_paused = False
+        self._drain_waiters: list[asyncio.Future] = []
+        self._flush_handle: asyncio.Handle | None = None
+        self._queued_bytes = 0
+        self._in_receive = False
+        self._peer_goaway = False
+        self._last_stream_id: int | None = None
+        self._idle_timer: asyncio.TimerHandle | None = None
+        self.last_activity = time.monotonic()
+        self.max_streams = max(1, limits.max_concurrent_streams)
+        self.stream_window = min(MAX_STREAM_WINDOW, max(65535, limits.body_high_water))
+        self.conn_window = min(MAX_CONN_WINDOW, max(self.stream_window * 4,
+                                                    self.stream_window * self.max_streams))
+
+    # -- asyncio.Protocol -----------------------------------------------------------------
+    def connection_made(self, transport) -> None:
+        self.transport = transport
+        if self.tracker is not None:
+            self.tracker.add(self)
+        h = self.h2
+        apply_settings(h, client=False, max_concurrent_streams=self.max_streams,
+                       stream_window=self.stream_window, conn_window=self.conn_window,
+                       max_header_list=self.limits.max_header_bytes)
+        # HPACK must decode whatever arrives to keep its table in step; the limit that
+        # answers 431 is checked per request, this one only bounds memory.
+        h.decoder.max_header_list_size = max(4 * self.limits.max_header_bytes, 256 * 1024)
+        self._flush_now()
+        self._arm_idle()
+
+    def data_received(self, data: bytes) -> None:
+        self.last_activity = time.monotonic()
+        h = self.h2
+        self._in_receive = True
+        try:
+            try:
+                events = h.receive_data(data)
+            except h2.exceptions.ProtocolError:
+                # h2 has queued a GOAWAY with the error code: send it and close.
+                self._fail_streams(BodyAborted("HTTP/2 protocol error"))
+                self._flush_now()
+                self.close()
+                return
+            streams = self.streams
+            for ev in events:
+                t = type(ev)
+                if t is _DataReceived:
+                    s = streams.get(ev.stream_id)
+                    if s is None:
+                        h.acknowledge_received_data(ev.flow_controlled_length, ev.stream_id)
+                        continue
+                    self._on_data(s, ev)
+                elif t is _RequestReceived:
+                    self._on_request(ev)
+                elif t is _StreamEnded:
+                    s = streams.get(ev.stream_id)
+                    if s is not None:
+                        self._on_end(s)
+                elif t is _WindowUpdated:
+                    if ev.stream_id:
+                        s = streams.get(ev.stream_id)
+                        if s is not None and s._waiter is not None:
+                            s._wake()
+                    else:
+                        self._wake_all()
+                elif t is _StreamReset:
+                    s = streams.pop(ev.stream_id, None)
+                    if s is not None:
+                        s._remote_reset(BodyAborted(f"stream reset by client ({_code(ev.error_code)})"))
+                        self._maybe_idle()
+                elif t is _TrailersReceived:
+                    s = streams.get(ev.stream_id)
+                    if s is not None:
+                        try:
+                            items, _ = _headers_to_list(ev.headers, self.limits, trailers=True)
+                        except _Malformed:
+                            s._reset(_PROTOCOL_ERROR)
+                            continue
+                        s._trailers = Headers(items)
+                elif t is _RemoteSettingsChanged:
+                    if h2.settings.SettingCodes.INITIAL_WINDOW_SIZE in ev.changed_settings:
+                        self._wake_all()
+                elif t is _ConnectionTerminated:
+                    self._peer_goaway = True
+                    if ev.error_code != _NO_ERROR:
+                        self._fail_streams(BodyAborted(f"client sent GOAWAY ({_code(ev.error_code)})"))
+                        self._flush_now()
+                        self.close()
+                        return
+                    self._maybe_idle()
+        finally:
+            self._in_receive = False
+        self._flush_now()
+
+    def eof_received(self):
+        return False
+
+    def connection_lost(self, exc) -> None:
+        self.closing = True
+        if self.tracker is not None:
+            self.tracker.discard(self)
+        self._fail_streams(BodyAborted("client connection lost"))
+        for w in self._drain_waiters:
+            if not w.done():
+                w.set_exception(ConnectionResetError("client went away"))
+        self._drain_waiters.clear()
+        if self._flush_handle is not None:
+            self._flush_handle.cancel()
+            self._flush_handle = None
+        if self._idle_timer is not None:
+            self._idle_timer.cancel()
+            self._idle_timer = None
+        self.transport = None
+
+    def pause_writing(self) -> None:
+        self.write_paused = True
+
+    def resume_writing(self) -> None:
+        self.write_paused = False
+        for w in self._drain_waiters:
+            if not w.done():
+                w.set_result(None)
+        self._drain_waiters.clear()
+
+    async def drain(self) -> None:
+        if not self.write_paused:
+            return
+        if self.transport is None:
+            raise ConnectionResetError("client went away")
+        fut = self.loop.create_future()
+        self._drain_waiters.append(fut)
+        await fut
+
+    # -- events -------------------------------------------------------------------------------
+    def _on_request(self, ev) -> None:
+        sid = ev.stream_id
+        h = self.h2
+        if self.closing or (self._last_stream_id is not None and sid > self._last_stream_id):
+            h.reset_stream(sid, _REFUSED_STREAM)
+            return
+        if len(self.streams) >= self.max_streams:
+            h.reset_stream(sid, _REFUSED_STREAM)
+            return
+        try:
+            items, pseudo = _headers_to_list(ev.headers, self.limits)
+            method = pseudo.get(b":method")
+            if not method or _BAD_METHOD(method):
+                raise _Malformed(400, "missing or invalid :method")
+            if method == b"CONNECT":
+                raise _Malformed(501, "CONNECT is not supported")
+            path = pseudo.get(b":path")
+            scheme = pseudo.get(b":scheme")
+            if not path or scheme is None:
+                raise _Malformed(400, "missing :path or :scheme")
+            if _BAD_TARGET(path) or not (path[:1] == b"/" or (path == b"*" and method == b"OPTIONS")):
+                raise _Malformed(400, "invalid :path")
+            if scheme != b"https" and scheme != b"http":
+                raise _Malformed(400, "invalid :scheme")
+            authority = pseudo.get(b":authority")
+            if authority is not None:
+                if _BAD_TARGET(authority):
+                    raise _Malformed(400, "invalid :authority")
+                auth = authority.decode("latin-1")
+            else:
+                auth = ""
+                for k, v in items:
+                    if k == "host":
+                        auth = v
+                        break
+            if len(pseudo) > (4 if authority is not None else 3):
+                raise _Malformed(400, "unknown pseudo-header")
+            expected = None
+            for k, v in items:
+                if k == "content-length":
+                    n = parse_length(v)
+                    if n is None or (expected is not None and n != expected):
+                        raise _Malformed(400, "invalid content-length")
+                    expected = n
+        except _Malformed as exc:
+            self._reject(sid, exc.status, str(exc), ended=ev.stream_ended is not None)
+            return
+        req = RequestHead(method.decode("ascii"), path.decode("latin-1"), Headers(items),
+                          scheme.decode("ascii"), auth, "HTTP/2")
+        stream = H2Stream(self, sid, req, expected)
+        self.streams[sid] = stream
+        task = stream.task = self.loop.create_task(self.handler(stream))
+        task.add_done_callback(stream._task_done)
+
+    def _on_data(self, s: H2Stream, ev) -> None:
+        data = ev.data
+        s._received += len(data)
+        if s._expected is not None and s._received > s._expected:
+            self.h2.acknowledge_received_data(ev.flow_controlled_length, s.stream_id)
+            s._reset(_PROTOCOL_ERROR)
+            return
+        s.body.feed(data)
+        if s._paused:
+            s._unacked += ev.flow_controlled_length
+        else:
+            self.h2.acknowledge_received_data(ev.flow_controlled_length, s.stream_id)
+
+    def _on_end(self, s: H2Stream) -> None:
+        s._remote_ended = True
+        if s._expected is not None and s._received != s._expected:
+            s._reset(_PROTOCOL_ERROR)
+            return
+        s.body.feed_eof(s._trailers)
+
+    def _reject(self, sid: int, status: int, message: str, ended: bool) -> None:
+        """Answer a malformed request on its own stream; nothing reaches the proxy."""
+        body = ('{"error":"bad_request","message":"%s"}\n' % message.replace('"', "'")).encode()
+        h = self.h2
+        try:
+            h.send_headers(sid, [_status_field(status), ("content-type", "application/json"),
+                                 ("content-length", str(len(body)))])
+            h.send_data(sid, body, end_stream=True)
+            if not ended:
+                h.reset_stream(sid, _NO_ERROR)
+        except h2.exceptions.H2Error:
+            try:
+                h.reset_stream(sid, _PROTOCOL_ERROR)
+            except h2.exceptions.H2Error:
+                pass
+
+    def _wake_all(self) -> None:
+        for s in self.streams.values():
+            if s._waiter is not None:
+                s._wake()
+
+    def _fail_streams(self, exc: BaseException) -> None:
+        streams = list(self.streams.values())
+        self.streams.clear()
+        for s in streams:
+            s._remote_reset(exc)
+
+    def _stream_closed(self, s: H2Stream) -> None:
+        if self.streams.get(s.stream_id) is s:
+            del self.streams[s.stream_id]
+        self.last_activity = time.monotonic()
+        self._schedule_flush()
+        self._maybe_idle()
+
+    def _maybe_idle(self) -> None:
+        if self.streams:
+            return
+        if self._last_stream_id is not None or self._peer_goaway:
+            # Draining (or the client said goodbye): the last stream is done.
+            self._flush_now()
+            self.close()
+
+    # -- output -------------------------------------------------------------------------------
+    def _schedule_flush(self) -> None:
+        if self._flush_handle is None and not self._in_receive:
+            self._flush_handle = self.loop.call_soon(self._flush_now)
+
+    def _queued(self, n: int) -> None:
+        self._queued_bytes += n
+        if self._queued_bytes >= FLUSH_THRESHOLD:
+            self._flush_now()
+        else:
+            self._schedule_flush()
+
+    def _flush_now(self) -> None:
+        h = self._flush_handle
+        if h is not None:
+            self._flush_handle = None
+            h.cancel()
+        self._queued_bytes = 0
+        data = self.h2.data_to_send()
+        if data:
+            t = self.transport
+            if t is not None and not t.is_closing():
+                t.write(data)
+
+    # -- lifecycle (the server's connection API, as in http/h1.py) -----------------------------
+    @property
+    def idle(self) -> bool:
+        return not self.streams
+
+    def _arm_idle(self) -> None:
+        timeout = self.limits.idle_timeout
+        if timeout and timeout > 0:
+            self._idle_timer = self.loop.call_later(timeout, self._idle_check)
+
+    def _idle_check(self) -> None:
+        self._idle_timer = None
+        if self.transport is None:
+            return
+        timeout = self.limits.idle_timeout
+        remaining = self.last_activity + timeout - time.monotonic()
+        if self.idle and remaining <= 0:
+            self.close()
+            return
+        self._idle_timer = self.loop.call_later(max(remaining, 0.05) if self.idle else timeout,
+                                                self._idle_check)
+
+    def shutdown(self) -> None:
+        """Drain: GOAWAY with the last stream id, finish the streams in flight, then close."""
+        if self._last_stream_id is not None or self.transport is None:
+            return
+        h = self.h2
+        self._last_stream_id = h.highest_inbound_stream_id
+        try:
+            h.close_connection(_NO_ERROR, last_stream_id=self._last_stream_id)
+        except h2.exceptions.H2Error:
+            pass
+        self._flush_now()
+        if self.idle:
+            self.close()
+
+    def close(self, abort: bool = False) -> None:
+        """Close now: GOAWAY (if not sent yet), then the transport; streams in flight fail."""
+        t = self.transport
+        if t is None or t.is_closing():
+            self.closing = True
+            return
+        if not self.closing and self._last_stream_id is None:
+            self._last_stream_id = self.h2.highest_inbound_stream_id
+            try:
+                self.h2.close_connection(_NO_ERROR, last_stream_id=self._last_stream_id)
+            except h2.exceptions.H2Error:
+                pass
+        self.closing = True
+        self._flush_now()
+        if abort:
+            t.abort()
+        else:
+            t.close()
+
+
+def _code(code) -> str:
+    try:
+        return h2.errors.ErrorCodes(code).name
+    except ValueError:
+        return str(code)
