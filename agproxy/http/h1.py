@@ -198,6 +198,8 @@ class H1Connection(asyncio.Protocol):
             self.tracker.add(self)
 
     def data_received(self, data: bytes) -> None:
+        if self.parser is None:
+            return   # rejected: nothing more is read from this connection
         self.last_activity = time.monotonic()
         if self._first:
             if data[:24] == H2_PREFACE[: len(data[:24])] and self.on_h2 is not None:
@@ -387,7 +389,7 @@ class H1Connection(asyncio.Protocol):
     def _reject(self, exc: BadRequest) -> None:
         """Answer a malformed request and close; requests already answered are unaffected."""
         self.closing = True
-        self.parser = None  # type: ignore[assignment]   # nothing more is parsed on this connection
+        self.parser = None  # type: ignore[assignment]
         body = ('{"error":"bad_request","message":"%s"}\n' % str(exc).replace('"', "'")).encode()
         reason = _REASONS.get(exc.status, "Bad Request")
         payload = (f"HTTP/1.1 {exc.status} {reason}\r\ncontent-type: application/json\r\n"
@@ -400,11 +402,6 @@ class H1Connection(asyncio.Protocol):
             self.pipeline.clear()
             self.current.keep_alive = False
             self.pause_reading()
-        self.data_received = _ignore  # type: ignore[method-assign]
-
-
-def _ignore(data: bytes) -> None:
-    return None
 
 
 def _parser_message(exc: Exception) -> str:

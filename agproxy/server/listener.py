@@ -27,11 +27,23 @@ log = logging.getLogger("agproxy.server")
 
 
 class ConnectionTracker:
-    """Live client connections: for idle sweeps, drain and the active-connections gauge."""
+    """Live client connections: for idle sweeps, drain and the active-connections gauge.
 
-    def __init__(self, gauge=None):
-        self.conns: set = set()
+    Listeners of one worker share the `conns` set (the worker drains them all) while
+    each keeps its own gauge child (active connections by listener).
+    """
+
+    def __init__(self, gauge=None, conns: set | None = None):
+        self.conns: set = conns if conns is not None else set()
         self.gauge = gauge
+        self.on_empty: asyncio.Future | None = None
+
+    def view(self, gauge) -> "ConnectionTracker":
+        """A tracker over the same connections that counts into another gauge."""
+        t = ConnectionTracker(gauge, self.conns)
+        t.on_empty = None
+        t._parent = self
+        return t
 
     def add(self, conn) -> None:
         if conn not in self.conns:
@@ -44,6 +56,11 @@ class ConnectionTracker:
             self.conns.discard(conn)
             if self.gauge is not None:
                 self.gauge.dec()
+            if not self.conns:
+                owner = getattr(self, "_parent", self)
+                waiter = owner.on_empty
+                if waiter is not None and not waiter.done():
+                    waiter.set_result(None)
 
     def __len__(self) -> int:
         return len(self.conns)

@@ -60,8 +60,7 @@ class Worker:
         await runtime.start()   # background work (credentials, JWKS) begins before traffic does
         for lcfg in runtime.listeners:
             gauge = self.metrics.active.labels(lcfg.name) if self.metrics is not None else None
-            tracker = self.tracker
-            lst = Listener(lcfg, runtime.gateway, self.gateway.handle, _GaugedTracker(tracker, gauge))
+            lst = Listener(lcfg, runtime.gateway, self.gateway.handle, self.tracker.view(gauge))
             lst.start()
             self.listeners.append(lst)
         if self.serve_admin and runtime.gateway.admin is not None:
@@ -163,29 +162,6 @@ class Worker:
             loop.call_later(max(0.5, min(idle_timeout / 4, 5.0)), sweep)
 
         loop.call_later(max(0.5, min(idle_timeout / 4, 5.0)), sweep)
-
-
-class _GaugedTracker:
-    """The worker's tracker seen from one listener (which has its own gauge child)."""
-
-    def __init__(self, tracker: ConnectionTracker, gauge):
-        self.tracker = tracker
-        self.gauge = gauge
-
-    def add(self, conn) -> None:
-        if conn not in self.tracker.conns:
-            self.tracker.conns.add(conn)
-            if self.gauge is not None:
-                self.gauge.inc()
-
-    def discard(self, conn) -> None:
-        if conn in self.tracker.conns:
-            self.tracker.conns.discard(conn)
-            if self.gauge is not None:
-                self.gauge.dec()
-            waiter = getattr(self.tracker, "on_empty", None)
-            if waiter is not None and not self.tracker.conns and not waiter.done():
-                waiter.set_result(None)
 
 
 def run_worker(config_path: str, metrics, *, serve_admin: bool = True, index: int = 0,
