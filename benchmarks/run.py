@@ -67,7 +67,7 @@ SCENARIOS = {s.name: s for s in [
     Scenario("h2c", "h2c", "h2", False, "HTTP/2 plaintext (prior knowledge), h2load -c16 -m10"),
     Scenario("h2-tls", "tls", "h2", False, "HTTP/2 over TLS (ALPN h2), h2load -c16 -m10"),
     Scenario("latency", "h1", "fixed_rate", True,
-             "HTTP/1.1 plaintext at a fixed 1,000 req/s (h2load --rps, 10 connections)"),
+             "HTTP/1.1 plaintext at a fixed 1,000 req/s, evenly spaced (h2load --rps, 10 connections)"),
 ]}
 POLICY = "policy"
 POLICY_TITLE = ("agproxy plain route vs policy route (JWT RS256 + 3 authorization rules + "
@@ -281,8 +281,10 @@ def method_text(args: argparse.Namespace) -> str:
   separate ports.
 - Load: wrk 1 thread × {WRK_CONNECTIONS} connections (HTTP/1.1); h2load 1 thread ×
   {H2_CLIENTS} connections × {H2_STREAMS} streams (h2c prior knowledge, and h2 over TLS);
-  latency: h2load `--h1 -c{RATE_CLIENTS} --rps={RATE_TOTAL // RATE_CLIENTS}` =
-  {RATE_TOTAL:,} req/s in all. Each run: {args.warm_up:g} s warm-up, then
+  latency: h2load `--h1 -c{RATE_CLIENTS} --rps={RATE_TOTAL // RATE_CLIENTS} -r1
+  --rate-period={1000 / RATE_TOTAL:g}ms` = {RATE_TOTAL:,} req/s in all, the connections
+  started {1000 / RATE_TOTAL:g} ms apart so that requests are evenly spaced (plain
+  `--rps` sends them in bursts of {RATE_CLIENTS}). Each run: {args.warm_up:g} s warm-up, then
   {args.duration:g} s measured.
 - {args.rounds} round(s), interleaved (round → scenario → proxy); each number is
   the median over rounds. "spread" = (max − min) / median of req/s over rounds.

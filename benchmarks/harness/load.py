@@ -4,8 +4,9 @@
   req/s and p50/p99 from its ``--latency`` distribution.
 - h2load: HTTP/2 (h2c prior knowledge, or h2 over TLS via ALPN), 16 connections
   × 10 concurrent streams, 1 thread; p50/p99 from its per-request ``--log-file``.
-- h2load --rps: open-loop-ish fixed rate (each of 10 HTTP/1.1 connections sends
-  100 req/s → 1,000 req/s); p50/p99 from the per-request log.
+- h2load --rps: fixed rate (each of 10 HTTP/1.1 connections sends 100 req/s,
+  connections staggered by 1 ms → one request every ms); p50/p99 from the
+  per-request log.
 """
 
 from __future__ import annotations
@@ -114,25 +115,34 @@ class LoadGen:
         output = self._run([*common, f"-d{self.duration:g}s", "--latency", url], self.duration)
         return parse_wrk(output)
 
-    def _h2load(self, flags: list[str], url: str, headers: dict | None) -> Measure:
+    def _h2load(self, flags: list[str], url: str, headers: dict | None, run_for: float) -> Measure:
         log = self.workdir / "h2load-requests.log"
         log.unlink(missing_ok=True)
-        argv = ["h2load", "-t1", *flags, "-D", f"{self.duration:g}",
-                "--warm-up-time", f"{max(self.warm_up, 0.1):g}",
-                "--log-file", str(log), *self._headers(headers), url]
-        measure = parse_h2load(self._run(argv, self.duration + self.warm_up))
+        argv = ["h2load", "-t1", *flags, "--log-file", str(log), *self._headers(headers), url]
+        measure = parse_h2load(self._run(argv, run_for))
         measure.p50_ms, measure.p99_ms = percentiles_from_log(log)
         log.unlink(missing_ok=True)
         return measure
 
     def h2(self, url: str, headers: dict | None = None) -> Measure:
         """HTTP/2: h2c prior knowledge for http://, ALPN h2 for https://."""
-        return self._h2load([f"-c{H2_CLIENTS}", f"-m{H2_STREAMS}"], url, headers)
+        timing = ["-D", f"{self.duration:g}", "--warm-up-time", f"{max(self.warm_up, 0.1):g}"]
+        return self._h2load([f"-c{H2_CLIENTS}", f"-m{H2_STREAMS}", *timing], url, headers,
+                            self.duration + self.warm_up)
 
     def fixed_rate(self, url: str, headers: dict | None = None) -> Measure:
-        """HTTP/1.1 at RATE_TOTAL req/s in all, spread over RATE_CLIENTS connections."""
-        per_client = RATE_TOTAL // RATE_CLIENTS
-        return self._h2load(["--h1", f"-c{RATE_CLIENTS}", f"--rps={per_client}"], url, headers)
+        """HTTP/1.1 at RATE_TOTAL req/s in all, over RATE_CLIENTS connections.
+
+        `--rps` alone fires every connection's timer at the same instant (bursts
+        of RATE_CLIENTS requests); `-r1 --rate-period` starts the connections
+        staggered so requests arrive evenly spaced. `-r` excludes `-D`, so the
+        runs are counted in requests, and the warm-up is a run of its own."""
+        stagger = ["-r1", f"--rate-period={1000 / RATE_TOTAL:g}ms"]
+        flags = ["--h1", f"-c{RATE_CLIENTS}", f"--rps={RATE_TOTAL // RATE_CLIENTS}", *stagger]
+        if self.warm_up > 0:
+            self._h2load([*flags, f"-n{int(RATE_TOTAL * self.warm_up)}"], url, headers, self.warm_up)
+        return self._h2load([*flags, f"-n{int(RATE_TOTAL * self.duration)}"], url, headers,
+                            self.duration)
 
     def smoke(self, url: str, http1: bool, headers: dict | None = None) -> str | None:
         """20 requests; None if all got a 2xx, else what went wrong."""
