@@ -423,7 +423,9 @@ class Expression:
 
     def evaluate_bool(self, activation: "Activation") -> bool:
         """The result, which must be a bool; raises CelEvalError otherwise."""
-        value = self._value(activation)
+        return self._as_bool(self._value(activation))
+
+    def _as_bool(self, value) -> bool:
         if value is True or value is False:
             return value
         raise CelEvalError(
@@ -433,7 +435,9 @@ class Expression:
         """The result as text (for header values, keys): str as is; int, uint, double,
         bool, bytes (UTF-8), timestamp and duration in CEL's string() form; anything
         else (list, map, null) raises CelEvalError."""
-        value = self._value(activation)
+        return self._as_str(self._value(activation))
+
+    def _as_str(self, value) -> str:
         t = type(value)
         if t is str:
             return value
@@ -452,6 +456,73 @@ class Expression:
             return _format_duration(value)
         raise CelEvalError(
             f"evaluating {self.source!r}: expected a string, got {_type_name(value)}")
+
+
+class ExpressionGroup:
+    """Several expressions evaluated in one library call.
+
+    cel-expr-python has a fixed cost per evaluation (about 4 µs here, converting the
+    activation's maps into the C++ runtime), larger than evaluating a typical rule.
+    A group compiles its members into one list expression `[e1, e2, ...]`, so a
+    filter with N rules pays that cost once (measured: 5 rules 31 µs → 9 µs). A
+    list with any failing element fails as a whole; only then are the members
+    evaluated one by one, so each still gets its own result or its own error:
+    semantics are exactly those of evaluating each expression alone.
+    """
+
+    __slots__ = ("expressions", "_combined")
+
+    def __init__(self, expressions: "list[Expression]"):
+        self.expressions = tuple(expressions)
+        self._combined: Expression | None = None
+        if len(self.expressions) > 1:
+            try:
+                self._combined = compile_expression(
+                    "[" + ",".join(f"({e.source}\n)" for e in self.expressions) + "]")
+            except CelCompileError:
+                self._combined = None   # e.g. mixed element types the checker refuses
+
+    def _values(self, activation: "Activation") -> list:
+        if self._combined is not None:
+            try:
+                values = self._combined._value(activation)
+                if type(values) is list and len(values) == len(self.expressions):
+                    return values
+            except CelEvalError:
+                pass
+        out: list = []
+        for e in self.expressions:
+            try:
+                out.append(e._value(activation))
+            except CelEvalError as exc:
+                out.append(exc)
+        return out
+
+    def evaluate_bools(self, activation: "Activation") -> list:
+        """Per member: its bool result, or the CelEvalError it raised."""
+        out = []
+        for e, v in zip(self.expressions, self._values(activation)):
+            if v is True or v is False or isinstance(v, CelEvalError):
+                out.append(v)
+            else:
+                try:
+                    out.append(e._as_bool(v))
+                except CelEvalError as exc:
+                    out.append(exc)
+        return out
+
+    def evaluate_strs(self, activation: "Activation") -> list:
+        """Per member: its string result (as evaluate_str), or the CelEvalError it raised."""
+        out = []
+        for e, v in zip(self.expressions, self._values(activation)):
+            if type(v) is str or isinstance(v, CelEvalError):
+                out.append(v)
+            else:
+                try:
+                    out.append(e._as_str(v))
+                except CelEvalError as exc:
+                    out.append(exc)
+        return out
 
 
 def _type_name(value) -> str:

@@ -27,6 +27,7 @@ from __future__ import annotations
 import logging
 from typing import Any
 
+from agproxy.cel import ExpressionGroup
 from agproxy.config.reader import Section
 from agproxy.filters import compile_cel, eval_errors
 from agproxy.proxy.filter import Filter, FilterResult, LocalReply
@@ -45,6 +46,7 @@ class AuthorizationFilter(Filter):
         self.require = tuple(require)
         self.allow = tuple(allow)
         self.path = path
+        self.group = ExpressionGroup([e for _, e in self.deny + self.require + self.allow])
 
     def _forbid(self, ex: Any, why: str) -> LocalReply:
         ex.error = f"authorization: {why}"
@@ -52,30 +54,34 @@ class AuthorizationFilter(Filter):
         return LocalReply.error(403, "forbidden", "the request is not allowed by the route's authorization policy")
 
     def on_request(self, ex: Any) -> FilterResult:
-        act = ex.activation
+        # One library call evaluates every rule (ExpressionGroup); each rule keeps its own
+        # result or error, so the semantics are those of evaluating the rules one by one.
+        results = self.group.evaluate_bools(ex.activation)
+        i = 0
         for where, expr in self.deny:
-            try:
-                hit = expr.evaluate_bool(act)
-            except Exception as exc:
-                eval_errors.error(where, expr.source, exc, "failed (deny rule: denying)")
-                return self._forbid(ex, f"{where} could not be evaluated")
-            if hit:
+            hit = results[i]
+            i += 1
+            if hit is True:
                 return self._forbid(ex, f"{where} matched")
-        for where, expr in self.require:
-            try:
-                ok = expr.evaluate_bool(act)
-            except Exception as exc:
-                eval_errors.error(where, expr.source, exc, "failed (require rule: denying)")
+            if hit is not False:
+                eval_errors.error(where, expr.source, hit, "failed (deny rule: denying)")
                 return self._forbid(ex, f"{where} could not be evaluated")
-            if not ok:
+        for where, expr in self.require:
+            ok = results[i]
+            i += 1
+            if ok is False:
                 return self._forbid(ex, f"{where} not satisfied")
+            if ok is not True:
+                eval_errors.error(where, expr.source, ok, "failed (require rule: denying)")
+                return self._forbid(ex, f"{where} could not be evaluated")
         if self.allow:
             for where, expr in self.allow:
-                try:
-                    if expr.evaluate_bool(act):
-                        return None
-                except Exception as exc:
-                    eval_errors.error(where, expr.source, exc, "failed (allow rule: no match)",
+                hit = results[i]
+                i += 1
+                if hit is True:
+                    return None
+                if hit is not False:
+                    eval_errors.error(where, expr.source, hit, "failed (allow rule: no match)",
                                       level=logging.INFO)
             return self._forbid(ex, "no allow rule matched")
         return None

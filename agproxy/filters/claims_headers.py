@@ -34,6 +34,7 @@ from __future__ import annotations
 import logging
 from typing import Any
 
+from agproxy.cel import ExpressionGroup
 from agproxy.config.reader import Section
 from agproxy.filters import check_header_name, compile_cel, eval_errors, header_value_ok
 from agproxy.filters.transform import key_path
@@ -46,22 +47,24 @@ class ClaimsHeadersFilter(Filter):
     def __init__(self, entries: list):
         self.entries = tuple(entries)                  # (name, Expression, path, uses_jwt)
         self.names = frozenset(e[0] for e in entries)
+        # Headers whose value needs `jwt` are skipped for an anonymous caller.
+        self.anonymous_entries = tuple(e for e in self.entries if not e[3])
+        self.group = ExpressionGroup([e[1] for e in self.entries])
+        self.anonymous_group = ExpressionGroup([e[1] for e in self.anonymous_entries])
 
     def on_request(self, ex: Any) -> FilterResult:
         headers = ex.request.headers
         headers.remove_many(self.names)
-        anonymous = ex.jwt_claims is None
-        act = None
+        if ex.jwt_claims is None:
+            entries, group = self.anonymous_entries, self.anonymous_group
+        else:
+            entries, group = self.entries, self.group
+        if not entries:
+            return None
         computed = []
-        for name, expr, where, uses_jwt in self.entries:
-            if uses_jwt and anonymous:
-                continue
-            if act is None:
-                act = ex.activation
-            try:
-                value = expr.evaluate_str(act)
-            except Exception as exc:
-                eval_errors.error(where, expr.source, exc, "failed (identity header: 500)", level=logging.ERROR)
+        for (name, expr, where, _), value in zip(entries, group.evaluate_strs(ex.activation)):
+            if type(value) is not str:
+                eval_errors.error(where, expr.source, value, "failed (identity header: 500)", level=logging.ERROR)
                 ex.error = f"claims_to_headers: {where} could not be evaluated"
                 return LocalReply.error(500, "internal_error", "the gateway could not compute an identity header")
             if not header_value_ok(value):
@@ -70,8 +73,7 @@ class ClaimsHeadersFilter(Filter):
                 ex.error = f"claims_to_headers: {where} produced an invalid header value"
                 return LocalReply.error(500, "internal_error", "the gateway could not compute an identity header")
             computed.append((name, value))
-        if computed:
-            headers.items.extend(computed)
+        headers.items.extend(computed)
         return None
 
     def describe(self) -> dict:
