@@ -458,31 +458,22 @@ class Expression:
             f"evaluating {self.source!r}: expected a string, got {_type_name(value)}")
 
 
-class ExpressionGroup:
-    """Several expressions evaluated in one library call.
-
-    cel-expr-python has a fixed cost per evaluation (about 4 µs here, converting the
-    activation's maps into the C++ runtime), larger than evaluating a typical rule.
-    A group compiles its members into one list expression `[e1, e2, ...]`, so a
-    filter with N rules pays that cost once (measured: 5 rules 31 µs → 9 µs). A
-    list with any failing element fails as a whole; only then are the members
-    evaluated one by one, so each still gets its own result or its own error:
-    semantics are exactly those of evaluating each expression alone.
-    """
+class _Batch:
+    """Expressions compiled into one list expression `[e1, e2, ...]` (one library call)."""
 
     __slots__ = ("expressions", "_combined")
 
-    def __init__(self, expressions: "list[Expression]"):
-        self.expressions = tuple(expressions)
+    def __init__(self, expressions: "tuple[Expression, ...]"):
+        self.expressions = expressions
         self._combined: Expression | None = None
-        if len(self.expressions) > 1:
+        if len(expressions) > 1:
             try:
                 self._combined = compile_expression(
-                    "[" + ",".join(f"({e.source}\n)" for e in self.expressions) + "]")
+                    "[" + ",".join(f"({e.source}\n)" for e in expressions) + "]")
             except CelCompileError:
                 self._combined = None   # e.g. mixed element types the checker refuses
 
-    def _values(self, activation: "Activation") -> list:
+    def values(self, activation: "Activation") -> list:
         if self._combined is not None:
             try:
                 values = self._combined._value(activation)
@@ -498,10 +489,56 @@ class ExpressionGroup:
                 out.append(exc)
         return out
 
-    def evaluate_bools(self, activation: "Activation") -> list:
+
+_PURE_VARIABLES = frozenset({"jwt"})
+
+
+class ExpressionGroup:
+    """Several expressions evaluated together, as cheaply as the library allows.
+
+    cel-expr-python has a fixed cost per evaluation (converting the activation's
+    maps into the C++ runtime) that is larger than evaluating a typical rule. A
+    group compiles its members into one list expression `[e1, e2, ...]`, so a
+    filter with N rules pays that cost once (measured: 5 rules 31 µs → 9 µs). A
+    list with a failing element fails as a whole; only then are the members
+    evaluated one by one, so each still gets its own result or its own error:
+    the semantics are exactly those of evaluating each expression alone.
+
+    Members that read nothing but `jwt` are pure functions of the verified claims;
+    given the token's `memo` (identity.jwt_verify.VerifiedClaims) their results are
+    computed once per token and reused by every later request with that token.
+    """
+
+    __slots__ = ("expressions", "_pure", "_pure_idx", "_rest", "_rest_idx")
+
+    def __init__(self, expressions: "list[Expression]"):
+        self.expressions = tuple(expressions)
+        self._pure_idx = tuple(i for i, e in enumerate(self.expressions) if e.variables <= _PURE_VARIABLES)
+        self._rest_idx = tuple(i for i in range(len(self.expressions)) if i not in self._pure_idx)
+        self._pure = _Batch(tuple(self.expressions[i] for i in self._pure_idx))
+        self._rest = _Batch(tuple(self.expressions[i] for i in self._rest_idx))
+
+    def _values(self, activation: "Activation", memo: dict | None) -> list:
+        if not self._pure_idx:
+            return self._rest.values(activation)
+        pure = memo.get(self) if memo is not None else None
+        if pure is None:
+            pure = self._pure.values(activation)
+            if memo is not None:
+                memo[self] = pure
+        if not self._rest_idx:
+            return pure
+        out: list = [None] * len(self.expressions)
+        for i, v in zip(self._pure_idx, pure):
+            out[i] = v
+        for i, v in zip(self._rest_idx, self._rest.values(activation)):
+            out[i] = v
+        return out
+
+    def evaluate_bools(self, activation: "Activation", memo: dict | None = None) -> list:
         """Per member: its bool result, or the CelEvalError it raised."""
         out = []
-        for e, v in zip(self.expressions, self._values(activation)):
+        for e, v in zip(self.expressions, self._values(activation, memo)):
             if v is True or v is False or isinstance(v, CelEvalError):
                 out.append(v)
             else:
@@ -511,10 +548,10 @@ class ExpressionGroup:
                     out.append(exc)
         return out
 
-    def evaluate_strs(self, activation: "Activation") -> list:
+    def evaluate_strs(self, activation: "Activation", memo: dict | None = None) -> list:
         """Per member: its string result (as evaluate_str), or the CelEvalError it raised."""
         out = []
-        for e, v in zip(self.expressions, self._values(activation)):
+        for e, v in zip(self.expressions, self._values(activation, memo)):
             if type(v) is str or isinstance(v, CelEvalError):
                 out.append(v)
             else:

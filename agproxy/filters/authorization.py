@@ -56,7 +56,7 @@ class AuthorizationFilter(Filter):
     def on_request(self, ex: Any) -> FilterResult:
         # One library call evaluates every rule (ExpressionGroup); each rule keeps its own
         # result or error, so the semantics are those of evaluating the rules one by one.
-        results = self.group.evaluate_bools(ex.activation)
+        results = self.group.evaluate_bools(ex.activation, getattr(ex.jwt_claims, "memo", None))
         i = 0
         for where, expr in self.deny:
             hit = results[i]

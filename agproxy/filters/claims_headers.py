@@ -62,7 +62,7 @@ class ClaimsHeadersFilter(Filter):
         if not entries:
             return None
         computed = []
-        for (name, expr, where, _), value in zip(entries, group.evaluate_strs(ex.activation)):
+        for (name, expr, where, _), value in zip(entries, group.evaluate_strs(ex.activation, getattr(ex.jwt_claims, "memo", None))):
             if type(value) is not str:
                 eval_errors.error(where, expr.source, value, "failed (identity header: 500)", level=logging.ERROR)
                 ex.error = f"claims_to_headers: {where} could not be evaluated"

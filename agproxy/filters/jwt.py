@@ -188,7 +188,7 @@ class JwtFilter(Filter):
             provider, result = self.group.verify_now(token)
         except JwtError as exc:
             return self._fail(ex, exc)
-        if type(result) is dict:
+        if isinstance(result, dict):
             return self._accept(ex, token, loc, provider, result)
         return self._later(ex, token, loc, provider, result)
 

@@ -46,6 +46,7 @@ coders below.
 from __future__ import annotations
 
 import asyncio
+import collections
 import re
 import time
 from typing import Callable
@@ -56,6 +57,9 @@ import h2.errors
 import h2.events
 import h2.exceptions
 import h2.settings
+import hpack.exceptions as _hpack_exc
+import hpack.huffman_table as _hpack_huffman
+import hpack.table as _hpack_table
 from h2.connection import ConnectionInputs, ConnectionState, H2ConnectionStateMachine
 
 from agproxy.http.messages import BodyAborted, BodyReader, ConnInfo, Headers, RequestHead, ServerStream
@@ -91,10 +95,398 @@ _BAD_METHOD = re.compile(rb"[^!#$%&'*+\-.^_`|~0-9A-Za-z]").search
 
 #: the stream-level receive window we grant (also bounds what a paused stream buffers)
 MAX_STREAM_WINDOW = 1 << 20
+#: HPACK coders: the fast ones below (False: stock hpack, for benchmarks/h2_profile.py)
+FAST_HPACK = True
+#: hold a response's last small DATA chunk so END_STREAM rides on it (False: for benchmarks)
+MERGE_END_STREAM = True
 #: ceiling of the connection-level receive window
 MAX_CONN_WINDOW = 16 << 20
 #: bytes queued in h2 before a flush is forced instead of waiting for the loop turn
 FLUSH_THRESHOLD = 64 * 1024
+
+
+# -- HPACK --------------------------------------------------------------------------------------
+#
+# The stock `hpack` coders cost most of h2's time per request on this machine
+# (benchmarks/results/h2.md): logging calls per field, a memoryview and a
+# HeaderTuple per field, a linear search of the dynamic table per field encoded,
+# and a nibble-at-a-time Huffman decoder (~0.7 µs per byte: a 700-byte bearer
+# token costs ~0.5 ms). These two implement the same RFC 7541 with:
+#   decoder: a byte-at-a-time Huffman state machine (derived from hpack's nibble
+#            table, built on first use), a process-wide cache of decoded Huffman
+#            strings (the same token on every request), and a per-connection cache
+#            of whole header blocks that left the dynamic table untouched (a
+#            repeated request that is all indexes decodes to the same list);
+#   encoder: a dynamic table with O(1) lookups, fields that vary per message
+#            (paths, lengths, ids, dates) and secrets sent as literals without
+#            indexing (secrets never indexed, so a connection shared by several
+#            clients upstream does not compress one client's token against
+#            another's), and no Huffman coding (bytes on the wire for CPU).
+
+_STATIC_TABLE = _hpack_table.HeaderTable.STATIC_TABLE          # 61 (name, value) entries
+_STATIC_PAIR = {}
+_STATIC_NAME = {}
+for _i, (_n, _v) in enumerate(_STATIC_TABLE, 1):
+    _STATIC_PAIR.setdefault((_n, _v), _i)
+    _STATIC_NAME.setdefault(_n, _i)
+del _i, _n, _v
+
+# Sent as never-indexed literals (RFC 7541 §7.1.3).
+_SENSITIVE = frozenset({b"authorization", b"proxy-authorization", b"cookie", b"set-cookie",
+                        b"x-api-key", b"api-key", b"x-amz-security-token", b"x-goog-api-key"})
+# Values that change with every message: indexing them would only churn the table.
+_VARYING = frozenset({b":path", b"content-length", b"date", b"etag", b"last-modified", b"location",
+                      b"x-request-id", b"traceparent", b"tracestate", b"age", b"expires",
+                      b"if-modified-since", b"if-none-match", b"x-forwarded-for", b"x-amz-date",
+                      b"x-amz-content-sha256", b"grpc-timeout", b"grpc-message", b"x-amzn-requestid",
+                      b"x-amzn-trace-id", b"content-range", b"link", b"referer", b"x-forwarded-host",
+                      b"mcp-session-id"})
+
+
+def _int_prefix(value: int, prefix_bits: int, flags: int) -> bytes:
+    """RFC 7541 §5.1 integer with the first byte's high bits set to `flags`."""
+    limit = (1 << prefix_bits) - 1
+    if value < limit:
+        return bytes((flags | value,))
+    out = bytearray((flags | limit,))
+    value -= limit
+    while value >= 128:
+        out.append((value & 0x7F) | 0x80)
+        value >>= 7
+    out.append(value)
+    return bytes(out)
+
+
+_LEN7 = [bytes((i,)) for i in range(127)]              # raw string lengths < 127
+_INDEXED_STATIC = [b""] + [bytes((0x80 | i,)) for i in range(1, 62)]
+_NAME_NOIDX = [b""] + [_int_prefix(i, 4, 0x00) for i in range(1, 62)]
+_NAME_NEVER = [b""] + [_int_prefix(i, 4, 0x10) for i in range(1, 62)]
+_NAME_INCR = [b""] + [_int_prefix(i, 6, 0x40) for i in range(1, 62)]
+
+
+def _raw_string(s: bytes) -> bytes:
+    n = len(s)
+    return (_LEN7[n] if n < 127 else _int_prefix(n, 7, 0)) + s
+
+
+class FastEncoder:
+    """HPACK encoder (no Huffman, O(1) table lookups). Input: (bytes, bytes) pairs."""
+
+    __slots__ = ("_max", "_size", "_entries", "_index", "_seq", "_size_updates")
+
+    def __init__(self) -> None:
+        self._max = 4096                 # what we use; never above the peer's setting
+        self._size = 0
+        self._entries: collections.deque = collections.deque()   # (seq, key, size), oldest left
+        self._index: dict[tuple[bytes, bytes], int] = {}         # key → insertion number
+        self._seq = 0
+        self._size_updates: list[int] = []
+
+    @property
+    def header_table_size(self) -> int:
+        return self._max
+
+    @header_table_size.setter
+    def header_table_size(self, value: int) -> None:
+        # The peer's SETTINGS_HEADER_TABLE_SIZE: use min(it, 4096); announce changes.
+        new = min(int(value), 4096)
+        if new != self._max:
+            self._max = new
+            self._evict()
+            self._size_updates.append(new)
+
+    def _evict(self) -> None:
+        entries = self._entries
+        index = self._index
+        while self._size > self._max and entries:
+            seq, key, size = entries.popleft()
+            self._size -= size
+            if index.get(key) == seq:
+                del index[key]
+
+    def encode(self, headers) -> bytes:
+        out = []
+        if self._size_updates:
+            ups = self._size_updates
+            # RFC 7541 §4.2: the smallest size since the last block, then the current one.
+            low = min(ups)
+            if low != ups[-1]:
+                out.append(_int_prefix(low, 5, 0x20))
+            out.append(_int_prefix(ups[-1], 5, 0x20))
+            ups.clear()
+        index = self._index
+        for name, value in headers:
+            key = (name, value)
+            i = _STATIC_PAIR.get(key)
+            if i is not None:
+                out.append(_INDEXED_STATIC[i])
+                continue
+            seq = index.get(key)
+            if seq is not None:
+                out.append(_int_prefix(62 + self._seq - seq, 7, 0x80))
+                continue
+            ni = _STATIC_NAME.get(name)
+            if name in _SENSITIVE:
+                out.append(_NAME_NEVER[ni] if ni else b"\x10" + _raw_string(name))
+            elif name in _VARYING or len(name) + len(value) + 32 > self._max >> 1:
+                out.append(_NAME_NOIDX[ni] if ni else b"\x00" + _raw_string(name))
+            else:
+                out.append(_NAME_INCR[ni] if ni else b"\x40" + _raw_string(name))
+                size = len(name) + len(value) + 32
+                self._seq += 1
+                index[key] = self._seq
+                self._entries.append((self._seq, key, size))
+                self._size += size
+                if self._size > self._max:
+                    self._evict()
+            out.append(_raw_string(value))
+        return b"".join(out)
+
+
+# Huffman: hpack's decoder walks a 256-state table a nibble at a time; this one
+# walks the same automaton a byte at a time (two nibble steps folded into one
+# table entry), built lazily: 65,536 entries, ~1 MB, ~0.1 s once per process.
+_HUFF_NEXT: list[int] | None = None
+_HUFF_EMIT: list[bytes] = []
+_HUFF_ACCEPT: bytearray = bytearray()
+_HUFF_CACHE: dict[bytes, bytes] = {}
+_HUFF_CACHE_MAX = 1024
+_HUFF_CACHE_MIN_LEN = 12
+
+
+def _build_huffman() -> None:
+    global _HUFF_NEXT, _HUFF_EMIT, _HUFF_ACCEPT
+    table = _hpack_huffman.HUFFMAN_TABLE
+    EMIT = _hpack_huffman.HUFFMAN_EMIT_SYMBOL
+    FAIL = _hpack_huffman.HUFFMAN_FAIL
+    COMPLETE = _hpack_huffman.HUFFMAN_COMPLETE
+    nxt = [-1] * 65536
+    emit = [b""] * 65536
+    accept = bytearray(65536)
+    singles = [bytes((i,)) for i in range(256)]
+    pairs: dict[int, bytes] = {}
+    for state in range(256):
+        base = state * 16
+        for hi in range(16):
+            s1, f1, o1 = table[base + hi]
+            if f1 & FAIL:
+                continue
+            base2 = s1 * 16
+            for lo in range(16):
+                s2, f2, o2 = table[base2 + lo]
+                if f2 & FAIL:
+                    continue
+                k = (state << 8) | (hi << 4) | lo
+                nxt[k] = s2
+                if f2 & COMPLETE:
+                    accept[k] = 1
+                if f1 & EMIT:
+                    if f2 & EMIT:
+                        pk = (o1 << 8) | o2
+                        e = pairs.get(pk)
+                        if e is None:
+                            e = pairs[pk] = bytes((o1, o2))
+                        emit[k] = e
+                    else:
+                        emit[k] = singles[o1]
+                elif f2 & EMIT:
+                    emit[k] = singles[o2]
+    _HUFF_EMIT, _HUFF_ACCEPT = emit, accept
+    _HUFF_NEXT = nxt
+
+
+def huffman_decode(data: bytes) -> bytes:
+    """RFC 7541 Appendix B Huffman decoding; raises HPACKDecodingError."""
+    if not data:
+        return b""
+    cached = _HUFF_CACHE.get(data)
+    if cached is not None:
+        return cached
+    if _HUFF_NEXT is None:
+        _build_huffman()
+    nxt = _HUFF_NEXT
+    emit = _HUFF_EMIT
+    out = bytearray()
+    state = 0
+    k = 0
+    for b in data:
+        k = (state << 8) | b
+        state = nxt[k]
+        if state < 0:
+            raise _hpack_exc.HPACKDecodingError("invalid Huffman string")
+        out += emit[k]
+    if not _HUFF_ACCEPT[k]:
+        raise _hpack_exc.HPACKDecodingError("incomplete Huffman string")
+    result = bytes(out)
+    if len(data) >= _HUFF_CACHE_MIN_LEN:
+        if len(_HUFF_CACHE) >= _HUFF_CACHE_MAX:
+            _HUFF_CACHE.clear()
+        _HUFF_CACHE[data] = result
+    return result
+
+
+class FastDecoder:
+    """HPACK decoder returning [(name bytes, value bytes)]; errors are hpack's exceptions."""
+
+    __slots__ = ("max_header_list_size", "_max_allowed", "_max", "_size", "_dyn", "_version",
+                 "_blocks")
+
+    def __init__(self) -> None:
+        self.max_header_list_size = 65536
+        self._max_allowed = 4096         # our SETTINGS_HEADER_TABLE_SIZE
+        self._max = 4096                 # what the peer's encoder currently uses
+        self._size = 0
+        self._dyn: collections.deque = collections.deque()    # (name, value), newest left
+        self._version = 0                                     # bumped on every table change
+        self._blocks: dict[bytes, tuple[int, list]] = {}
+
+    @property
+    def max_allowed_table_size(self) -> int:
+        return self._max_allowed
+
+    @max_allowed_table_size.setter
+    def max_allowed_table_size(self, value: int) -> None:
+        self._max_allowed = value
+
+    @property
+    def header_table_size(self) -> int:
+        return self._max
+
+    @header_table_size.setter
+    def header_table_size(self, value: int) -> None:
+        self._resize(value)
+
+    def _resize(self, size: int) -> None:
+        self._max = size
+        dyn = self._dyn
+        while self._size > size and dyn:
+            n, v = dyn.pop()
+            self._size -= len(n) + len(v) + 32
+        self._version += 1
+
+    def _get(self, index: int) -> tuple[bytes, bytes]:
+        if 0 < index <= 61:
+            return _STATIC_TABLE[index - 1]
+        i = index - 62
+        if i < 0 or i >= len(self._dyn):
+            raise _hpack_exc.InvalidTableIndexError(f"invalid table index {index}")
+        return self._dyn[i]
+
+    def _add(self, name: bytes, value: bytes) -> None:
+        size = len(name) + len(value) + 32
+        self._version += 1
+        dyn = self._dyn
+        if size > self._max:
+            dyn.clear()
+            self._size = 0
+            return
+        dyn.appendleft((name, value))
+        self._size += size
+        while self._size > self._max:
+            n, v = dyn.pop()
+            self._size -= len(n) + len(v) + 32
+
+    def decode(self, data: bytes, raw: bool = True) -> list:
+        hit = self._blocks.get(data)
+        if hit is not None and hit[0] == self._version:
+            return hit[1]
+        version = self._version
+        headers = self._decode(data)
+        if self._version == version and len(data) <= 2048:
+            blocks = self._blocks
+            if len(blocks) >= 64:
+                blocks.clear()
+            blocks[data] = (version, headers)
+        return headers
+
+    def _decode(self, data: bytes) -> list:
+        headers: list[tuple[bytes, bytes]] = []
+        append = headers.append
+        pos = 0
+        end = len(data)
+        total = 0
+        limit = self.max_header_list_size
+        try:
+            while pos < end:
+                b = data[pos]
+                if b & 0x80:                                   # indexed field
+                    index = b & 0x7F
+                    pos += 1
+                    if index == 0x7F:
+                        index, pos = _int_rest(data, pos, index)
+                    field = self._get(index)
+                elif b & 0x40:                                 # literal, incremental indexing
+                    index = b & 0x3F
+                    pos += 1
+                    if index == 0x3F:
+                        index, pos = _int_rest(data, pos, index)
+                    if index:
+                        name = self._get(index)[0]
+                    else:
+                        name, pos = _string(data, pos)
+                    value, pos = _string(data, pos)
+                    field = (name, value)
+                    self._add(name, value)
+                elif b & 0x20:                                 # dynamic table size update
+                    if headers:
+                        raise _hpack_exc.HPACKDecodingError("table size update after a field")
+                    size = b & 0x1F
+                    pos += 1
+                    if size == 0x1F:
+                        size, pos = _int_rest(data, pos, size)
+                    if size > self._max_allowed:
+                        raise _hpack_exc.InvalidTableSizeError("table size above the allowed maximum")
+                    self._resize(size)
+                    continue
+                else:                                          # literal without / never indexed
+                    index = b & 0x0F
+                    pos += 1
+                    if index == 0x0F:
+                        index, pos = _int_rest(data, pos, index)
+                    if index:
+                        name = self._get(index)[0]
+                    else:
+                        name, pos = _string(data, pos)
+                    value, pos = _string(data, pos)
+                    field = (name, value)
+                append(field)
+                total += len(field[0]) + len(field[1]) + 32
+                if total > limit:
+                    raise _hpack_exc.OversizedHeaderListError(
+                        f"a header list larger than {limit} bytes was received")
+        except IndexError:
+            raise _hpack_exc.HPACKDecodingError("truncated header block") from None
+        if self._max > self._max_allowed:
+            raise _hpack_exc.InvalidTableSizeError("the peer did not shrink its table")
+        return headers
+
+
+def _int_rest(data: bytes, pos: int, value: int) -> tuple[int, int]:
+    shift = 0
+    while True:
+        b = data[pos]
+        pos += 1
+        value += (b & 0x7F) << shift
+        if not b & 0x80:
+            return value, pos
+        shift += 7
+        if shift > 28:
+            raise _hpack_exc.HPACKDecodingError("integer too large")
+
+
+def _string(data: bytes, pos: int) -> tuple[bytes, int]:
+    b = data[pos]
+    n = b & 0x7F
+    pos += 1
+    if n == 0x7F:
+        n, pos = _int_rest(data, pos, n)
+    stop = pos + n
+    if stop > len(data):
+        raise _hpack_exc.HPACKDecodingError("truncated string")
+    s = data[pos:stop]
+    if b & 0x80:
+        s = huffman_decode(s)
+    return s, stop
 
 
 # -- h2 adjustments ---------------------------------------------------------------------------
@@ -114,6 +506,12 @@ def _no_content_length(*args) -> None:
     return None
 
 
+def _no_validation_flags(*args) -> None:
+    # h2 builds these flags for every header block, but only its validation and
+    # normalisation (both off in our configuration) read them.
+    return None
+
+
 class GatewayH2(h2.connection.H2Connection):
     """h2's connection with the changes a proxy needs (see the module docstring).
 
@@ -122,12 +520,18 @@ class GatewayH2(h2.connection.H2Connection):
     - Receiving GOAWAY does not discard frames already queued for sending.
     - Content-length is not tracked by h2 (a mismatch there is a connection
       error); the adapters check it per stream.
+    - Header validation flags are not computed when nothing would read them.
     - HPACK: FastEncoder / FastDecoder (hpack_fast.py).
     """
 
     def __init__(self, config: h2.config.H2Configuration):
         super().__init__(config)
         self.state_machine._transitions = _TRANSITIONS   # instance attribute: this connection only
+        self._no_validation = not (config.validate_inbound_headers or config.validate_outbound_headers
+                                   or config.normalize_inbound_headers or config.normalize_outbound_headers)
+        if FAST_HPACK:
+            self.encoder = FastEncoder()
+            self.decoder = FastDecoder()
 
     def clear_outbound_data_buffer(self) -> None:
         # Called by h2 only when a GOAWAY arrives; the frames queued for the streams
@@ -138,6 +542,8 @@ class GatewayH2(h2.connection.H2Connection):
         s = super()._begin_new_stream(stream_id, allowed_ids)
         s._initialize_content_length = _no_content_length
         s._track_content_length = _no_content_length
+        if self._no_validation:
+            s._build_hdr_validation_flags = _no_validation_flags
         return s
 
 
@@ -190,7 +596,7 @@ class H2Stream(ServerStream):
 
     __slots__ = ("proto", "conn", "request", "body", "stream_id", "head_sent", "_head", "done",
                  "task", "_paused", "_unacked", "_waiter", "_error", "_no_body", "_expected",
-                 "_received", "_trailers", "_remote_ended")
+                 "_received", "_trailers", "_remote_ended", "_held")
 
     def __init__(self, proto: "H2Connection", stream_id: int, request: RequestHead,
                  expected_length: int | None):
@@ -212,6 +618,7 @@ class H2Stream(ServerStream):
         self._received = 0
         self._trailers: Headers | None = None
         self._remote_ended = False
+        self._held: bytes | None = None
 
     # -- flow control of the request body -------------------------------------------------
     def _pause(self) -> None:
@@ -244,11 +651,35 @@ class H2Stream(ServerStream):
         if self.done:
             raise ConnectionResetError("response already finished" if self._error is None else str(self._error))
         proto = self.proto
-        if self._head is not None:
-            self._write_head(False)
-            proto._schedule_flush()
-        if not data or self._no_body:
-            return
+        try:
+            if self._head is not None:
+                self._write_head(False)
+                proto._schedule_flush()
+            if not data or self._no_body:
+                return
+            if self._held is not None and not self._release_held(False):
+                await self._send_chunks(self._take_held())
+            h2c = proto.h2
+            n = len(data)
+            if MERGE_END_STREAM and n <= h2c.max_outbound_frame_size and \
+                    n + proto._held_bytes <= h2c.local_flow_control_window(self.stream_id):
+                # Hold the chunk until the next call or the flush at the end of this loop
+                # turn: if end() comes first, it leaves in one frame with END_STREAM.
+                self._held = data
+                proto._held_bytes += n
+                proto._held.append(self)
+                proto._queued(n)
+            else:
+                await self._send_chunks(data)
+        except h2.exceptions.H2Error as exc:
+            self._reset(_INTERNAL_ERROR)
+            raise ConnectionResetError(f"stream closed: {exc}") from None
+        if proto.write_paused:
+            await proto.drain()
+
+    async def _send_chunks(self, data: bytes) -> None:
+        """Frames within the client's windows, awaiting WINDOW_UPDATE when they are empty."""
+        proto = self.proto
         h2c = proto.h2
         sid = self.stream_id
         total = len(data)
@@ -257,10 +688,12 @@ class H2Stream(ServerStream):
         while pos < total:
             if self.done:
                 raise ConnectionResetError(str(self._error) if self._error else "stream closed")
-            window = h2c.local_flow_control_window(sid)
+            # Chunks held by other streams have a claim on the connection window.
+            window = h2c.local_flow_control_window(sid) - proto._held_bytes
             if window <= 0:
                 proto._flush_now()
-                await self._wait_window()
+                if h2c.local_flow_control_window(sid) - proto._held_bytes <= 0:
+                    await self._wait_window()
                 continue
             size = total - pos
             if size > window:
@@ -276,8 +709,22 @@ class H2Stream(ServerStream):
                 h2c.send_data(sid, view[pos:pos + size])
             pos += size
             proto._queued(size)
-        if proto.write_paused:
-            await proto.drain()
+
+    def _release_held(self, end_stream: bool) -> bool:
+        """Hand the held chunk to h2; False if the stream's window shrank meanwhile (SETTINGS)."""
+        data = self._held
+        h2c = self.proto.h2
+        if len(data) > h2c.local_flow_control_window(self.stream_id):
+            return False
+        self._take_held()
+        h2c.send_data(self.stream_id, data, end_stream=end_stream)
+        return True
+
+    def _take_held(self) -> bytes:
+        data = self._held
+        self._held = None
+        self.proto._held_bytes -= len(data)
+        return data
 
     async def _wait_window(self) -> None:
         fut = self._waiter = asyncio.get_running_loop().create_future()
@@ -300,14 +747,27 @@ class H2Stream(ServerStream):
         proto = self.proto
         h2c = proto.h2
         sid = self.stream_id
-        if self._head is not None:
-            self._write_head(not trailers)
-            if trailers:
-                h2c.send_headers(sid, trailer_block(trailers), end_stream=True)
-        elif trailers:
-            h2c.send_headers(sid, trailer_block(trailers), end_stream=True)
-        else:
-            h2c.end_stream(sid)
+        try:
+            if self._head is not None:
+                self._write_head(not trailers)
+                if trailers:
+                    h2c.send_headers(sid, trailer_block(trailers), end_stream=True)
+            else:
+                if self._held is not None:
+                    if not trailers and self._release_held(True):
+                        self._finish()
+                        return
+                    if self._held is not None:
+                        await self._send_chunks(self._take_held())
+                if self.done:
+                    return
+                if trailers:
+                    h2c.send_headers(sid, trailer_block(trailers), end_stream=True)
+                else:
+                    h2c.end_stream(sid)
+        except h2.exceptions.H2Error as exc:
+            self._reset(_INTERNAL_ERROR)
+            raise ConnectionResetError(f"stream closed: {exc}") from None
         self._finish()
 
     def abort(self) -> None:
@@ -316,6 +776,10 @@ class H2Stream(ServerStream):
         self._reset(_INTERNAL_ERROR)
 
     # -- internal ----------------------------------------------------------------------------
+    def _drop_held(self) -> None:
+        if self._held is not None:
+            self._take_held()
+
     def _finish(self) -> None:
         """The response is complete: release the stream."""
         self.done = True
@@ -333,6 +797,7 @@ class H2Stream(ServerStream):
     def _reset(self, code) -> None:
         """Reset by us (abort, malformed body, handler failure)."""
         self.done = True
+        self._drop_held()
         proto = self.proto
         self._error = ConnectionResetError("stream reset")
         self.body.fail(BodyAborted("stream reset"))
@@ -346,6 +811,7 @@ class H2Stream(ServerStream):
     def _remote_reset(self, exc: BaseException) -> None:
         """Reset by the client, or the connection went away."""
         self.done = True
+        self._drop_held()
         self._error = exc
         self.body.fail(BodyAborted(str(exc)))
         self._wake(ConnectionResetError(str(exc)))
@@ -365,7 +831,8 @@ class H2Stream(ServerStream):
 
 # -- header blocks ---------------------------------------------------------------------------------
 
-_STATUS = {}
+_STATUS: dict[int, tuple[bytes, bytes]] = {}
+_NAME_BYTES: dict[str, bytes] = {}
 
 
 def _status_field(status: int) -> tuple[bytes, bytes]:
@@ -375,17 +842,27 @@ def _status_field(status: int) -> tuple[bytes, bytes]:
     return f
 
 
+def name_bytes(name: str) -> bytes:
+    """A header name for the wire: lowercase bytes (cached: names repeat)."""
+    b = _NAME_BYTES.get(name)
+    if b is None:
+        b = name.lower().encode("latin-1")
+        if len(_NAME_BYTES) < 4096:
+            _NAME_BYTES[name] = b
+    return b
+
+
 def response_block(status: int, headers: Headers) -> list:
     out = [_status_field(status)]
     for k, v in headers.items:
         if k in CONNECTION_SPECIFIC:
             continue
-        out.append((k, v))
+        out.append((name_bytes(k), v.encode("latin-1")))
     return out
 
 
 def trailer_block(trailers: Headers) -> list:
-    return [(k, v) for k, v in trailers.items if k not in CONNECTION_SPECIFIC]
+    return [(name_bytes(k), v.encode("latin-1")) for k, v in trailers.items if k not in CONNECTION_SPECIFIC]
 
 
 # Names seen so far → decoded str (or None: invalid in a request). Bounded; only
@@ -475,6 +952,9 @@ class H2Connection(asyncio.Protocol):
         self._drain_waiters: list[asyncio.Future] = []
         self._flush_handle: asyncio.Handle | None = None
         self._queued_bytes = 0
+        self._held: list[H2Stream] = []     # streams holding back their last DATA chunk
+        self._held_bytes = 0
+        self._held_stuck = False
         self._in_receive = False
         self._peer_goaway = False
         self._last_stream_id: int | None = None
@@ -511,6 +991,7 @@ class H2Connection(asyncio.Protocol):
                 # h2 has queued a GOAWAY with the error code: send it and close.
                 self._fail_streams(BodyAborted("HTTP/2 protocol error"))
                 self._flush_now()
+                self.closing = True          # no second (NO_ERROR) GOAWAY from close()
                 self.close()
                 return
             streams = self.streams
@@ -683,8 +1164,8 @@ class H2Connection(asyncio.Protocol):
         body = ('{"error":"bad_request","message":"%s"}\n' % message.replace('"', "'")).encode()
         h = self.h2
         try:
-            h.send_headers(sid, [_status_field(status), ("content-type", "application/json"),
-                                 ("content-length", str(len(body)))])
+            h.send_headers(sid, [_status_field(status), (b"content-type", b"application/json"),
+                                 (b"content-length", str(len(body)).encode())])
             h.send_data(sid, body, end_stream=True)
             if not ended:
                 h.reset_stream(sid, _NO_ERROR)
@@ -738,6 +1219,21 @@ class H2Connection(asyncio.Protocol):
             self._flush_handle = None
             h.cancel()
         self._queued_bytes = 0
+        if self._held:
+            held = self._held
+            self._held = []
+            for s in held:
+                if s._held is not None:
+                    try:
+                        if not s._release_held(False):
+                            # Its window shrank (SETTINGS) below the chunk: retried at the next
+                            # flush; senders waiting on the connection window are woken then.
+                            self._held.append(s)
+                    except h2.exceptions.H2Error:
+                        s._reset(_INTERNAL_ERROR)
+            if self._held_stuck and len(self._held) < len(held):
+                self._wake_all()
+            self._held_stuck = bool(self._held)
         data = self.h2.data_to_send()
         if data:
             t = self.transport

@@ -291,6 +291,22 @@ class Verifier:
         return out
 
 
+class VerifiedClaims(dict):
+    """A verified token's claims, shared by every request that presents that token.
+
+    `memo` holds results of CEL expressions that read nothing but `jwt` (see
+    cel.ExpressionGroup): they are pure functions of these claims, so they are
+    computed once per token and live exactly as long as its cache entry (which is
+    dropped when the key set changes). Treat the mapping as read-only.
+    """
+
+    __slots__ = ("memo",)
+
+    def __init__(self, claims: dict):
+        super().__init__(claims)
+        self.memo: dict = {}
+
+
 class TokenCache:
     """Verified tokens: digest → (claims, deadline). Bounded; FIFO eviction."""
 

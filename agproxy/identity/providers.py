@@ -41,7 +41,8 @@ from typing import Any, Awaitable, Callable, Iterable
 from agproxy.config.reader import Section
 from agproxy.identity.jwks import (JwksError, KeySet, KeySource, RemoteKeySource, StaticKeySource,
                                    parse_jwks)
-from agproxy.identity.jwt_verify import (MAX_TOKEN_BYTES, SUPPORTED_ALGORITHMS, JwtError, TokenCache,
+from agproxy.identity.jwt_verify import (
+    MAX_TOKEN_BYTES, VerifiedClaims, SUPPORTED_ALGORITHMS, JwtError, TokenCache,
                                          UnknownKeyError, Verifier, peek_claims, token_digest)
 
 __all__ = ["JwtProvider", "ProviderGroup", "JwtError", "build_provider", "provider_from_section",
@@ -87,7 +88,7 @@ class JwtProvider:
     async def verify(self, token: str) -> dict:
         """The verified claims; raises JwtError (reason safe for clients)."""
         result = self.verify_now(token)
-        if type(result) is dict:
+        if isinstance(result, dict):
             return result
         return await result  # type: ignore[misc]
 
@@ -101,6 +102,7 @@ class JwtProvider:
         if claims is not None:
             return claims
         claims, deadline = self.verifier.verify(token, keys, now)
+        claims = VerifiedClaims(claims)
         self.cache.put(digest, claims, deadline, now)
         return claims
 

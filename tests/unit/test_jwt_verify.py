@@ -392,7 +392,7 @@ def test_discovery_then_jwks():
             assert claims["sub"] == "alice" and p.not_ready() is None
             assert p.source.jwks_uri == idp.jwks_url
             # a keyed, in-memory verification is synchronous from now on
-            assert type(p.verify_now(idp.mint(sub="bob"))) is dict
+            assert isinstance(p.verify_now(idp.mint(sub="bob")), dict)
             await p.stop()
         run(main())
         assert idp.discovery_fetches == 1 and idp.jwks_fetches == 1
@@ -451,7 +451,7 @@ def test_rotation_unknown_kid_triggers_one_refetch():
             assert (await result)["sub"] == "alice"
             assert idp.jwks_fetches == 2
             # both keys work, synchronously
-            assert type(p.verify_now(old_token)) is dict and type(p.verify_now(new_token)) is dict
+            assert isinstance(p.verify_now(old_token), dict) and isinstance(p.verify_now(new_token), dict)
         run(main())
 
 
@@ -518,7 +518,7 @@ def test_rotated_out_key_is_not_served_from_cache():
             with pytest.raises(JwtError, match="unknown signing key"):
                 p.verify_now(old_token)
             assert len(p.cache) == 0
-            assert type(p.verify_now(idp.mint())) is dict
+            assert isinstance(p.verify_now(idp.mint()), dict)
         run(main())
 
 
