@@ -16,7 +16,7 @@ from __future__ import annotations
 import logging
 import time
 
-from agproxy.http.messages import HOP_BY_HOP, BodyAborted, BodyReader, Headers
+from agproxy.http.messages import HOP_BY_HOP, BodyAborted, BodyReader, BodyTooLarge, Headers
 from agproxy.upstream.errors import UpstreamError
 from agproxy.upstream.origin import Origin
 from agproxy.upstream.pool import get_pool
@@ -84,7 +84,9 @@ async def relay(ex, origin: Origin, method: str, target: str, headers: Headers,
     except UpstreamError as exc:
         ex.upstream_time = time.monotonic() - start
         ex.error = str(exc)
-        if exc.kind == "timeout":
+        if type(getattr(ex.stream.body, "_error", None)) is BodyTooLarge:
+            await _local(ex, 413, "payload_too_large", str(ex.stream.body._error))
+        elif exc.kind == "timeout":
             await _local(ex, 504, "upstream_timeout", "the upstream did not answer in time")
         else:
             await _local(ex, 502, "upstream_unavailable", "the upstream could not be reached")

@@ -28,7 +28,17 @@ def build(name: str, sec: Section, ctx: BuildContext) -> StaticBackend:
     body = sec.str("body", "")
     headers = sec.str_map("headers", {}) or {}
     sec.done()
-    items = [(k.lower(), v) for k, v in headers.items()]
+    from agproxy.filters import check_header_name, header_value_ok
+    items = []
+    for k, v in headers.items():
+        path = f"{sec.sub('headers')}.{k}"
+        name = check_header_name(sec.problems, path, k)
+        if name is None:
+            continue
+        if not header_value_ok(v):
+            sec.problems.add(path, "invalid header value (control characters)")
+            continue
+        items.append((name, v))
     if not any(k == "content-type" for k, _ in items):
         items.append(("content-type", "text/plain; charset=utf-8"))
     return StaticBackend(status, (body or "").encode(), items)

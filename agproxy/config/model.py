@@ -109,8 +109,9 @@ def parse(raw: dict, path: str = "<inline>") -> Config:
         if key not in TOP_LEVEL:
             problems.add(key, "unknown section" + did_you_mean(key, TOP_LEVEL))
 
-    gateway = _gateway(root.section("gateway"))
-    listeners = _listeners(root.sections("listener"), problems)
+    base_dir = os.path.dirname(os.path.abspath(path)) if path != "<inline>" else os.getcwd()
+    gateway = _gateway(root.section("gateway"), base_dir)
+    listeners = _listeners(root.sections("listener"), problems, base_dir)
     backends = _backends(root.section("backend"))
     routes = _routes(root.sections("route"), listeners, backends, problems)
 
@@ -121,7 +122,7 @@ def parse(raw: dict, path: str = "<inline>") -> Config:
             providers[name] = jp.section(name)  # type: ignore[assignment]
     return Config(
         path=path,
-        base_dir=os.path.dirname(os.path.abspath(path)) if path != "<inline>" else os.getcwd(),
+        base_dir=base_dir,
         raw=raw,
         gateway=gateway,
         listeners=listeners,
@@ -129,12 +130,29 @@ def parse(raw: dict, path: str = "<inline>") -> Config:
         backends=backends,
         jwt_providers=providers,
         token_exchange=root.section("token_exchange"),
-        telemetry=root.section("telemetry"),
+        telemetry=_telemetry(root.section("telemetry")),
         problems=problems,
     )
 
 
-def _gateway(sec: Section | None) -> GatewayConfig:
+def _telemetry(sec: Section | None) -> Section | None:
+    if sec is None:
+        return None
+    prefix = sec.str("metrics_prefix", "agproxy")
+    if isinstance(prefix, str) and not prefix.replace("_", "a").isalnum():
+        sec.error("metrics_prefix", "must be letters, digits and underscores")
+    if sec.has("tracing"):
+        sec.raw("tracing")
+        sec.error("tracing", "not supported in this version (OpenTelemetry tracing is planned)")
+    sec.done()
+    return sec
+
+
+def _resolve(base_dir: str, p: str) -> str:
+    return p if os.path.isabs(p) else os.path.join(base_dir, p)
+
+
+def _gateway(sec: Section | None, base_dir: str) -> GatewayConfig:
     g = GatewayConfig()
     if sec is None:
         return g
@@ -145,6 +163,11 @@ def _gateway(sec: Section | None) -> GatewayConfig:
     elif isinstance(admin, str):
         g.admin = sec.convert("admin", admin, parse_address)
     g.access_log = sec.str("access_log", "stdout")
+    if isinstance(g.access_log, str) and g.access_log not in ("stdout", "stderr", "off", "", "none"):
+        g.access_log = _resolve(base_dir, g.access_log)
+        folder = os.path.dirname(g.access_log)
+        if not os.path.isdir(folder):
+            sec.error("access_log", f"folder does not exist: {folder}")
     g.drain_timeout = sec.duration("drain_timeout", 10.0)
     g.idle_timeout = sec.duration("idle_timeout", 60.0)
     g.first_byte_timeout = sec.duration("first_byte_timeout", 10.0)
@@ -157,7 +180,7 @@ def _gateway(sec: Section | None) -> GatewayConfig:
     return g
 
 
-def _listeners(secs: list[Section], problems: Problems) -> list[ListenerConfig]:
+def _listeners(secs: list[Section], problems: Problems, base_dir: str) -> list[ListenerConfig]:
     out: list[ListenerConfig] = []
     seen: set[str] = set()
     if not secs:
@@ -170,12 +193,11 @@ def _listeners(secs: list[Section], problems: Problems) -> list[ListenerConfig]:
         tsec = sec.section("tls")
         if tsec is not None:
             cert, key = tsec.str("cert_file"), tsec.str("key_file")
-            for k, p in (("cert_file", cert), ("key_file", key)):
-                if isinstance(p, str) and not os.path.isfile(p):
-                    tsec.error(k, f"file not found: {p}")
             tsec.done()
-            if cert and key:
-                tls = TlsConfig(cert, key)
+            if isinstance(cert, str) and isinstance(key, str):
+                cert, key = _resolve(base_dir, cert), _resolve(base_dir, key)
+                if tsec.convert("cert_file", (cert, key), _check_keypair) is not None:
+                    tls = TlsConfig(cert, key)
         sec.done()
         if name in seen:
             sec.error("name", f"duplicate listener name {name!r}")
@@ -183,6 +205,19 @@ def _listeners(secs: list[Section], problems: Problems) -> list[ListenerConfig]:
         if addr:
             out.append(ListenerConfig(name, addr[0], addr[1], tls))
     return out
+
+
+def _check_keypair(paths: tuple[str, str]) -> bool:
+    import ssl
+    cert, key = paths
+    for p in paths:
+        if not os.path.isfile(p):
+            raise ValueError(f"file not found: {p}")
+    try:
+        ssl.SSLContext(ssl.PROTOCOL_TLS_SERVER).load_cert_chain(cert, key)
+    except (ssl.SSLError, OSError) as exc:
+        raise ValueError(f"cannot load the certificate and key ({cert}, {key}): {exc}") from None
+    return True
 
 
 def _backends(sec: Section | None) -> dict[str, BackendConfig]:
@@ -241,7 +276,8 @@ def _routes(secs: list[Section], listeners: list[ListenerConfig], backends: dict
                 policies[key] = sec.section(key)
         sec.done(allowed_extra=ORDER.keys())
         if isinstance(backend, str):
-            out.append(RouteConfig(name, i, sec.path, listener, match, backend, timeout or 60.0, policies))
+            out.append(RouteConfig(name, i, sec.path, listener, match, backend,
+                                   60.0 if timeout is None else timeout, policies))
     names = [r.name for r in out]
     for r in out:
         if names.count(r.name) > 1:

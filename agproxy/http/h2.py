@@ -7,7 +7,9 @@ per frame: h2 accumulates frames in its buffer and the connection writes that
 buffer once at the end of `data_received`, or once per event-loop turn for what
 handler tasks produce (`_schedule_flush` → `loop.call_soon`). A response head,
 its body and its end therefore usually leave in one write, and a burst of
-requests on one connection in one write for all of them.
+requests on one connection in one write for all of them. A small DATA chunk is
+held until the next call or that flush, so that `end()` can put END_STREAM on
+it instead of sending one more (empty) frame.
 
 Flow control, both ways:
 - request bodies: DATA is acknowledged (WINDOW_UPDATE, batched by h2's window
@@ -15,7 +17,9 @@ Flow control, both ways:
   its high-water mark it calls `pause()`, which withholds acknowledgement until
   `resume()` — the client then runs out of window and stops sending. A stream
   buffers at most high_water + one stream window. The connection window is
-  larger than a stream window so one stalled stream does not stall the others.
+  larger than a stream window so one stalled stream does not stall the others,
+  and whatever a stream withheld goes back to the connection window when the
+  stream ends, read or not.
 - responses: `send_data` cuts data to the client's window and frame size and
   awaits a WINDOW_UPDATE (or a SETTINGS change) when the window is empty, then
   awaits the transport's drain when the socket buffer is full.
@@ -23,30 +27,35 @@ Flow control, both ways:
 Errors stay as small as the protocol allows. A RST_STREAM from the client fails
 that stream's BodyReader and cancels its handler task; a malformed request
 (missing pseudo-headers, uppercase or connection-specific header names, CR/LF/NUL
-in a value, a lying content-length) gets a 400 (or 431 for oversize headers) or
-a RST_STREAM on that stream only. Only what h2 reports as a connection error
-(bad framing, HPACK corruption) sends GOAWAY and closes. h2's own header
-validation is switched off (it turns many stream errors into connection errors
-and costs ~20% of its CPU); this module validates what a proxy relies on.
+in a value, a lying content-length) gets a 400 (431 for oversize headers) or a
+RST_STREAM on that stream only. Only what h2 reports as a connection error (bad
+framing, HPACK corruption) sends GOAWAY and closes. h2's own header validation
+is switched off — it turns such stream errors into connection errors and costs
+10-20% of the CPU per request — and this module validates what a proxy relies on.
 
 SETTINGS_MAX_CONCURRENT_STREAMS is advertised from `limits` and enforced here
 (a stream beyond it is refused with RST_STREAM REFUSED_STREAM, which clients
-retry); h2 would instead kill the connection. `shutdown()` sends GOAWAY with the
-last stream id, lets the streams in flight finish, then closes; an idle
-connection is closed with GOAWAY after `limits.idle_timeout`.
+retry); h2 would instead kill the connection. A client that resets more
+streams than it lets finish (beyond RAPID_RESET_MIN: the "rapid reset" attack)
+gets GOAWAY ENHANCE_YOUR_CALM. `shutdown()` sends GOAWAY with the last stream
+id, lets the streams in flight finish, then closes; an idle connection is closed
+with GOAWAY after `limits.idle_timeout`.
 
-h2 needs three adjustments, made per connection (never globally, so other users
-of h2 in the process — httpx in tests — are untouched), see `GatewayH2`: it
-must keep working after GOAWAY in either direction (h2 otherwise refuses to send
-or receive anything more, breaking graceful shutdown), content-length is checked
-here per stream rather than as a connection error, and HPACK uses the faster
-coders below.
+h2 gets a few adjustments, per connection (never globally: other users of h2 in
+the process, httpx in tests, are untouched), in `GatewayH2`: it keeps working
+after a GOAWAY in either direction (stock h2 refuses to send or receive anything
+more, which breaks graceful shutdown), content-length is checked here per stream
+rather than by h2 as a connection error, and HPACK uses the coders below. The
+upstream client (upstream/h2.py) shares all of this.
+
+Costs and what remains of them: benchmarks/results/h2.md.
 """
 
 from __future__ import annotations
 
 import asyncio
 import collections
+import logging
 import re
 import time
 from typing import Callable
@@ -65,6 +74,8 @@ from h2.connection import ConnectionInputs, ConnectionState, H2ConnectionStateMa
 from agproxy.http.messages import BodyAborted, BodyReader, ConnInfo, Headers, RequestHead, ServerStream
 
 __all__ = ["H2Connection", "H2Stream", "GatewayH2", "server_config", "client_config"]
+
+log = logging.getLogger("agproxy.http")
 
 _NO_ERROR = h2.errors.ErrorCodes.NO_ERROR
 _PROTOCOL_ERROR = h2.errors.ErrorCodes.PROTOCOL_ERROR
@@ -95,33 +106,37 @@ _BAD_METHOD = re.compile(rb"[^!#$%&'*+\-.^_`|~0-9A-Za-z]").search
 
 #: the stream-level receive window we grant (also bounds what a paused stream buffers)
 MAX_STREAM_WINDOW = 1 << 20
-#: HPACK coders: the fast ones below (False: stock hpack, for benchmarks/h2_profile.py)
-FAST_HPACK = True
-#: hold a response's last small DATA chunk so END_STREAM rides on it (False: for benchmarks)
-MERGE_END_STREAM = True
 #: ceiling of the connection-level receive window
 MAX_CONN_WINDOW = 16 << 20
 #: bytes queued in h2 before a flush is forced instead of waiting for the loop turn
 FLUSH_THRESHOLD = 64 * 1024
+#: client resets tolerated before resets outnumbering finished streams end the connection
+RAPID_RESET_MIN = 100
+#: HPACK coders: the fast ones below (False: stock hpack; benchmarks/h2_profile.py stages)
+FAST_HPACK = True
+#: hold a response's last small DATA chunk so END_STREAM rides on it (False: benchmarks)
+MERGE_END_STREAM = True
 
 
 # -- HPACK --------------------------------------------------------------------------------------
 #
-# The stock `hpack` coders cost most of h2's time per request on this machine
-# (benchmarks/results/h2.md): logging calls per field, a memoryview and a
-# HeaderTuple per field, a linear search of the dynamic table per field encoded,
-# and a nibble-at-a-time Huffman decoder (~0.7 µs per byte: a 700-byte bearer
-# token costs ~0.5 ms). These two implement the same RFC 7541 with:
+# The stock `hpack` coders cost a third to nearly half of the adapter's CPU per
+# request on this machine (benchmarks/results/h2.md): logging calls per field, a
+# memoryview and a HeaderTuple per field, a linear search of the dynamic table
+# per field encoded, Huffman-encoding every new literal, and a nibble-at-a-time
+# Huffman decoder (~0.45 µs per byte here: a 1 KB bearer JWT costs ~0.35 ms on
+# every request). These implement the same RFC 7541 with:
 #   decoder: a byte-at-a-time Huffman state machine (derived from hpack's nibble
-#            table, built on first use), a process-wide cache of decoded Huffman
-#            strings (the same token on every request), and a per-connection cache
-#            of whole header blocks that left the dynamic table untouched (a
-#            repeated request that is all indexes decodes to the same list);
-#   encoder: a dynamic table with O(1) lookups, fields that vary per message
-#            (paths, lengths, ids, dates) and secrets sent as literals without
-#            indexing (secrets never indexed, so a connection shared by several
-#            clients upstream does not compress one client's token against
-#            another's), and no Huffman coding (bytes on the wire for CPU).
+#            table, built on first use; ~2.5x faster), a process-wide cache of
+#            decoded Huffman strings (the same token on every request costs a dict
+#            lookup), and a per-connection cache of whole header blocks that left
+#            the dynamic table untouched (a repeated request that is all indexes
+#            decodes to the same list);
+#   encoder: a dynamic table with O(1) lookups; fields that vary per message
+#            (paths, lengths, ids, dates) sent as literals without indexing and
+#            secrets as never-indexed literals (so a connection shared by several
+#            clients upstream never compresses one client's token against
+#            another's); no Huffman coding (some bytes on the wire for CPU).
 
 _STATIC_TABLE = _hpack_table.HeaderTable.STATIC_TABLE          # 61 (name, value) entries
 _STATIC_PAIR = {}
@@ -521,7 +536,7 @@ class GatewayH2(h2.connection.H2Connection):
     - Content-length is not tracked by h2 (a mismatch there is a connection
       error); the adapters check it per stream.
     - Header validation flags are not computed when nothing would read them.
-    - HPACK: FastEncoder / FastDecoder (hpack_fast.py).
+    - HPACK: FastEncoder / FastDecoder (above).
     """
 
     def __init__(self, config: h2.config.H2Configuration):
@@ -780,6 +795,19 @@ class H2Stream(ServerStream):
         if self._held is not None:
             self._take_held()
 
+    def _return_window(self) -> None:
+        """DATA withheld while paused still counts against the connection window: hand
+        it back now that the stream is over (the stream's own window no longer matters)."""
+        n = self._unacked
+        if n:
+            self._unacked = 0
+            proto = self.proto
+            if proto.transport is not None:
+                try:
+                    proto.h2.acknowledge_received_data(n, self.stream_id)
+                except h2.exceptions.H2Error:
+                    pass
+
     def _finish(self) -> None:
         """The response is complete: release the stream."""
         self.done = True
@@ -792,6 +820,7 @@ class H2Stream(ServerStream):
                 proto.h2.reset_stream(self.stream_id, _NO_ERROR)
             except h2.exceptions.H2Error:
                 pass
+        self._return_window()
         proto._stream_closed(self)
 
     def _reset(self, code) -> None:
@@ -805,6 +834,7 @@ class H2Stream(ServerStream):
             proto.h2.reset_stream(self.stream_id, code)
         except h2.exceptions.H2Error:
             pass
+        self._return_window()
         self._wake(self._error)
         proto._stream_closed(self)
 
@@ -813,6 +843,7 @@ class H2Stream(ServerStream):
         self.done = True
         self._drop_held()
         self._error = exc
+        self._return_window()
         self.body.fail(BodyAborted(str(exc)))
         self._wake(ConnectionResetError(str(exc)))
         t = self.task
@@ -826,7 +857,9 @@ class H2Stream(ServerStream):
             self._reset(_INTERNAL_ERROR)
             self.proto._schedule_flush()
         if not task.cancelled():
-            task.exception()   # retrieved: the proxy layer logs its own failures
+            exc = task.exception()
+            if exc is not None and not isinstance(exc, (BodyAborted, ConnectionError)):
+                log.error("HTTP/2 handler failed on stream %d", self.stream_id, exc_info=exc)
 
 
 # -- header blocks ---------------------------------------------------------------------------------
@@ -889,6 +922,25 @@ class _Malformed(Exception):
         self.status = status
 
 
+_METHODS = {m.encode(): m for m in ("GET", "POST", "PUT", "DELETE", "PATCH", "HEAD", "OPTIONS")}
+_SCHEMES = {b"http": "http", b"https": "https"}
+
+
+def _join_cookies(items: list) -> list:
+    # RFC 9113 §8.2.3: crumbs are joined with "; " before reaching an HTTP/1.1 world.
+    joined = "; ".join(v for k, v in items if k == "cookie")
+    out = []
+    first = True
+    for k, v in items:
+        if k == "cookie":
+            if first:
+                out.append(("cookie", joined))
+                first = False
+            continue
+        out.append((k, v))
+    return out
+
+
 def _headers_to_list(block, limits, trailers: bool = False) -> tuple[list, dict]:
     """Regular fields → [(str, str)] and pseudo-headers → {bytes: bytes}; raises _Malformed."""
     pseudo: dict[bytes, bytes] = {}
@@ -896,7 +948,6 @@ def _headers_to_list(block, limits, trailers: bool = False) -> tuple[list, dict]
     size = 0
     regular = False
     cookies = 0
-    max_headers = limits.max_headers
     for name, value in block:
         size += len(name) + len(value) + 32
         if name[:1] == b":":
@@ -915,22 +966,85 @@ def _headers_to_list(block, limits, trailers: bool = False) -> tuple[list, dict]
         if n == "cookie":
             cookies += 1
         items.append((n, value.decode("latin-1")))
-    if len(items) > max_headers or size > limits.max_header_bytes:
+    if len(items) > limits.max_headers or size > limits.max_header_bytes:
         raise _Malformed(431, "request header fields too large")
     if cookies > 1:
-        # RFC 9113 §8.2.3: crumbs are joined with "; " before reaching an HTTP/1.1 world.
-        joined = "; ".join(v for k, v in items if k == "cookie")
-        first = True
-        out = []
-        for k, v in items:
-            if k == "cookie":
-                if first:
-                    out.append(("cookie", joined))
-                    first = False
-                continue
-            out.append((k, v))
-        items = out
+        items = _join_cookies(items)
     return items, pseudo
+
+
+def _parse_request(block, limits) -> tuple:
+    """One pass over a request header block → (method, path, scheme, authority, fields,
+    content-length or None); raises _Malformed (RFC 9113 §8.1.1, §8.3.1)."""
+    method = path = scheme = authority = None
+    items: list[tuple[str, str]] = []
+    size = 0
+    regular = False
+    cookies = 0
+    host = None
+    length = None
+    for name, value in block:
+        size += len(name) + len(value) + 32
+        if name[:1] == b":":
+            if regular:
+                raise _Malformed(400, "pseudo-header after a regular field")
+            if name == b":method" and method is None:
+                method = value
+            elif name == b":path" and path is None:
+                path = value
+            elif name == b":scheme" and scheme is None:
+                scheme = value
+            elif name == b":authority" and authority is None:
+                authority = value
+            else:
+                raise _Malformed(400, "unknown or repeated pseudo-header")
+            continue
+        regular = True
+        n = _field_name(name)
+        if n is None:
+            raise _Malformed(400, "invalid header name")
+        if _BAD_VALUE(value):
+            raise _Malformed(400, "invalid header value")
+        v = value.decode("latin-1")
+        if n == "content-length":
+            if not value.isdigit() or (length is not None and int(value) != length):
+                raise _Malformed(400, "invalid content-length")
+            length = int(value)
+        elif n == "te":
+            if value != b"trailers":
+                raise _Malformed(400, "te other than 'trailers'")
+        elif n == "cookie":
+            cookies += 1
+        elif n == "host" and host is None:
+            host = v
+        items.append((n, v))
+    if len(items) > limits.max_headers or size > limits.max_header_bytes:
+        raise _Malformed(431, "request header fields too large")
+    if method is None:
+        raise _Malformed(400, "missing :method")
+    m = _METHODS.get(method)
+    if m is None:
+        if method == b"CONNECT":
+            raise _Malformed(501, "CONNECT is not supported")
+        if not method or _BAD_METHOD(method):
+            raise _Malformed(400, "invalid :method")
+        m = method.decode("ascii")
+    if not path or scheme is None:
+        raise _Malformed(400, "missing :path or :scheme")
+    if _BAD_TARGET(path) or not (path[:1] == b"/" or (path == b"*" and m == "OPTIONS")):
+        raise _Malformed(400, "invalid :path")
+    sch = _SCHEMES.get(scheme)
+    if sch is None:
+        raise _Malformed(400, "invalid :scheme")
+    if authority is not None:
+        if _BAD_TARGET(authority):
+            raise _Malformed(400, "invalid :authority")
+        auth = authority.decode("latin-1")
+    else:
+        auth = host or ""
+    if cookies > 1:
+        items = _join_cookies(items)
+    return m, path.decode("latin-1"), sch, auth, items, length
 
 
 # -- the connection --------------------------------------------------------------------------------
@@ -955,6 +1069,8 @@ class H2Connection(asyncio.Protocol):
         self._held: list[H2Stream] = []     # streams holding back their last DATA chunk
         self._held_bytes = 0
         self._held_stuck = False
+        self._resets = 0                # streams the client reset while we served them
+        self._completed = 0             # streams we finished (answered, refused or reset)
         self._in_receive = False
         self._peer_goaway = False
         self._last_stream_id: int | None = None
@@ -1020,6 +1136,20 @@ class H2Connection(asyncio.Protocol):
                     s = streams.pop(ev.stream_id, None)
                     if s is not None:
                         s._remote_reset(BodyAborted(f"stream reset by client ({_code(ev.error_code)})"))
+                        self._resets += 1
+                        if self._resets > RAPID_RESET_MIN and self._resets > self._completed:
+                            # "Rapid reset" (CVE-2023-44487): streams opened and cancelled at
+                            # once cost us a task each and the client nothing.
+                            self._fail_streams(BodyAborted("too many stream resets"))
+                            try:
+                                h.close_connection(h2.errors.ErrorCodes.ENHANCE_YOUR_CALM,
+                                                   last_stream_id=h.highest_inbound_stream_id)
+                            except h2.exceptions.H2Error:
+                                pass
+                            self._flush_now()
+                            self.closing = True
+                            self.close()
+                            return
                         self._maybe_idle()
                 elif t is _TrailersReceived:
                     s = streams.get(ev.stream_id)
@@ -1095,45 +1225,11 @@ class H2Connection(asyncio.Protocol):
             h.reset_stream(sid, _REFUSED_STREAM)
             return
         try:
-            items, pseudo = _headers_to_list(ev.headers, self.limits)
-            method = pseudo.get(b":method")
-            if not method or _BAD_METHOD(method):
-                raise _Malformed(400, "missing or invalid :method")
-            if method == b"CONNECT":
-                raise _Malformed(501, "CONNECT is not supported")
-            path = pseudo.get(b":path")
-            scheme = pseudo.get(b":scheme")
-            if not path or scheme is None:
-                raise _Malformed(400, "missing :path or :scheme")
-            if _BAD_TARGET(path) or not (path[:1] == b"/" or (path == b"*" and method == b"OPTIONS")):
-                raise _Malformed(400, "invalid :path")
-            if scheme != b"https" and scheme != b"http":
-                raise _Malformed(400, "invalid :scheme")
-            authority = pseudo.get(b":authority")
-            if authority is not None:
-                if _BAD_TARGET(authority):
-                    raise _Malformed(400, "invalid :authority")
-                auth = authority.decode("latin-1")
-            else:
-                auth = ""
-                for k, v in items:
-                    if k == "host":
-                        auth = v
-                        break
-            if len(pseudo) > (4 if authority is not None else 3):
-                raise _Malformed(400, "unknown pseudo-header")
-            expected = None
-            for k, v in items:
-                if k == "content-length":
-                    n = parse_length(v)
-                    if n is None or (expected is not None and n != expected):
-                        raise _Malformed(400, "invalid content-length")
-                    expected = n
+            method, path, scheme, auth, items, expected = _parse_request(ev.headers, self.limits)
         except _Malformed as exc:
             self._reject(sid, exc.status, str(exc), ended=ev.stream_ended is not None)
             return
-        req = RequestHead(method.decode("ascii"), path.decode("latin-1"), Headers(items),
-                          scheme.decode("ascii"), auth, "HTTP/2")
+        req = RequestHead(method, path, Headers(items), scheme, auth, "HTTP/2")
         stream = H2Stream(self, sid, req, expected)
         self.streams[sid] = stream
         task = stream.task = self.loop.create_task(self.handler(stream))
@@ -1189,6 +1285,7 @@ class H2Connection(asyncio.Protocol):
     def _stream_closed(self, s: H2Stream) -> None:
         if self.streams.get(s.stream_id) is s:
             del self.streams[s.stream_id]
+        self._completed += 1
         self.last_activity = time.monotonic()
         self._schedule_flush()
         self._maybe_idle()

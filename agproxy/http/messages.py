@@ -149,12 +149,12 @@ class ResponseHead:
         self.headers = headers
 
 
-class BodyTooLarge(Exception):
-    pass
-
-
 class BodyAborted(Exception):
     """The peer went away (or reset the stream) before the body was complete."""
+
+
+class BodyTooLarge(BodyAborted):
+    """The body passed its limit: what arrived is discarded, the exchange ends in 413."""
 
 
 class BodyReader:
@@ -168,7 +168,7 @@ class BodyReader:
 
     __slots__ = ("_chunks", "_size", "_eof", "_error", "_waiter", "pause", "resume",
                  "_paused", "high_water", "low_water", "on_first_read", "received",
-                 "trailers", "consumed")
+                 "trailers", "consumed", "limit")
 
     def __init__(self, pause=None, resume=None, high_water: int = 256 * 1024, on_first_read=None):
         self._chunks: list[bytes] = []
@@ -185,12 +185,20 @@ class BodyReader:
         self.received = 0
         self.trailers: Headers | None = None
         self.consumed = 0
+        self.limit: int | None = None   # bytes; more fails the body with BodyTooLarge
 
     # -- adapter side -------------------------------------------------------------
     def feed(self, data: bytes) -> None:
+        self.received += len(data)
+        if self.limit is not None and self.received > self.limit:
+            if self._error is None:
+                self._error = BodyTooLarge(f"request body exceeds {self.limit} bytes")
+                self._chunks = []
+                self._size = 0
+                self._wake()
+            return
         self._chunks.append(data)
         self._size += len(data)
-        self.received += len(data)
         if self._size > self.high_water and not self._paused and self.pause is not None:
             self._paused = True
             self.pause()
@@ -224,10 +232,13 @@ class BodyReader:
 
     # -- proxy side -----------------------------------------------------------------
     async def read(self) -> bytes:
-        """The next chunk; b'' at the end. Raises BodyAborted if the peer went away."""
+        """The next chunk; b'' at the end. Raises BodyAborted if the peer went away,
+        BodyTooLarge past `limit`."""
         if self.on_first_read is not None:
             cb, self.on_first_read = self.on_first_read, None
             cb()
+        if self._error is not None and type(self._error) is BodyTooLarge:
+            raise self._error
         while not self._chunks:
             if self._error is not None:
                 raise self._error

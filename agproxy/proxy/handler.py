@@ -25,6 +25,10 @@ log = logging.getLogger("agproxy.proxy")
 _NOT_FOUND = LocalReply.error(404, "no_route", "no route matches this request")
 
 
+def _too_large(limit: int) -> LocalReply:
+    return LocalReply.error(413, "payload_too_large", f"the request body exceeds {limit} bytes")
+
+
 class Gateway:
     def __init__(self, runtime, metrics, access_log: AccessLog):
         self.runtime = runtime
@@ -35,8 +39,16 @@ class Gateway:
         ex = Exchange(stream)
         runtime = self.runtime
         try:
+            limit = runtime.gateway.max_request_body
+            stream.body.limit = limit
+            declared = ex.request.headers.get("content-length")
             route = runtime.router.match(ex.request, ex.conn.listener)
-            if route is None:
+            # (Bytes may have arrived before this task ran: `received` counts them too.)
+            if stream.body.received > limit or (
+                    declared is not None and declared.isdigit() and int(declared) > limit):
+                ex.route = route
+                await self._reply(ex, _too_large(limit))
+            elif route is None:
                 await self._reply(ex, _NOT_FOUND)
             else:
                 ex.route = route
@@ -53,6 +65,12 @@ class Gateway:
             if ex.status == 0:
                 ex.status = 499
             raise
+        except BodyTooLarge:
+            ex.error = "request body too large"
+            if not stream.head_sent:
+                await self._reply(ex, _too_large(stream.body.limit or 0))
+            else:
+                stream.abort()
         except BodyAborted as exc:
             ex.error = f"request body aborted: {exc}"
             if ex.status == 0:

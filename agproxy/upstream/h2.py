@@ -158,6 +158,19 @@ class _ClientStream:
                 return
             conn._schedule_flush()
 
+    def return_window(self) -> None:
+        """DATA withheld while paused still counts against the connection window: hand it
+        back once the stream is over (the stream's own window no longer matters)."""
+        n = self._unacked
+        conn = self.conn
+        if n and conn.transport is not None and not conn._closed:
+            self._unacked = 0
+            try:
+                conn.h2.acknowledge_received_data(n, self.stream_id)
+            except h2.exceptions.H2Error:
+                pass
+            conn._schedule_flush()
+
     def _wake(self, exc: BaseException | None = None) -> None:
         w = self._waiter
         if w is not None and not w.done():
@@ -171,6 +184,7 @@ class _ClientStream:
         if self.closed:
             return
         self.closed = True
+        self.return_window()
         resp = self.response
         if resp is not None and not resp._head.done():
             resp._head.set_exception(head_exc or UpstreamError("reset", str(exc)))
@@ -515,6 +529,7 @@ class H2ClientConnection(asyncio.Protocol):
     def _maybe_done(self, s: _ClientStream) -> None:
         if s.local_ended and s.remote_ended and not s.closed:
             s.closed = True
+            s.return_window()
             self._release(s)
 
     async def request(self, method: str, target: str, headers: Headers,

@@ -319,3 +319,22 @@ access_log = "off"
             s.recv(65536)
         # Now say nothing: the gateway closes the idle connection (recv returns EOF).
         assert s.recv(1) == b""
+
+
+def test_request_body_limit_413(start_gateway, upstream_echo):
+    gw = start_gateway(f'''
+[gateway]
+admin = "127.0.0.1:{{admin_port}}"
+access_log = "off"
+max_request_body = 1000
+''' + route_to(upstream_echo.url))
+    r = httpx.post(gw.url("/declared"), content=b"x" * 1001)
+    assert r.status_code == 413 and r.json()["error"] == "payload_too_large"
+
+    def chunks():
+        for _ in range(10):
+            yield b"y" * 500
+    r = httpx.post(gw.url("/chunked"), content=chunks())
+    assert r.status_code == 413
+    assert httpx.post(gw.url("/small"), content=b"z" * 1000).status_code == 200
+    assert [s["path"] for s in upstream_echo.seen] == ["/small"]

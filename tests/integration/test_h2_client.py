@@ -139,6 +139,23 @@ def test_slow_reader_withholds_window_and_server_waits(server):
     assert data == pattern(n)
 
 
+def test_window_withheld_by_a_finished_unread_response_is_returned(server, monkeypatch):
+    import agproxy.upstream.h2 as up
+    monkeypatch.setattr(up, "MAX_STREAM_WINDOW", 256 * 1024)
+    monkeypatch.setattr(up, "MAX_CONN_WINDOW", 1024 * 1024)
+    monkeypatch.setattr(up, "BODY_HIGH_WATER", 64 * 1024)
+    n = 250 * 1024           # within one stream window: it completes while paused
+
+    async def main():
+        conn = await connect_h2(origin_for(server))
+        for i in range(12):  # 12 x ~180 KiB withheld would exhaust a 1 MiB connection window
+            r = await conn.request("GET", f"/bytes?n={n}&chunk=65536", Headers(), None, timeout=10)
+            await until(lambda: r.body.complete)
+            assert await r.body.read_all(1 << 20) == pattern(n)
+        conn.close()
+    run(main())
+
+
 def test_honours_max_concurrent_streams():
     with H2TestServer(limits=Limits(max_concurrent_streams=2)) as srv:
         async def main():

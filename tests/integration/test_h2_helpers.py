@@ -234,6 +234,12 @@ class H2TestServer:
             stream.send_head(200, Headers([("content-type", "text/plain")]))
             await stream.send_data(b"%d %s" % (len(body), hashlib.sha256(body).hexdigest().encode()))
             await stream.end()
+        elif path.startswith("/answer-unread/"):
+            # Answer without ever reading the request body (once the gate opens).
+            await server._gate(path[len("/answer-unread/"):]).wait()
+            stream.send_head(200, Headers([("content-length", "2")]))
+            await stream.send_data(b"ok")
+            await stream.end()
         elif path == "/read-forever":
             while await stream.body.read():
                 pass
@@ -358,6 +364,31 @@ class RawH2Client:
                 self.remote_settings_seen = True
         self.flush()
         return events
+
+    def send_until_blocked(self, sid: int, body: bytes) -> int:
+        """Send body bytes until the stream's window is empty (taking in WINDOW_UPDATEs as
+        they come, without waiting for more); the number of bytes sent."""
+        sent = 0
+        while sent < len(body):
+            window = self.h2.local_flow_control_window(sid)
+            if window == 0:
+                break
+            n = min(window, self.h2.max_outbound_frame_size, len(body) - sent)
+            self.h2.send_data(sid, body[sent:sent + n])
+            sent += n
+            self.flush()
+            self.sock.setblocking(False)
+            try:
+                data = self.sock.recv(65536)
+                if data:
+                    self.h2.receive_data(data)
+                    self.flush()
+            except BlockingIOError:
+                pass
+            finally:
+                self.sock.setblocking(True)
+                self.sock.settimeout(10)
+        return sent
 
     def read_until(self, predicate) -> None:
         while not predicate():

@@ -9,6 +9,7 @@ import ssl
 import subprocess
 
 import h2.errors
+import h2.exceptions
 import httpx
 import pytest
 
@@ -108,6 +109,28 @@ def test_one_stream_reset_by_client_leaves_the_others(server):
     c.close()
 
 
+def test_rapid_reset_ends_the_connection(server):
+    from agproxy.http.h2 import RAPID_RESET_MIN
+    c = RawH2Client(server.port)
+    try:
+        for _ in range(RAPID_RESET_MIN + 50):
+            sid = c.request("GET", "/gate/rr")
+            c.h2.reset_stream(sid, h2.errors.ErrorCodes.CANCEL)
+            c.flush()
+        c.read_until_closed()
+    except (ConnectionResetError, BrokenPipeError, h2.exceptions.ProtocolError):
+        pass     # the server closed while we were still writing: that is the point
+    assert c.goaway is None or c.goaway.error_code == h2.errors.ErrorCodes.ENHANCE_YOUR_CALM
+    server.wait_until(lambda: not server.conns)
+    # Other clients are unaffected.
+    other = RawH2Client(server.port)
+    sid = other.request("GET", "/echo")
+    other.response(sid)
+    assert other.status(sid) == 200
+    other.close()
+    c.close()
+
+
 def test_rst_stream_cancels_the_handler_task(server):
     c = RawH2Client(server.port)
     sid = c.request("GET", "/gate/never")
@@ -139,27 +162,8 @@ def test_request_body_is_flow_controlled_until_the_proxy_reads(server):
     sid = c.request("POST", "/hold-body/up", body=None, end=False)
     # Send what the windows allow; the server acknowledges only what its reader takes in,
     # and the reader stops taking at its high-water mark: the client must run dry.
-    sent = 0
-    while True:
-        window = c.h2.local_flow_control_window(sid)
-        if window == 0:
-            break
-        n = min(window, c.h2.max_outbound_frame_size, len(body) - sent)
-        c.h2.send_data(sid, body[sent:sent + n])
-        sent += n
-        c.flush()
-        # take in any WINDOW_UPDATE the server chose to send
-        c.sock.setblocking(False)
-        try:
-            data = c.sock.recv(65536)
-            if data:
-                c.h2.receive_data(data)
-                c.flush()
-        except BlockingIOError:
-            pass
-        finally:
-            c.sock.setblocking(True)
-            c.sock.settimeout(10)
+    sent = c.send_until_blocked(sid, body)
+    server.wait_until(lambda: "/hold-body/up" in server.streams)
     stream = server.streams["/hold-body/up"]
     limit = Limits().body_high_water + server.call(lambda: stream.proto.stream_window) + 65536
     assert sent < len(body) and sent <= limit
@@ -169,6 +173,29 @@ def test_request_body_is_flow_controlled_until_the_proxy_reads(server):
     length, digest = bytes(r["data"]).split()
     assert int(length) == len(body) and digest.decode() == hashlib.sha256(body).hexdigest()
     c.close()
+
+
+def test_withheld_window_is_returned_when_a_stream_ends_unread():
+    # A small connection window: streams answered without reading their (paused) bodies
+    # must give their withheld bytes back, or the connection stalls after a few of them.
+    limits = Limits(max_concurrent_streams=2, body_high_water=16384)   # pauses inside the first window
+    with H2TestServer(limits=limits) as srv:
+        c = RawH2Client(srv.port)
+        c.read_until(lambda: c.remote_settings_seen)
+        conn_window = srv.call(lambda: next(iter(srv.conns)).conn_window)
+        body = pattern(1024 * 1024)
+        for i in range(12):
+            sid = c.request("POST", f"/answer-unread/w{i}", end=False)
+            sent = c.send_until_blocked(sid, body)
+            assert sent < len(body)
+            srv.release(f"w{i}")
+            c.response(sid)
+            assert c.status(sid) == 200
+        assert 12 * (65535 - 16384 - 16384) > conn_window   # what 12 paused streams withhold, at least
+        sid = c.request("POST", "/echo", body=pattern(300_000))
+        doc = json.loads(bytes(c.response(sid)["data"]))
+        assert doc["body_len"] == 300_000
+        c.close()
 
 
 def test_response_waits_for_the_client_window(server):

@@ -10,8 +10,6 @@ from hpack.exceptions import HPACKDecodingError, InvalidTableIndexError, Oversiz
 from hpack.huffman import HuffmanEncoder
 from hpack.huffman_constants import REQUEST_CODES, REQUEST_CODES_LENGTH
 
-from agproxy.http import h2 as h2mod
-from agproxy.http.h1 import Limits
 from agproxy.http.h2 import FastDecoder, FastEncoder, huffman_decode
 
 _huff = HuffmanEncoder(REQUEST_CODES, REQUEST_CODES_LENGTH)
@@ -122,27 +120,3 @@ def test_decoder_errors():
     d.max_header_list_size = 100
     with pytest.raises(OversizedHeaderListError):
         d.decode(hpack.Encoder().encode([(b"x", b"y" * 200)]))
-
-
-def test_request_validation():
-    lim = Limits(max_headers=5, max_header_bytes=1000)
-    items, pseudo = h2mod._headers_to_list(
-        [(b":method", b"GET"), (b":path", b"/"), (b"a", b"1"), (b"cookie", b"x=1"), (b"cookie", b"y=2")], lim)
-    assert pseudo == {b":method": b"GET", b":path": b"/"}
-    assert items == [("a", "1"), ("cookie", "x=1; y=2")]
-    for bad in ([(b"a", b"1"), (b":path", b"/")],          # pseudo after regular
-                [(b"A", b"1")], [(b"connection", b"x")], [(b"te", b"gzip")],
-                [(b"x", b"a\nb")], [(b":path", b"/"), (b":path", b"/")]):
-        with pytest.raises(h2mod._Malformed) as e:
-            h2mod._headers_to_list(bad, lim)
-        assert e.value.status == 400
-    with pytest.raises(h2mod._Malformed) as e:
-        h2mod._headers_to_list([(b"x%d" % i, b"v") for i in range(6)], lim)
-    assert e.value.status == 431
-
-
-def test_response_block_drops_connection_specific_fields():
-    from agproxy.http.messages import Headers
-    block = h2mod.response_block(200, Headers([("connection", "close"), ("Content-Type", "text/plain"),
-                                               ("transfer-encoding", "chunked"), ("x-v", "é")]))
-    assert block == [(b":status", b"200"), (b"content-type", b"text/plain"), (b"x-v", "é".encode("latin-1"))]
