@@ -43,7 +43,7 @@ import h2.exceptions
 import h2.settings
 
 from agproxy.http.h2 import (CONNECTION_SPECIFIC, FLUSH_THRESHOLD, MAX_CONN_WINDOW, MAX_STREAM_WINDOW,
-                             GatewayH2, apply_settings, client_config, name_bytes, parse_length)
+                             GatewayH2, apply_settings, client_config, field_ok, name_bytes, parse_length)
 from agproxy.http.messages import BodyAborted, BodyReader, Headers
 from agproxy.upstream.errors import UpstreamError, UpstreamTimeout
 from agproxy.upstream.h1 import UpstreamResponse
@@ -98,10 +98,7 @@ async def connect_h2(origin, metrics=None) -> "H2ClientConnection":
             conn.close()
         raise
     if metrics is not None:
-        try:
-            metrics.upstream_connect(origin.authority, time.monotonic() - start)
-        except Exception:
-            pass
+        metrics.upstream_connect(origin.authority, time.monotonic() - start)
     return conn
 
 
@@ -259,7 +256,6 @@ class H2ClientConnection(asyncio.Protocol):
         self._queued_bytes = 0
         self._in_receive = False
         self.last_used = time.monotonic()
-        self.requests = 0
 
     # -- asyncio.Protocol ---------------------------------------------------------------
     def connection_made(self, transport) -> None:
@@ -323,8 +319,15 @@ class H2ClientConnection(asyncio.Protocol):
                 elif t is _TrailersReceived:
                     s = streams.get(ev.stream_id)
                     if s is not None:
-                        s._trailers = Headers([(n.decode("latin-1"), v.decode("latin-1"))
-                                               for n, v in ev.headers if n[:1] != b":"])
+                        items = []
+                        for n, v in ev.headers:
+                            if n[:1] == b":" or not field_ok(n, v):
+                                # a field that would be a header injection downstream
+                                s.cancel(_PROTOCOL_ERROR)
+                                break
+                            items.append((n.decode("latin-1"), v.decode("latin-1")))
+                        else:
+                            s._trailers = Headers(items)
                 elif t is _StreamReset:
                     s = streams.get(ev.stream_id)
                     if s is not None:
@@ -397,6 +400,11 @@ class H2ClientConnection(asyncio.Protocol):
                     except ValueError:
                         status = 0
                 continue
+            if not field_ok(n, v):
+                # Uppercase or odd names, CR/LF/NUL in values: malformed in HTTP/2, and a
+                # response-splitting vector for an HTTP/1.1 client downstream.
+                status = 0
+                break
             name = n.decode("latin-1")
             value = v.decode("latin-1")
             if name == "content-length":
@@ -404,9 +412,9 @@ class H2ClientConnection(asyncio.Protocol):
             items.append((name, value))
         resp = s.response
         if status < 200 or status > 999 or resp is None:
-            s.cancel(_PROTOCOL_ERROR)
             if resp is not None and not resp._head.done():
-                resp._head.set_exception(UpstreamError("protocol", "invalid :status from upstream"))
+                resp._head.set_exception(UpstreamError("protocol", "malformed response head from upstream"))
+            s.cancel(_PROTOCOL_ERROR)
             return
         if s.head_only or status in (204, 304):
             s._expected = None
@@ -550,7 +558,6 @@ class H2ClientConnection(asyncio.Protocol):
         s = _ClientStream(self, sid, method == "HEAD")
         resp = s.response = H2Response(s)
         self.streams[sid] = s
-        self.requests += 1
         block = request_block(method, target, headers, self.origin.scheme, self.origin.authority)
         try:
             if body is None or (not isinstance(body, BodyReader) and not body):

@@ -227,6 +227,22 @@ def test_stream_reset_before_and_after_the_head(server):
     assert run(main()) == 200
 
 
+def test_response_fields_that_would_split_an_http1_response_are_refused(server):
+    async def main():
+        conn = await connect_h2(origin_for(server))
+        with pytest.raises(UpstreamError) as e:
+            await conn.request("GET", "/bad-header", Headers(), None, timeout=10)
+        assert e.value.kind == "protocol"
+        r = await conn.request("GET", "/bad-trailer", Headers(), None, timeout=10)
+        with pytest.raises(BodyAborted):
+            await r.body.read_all(1000)
+        r = await conn.request("GET", "/echo", Headers(), None, timeout=10)    # the connection is fine
+        status = r.status
+        conn.close()
+        return status
+    assert run(main()) == 200
+
+
 def test_connection_loss_mid_body_fails_the_body(server):
     async def main():
         conn = await connect_h2(origin_for(server))

@@ -262,6 +262,14 @@ class H2TestServer:
                                            ("proxy-connection", "x"), ("x-kept", "yes")]))
             await stream.send_data(b"ok")
             await stream.end()
+        elif path == "/bad-header":
+            # h2 frames carry any octets; an HTTP/1.1 client downstream must never see these.
+            stream.send_head(200, Headers([("x-split", "a\r\nset-cookie: evil=1")]))
+            await stream.end()
+        elif path == "/bad-trailer":
+            stream.send_head(200, Headers())
+            await stream.send_data(b"body")
+            await stream.end(Headers([("grpc-status", "0\r\nx: y")]))
         elif path == "/head-only":
             stream.send_head(204, Headers())
             await stream.end()
@@ -321,7 +329,6 @@ class RawH2Client:
             window = self.h2.local_flow_control_window(sid)
             if window <= 0:
                 self.flush()
-                before = pos
                 self.read_once()
                 if self.responses[sid]["reset"] is not None:
                     return
