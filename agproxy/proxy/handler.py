@@ -15,7 +15,7 @@ import asyncio
 import logging
 import time
 
-from agproxy.http.messages import BodyAborted, BodyTooLarge, Headers, ServerStream
+from agproxy.http.messages import BodyAborted, BodyTooLarge, ServerStream
 from agproxy.proxy.exchange import Exchange
 from agproxy.proxy.filter import LocalReply
 from agproxy.telemetry.access_log import AccessLog, now_iso

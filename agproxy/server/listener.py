@@ -20,6 +20,7 @@ from typing import Callable
 
 from agproxy.config.model import GatewayConfig, ListenerConfig
 from agproxy.http.h1 import H1Connection, Limits
+from agproxy.http.h2 import H2Connection   # at import: its tables cost ~130 ms to build
 from agproxy.http.messages import ConnInfo
 from agproxy.server.tls import server_context
 
@@ -167,7 +168,6 @@ class Listener:
 
     def _switch_to_h2(self, info: ConnInfo):
         def switch(transport, data: bytes) -> None:
-            from agproxy.http.h2 import H2Connection
             info.alpn = info.alpn or "h2c"
             proto = H2Connection(self.handler, info, self.limits, tracker=self.tracker)
             transport.set_protocol(proto)

@@ -17,7 +17,6 @@ import asyncio
 import logging
 import os
 import signal
-import sys
 
 from agproxy.config.reader import ConfigError
 from agproxy.proxy.build import load_runtime

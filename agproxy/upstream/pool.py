@@ -19,6 +19,7 @@ from typing import Any
 from agproxy.http.messages import BodyAborted, BodyReader, Headers
 from agproxy.upstream.errors import UpstreamError, UpstreamTimeout
 from agproxy.upstream.h1 import H1ClientConnection, UpstreamResponse
+from agproxy.upstream.h2 import connect_h2
 from agproxy.upstream.origin import Origin
 
 __all__ = ["Pool", "Origin", "UpstreamResponse", "UpstreamError", "get_pool", "set_pool"]
@@ -198,27 +199,40 @@ class Pool:
 
     # -- HTTP/2 ------------------------------------------------------------------------
     async def _request_h2(self, origin, method, target, headers, body, timeout) -> UpstreamResponse:
-        from agproxy.upstream.h2 import connect_h2
+        replayable = not isinstance(body, BodyReader)
+        for attempt in (0, 1):
+            conn = await self._h2_connection(origin)
+            try:
+                return await conn.request(method, target, headers, body, timeout=timeout)
+            except UpstreamError as exc:
+                if not conn.usable:
+                    self._h2.pop(origin.key, None)
+                if attempt == 0 and exc.retryable and replayable:
+                    continue   # e.g. the upstream sent GOAWAY before taking this stream
+                raise
+        raise AssertionError("unreachable")
+
+    async def _h2_connection(self, origin):
         conn = self._h2.get(origin.key)
-        if conn is None or not conn.usable:
-            pending = self._h2_connecting.get(origin.key)
-            if pending is None:
-                pending = asyncio.get_running_loop().create_future()
-                self._h2_connecting[origin.key] = pending
-                try:
-                    conn = await connect_h2(origin, self.metrics)
-                    self._h2[origin.key] = conn
-                    self.connections_opened += 1
-                    pending.set_result(conn)
-                except BaseException as exc:
-                    pending.set_exception(exc)
-                    pending.exception()  # mark retrieved
-                    raise
-                finally:
-                    self._h2_connecting.pop(origin.key, None)
-            else:
-                conn = await asyncio.shield(pending)
-        return await conn.request(method, target, headers, body, timeout=timeout)
+        if conn is not None and conn.usable:
+            return conn
+        pending = self._h2_connecting.get(origin.key)
+        if pending is not None:
+            return await asyncio.shield(pending)
+        pending = asyncio.get_running_loop().create_future()
+        self._h2_connecting[origin.key] = pending
+        try:
+            conn = await connect_h2(origin, self.metrics)
+            self._h2[origin.key] = conn
+            self.connections_opened += 1
+            pending.set_result(conn)
+            return conn
+        except BaseException as exc:
+            pending.set_exception(exc)
+            pending.exception()  # retrieved: waiters re-raise it, nobody else needs to
+            raise
+        finally:
+            self._h2_connecting.pop(origin.key, None)
 
 
 _pools: "weakref.WeakKeyDictionary[asyncio.AbstractEventLoop, Pool]" = weakref.WeakKeyDictionary()

@@ -10,7 +10,7 @@ from hpack.exceptions import HPACKDecodingError, InvalidTableIndexError, Oversiz
 from hpack.huffman import HuffmanEncoder
 from hpack.huffman_constants import REQUEST_CODES, REQUEST_CODES_LENGTH
 
-from agproxy.http.h2 import FastDecoder, FastEncoder, huffman_decode
+from agproxy.http.hpack_codec import FastDecoder, FastEncoder, huffman_decode
 
 _huff = HuffmanEncoder(REQUEST_CODES, REQUEST_CODES_LENGTH)
 
