@@ -15,13 +15,13 @@ what the same relay did with httptools; this is the hot path.
 from __future__ import annotations
 
 import asyncio
-import socket
 from typing import Callable
 
 import httptools
 
 from agproxy.http.messages import BodyAborted, BodyReader, Headers
 from agproxy.upstream.errors import UpstreamError, UpstreamTimeout
+from agproxy.upstream.origin import set_nodelay
 
 
 class UpstreamResponse:
@@ -89,12 +89,7 @@ class H1ClientConnection(asyncio.Protocol):
     # -- asyncio.Protocol -------------------------------------------------------------
     def connection_made(self, transport) -> None:
         self.transport = transport
-        sock = transport.get_extra_info("socket")
-        if sock is not None:
-            try:
-                sock.setsockopt(socket.IPPROTO_TCP, socket.TCP_NODELAY, 1)
-            except OSError:
-                pass
+        set_nodelay(transport)
 
     def data_received(self, data: bytes) -> None:
         self._got_bytes = True

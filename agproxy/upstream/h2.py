@@ -34,7 +34,6 @@ from __future__ import annotations
 
 import asyncio
 import collections
-import socket
 import time
 
 import h2.errors
@@ -46,6 +45,7 @@ from agproxy.http.h2 import (CONNECTION_SPECIFIC, FLUSH_THRESHOLD, MAX_CONN_WIND
                              GatewayH2, apply_settings, client_config, field_ok, name_bytes, parse_length)
 from agproxy.http.messages import BodyAborted, BodyReader, Headers
 from agproxy.upstream.errors import UpstreamError, UpstreamTimeout
+from agproxy.upstream.origin import set_nodelay
 from agproxy.upstream.h1 import UpstreamResponse
 
 __all__ = ["connect_h2", "H2ClientConnection", "H2Response"]
@@ -260,12 +260,7 @@ class H2ClientConnection(asyncio.Protocol):
     # -- asyncio.Protocol ---------------------------------------------------------------
     def connection_made(self, transport) -> None:
         self.transport = transport
-        sock = transport.get_extra_info("socket")
-        if sock is not None:
-            try:
-                sock.setsockopt(socket.IPPROTO_TCP, socket.TCP_NODELAY, 1)
-            except OSError:
-                pass
+        set_nodelay(transport)
         if self.origin.tls:
             sslobj = transport.get_extra_info("ssl_object")
             alpn = sslobj.selected_alpn_protocol() if sslobj is not None else None
