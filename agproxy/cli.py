@@ -71,11 +71,8 @@ def cmd_run(path: str, workers_override: int | None) -> int:
         return 1
     from agproxy.telemetry.metrics import Metrics
     metrics = Metrics(prefix)
-    if workers == 1:
-        from agproxy.server.worker import run_worker
-        return run_worker(path, metrics)
-    from agproxy.server.supervisor import run_supervisor
-    return run_supervisor(path, workers, metrics)
+    from agproxy.app import serve
+    return serve(path, workers, metrics)
 
 
 def main(argv: list[str] | None = None) -> int:

@@ -17,16 +17,20 @@ import asyncio
 import logging
 import os
 import signal
+from typing import Callable
 
 from agproxy.config.reader import ConfigError
-from agproxy.proxy.build import load_runtime
 
 log = logging.getLogger("agproxy.server")
 
 
 class Supervisor:
-    def __init__(self, config_path: str, workers: int, metrics):
+    def __init__(self, config_path: str, workers: int, metrics, load: Callable, run_child: Callable):
+        """`load()` builds a snapshot (ConfigError when invalid); `run_child(index, on_ready)`
+        serves as worker `index` in a forked child and returns its exit code."""
         self.config_path = config_path
+        self.load = load
+        self.run_child = run_child
         self.n = workers
         self.metrics = metrics
         self.children: dict[int, int] = {}    # pid -> index
@@ -45,12 +49,10 @@ class Supervisor:
             for sig in (signal.SIGTERM, signal.SIGINT, signal.SIGHUP, signal.SIGCHLD):
                 signal.signal(sig, signal.SIG_DFL)
             try:
-                from agproxy.server.worker import run_worker
-
                 def ready() -> None:
                     os.write(w, b"r")
                     os.close(w)
-                code = run_worker(self.config_path, self.metrics, serve_admin=False, index=index, on_ready=ready)
+                code = self.run_child(index, ready)
             except BaseException:
                 logging.getLogger("agproxy.server").exception("worker %d failed", index)
             finally:
@@ -81,7 +83,7 @@ class Supervisor:
 
     async def main(self) -> int:
         loop = asyncio.get_running_loop()
-        self.runtime = load_runtime(self.config_path)
+        self.runtime = self.load()
         for i in range(self.n):
             self.spawn(i)
         admin_listener = None
@@ -113,7 +115,7 @@ class Supervisor:
 
     def _reload(self) -> None:
         try:
-            new = load_runtime(self.config_path)
+            new = self.load()
         except ConfigError as exc:
             log.error("reload of %s rejected, keeping the running config:\n%s", self.config_path, exc)
             return
@@ -147,6 +149,6 @@ def _kill(pid: int, sig: int) -> None:
         pass
 
 
-def run_supervisor(config_path: str, workers: int, metrics) -> int:
+def run_supervisor(supervisor: Supervisor) -> int:
     # The stdlib loop, not uvloop: uvloop reserves SIGCHLD, and the supervisor is off the hot path.
-    return asyncio.run(Supervisor(config_path, workers, metrics).main())
+    return asyncio.run(supervisor.main())

@@ -20,8 +20,6 @@ from typing import Callable
 
 from agproxy.admin import Admin
 from agproxy.config.reader import ConfigError
-from agproxy.proxy.build import Runtime, load_runtime
-from agproxy.proxy.handler import Gateway
 from agproxy.server.listener import ConnectionTracker, Listener
 from agproxy.telemetry.access_log import AccessLog
 from agproxy.upstream.pool import Pool, set_pool
@@ -30,15 +28,22 @@ log = logging.getLogger("agproxy.server")
 
 
 class Worker:
-    def __init__(self, config_path: str, metrics, *, serve_admin: bool = True, index: int = 0,
-                 on_ready: Callable[[], None] | None = None):
+    """`load(pool)` builds a runtime snapshot from the config file (raising ConfigError);
+    `make_gateway(runtime, access_log)` returns the request handler, an object with
+    `.handle(stream)` and a swappable `.runtime`. Both come from agproxy.app, which
+    wires the layers above this one (proxy/, filters/, backends/) in."""
+
+    def __init__(self, config_path: str, metrics, load: Callable, make_gateway: Callable, *,
+                 serve_admin: bool = True, index: int = 0, on_ready: Callable[[], None] | None = None):
         self.config_path = config_path
+        self.load = load
+        self.make_gateway = make_gateway
         self.metrics = metrics
         self.serve_admin = serve_admin
         self.index = index
         self.on_ready = on_ready
-        self.runtime: Runtime | None = None
-        self.gateway: Gateway | None = None
+        self.runtime = None
+        self.gateway = None
         self.listeners: list[Listener] = []
         self.admin_listener: Listener | None = None
         self.tracker = ConnectionTracker()
@@ -52,10 +57,10 @@ class Worker:
         self._stop = asyncio.Event()
         self.pool = Pool(metrics=self.metrics)
         set_pool(self.pool)
-        runtime = load_runtime(self.config_path, self.pool, self.metrics)
+        runtime = self.load(self.pool)
         self.runtime = runtime
         access_log = AccessLog(runtime.gateway.access_log)
-        self.gateway = Gateway(runtime, self.metrics, access_log)
+        self.gateway = self.make_gateway(runtime, access_log)
         await runtime.start()   # background work (credentials, JWKS) begins before traffic does
         for lcfg in runtime.listeners:
             gauge = self.metrics.active.labels(lcfg.name) if self.metrics is not None else None
@@ -81,7 +86,7 @@ class Worker:
             await self.runtime.stop()
         return 0
 
-    def start_admin(self, runtime: Runtime) -> None:
+    def start_admin(self, runtime) -> None:
         from agproxy.config.model import ListenerConfig
         host, port = runtime.gateway.admin  # type: ignore[misc]
         admin = Admin(lambda: self.runtime, self.metrics, self.not_ready)
@@ -105,7 +110,7 @@ class Worker:
 
     async def reload(self) -> bool:
         try:
-            new = load_runtime(self.config_path, self.pool, self.metrics)
+            new = self.load(self.pool)
         except ConfigError as exc:
             log.error("reload of %s rejected, keeping the running config:\n%s", self.config_path, exc)
             self._count_reload("rejected")
@@ -163,8 +168,6 @@ class Worker:
         loop.call_later(max(0.5, min(idle_timeout / 4, 5.0)), sweep)
 
 
-def run_worker(config_path: str, metrics, *, serve_admin: bool = True, index: int = 0,
-               on_ready: Callable[[], None] | None = None) -> int:
+def run_worker(worker: Worker) -> int:
     import uvloop
-    worker = Worker(config_path, metrics, serve_admin=serve_admin, index=index, on_ready=on_ready)
     return uvloop.run(worker.main())
