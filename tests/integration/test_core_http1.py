@@ -338,3 +338,35 @@ max_request_body = 1000
     assert r.status_code == 413
     assert httpx.post(gw.url("/small"), content=b"z" * 1000).status_code == 200
     assert [s["path"] for s in upstream_echo.seen] == ["/small"]
+
+
+def test_head_204_and_http10_framing(start_gateway, upstream_echo):
+    gw = start_gateway(route_to(upstream_echo.url))
+    # HEAD: the upstream's content-length is relayed, no body follows, the connection stays usable.
+    with socket.create_connection(("127.0.0.1", gw.port), timeout=5) as s:
+        s.sendall(b"HEAD /h HTTP/1.1\r\nHost: x\r\n\r\nGET /status/204 HTTP/1.1\r\nHost: x\r\n\r\n"
+                  b"GET /after HTTP/1.1\r\nHost: x\r\nConnection: close\r\n\r\n")
+        out = b""
+        while True:
+            data = s.recv(65536)
+            if not data:
+                break
+            out += data
+    first, _, rest = out.partition(b"\r\n\r\n")
+    assert first.startswith(b"HTTP/1.1 200") and b"content-length:" in first.lower()
+    assert rest.startswith(b"HTTP/1.1 204"), rest[:80]
+    second, _, rest = rest.partition(b"\r\n\r\n")
+    assert b"transfer-encoding" not in second.lower()
+    assert rest.startswith(b"HTTP/1.1 200") and b'"/after"' in rest
+    # HTTP/1.0 without keep-alive: answered, then closed.
+    out = raw_exchange(gw.port, b"GET /ten HTTP/1.0\r\n\r\n")
+    assert out.startswith(b"HTTP/1.1 200") and b'"/ten"' in out
+
+
+def test_large_bodies_stream_both_ways(start_gateway, upstream_echo):
+    gw = start_gateway(route_to(upstream_echo.url, timeout="30s"))
+    big = bytes(range(256)) * 8192          # 2 MiB up
+    r = httpx.post(gw.url("/big"), content=big, timeout=30)
+    assert r.status_code == 200 and len(r.json()["body"].encode("latin-1")) == len(big)
+    r = httpx.get(gw.url("/bytes?n=5000000"), timeout=30)   # 5 MB down
+    assert r.status_code == 200 and len(r.content) == 5_000_000

@@ -120,8 +120,11 @@ class _Handler(BaseHTTPRequestHandler):
             return
         if url.path.startswith("/status/"):
             status = int(url.path.rsplit("/", 1)[1])
-            payload = json.dumps({"status": status}).encode()
             self.send_response(status)
+            if status in (204, 304):   # no body, no content-length (RFC 9110 §8.6)
+                self.end_headers()
+                return
+            payload = json.dumps({"status": status}).encode()
             self.send_header("content-type", "application/json")
             self.send_header("content-length", str(len(payload)))
             self.end_headers()
