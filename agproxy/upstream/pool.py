@@ -26,7 +26,7 @@ __all__ = ["Pool", "Origin", "UpstreamResponse", "UpstreamError", "get_pool", "s
 
 
 class Pool:
-    def __init__(self, *, max_idle_per_origin: int = 128, idle_timeout: float = 60.0,
+    def __init__(self, *, max_idle_per_origin: int = 1024, idle_timeout: float = 60.0,
                  metrics: Any = None):
         self.max_idle = max_idle_per_origin
         self.idle_timeout = idle_timeout
