@@ -61,13 +61,13 @@ def request_body(ex) -> tuple[bytes | BodyReader | None, int | None]:
     if ex.body is not None:
         return ex.body, len(ex.body)
     body = ex.stream.body
+    if body.error is not None:
+        raise body.error        # e.g. BodyTooLarge: the handler answers 413
     if body.at_eof:
         return None, None
     if body.complete:
         # Everything already arrived with the head: send it in the same write.
-        data = b"".join(body._chunks)
-        body._chunks.clear()
-        body._size = 0
+        data = body.take_buffered()
         return data, len(data)
     length = ex.request.headers.get("content-length")
     return body, int(length) if length and length.isdigit() else None
@@ -84,8 +84,8 @@ async def relay(ex, origin: Origin, method: str, target: str, headers: Headers,
     except UpstreamError as exc:
         ex.upstream_time = time.monotonic() - start
         ex.error = str(exc)
-        if type(getattr(ex.stream.body, "_error", None)) is BodyTooLarge:
-            await _local(ex, 413, "payload_too_large", str(ex.stream.body._error))
+        if type(ex.stream.body.error) is BodyTooLarge:
+            await _local(ex, 413, "payload_too_large", str(ex.stream.body.error))
         elif exc.kind == "timeout":
             await _local(ex, 504, "upstream_timeout", "the upstream did not answer in time")
         else:

@@ -222,6 +222,11 @@ class BodyReader:
                 w.set_result(None)
 
     @property
+    def error(self) -> BaseException | None:
+        """Why the body failed (BodyAborted, BodyTooLarge), or None."""
+        return self._error
+
+    @property
     def at_eof(self) -> bool:
         return self._eof and not self._chunks
 
@@ -252,6 +257,17 @@ class BodyReader:
         else:
             data = b"".join(self._chunks)
             self._chunks = []
+        self._size = 0
+        self.consumed += len(data)
+        if self._paused and self.resume is not None:
+            self._paused = False
+            self.resume()
+        return data
+
+    def take_buffered(self) -> bytes:
+        """Everything received and not yet read, at once (no waiting, no 100-continue)."""
+        data = b"".join(self._chunks)
+        self._chunks = []
         self._size = 0
         self.consumed += len(data)
         if self._paused and self.resume is not None:
