@@ -96,6 +96,10 @@ def make_signing_key(private: Any, kid: str, alg: str | None = None) -> SigningK
         raise KeyError_(f"{alg} needs an RSA key")
     if alg.startswith("ES") and not isinstance(private, ec.EllipticCurvePrivateKey):
         raise KeyError_(f"{alg} needs an EC key")
+    if alg.startswith("ES"):
+        curve = {"ES256": "secp256r1", "ES384": "secp384r1"}[alg]
+        if private.curve.name != curve:
+            raise KeyError_(f"{alg} needs a key on {curve}, this one is on {private.curve.name}")
     if isinstance(private, rsa.RSAPrivateKey) and private.key_size < 2048:
         raise KeyError_("RSA keys must be at least 2048 bits")
     return SigningKey(kid, alg, private, public_jwk(private, kid, alg))

@@ -512,7 +512,14 @@ def build(sec: Section, ctx: Any) -> TokenExchangeService | None:
     audiences = sec.str_list("audiences", None)
     default_client = sec.str("client_id", "agproxy")
     listener = sec.str("listener", None)
+    names = [l.name for l in ctx.cfg.listeners]
+    if listener is not None and names and listener not in names:
+        from agproxy.config.reader import did_you_mean
+        sec.error("listener", f"unknown listener {listener!r}" + did_you_mean(listener, names))
     allowed_subject = sec.str_list("allowed_subject_claims", [])
+    for name in allowed_subject or ():
+        if name in RESERVED:
+            sec.error("allowed_subject_claims", f"{name!r} is set by the token service and cannot be copied")
     allowed_actor = sec.str_list("allowed_actor_claims", [])
     enforce = sec.bool("enforce_may_act", False)
     require_actor = sec.bool("require_actor", True)

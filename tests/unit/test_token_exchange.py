@@ -370,3 +370,48 @@ def test_forward_token_limits_and_strips():
     obo = ForwardTokenFilter("X-Custom", "obo", "", 4096)
     r = obo.on_request(FakeEx("a.b.c"))
     assert r.status == 401
+
+
+def test_signing_key_curve_must_match_its_alg():
+    import pytest as _pytest
+    from cryptography.hazmat.primitives.asymmetric import ec as _ec
+    from agproxy.identity.minting import KeyError_, make_signing_key
+    p384 = _ec.generate_private_key(_ec.SECP384R1())
+    assert make_signing_key(p384, "k").alg == "ES384"
+    with _pytest.raises(KeyError_, match="ES256 needs a key on secp256r1"):
+        make_signing_key(p384, "k", "ES256")
+
+
+def test_token_exchange_config_checks_listener_and_reserved_claims(tmp_path):
+    import subprocess
+    from tests.support.gateway import ROOT, agproxy_cmd
+    conf = ROOT / "conf"
+    cfg = tmp_path / "te.toml"
+    cfg.write_text(f'''
+[[listener]]
+name = "main"
+bind = "127.0.0.1:8080"
+
+[jwt_provider.idp]
+issuer = "https://idp.example.com"
+jwks = {{ file = "{conf}/agentcore/idp-jwks.json" }}
+
+[token_exchange]
+issuer = "http://127.0.0.1:8080"
+signing_keys = [{{ file = "{conf}/agentcore/obo-signing-1.pem", kid = "k1" }}]
+subject_issuers = ["idp"]
+listener = "mian"
+allowed_subject_claims = ["groups", "sub"]
+
+[[route]]
+name = "r"
+match = {{ path_prefix = "/" }}
+backend = "s"
+
+[backend.s]
+type = "static"
+''')
+    r = subprocess.run(agproxy_cmd() + ["validate", str(cfg)], capture_output=True, text=True, timeout=60)
+    assert r.returncode == 1
+    assert "token_exchange.listener: unknown listener 'mian' (did you mean \"main\"?)" in r.stderr
+    assert "token_exchange.allowed_subject_claims: 'sub' is set by the token service" in r.stderr
