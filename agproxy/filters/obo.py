@@ -190,6 +190,10 @@ def build(sec: Section, ctx: Any) -> OboFilter | None:
         sec.error("actor", "[token_exchange].actor_issuers must name the provider that verifies this actor token")
     if actor is None or not isinstance(audience, str):
         return None
+    if service.fixed_audiences is not None and audience not in service.fixed_audiences:
+        sec.error("audience", f"{audience!r} is not in [token_exchange].audiences: "
+                              "the token service would refuse every exchange (invalid_target)")
+        return None
     service.register_audience(audience)
     policy = ClaimPolicy(tuple(allowed_subject or ()), tuple(allowed_actor or ()), bool(enforce), True)
     return OboFilter(service, actor, audience, policy, scope, refresh_before or 30.0, cache_size)

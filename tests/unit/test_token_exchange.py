@@ -415,3 +415,18 @@ type = "static"
     assert r.returncode == 1
     assert "token_exchange.listener: unknown listener 'mian' (did you mean \"main\"?)" in r.stderr
     assert "token_exchange.allowed_subject_claims: 'sub' is set by the token service" in r.stderr
+
+
+def test_obo_audience_outside_token_exchange_audiences_is_a_config_error(tmp_path):
+    import subprocess
+    from tests.support.gateway import ROOT, agproxy_cmd
+    text = (ROOT / "conf" / "agentcore-obo.toml").read_text()
+    text = text.replace('subject_issuers = ["idp"]', 'subject_issuers = ["idp"]\naudiences = ["other-agent"]')
+    cfg = ROOT / "conf" / f".test-{tmp_path.name}.toml"     # beside the demo files it names
+    cfg.write_text(text)
+    try:
+        r = subprocess.run(agproxy_cmd() + ["validate", str(cfg)], capture_output=True, text=True, timeout=60)
+    finally:
+        cfg.unlink()
+    assert r.returncode == 1
+    assert "route[0].obo.audience: 'support-agent' is not in [token_exchange].audiences" in r.stderr
