@@ -28,6 +28,7 @@ from typing import Callable
 
 import httptools
 
+from agproxy.http.flow import WriteFlowControl
 from agproxy.http.messages import BodyAborted, BodyReader, ConnInfo, Headers, RequestHead, ServerStream
 
 H2_PREFACE = b"PRI * HTTP/2.0\r\n\r\nSM\r\n\r\n"
@@ -159,8 +160,10 @@ class H1Stream(ServerStream):
         self.proto.close(abort=True)
 
 
-class H1Connection(asyncio.Protocol):
+class H1Connection(WriteFlowControl, asyncio.Protocol):
     """One client connection speaking HTTP/1.1 (or switching to HTTP/2)."""
+
+    write_lost_message = "client went away"
 
     def __init__(self, handler: Callable, info: ConnInfo, limits: Limits,
                  on_h2: Callable | None = None, tracker=None):
@@ -235,28 +238,8 @@ class H1Connection(asyncio.Protocol):
             if s.task is not None and not s.done:
                 s.task.cancel()
         self.pipeline.clear()
-        for w in self._drain_waiters:
-            if not w.done():
-                w.set_exception(ConnectionResetError("client went away"))
-        self._drain_waiters.clear()
+        self._fail_drains()
         self.transport = None
-
-    def pause_writing(self) -> None:
-        self.write_paused = True
-
-    def resume_writing(self) -> None:
-        self.write_paused = False
-        for w in self._drain_waiters:
-            if not w.done():
-                w.set_result(None)
-        self._drain_waiters.clear()
-
-    async def drain(self) -> None:
-        if not self.write_paused:
-            return
-        fut = asyncio.get_running_loop().create_future()
-        self._drain_waiters.append(fut)
-        await fut
 
     # -- httptools callbacks ------------------------------------------------------------
     def on_message_begin(self) -> None:

@@ -68,6 +68,7 @@ import h2.exceptions
 import h2.settings
 from h2.connection import ConnectionInputs, ConnectionState, H2ConnectionStateMachine
 
+from agproxy.http.flow import WriteFlowControl
 from agproxy.http.hpack_codec import FastDecoder, FastEncoder
 from agproxy.http.messages import BodyAborted, BodyReader, ConnInfo, Headers, RequestHead, ServerStream
 
@@ -666,8 +667,10 @@ def _parse_request(block, limits) -> tuple:
 
 # -- the connection --------------------------------------------------------------------------------
 
-class H2Connection(asyncio.Protocol):
+class H2Connection(WriteFlowControl, asyncio.Protocol):
     """One client connection speaking HTTP/2 (TLS ALPN h2, or h2c prior knowledge)."""
+
+    write_lost_message = "client went away"
 
     def __init__(self, handler: Callable, info: ConnInfo, limits, tracker=None):
         self.handler = handler
@@ -800,10 +803,7 @@ class H2Connection(asyncio.Protocol):
         if self.tracker is not None:
             self.tracker.discard(self)
         self._fail_streams(BodyAborted("client connection lost"))
-        for w in self._drain_waiters:
-            if not w.done():
-                w.set_exception(ConnectionResetError("client went away"))
-        self._drain_waiters.clear()
+        self._fail_drains()
         if self._flush_handle is not None:
             self._flush_handle.cancel()
             self._flush_handle = None
@@ -811,25 +811,6 @@ class H2Connection(asyncio.Protocol):
             self._idle_timer.cancel()
             self._idle_timer = None
         self.transport = None
-
-    def pause_writing(self) -> None:
-        self.write_paused = True
-
-    def resume_writing(self) -> None:
-        self.write_paused = False
-        for w in self._drain_waiters:
-            if not w.done():
-                w.set_result(None)
-        self._drain_waiters.clear()
-
-    async def drain(self) -> None:
-        if not self.write_paused:
-            return
-        if self.transport is None:
-            raise ConnectionResetError("client went away")
-        fut = self.loop.create_future()
-        self._drain_waiters.append(fut)
-        await fut
 
     # -- events -------------------------------------------------------------------------------
     def _on_request(self, ev) -> None:

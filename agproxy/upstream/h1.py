@@ -19,6 +19,7 @@ from typing import Callable
 
 import httptools
 
+from agproxy.http.flow import WriteFlowControl
 from agproxy.http.messages import BodyAborted, BodyReader, Headers
 from agproxy.upstream.errors import UpstreamError, UpstreamTimeout
 from agproxy.upstream.origin import set_nodelay
@@ -61,10 +62,12 @@ def _expire(fut: asyncio.Future) -> None:
         fut.set_exception(UpstreamTimeout())
 
 
-class H1ClientConnection(asyncio.Protocol):
+class H1ClientConnection(WriteFlowControl, asyncio.Protocol):
+    write_lost_message = "upstream connection lost"
+
     __slots__ = ("origin", "transport", "parser", "on_idle", "response", "_headers", "_reused",
-                 "_got_bytes", "_keep_alive", "_request_done", "_closed", "_paused_writing",
-                 "_drain", "_head_only", "_parser_dirty", "last_used", "_name", "_close_delimited")
+                 "_got_bytes", "_keep_alive", "_request_done", "_closed", "write_paused",
+                 "_drain_waiters", "_head_only", "_parser_dirty", "last_used", "_name", "_close_delimited")
 
     def __init__(self, origin, on_idle: Callable[["H1ClientConnection"], None]):
         self.origin = origin
@@ -79,8 +82,8 @@ class H1ClientConnection(asyncio.Protocol):
         self._keep_alive = True
         self._request_done = True
         self._closed = False
-        self._paused_writing = False
-        self._drain: asyncio.Future | None = None
+        self.write_paused = False
+        self._drain_waiters: list[asyncio.Future] = []
         self._head_only = False
         self._parser_dirty = False
         self._close_delimited = False
@@ -115,19 +118,10 @@ class H1ClientConnection(asyncio.Protocol):
                     resp.body.feed_eof()   # the close is the end of this body
                 else:
                     resp.body.fail(BodyAborted("upstream closed the connection mid-body"))
-        if self._drain is not None and not self._drain.done():
-            self._drain.set_exception(ConnectionResetError("upstream connection lost"))
+        self._fail_drains()
 
-    def pause_writing(self) -> None:
-        self._paused_writing = True
-
-    def resume_writing(self) -> None:
-        self._paused_writing = False
-        d = self._drain
-        if d is not None:
-            self._drain = None
-            if not d.done():
-                d.set_result(None)
+    def _write_closed(self) -> bool:
+        return self._closed
 
     # -- httptools callbacks ------------------------------------------------------------
     def on_header(self, name: bytes, value: bytes) -> None:
@@ -229,9 +223,7 @@ class H1ClientConnection(asyncio.Protocol):
             raise ConnectionResetError("upstream connection lost")
         if data:
             self.transport.write(b"%x\r\n%b\r\n" % (len(data), data))
-        if self._paused_writing:
-            self._drain = asyncio.get_running_loop().create_future()
-            await self._drain
+        await self.drain()
 
     def end_body(self) -> None:
         if not self._closed:

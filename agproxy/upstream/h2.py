@@ -43,6 +43,7 @@ import h2.settings
 
 from agproxy.http.h2 import (CONNECTION_SPECIFIC, FLUSH_THRESHOLD, MAX_CONN_WINDOW, MAX_STREAM_WINDOW,
                              GatewayH2, apply_settings, client_config, field_ok, name_bytes, parse_length)
+from agproxy.http.flow import WriteFlowControl
 from agproxy.http.messages import BodyAborted, BodyReader, Headers
 from agproxy.upstream.errors import UpstreamError, UpstreamTimeout
 from agproxy.upstream.origin import set_nodelay
@@ -236,8 +237,10 @@ def request_block(method: str, target: str, headers: Headers, scheme: str, defau
     return out
 
 
-class H2ClientConnection(asyncio.Protocol):
+class H2ClientConnection(WriteFlowControl, asyncio.Protocol):
     """One HTTP/2 connection to an upstream origin, shared by concurrent requests."""
+
+    write_lost_message = "upstream connection lost"
 
     def __init__(self, origin):
         self.origin = origin
@@ -250,7 +253,7 @@ class H2ClientConnection(asyncio.Protocol):
         self._slot_waiters: collections.deque[asyncio.Future] = collections.deque()
         self._goaway = False
         self._closed = False
-        self._write_paused = False
+        self.write_paused = False
         self._drain_waiters: list[asyncio.Future] = []
         self._flush_handle: asyncio.Handle | None = None
         self._queued_bytes = 0
@@ -355,33 +358,11 @@ class H2ClientConnection(asyncio.Protocol):
         self._set_ready_error(UpstreamError(
             "connect", f"{self.origin.authority} closed the connection during HTTP/2 setup"))
         self._fail_all(UpstreamError("reset", f"upstream {self.origin.authority} closed the connection"))
-        for w in self._drain_waiters:
-            if not w.done():
-                w.set_exception(ConnectionResetError("upstream connection lost"))
-        self._drain_waiters.clear()
+        self._fail_drains()
         if self._flush_handle is not None:
             self._flush_handle.cancel()
             self._flush_handle = None
         self.transport = None
-
-    def pause_writing(self) -> None:
-        self._write_paused = True
-
-    def resume_writing(self) -> None:
-        self._write_paused = False
-        for w in self._drain_waiters:
-            if not w.done():
-                w.set_result(None)
-        self._drain_waiters.clear()
-
-    async def _drain(self) -> None:
-        if not self._write_paused:
-            return
-        if self._closed:
-            raise ConnectionResetError("upstream connection lost")
-        fut = self.loop.create_future()
-        self._drain_waiters.append(fut)
-        await fut
 
     # -- events -----------------------------------------------------------------------------
     def _on_response(self, s: _ClientStream, block) -> None:
@@ -626,8 +607,8 @@ class H2ClientConnection(asyncio.Protocol):
             h.send_data(sid, view[pos:pos + size])
             pos += size
             self._queued(size)
-        if self._write_paused:
-            await self._drain()
+        if self.write_paused:
+            await self.drain()
 
     async def _send_bytes(self, s: _ClientStream, data: bytes) -> None:
         try:

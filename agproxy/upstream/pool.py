@@ -125,8 +125,7 @@ class Pool:
                     await conn.write_body(chunk)
                 else:
                     conn.transport.write(chunk)
-                    if conn._paused_writing:
-                        await conn.write_body(b"")
+                    await conn.drain()
             if chunked:
                 conn.end_body()
             else:

@@ -268,7 +268,7 @@ def test_jwks_down_at_start_fails_closed_then_recovers(http, start_gateway, upst
     while time.monotonic() < deadline:
         try:
             status, body = gw.admin_get("/readyz")
-            if status == 503 and b"no signing keys" in body:
+            if status == 503 and b"no signing keys" in body and b"HTTP 503" in body:
                 break
         except OSError:
             pass
