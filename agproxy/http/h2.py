@@ -117,6 +117,26 @@ FAST_HPACK = True
 MERGE_END_STREAM = True
 
 
+class BatchedOutput:
+    """What h2 queues leaves in one write: at the end of `data_received` (while
+    `_in_receive`), once per event-loop turn (`call_soon`) for what tasks produce, or
+    at once past FLUSH_THRESHOLD bytes. Shared by the server and client connections,
+    which provide `loop`, `_flush_handle`, `_in_receive`, `_queued_bytes`, `_flush_now`."""
+
+    __slots__ = ()
+
+    def _schedule_flush(self) -> None:
+        if self._flush_handle is None and not self._in_receive:
+            self._flush_handle = self.loop.call_soon(self._flush_now)
+
+    def _queued(self, n: int) -> None:
+        self._queued_bytes += n
+        if self._queued_bytes >= FLUSH_THRESHOLD:
+            self._flush_now()
+        else:
+            self._schedule_flush()
+
+
 # -- h2 adjustments ---------------------------------------------------------------------------
 
 def _keep_open_transitions() -> dict:
@@ -667,7 +687,7 @@ def _parse_request(block, limits) -> tuple:
 
 # -- the connection --------------------------------------------------------------------------------
 
-class H2Connection(WriteFlowControl, asyncio.Protocol):
+class H2Connection(BatchedOutput, WriteFlowControl, asyncio.Protocol):
     """One client connection speaking HTTP/2 (TLS ALPN h2, or h2c prior knowledge)."""
 
     write_lost_message = "client went away"
@@ -897,17 +917,6 @@ class H2Connection(WriteFlowControl, asyncio.Protocol):
             self.close()
 
     # -- output -------------------------------------------------------------------------------
-    def _schedule_flush(self) -> None:
-        if self._flush_handle is None and not self._in_receive:
-            self._flush_handle = self.loop.call_soon(self._flush_now)
-
-    def _queued(self, n: int) -> None:
-        self._queued_bytes += n
-        if self._queued_bytes >= FLUSH_THRESHOLD:
-            self._flush_now()
-        else:
-            self._schedule_flush()
-
     def _flush_now(self) -> None:
         h = self._flush_handle
         if h is not None:

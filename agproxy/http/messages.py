@@ -251,18 +251,7 @@ class BodyReader:
                 return b""
             self._waiter = asyncio.get_running_loop().create_future()
             await self._waiter
-        if len(self._chunks) == 1:
-            data = self._chunks[0]
-            self._chunks = []
-        else:
-            data = b"".join(self._chunks)
-            self._chunks = []
-        self._size = 0
-        self.consumed += len(data)
-        if self._paused and self.resume is not None:
-            self._paused = False
-            self.resume()
-        return data
+        return self.take_buffered()
 
     def take_buffered(self) -> bytes:
         """Everything received and not yet read, at once (no waiting, no 100-continue)."""

@@ -41,7 +41,7 @@ import h2.events
 import h2.exceptions
 import h2.settings
 
-from agproxy.http.h2 import (CONNECTION_SPECIFIC, FLUSH_THRESHOLD, MAX_CONN_WINDOW, MAX_STREAM_WINDOW,
+from agproxy.http.h2 import (BatchedOutput, CONNECTION_SPECIFIC, MAX_CONN_WINDOW, MAX_STREAM_WINDOW,
                              GatewayH2, apply_settings, client_config, field_ok, name_bytes, parse_length)
 from agproxy.http.flow import WriteFlowControl
 from agproxy.http.messages import BodyAborted, BodyReader, Headers
@@ -237,7 +237,7 @@ def request_block(method: str, target: str, headers: Headers, scheme: str, defau
     return out
 
 
-class H2ClientConnection(WriteFlowControl, asyncio.Protocol):
+class H2ClientConnection(BatchedOutput, WriteFlowControl, asyncio.Protocol):
     """One HTTP/2 connection to an upstream origin, shared by concurrent requests."""
 
     write_lost_message = "upstream connection lost"
@@ -643,17 +643,6 @@ class H2ClientConnection(WriteFlowControl, asyncio.Protocol):
         self._maybe_done(s)
 
     # -- output -----------------------------------------------------------------------------
-    def _schedule_flush(self) -> None:
-        if self._flush_handle is None and not self._in_receive:
-            self._flush_handle = self.loop.call_soon(self._flush_now)
-
-    def _queued(self, n: int) -> None:
-        self._queued_bytes += n
-        if self._queued_bytes >= FLUSH_THRESHOLD:
-            self._flush_now()
-        else:
-            self._schedule_flush()
-
     def _flush_now(self) -> None:
         fh = self._flush_handle
         if fh is not None:
