@@ -92,6 +92,9 @@ class Gateway:
                 stream.abort()
         finally:
             self._account(ex)
+            # The activation's providers are bound methods of ex: drop the cycle so
+            # the request is freed by reference counting, not by the cyclic GC.
+            ex._activation = None
 
     async def _request_phase(self, ex: Exchange, route) -> LocalReply | None:
         if route.body_limit is not None and ex.body is None:

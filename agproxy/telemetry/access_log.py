@@ -34,7 +34,7 @@ class AccessLog:
     def write(self, record: dict) -> None:
         if not self.enabled:
             return
-        self._buf.append(orjson.dumps(record) + b"\n")
+        self._buf.append(orjson.dumps(record, option=orjson.OPT_APPEND_NEWLINE))
         if self._timer is None:
             self._timer = asyncio.get_running_loop().call_later(self.flush_interval, self.flush)
         elif len(self._buf) >= 512:

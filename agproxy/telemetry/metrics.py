@@ -1,36 +1,71 @@
 """Prometheus metrics for the data path.
 
-Theory of operation: metric families are created once per process; the per-request
-cost is a dict lookup for the labelled child (cached by label tuple, since
-prometheus-client's `.labels()` re-validates every call) plus an inc/observe.
-With several worker processes, prometheus-client's multiprocess mode is used
-(PROMETHEUS_MULTIPROC_DIR is set by the supervisor before this module is imported)
-and the admin endpoint aggregates the workers' files.
+Theory of operation: the per-request families (requests by route/method/status,
+request duration, upstream call duration) are kept in plain dicts: a count per
+label tuple, and per label a histogram as [sum, count per bucket] with the bucket
+found by bisect. `request()` and `upstream()` only add to those dicts. Measured
+with callgrind on the HTTP/1.1 relay: calling prometheus-client per request cost
+~29k instructions of ~265k (11%: a lock per inc, a Python loop over the buckets);
+the dict updates cost about a tenth of that.
+
+- One process (`workers = 1`): the dicts are the truth. A collector registered in
+  the registry turns them into metric families when /metrics is scraped.
+- Several workers: prometheus-client's multiprocess mode (PROMETHEUS_MULTIPROC_DIR
+  is set by the supervisor before this module is imported) aggregates files the
+  workers write, so the dicts hold only samples not yet written: the first sample
+  of an event-loop iteration schedules `flush()` with `call_soon`, which adds the
+  batch to prometheus-client's children (one inc per label tuple and bucket). A
+  sample is written before the next request can be read. The histogram flush adds
+  to the child's `_sum` and `_buckets` values, the ones its own `observe()` adds
+  to, as prometheus-client has no bulk observe; tests read the exposition back.
+
+Connection gauges, connect durations and reloads are rare events and use
+prometheus-client directly.
 """
 
 from __future__ import annotations
 
+import asyncio
 import os
+from bisect import bisect_left
 
 from prometheus_client import CollectorRegistry, Counter, Gauge, Histogram, generate_latest
 from prometheus_client import multiprocess
+from prometheus_client.core import CounterMetricFamily, HistogramMetricFamily
+from prometheus_client.utils import floatToGoString
 
 _BUCKETS = (0.0005, 0.001, 0.0025, 0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1, 2.5, 5, 10, 30, 60)
+_BUCKET_LABELS = tuple(floatToGoString(b) for b in _BUCKETS) + ("+Inf",)
+
+_REQUESTS_HELP = "Requests answered, by route, method and status"
+_DURATION_HELP = "Time from request head to response end"
+_UPSTREAM_HELP = "Time from sending upstream to the response head"
+
+
+def _new_histogram() -> list:
+    return [0.0] * (len(_BUCKETS) + 2)     # [sum, one count per bucket incl. +Inf]
 
 
 class Metrics:
     def __init__(self, prefix: str = "agproxy", registry: CollectorRegistry | None = None):
         self.prefix = prefix
         self.registry = registry if registry is not None else CollectorRegistry()
+        self.multiprocess = bool(os.environ.get("PROMETHEUS_MULTIPROC_DIR"))
         r = self.registry
         p = prefix
-        self.requests = Counter(f"{p}_requests", "Requests answered, by route, method and status",
-                                ["route", "method", "status"], registry=r)
-        self.duration = Histogram(f"{p}_request_duration_seconds", "Time from request head to response end",
-                                  ["route"], buckets=_BUCKETS, registry=r)
-        self.upstream_call = Histogram(f"{p}_upstream_request_duration_seconds",
-                                       "Time from sending upstream to the response head",
-                                       ["backend"], buckets=_BUCKETS, registry=r)
+        self._requests: dict[tuple, float] = {}      # (route, method, status) -> count
+        self._duration: dict[str, list] = {}         # route -> histogram
+        self._upstream: dict[str, list] = {}         # backend -> histogram
+        self._flush_scheduled = False
+        if self.multiprocess:
+            self.requests = Counter(f"{p}_requests", _REQUESTS_HELP, ["route", "method", "status"], registry=r)
+            self.duration = Histogram(f"{p}_request_duration_seconds", _DURATION_HELP,
+                                      ["route"], buckets=_BUCKETS, registry=r)
+            self.upstream_call = Histogram(f"{p}_upstream_request_duration_seconds", _UPSTREAM_HELP,
+                                           ["backend"], buckets=_BUCKETS, registry=r)
+            self._children: dict[tuple, object] = {}
+        else:
+            r.register(_DataPathCollector(self))
         self.upstream_connect_seconds = Histogram(f"{p}_upstream_connect_duration_seconds",
                                                   "Time to open an upstream connection (TCP+TLS)",
                                                   ["upstream"], buckets=_BUCKETS, registry=r)
@@ -38,33 +73,105 @@ class Metrics:
                             ["listener"], registry=r, multiprocess_mode="livesum")
         self.config_reloads = Counter(f"{p}_config_reloads", "Configuration reloads by result",
                                       ["result"], registry=r)
-        self._req_children: dict[tuple, object] = {}
-        self._dur_children: dict[str, object] = {}
-        self._up_children: dict[str, object] = {}
 
+    # -- the data path ------------------------------------------------------------------
     def request(self, route: str, method: str, status: int, seconds: float) -> None:
         key = (route, method, status)
-        c = self._req_children.get(key)
-        if c is None:
-            c = self._req_children[key] = self.requests.labels(route, method, str(status))
-        c.inc()
-        h = self._dur_children.get(route)
+        counts = self._requests
+        counts[key] = counts.get(key, 0) + 1
+        h = self._duration.get(route)
         if h is None:
-            h = self._dur_children[route] = self.duration.labels(route)
-        h.observe(seconds)
+            h = self._duration[route] = _new_histogram()
+        h[0] += seconds
+        h[1 + bisect_left(_BUCKETS, seconds)] += 1
+        if self.multiprocess and not self._flush_scheduled:
+            self._schedule_flush()
 
     def upstream(self, backend: str, seconds: float) -> None:
-        h = self._up_children.get(backend)
+        h = self._upstream.get(backend)
         if h is None:
-            h = self._up_children[backend] = self.upstream_call.labels(backend)
-        h.observe(seconds)
+            h = self._upstream[backend] = _new_histogram()
+        h[0] += seconds
+        h[1 + bisect_left(_BUCKETS, seconds)] += 1
+        if self.multiprocess and not self._flush_scheduled:
+            self._schedule_flush()
 
     def upstream_connect(self, upstream: str, seconds: float) -> None:
         self.upstream_connect_seconds.labels(upstream).observe(seconds)
 
+    # -- multiprocess: write batches to prometheus-client's files -----------------------
+    def _schedule_flush(self) -> None:
+        try:
+            asyncio.get_running_loop().call_soon(self.flush)
+        except RuntimeError:     # no running loop (a tool, a test): write now
+            self.flush()
+            return
+        self._flush_scheduled = True
+
+    def flush(self) -> None:
+        """Multiprocess mode: hand the pending samples to prometheus-client."""
+        self._flush_scheduled = False
+        if not self.multiprocess:
+            return
+        children = self._children
+        if self._requests:
+            pending, self._requests = self._requests, {}
+            for key, n in pending.items():
+                c = children.get(key)
+                if c is None:
+                    route, method, status = key
+                    c = children[key] = self.requests.labels(route, method, str(status))
+                c.inc(n)
+        for family, attr in ((self.duration, "_duration"), (self.upstream_call, "_upstream")):
+            pending = getattr(self, attr)
+            if not pending:
+                continue
+            setattr(self, attr, {})
+            for label, hist in pending.items():
+                key = (attr, label)
+                h = children.get(key)
+                if h is None:
+                    h = children[key] = family.labels(label)
+                h._sum.inc(hist[0])
+                buckets = h._buckets
+                for i in range(1, len(hist)):
+                    if hist[i]:
+                        buckets[i - 1].inc(hist[i])
+
     def expose(self) -> bytes:
-        if os.environ.get("PROMETHEUS_MULTIPROC_DIR"):
+        if self.multiprocess:
+            self.flush()
             reg = CollectorRegistry()
             multiprocess.MultiProcessCollector(reg)
             return generate_latest(reg)
         return generate_latest(self.registry)
+
+
+class _DataPathCollector:
+    """One process: the data-path dicts as Prometheus metric families, at scrape time."""
+
+    def __init__(self, metrics: Metrics):
+        self.metrics = metrics
+
+    def collect(self):
+        m = self.metrics
+        p = m.prefix
+        requests = CounterMetricFamily(f"{p}_requests", _REQUESTS_HELP, labels=["route", "method", "status"])
+        for (route, method, status), n in list(m._requests.items()):
+            requests.add_metric([route, method, str(status)], n)
+        yield requests
+        yield _histogram_family(f"{p}_request_duration_seconds", _DURATION_HELP, "route", m._duration)
+        yield _histogram_family(f"{p}_upstream_request_duration_seconds", _UPSTREAM_HELP, "backend",
+                                m._upstream)
+
+
+def _histogram_family(name: str, documentation: str, label: str, data: dict) -> HistogramMetricFamily:
+    family = HistogramMetricFamily(name, documentation, labels=[label])
+    for value, hist in list(data.items()):
+        cumulative = 0.0
+        buckets = []
+        for le, n in zip(_BUCKET_LABELS, hist[1:]):
+            cumulative += n
+            buckets.append((le, cumulative))
+        family.add_metric([value], buckets, sum_value=hist[0])
+    return family

@@ -232,6 +232,29 @@ def test_access_log_and_metrics(start_gateway, upstream_echo):
     assert 'agproxy_active_connections{listener="main"}' in m
 
 
+def test_metrics_count_every_request_exactly(start_gateway, upstream_echo):
+    """Samples are batched per event-loop iteration; what /metrics shows is still exact."""
+    gw = start_gateway(route_to(upstream_echo.url))
+    with httpx.Client() as client:
+        for i in range(25):
+            assert client.get(gw.url(f"/n/{i}")).status_code == 200
+    assert httpx.get(gw.url("/n"), params={"x": "1"}, headers={"expect": "nothing"}).status_code == 200
+    samples = {}
+    for line in gw.metrics().splitlines():
+        if line and not line.startswith("#"):
+            name, value = line.rsplit(" ", 1)
+            samples[name] = float(value)
+    assert samples['agproxy_requests_total{method="GET",route="echo",status="200"}'] == 26
+    assert samples['agproxy_request_duration_seconds_count{route="echo"}'] == 26
+    assert samples['agproxy_request_duration_seconds_bucket{le="+Inf",route="echo"}'] == 26
+    assert samples['agproxy_request_duration_seconds_bucket{le="60.0",route="echo"}'] == 26
+    assert 0 < samples['agproxy_request_duration_seconds_sum{route="echo"}'] < 26 * 5
+    buckets = sorted((float(k.split('le="')[1].split('"')[0]), v) for k, v in samples.items()
+                     if k.startswith("agproxy_request_duration_seconds_bucket{"))
+    assert [v for _, v in buckets] == sorted(v for _, v in buckets)    # cumulative
+    assert samples['agproxy_upstream_request_duration_seconds_count{backend="echo"}'] == 26
+
+
 def test_tls_and_plaintext_on_one_port(start_gateway, upstream_echo, certs):
     gw = start_gateway(f'''
 [[listener]]

@@ -175,4 +175,10 @@ url = "{upstream_echo.url}"
     total = sum(float(l.rsplit(" ", 1)[1]) for l in metrics.splitlines()
                 if l.startswith('agproxy_requests_total{method="GET",route="echo",status="200"}'))
     assert total == 20
+    for family, label in (("agproxy_request_duration_seconds", 'route="echo"'),
+                          ("agproxy_upstream_request_duration_seconds", 'backend="echo"')):
+        counts = sum(float(l.rsplit(" ", 1)[1]) for l in metrics.splitlines()
+                     if l.startswith(f"{family}_count{{{label}")
+                     or (l.startswith(f"{family}_bucket{{") and label in l and 'le="+Inf"' in l))
+        assert counts == 40, family    # _count and the +Inf bucket: 20 each, summed over workers
     assert json.loads(gw.admin_get("/config")[1])["routes"][0]["name"] == "echo"
