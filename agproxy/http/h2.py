@@ -1,19 +1,21 @@
-"""HTTP/2 server side: bytes → streams with the h2 library, responses → frames.
+"""HTTP/2 server side: bytes → streams with http/h2_frames.py, responses → frames.
 
-Theory of operation: `data_received` hands the bytes to h2 and walks the events
-it returns; each request becomes an `H2Stream` (RequestHead + BodyReader) whose
-handler runs in its own task, exactly as in http/h1.py. Output is never written
-per frame: h2 accumulates frames in its buffer and the connection writes that
-buffer once at the end of `data_received`, or once per event-loop turn for what
-handler tasks produce (`_schedule_flush` → `loop.call_soon`). A response head,
-its body and its end therefore usually leave in one write, and a burst of
-requests on one connection in one write for all of them. A small DATA chunk is
-held until the next call or that flush, so that `end()` can put END_STREAM on
-it instead of sending one more (empty) frame.
+Theory of operation: `data_received` hands the bytes to `ServerCodec` (a lean,
+hand-written RFC 9113 server connection, http/h2_frames.py), which calls back
+`on_request`, `on_data`, `on_end`, ... below as frames complete; each request
+becomes an `H2Stream` (RequestHead + BodyReader) whose handler runs in its own
+task, exactly as in http/h1.py. Output is never written per frame: the codec
+appends frames to one buffer and the connection writes that buffer once at the
+end of `data_received`, or once per event-loop turn for what handler tasks
+produce (`_schedule_flush` → `loop.call_soon`). A response head, its body and its
+end therefore usually leave in one write, and a burst of requests on one
+connection in one write for all of them. A small DATA chunk is held until the
+next call or that flush, so that `end()` can put END_STREAM on it instead of
+sending one more (empty) frame.
 
 Flow control, both ways:
-- request bodies: DATA is acknowledged (WINDOW_UPDATE, batched by h2's window
-  manager) as it is handed to the stream's BodyReader; when the reader is above
+- request bodies: DATA is acknowledged (WINDOW_UPDATE, batched by the codec) as
+  it is handed to the stream's BodyReader; when the reader is above
   its high-water mark it calls `pause()`, which withholds acknowledgement until
   `resume()` — the client then runs out of window and stops sending. A stream
   buffers at most high_water + one stream window. The connection window is
@@ -28,25 +30,26 @@ Errors stay as small as the protocol allows. A RST_STREAM from the client fails
 that stream's BodyReader and cancels its handler task; a malformed request
 (missing pseudo-headers, uppercase or connection-specific header names, CR/LF/NUL
 in a value, a lying content-length) gets a 400 (431 for oversize headers) or a
-RST_STREAM on that stream only. Only what h2 reports as a connection error (bad
-framing, HPACK corruption) sends GOAWAY and closes. h2's own header validation
-is switched off — it turns such stream errors into connection errors and costs
-10-20% of the CPU per request — and this module validates what a proxy relies on.
+RST_STREAM on that stream only. Only what the codec reports as a connection
+error (bad framing, HPACK corruption, flow-control violations) sends GOAWAY and
+closes; a stream error resets that stream only.
 
 SETTINGS_MAX_CONCURRENT_STREAMS is advertised from `limits` and enforced here
 (a stream beyond it is refused with RST_STREAM REFUSED_STREAM, which clients
-retry); h2 would instead kill the connection. A client that resets more
-streams than it lets finish (beyond RAPID_RESET_MIN: the "rapid reset" attack)
-gets GOAWAY ENHANCE_YOUR_CALM. `shutdown()` sends GOAWAY with the last stream
-id, lets the streams in flight finish, then closes; an idle connection is closed
-with GOAWAY after `limits.idle_timeout`.
+retry). A client that resets more streams than it lets finish (beyond
+RAPID_RESET_MIN: the "rapid reset" attack) gets GOAWAY ENHANCE_YOUR_CALM.
+`shutdown()` sends GOAWAY with the last stream id, lets the streams in flight
+finish, then closes; an idle connection is closed with GOAWAY after
+`limits.idle_timeout`.
 
-h2 gets a few adjustments, per connection (never globally: other users of h2 in
-the process, httpx in tests, are untouched), in `GatewayH2`: it keeps working
-after a GOAWAY in either direction (stock h2 refuses to send or receive anything
-more, which breaks graceful shutdown), content-length is checked here per stream
-rather than by h2 as a connection error, and HPACK uses the coders below. The
-upstream client (upstream/h2.py) shares all of this.
+The upstream client (upstream/h2.py) still uses the h2 library, adjusted per
+connection in `GatewayH2` (never globally: other users of h2 in the process,
+httpx in tests, are untouched): it keeps working after a GOAWAY in either
+direction (stock h2 refuses to send or receive anything more, which breaks
+graceful shutdown), content-length is checked per stream rather than by h2 as a
+connection error, h2's header validation is off (this module validates what a
+proxy relies on) and HPACK uses http/hpack_codec.py's coders. `BatchedOutput`,
+the header-block helpers and the limits below are shared with it.
 
 Costs and what remains of them: benchmarks/results/h2.md.
 """
@@ -63,12 +66,12 @@ from typing import Callable
 import h2.config
 import h2.connection
 import h2.errors
-import h2.events
-import h2.exceptions
 import h2.settings
 from h2.connection import ConnectionInputs, ConnectionState, H2ConnectionStateMachine
 
+from agproxy.http import h2_frames as fr
 from agproxy.http.flow import WriteFlowControl
+from agproxy.http.h2_frames import H2Error, ServerCodec
 from agproxy.http.hpack_codec import FastDecoder, FastEncoder
 from agproxy.http.messages import BodyAborted, BodyReader, ConnInfo, Headers, RequestHead, ServerStream
 
@@ -76,20 +79,11 @@ __all__ = ["H2Connection", "H2Stream", "GatewayH2", "server_config", "client_con
 
 log = logging.getLogger("agproxy.http")
 
-_NO_ERROR = h2.errors.ErrorCodes.NO_ERROR
-_PROTOCOL_ERROR = h2.errors.ErrorCodes.PROTOCOL_ERROR
-_INTERNAL_ERROR = h2.errors.ErrorCodes.INTERNAL_ERROR
-_REFUSED_STREAM = h2.errors.ErrorCodes.REFUSED_STREAM
-_CANCEL = h2.errors.ErrorCodes.CANCEL
-
-_RequestReceived = h2.events.RequestReceived
-_DataReceived = h2.events.DataReceived
-_StreamEnded = h2.events.StreamEnded
-_StreamReset = h2.events.StreamReset
-_WindowUpdated = h2.events.WindowUpdated
-_TrailersReceived = h2.events.TrailersReceived
-_RemoteSettingsChanged = h2.events.RemoteSettingsChanged
-_ConnectionTerminated = h2.events.ConnectionTerminated
+_NO_ERROR = fr.NO_ERROR
+_PROTOCOL_ERROR = fr.PROTOCOL_ERROR
+_INTERNAL_ERROR = fr.INTERNAL_ERROR
+_REFUSED_STREAM = fr.REFUSED_STREAM
+_CANCEL = fr.CANCEL
 
 # Headers that describe one hop and are illegal in HTTP/2 (RFC 9113 §8.2.2).
 CONNECTION_SPECIFIC = frozenset({"connection", "keep-alive", "proxy-connection",
@@ -278,7 +272,7 @@ class H2Stream(ServerStream):
         if n and not self.done:
             self._unacked = 0
             proto = self.proto
-            proto.h2.acknowledge_received_data(n, self.stream_id)
+            proto.h2.ack(n, self.stream_id)
             proto._schedule_flush()
 
     # -- ServerStream -----------------------------------------------------------------------
@@ -310,7 +304,7 @@ class H2Stream(ServerStream):
             h2c = proto.h2
             n = len(data)
             if MERGE_END_STREAM and n <= h2c.max_outbound_frame_size and \
-                    n + proto._held_bytes <= h2c.local_flow_control_window(self.stream_id):
+                    n + proto._held_bytes <= h2c.send_window(self.stream_id):
                 # Hold the chunk until the next call or the flush at the end of this loop
                 # turn: if end() comes first, it leaves in one frame with END_STREAM.
                 self._held = data
@@ -319,7 +313,7 @@ class H2Stream(ServerStream):
                 proto._queued(n)
             else:
                 await self._send_chunks(data)
-        except h2.exceptions.H2Error as exc:
+        except H2Error as exc:
             self._reset(_INTERNAL_ERROR)
             raise ConnectionResetError(f"stream closed: {exc}") from None
         if proto.write_paused:
@@ -337,10 +331,10 @@ class H2Stream(ServerStream):
             if self.done:
                 raise ConnectionResetError(str(self._error) if self._error else "stream closed")
             # Chunks held by other streams have a claim on the connection window.
-            window = h2c.local_flow_control_window(sid) - proto._held_bytes
+            window = h2c.send_window(sid) - proto._held_bytes
             if window <= 0:
                 proto._flush_now()
-                if h2c.local_flow_control_window(sid) - proto._held_bytes <= 0:
+                if h2c.send_window(sid) - proto._held_bytes <= 0:
                     await self._wait_window()
                 continue
             size = total - pos
@@ -362,7 +356,7 @@ class H2Stream(ServerStream):
         """Hand the held chunk to h2; False if the stream's window shrank meanwhile (SETTINGS)."""
         data = self._held
         h2c = self.proto.h2
-        if len(data) > h2c.local_flow_control_window(self.stream_id):
+        if len(data) > h2c.send_window(self.stream_id):
             return False
         self._take_held()
         h2c.send_data(self.stream_id, data, end_stream=end_stream)
@@ -413,7 +407,7 @@ class H2Stream(ServerStream):
                     h2c.send_headers(sid, trailer_block(trailers), end_stream=True)
                 else:
                     h2c.end_stream(sid)
-        except h2.exceptions.H2Error as exc:
+        except H2Error as exc:
             self._reset(_INTERNAL_ERROR)
             raise ConnectionResetError(f"stream closed: {exc}") from None
         self._finish()
@@ -437,8 +431,8 @@ class H2Stream(ServerStream):
             proto = self.proto
             if proto.transport is not None:
                 try:
-                    proto.h2.acknowledge_received_data(n, self.stream_id)
-                except h2.exceptions.H2Error:
+                    proto.h2.ack(n, self.stream_id)
+                except H2Error:
                     pass
 
     def _finish(self) -> None:
@@ -451,7 +445,7 @@ class H2Stream(ServerStream):
             self.body.fail(BodyAborted("response finished before the request body"))
             try:
                 proto.h2.reset_stream(self.stream_id, _NO_ERROR)
-            except h2.exceptions.H2Error:
+            except H2Error:
                 pass
         self._return_window()
         proto._stream_closed(self)
@@ -465,7 +459,7 @@ class H2Stream(ServerStream):
         self.body.fail(BodyAborted("stream reset"))
         try:
             proto.h2.reset_stream(self.stream_id, code)
-        except h2.exceptions.H2Error:
+        except H2Error:
             pass
         self._return_window()
         self._wake(self._error)
@@ -699,7 +693,6 @@ class H2Connection(BatchedOutput, WriteFlowControl, asyncio.Protocol):
         self.tracker = tracker
         self.transport: asyncio.Transport | None = None
         self.loop = asyncio.get_event_loop()
-        self.h2 = GatewayH2(server_config())
         self.streams: dict[int, H2Stream] = {}
         self.closing = False            # GOAWAY sent (shutdown) or connection closed
         self.write_paused = False
@@ -720,97 +713,36 @@ class H2Connection(BatchedOutput, WriteFlowControl, asyncio.Protocol):
         self.stream_window = min(MAX_STREAM_WINDOW, max(65535, limits.body_high_water))
         self.conn_window = min(MAX_CONN_WINDOW, max(self.stream_window * 4,
                                                     self.stream_window * self.max_streams))
+        # SETTINGS_MAX_CONCURRENT_STREAMS is advertised by the codec, enforced in on_request.
+        self.h2 = ServerCodec(self, max_concurrent_streams=self.max_streams,
+                              stream_window=self.stream_window, conn_window=self.conn_window,
+                              max_header_list=limits.max_header_bytes)
+        # HPACK must decode whatever arrives to keep its table in step; the limit that
+        # answers 431 is checked per request, this one only bounds memory.
+        self.h2.decoder.max_header_list_size = max(4 * limits.max_header_bytes, 256 * 1024)
 
     # -- asyncio.Protocol -----------------------------------------------------------------
     def connection_made(self, transport) -> None:
         self.transport = transport
         if self.tracker is not None:
             self.tracker.add(self)
-        h = self.h2
-        apply_settings(h, client=False, max_concurrent_streams=self.max_streams,
-                       stream_window=self.stream_window, conn_window=self.conn_window,
-                       max_header_list=self.limits.max_header_bytes)
-        # HPACK must decode whatever arrives to keep its table in step; the limit that
-        # answers 431 is checked per request, this one only bounds memory.
-        h.decoder.max_header_list_size = max(4 * self.limits.max_header_bytes, 256 * 1024)
+        self.h2.initiate()
         self._flush_now()
         self._arm_idle()
 
     def data_received(self, data: bytes) -> None:
         self.last_activity = time.monotonic()
-        h = self.h2
         self._in_receive = True
         try:
-            try:
-                events = h.receive_data(data)
-            except h2.exceptions.ProtocolError:
-                # h2 has queued a GOAWAY with the error code: send it and close.
-                self._fail_streams(BodyAborted("HTTP/2 protocol error"))
-                self._flush_now()
-                self.closing = True          # no second (NO_ERROR) GOAWAY from close()
-                self.close()
-                return
-            streams = self.streams
-            for ev in events:
-                t = type(ev)
-                if t is _DataReceived:
-                    s = streams.get(ev.stream_id)
-                    if s is None:
-                        h.acknowledge_received_data(ev.flow_controlled_length, ev.stream_id)
-                        continue
-                    self._on_data(s, ev)
-                elif t is _RequestReceived:
-                    self._on_request(ev)
-                elif t is _StreamEnded:
-                    s = streams.get(ev.stream_id)
-                    if s is not None:
-                        self._on_end(s)
-                elif t is _WindowUpdated:
-                    if ev.stream_id:
-                        s = streams.get(ev.stream_id)
-                        if s is not None and s._waiter is not None:
-                            s._wake()
-                    else:
-                        self._wake_all()
-                elif t is _StreamReset:
-                    s = streams.pop(ev.stream_id, None)
-                    if s is not None:
-                        s._remote_reset(BodyAborted(f"stream reset by client ({_code(ev.error_code)})"))
-                        self._resets += 1
-                        if self._resets > RAPID_RESET_MIN and self._resets > self._completed:
-                            # "Rapid reset" (CVE-2023-44487): streams opened and cancelled at
-                            # once cost us a task each and the client nothing.
-                            self._fail_streams(BodyAborted("too many stream resets"))
-                            try:
-                                h.close_connection(h2.errors.ErrorCodes.ENHANCE_YOUR_CALM,
-                                                   last_stream_id=h.highest_inbound_stream_id)
-                            except h2.exceptions.H2Error:
-                                pass
-                            self._flush_now()
-                            self.closing = True
-                            self.close()
-                            return
-                        self._maybe_idle()
-                elif t is _TrailersReceived:
-                    s = streams.get(ev.stream_id)
-                    if s is not None:
-                        try:
-                            items, _ = _headers_to_list(ev.headers, self.limits, trailers=True)
-                        except _Malformed:
-                            s._reset(_PROTOCOL_ERROR)
-                            continue
-                        s._trailers = Headers(items)
-                elif t is _RemoteSettingsChanged:
-                    if h2.settings.SettingCodes.INITIAL_WINDOW_SIZE in ev.changed_settings:
-                        self._wake_all()
-                elif t is _ConnectionTerminated:
-                    self._peer_goaway = True
-                    if ev.error_code != _NO_ERROR:
-                        self._fail_streams(BodyAborted(f"client sent GOAWAY ({_code(ev.error_code)})"))
-                        self._flush_now()
-                        self.close()
-                        return
-                    self._maybe_idle()
+            self.h2.receive(data)
+        except fr.ConnectionFailed:
+            # The codec has queued a GOAWAY with the error code: send it and close.
+            self._in_receive = False
+            self._fail_streams(BodyAborted("HTTP/2 protocol error"))
+            self._flush_now()
+            self.closing = True          # no second (NO_ERROR) GOAWAY from close()
+            self.close()
+            return
         finally:
             self._in_receive = False
         self._flush_now()
@@ -832,9 +764,8 @@ class H2Connection(BatchedOutput, WriteFlowControl, asyncio.Protocol):
             self._idle_timer = None
         self.transport = None
 
-    # -- events -------------------------------------------------------------------------------
-    def _on_request(self, ev) -> None:
-        sid = ev.stream_id
+    # -- codec callbacks (h2_frames.ServerCodec) -----------------------------------------------
+    def on_request(self, sid: int, block: list, ended: bool) -> None:
         h = self.h2
         if self.closing or (self._last_stream_id is not None and sid > self._last_stream_id):
             h.reset_stream(sid, _REFUSED_STREAM)
@@ -843,35 +774,97 @@ class H2Connection(BatchedOutput, WriteFlowControl, asyncio.Protocol):
             h.reset_stream(sid, _REFUSED_STREAM)
             return
         try:
-            method, path, scheme, auth, items, expected = _parse_request(ev.headers, self.limits)
+            method, path, scheme, auth, items, expected = _parse_request(block, self.limits)
         except _Malformed as exc:
-            self._reject(sid, exc.status, str(exc), ended=ev.stream_ended is not None)
+            self._reject(sid, exc.status, str(exc), ended=ended)
             return
         req = RequestHead(method, path, Headers(items), scheme, auth, "HTTP/2")
         stream = H2Stream(self, sid, req, expected)
         self.streams[sid] = stream
         task = stream.task = self.loop.create_task(self.handler(stream))
         task.add_done_callback(stream._task_done)
+        if ended:
+            self.on_end(sid)
 
-    def _on_data(self, s: H2Stream, ev) -> None:
-        data = ev.data
+    def on_data(self, sid: int, data: bytes, flow: int) -> None:
+        s = self.streams.get(sid)
+        if s is None:
+            self.h2.ack(flow, sid)
+            return
         s._received += len(data)
         if s._expected is not None and s._received > s._expected:
-            self.h2.acknowledge_received_data(ev.flow_controlled_length, s.stream_id)
+            self.h2.ack(flow, sid)
             s._reset(_PROTOCOL_ERROR)
             return
         s.body.feed(data)
         if s._paused:
-            s._unacked += ev.flow_controlled_length
+            s._unacked += flow
         else:
-            self.h2.acknowledge_received_data(ev.flow_controlled_length, s.stream_id)
+            self.h2.ack(flow, sid)
 
-    def _on_end(self, s: H2Stream) -> None:
+    def on_end(self, sid: int) -> None:
+        s = self.streams.get(sid)
+        if s is None:
+            return
         s._remote_ended = True
         if s._expected is not None and s._received != s._expected:
             s._reset(_PROTOCOL_ERROR)
             return
         s.body.feed_eof(s._trailers)
+
+    def on_trailers(self, sid: int, block: list) -> None:
+        s = self.streams.get(sid)
+        if s is None:
+            return
+        try:
+            items, _ = _headers_to_list(block, self.limits, trailers=True)
+        except _Malformed:
+            s._reset(_PROTOCOL_ERROR)
+            return
+        s._trailers = Headers(items)
+
+    def on_reset(self, sid: int, code: int) -> None:
+        s = self.streams.pop(sid, None)
+        if s is None:
+            return
+        s._remote_reset(BodyAborted(f"stream reset by client ({_code(code)})"))
+        self._resets += 1
+        if self._resets > RAPID_RESET_MIN and self._resets > self._completed:
+            # "Rapid reset" (CVE-2023-44487): streams opened and cancelled at
+            # once cost us a task each and the client nothing.
+            self._fail_streams(BodyAborted("too many stream resets"))
+            self.h2.close_connection(fr.ENHANCE_YOUR_CALM)
+            self.h2.stop()
+            self._in_receive = False
+            self._flush_now()
+            self.closing = True
+            self.close()
+            return
+        self._maybe_idle()
+
+    def on_stream_error(self, sid: int, code: int) -> None:
+        s = self.streams.get(sid)
+        if s is not None:
+            s._reset(code)
+
+    def on_window(self, sid: int) -> None:
+        if sid:
+            s = self.streams.get(sid)
+            if s is not None and s._waiter is not None:
+                s._wake()
+        else:
+            self._wake_all()
+
+    def on_goaway(self, code: int) -> None:
+        self._peer_goaway = True
+        if code != _NO_ERROR:
+            self._fail_streams(BodyAborted(f"client sent GOAWAY ({_code(code)})"))
+            self.h2.stop()
+            self._in_receive = False
+            self._flush_now()
+            self.close()
+            return
+        self._maybe_idle()
 
     def _reject(self, sid: int, status: int, message: str, ended: bool) -> None:
         """Answer a malformed request on its own stream; nothing reaches the proxy."""
@@ -880,14 +873,14 @@ class H2Connection(BatchedOutput, WriteFlowControl, asyncio.Protocol):
         try:
             h.send_headers(sid, [_status_field(status), (b"content-type", b"application/json"),
                                  (b"content-length", str(len(body)).encode())])
+            if len(body) > h.send_window(sid):
+                h.reset_stream(sid, _PROTOCOL_ERROR)
+                return
             h.send_data(sid, body, end_stream=True)
             if not ended:
                 h.reset_stream(sid, _NO_ERROR)
-        except h2.exceptions.H2Error:
-            try:
-                h.reset_stream(sid, _PROTOCOL_ERROR)
-            except h2.exceptions.H2Error:
-                pass
+        except H2Error:
+            h.reset_stream(sid, _PROTOCOL_ERROR)
 
     def _wake_all(self) -> None:
         for s in self.streams.values():
@@ -933,7 +926,7 @@ class H2Connection(BatchedOutput, WriteFlowControl, asyncio.Protocol):
                             # Its window shrank (SETTINGS) below the chunk: retried at the next
                             # flush; senders waiting on the connection window are woken then.
                             self._held.append(s)
-                    except h2.exceptions.H2Error:
+                    except H2Error:
                         s._reset(_INTERNAL_ERROR)
             if self._held_stuck and len(self._held) < len(held):
                 self._wake_all()
@@ -972,10 +965,7 @@ class H2Connection(BatchedOutput, WriteFlowControl, asyncio.Protocol):
             return
         h = self.h2
         self._last_stream_id = h.highest_inbound_stream_id
-        try:
-            h.close_connection(_NO_ERROR, last_stream_id=self._last_stream_id)
-        except h2.exceptions.H2Error:
-            pass
+        h.close_connection(_NO_ERROR, last_stream_id=self._last_stream_id)
         self._flush_now()
         if self.idle:
             self.close()
@@ -988,10 +978,7 @@ class H2Connection(BatchedOutput, WriteFlowControl, asyncio.Protocol):
             return
         if not self.closing and self._last_stream_id is None:
             self._last_stream_id = self.h2.highest_inbound_stream_id
-            try:
-                self.h2.close_connection(_NO_ERROR, last_stream_id=self._last_stream_id)
-            except h2.exceptions.H2Error:
-                pass
+            self.h2.close_connection(_NO_ERROR, last_stream_id=self._last_stream_id)
         self.closing = True
         self._flush_now()
         if abort:

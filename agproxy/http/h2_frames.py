@@ -1,0 +1,545 @@
+"""HTTP/2 server connection (RFC 9113): frames in, callbacks out; frames out as bytes.
+
+Theory of operation: `ServerCodec` is the protocol engine behind http/h2.py's
+`H2Connection`, written for the hot path instead of the `h2` library (which
+builds a frame object, a set of flag enums, an event object and walks two state
+machines for every frame). `receive(data)` appends to what is left of the last
+read, then walks the buffer frame by frame: each 9-byte header is read with one
+`struct.unpack_from`, the payload is sliced out of the buffer only when the
+application keeps it (a DATA payload, a header block for HPACK), and the frame is
+handled by a small method per type. What the application must know is reported
+by calling its methods directly (`on_request`, `on_data`, `on_end`, `on_trailers`,
+`on_reset`, `on_window`, `on_goaway`, `on_stream_error`); there are no event
+objects. Output (`send_headers`, `send_data`, `reset_stream`, WINDOW_UPDATE,
+SETTINGS ACK, PING ACK, GOAWAY) is appended to one bytearray (`out`) that the
+connection hands to the transport once per flush (`data_to_send`).
+
+State kept, and nothing more:
+- per open stream (`StreamState`): whether each side may still send, our send
+  window, the client's remaining window and the bytes consumed but not yet
+  acknowledged with WINDOW_UPDATE;
+- per connection: both connection windows, the peer's SETTINGS that matter to a
+  server (initial window, max frame size, header table size), the highest stream
+  id the client opened, a bounded record of recently closed streams (to tell
+  "closed" from "never opened" and to ignore frames on streams we reset, §5.1),
+  and a pending header block while CONTINUATION frames arrive.
+
+Errors: a connection error queues GOAWAY with its code and raises `ConnectionFailed`
+(the caller sends what is queued and closes). A stream error on a stream the
+application knows is reported with `on_stream_error` (the application resets it:
+its handler must learn of it); on any other stream the codec sends RST_STREAM itself.
+Concurrency limits, request validation and rapid-reset protection are policy and
+live in http/h2.py; HPACK is http/hpack_codec.py.
+
+Flow control on receipt mirrors h2's window manager: bytes the application has
+consumed (`ack`) are returned with WINDOW_UPDATE once half a window has been
+consumed, or when the window is empty and more than a little was consumed.
+"""
+
+from __future__ import annotations
+
+import struct
+
+import hpack.exceptions
+
+from agproxy.http.hpack_codec import FastDecoder, FastEncoder
+
+PREFACE = b"PRI * HTTP/2.0\r\n\r\nSM\r\n\r\n"
+
+# Frame types
+DATA, HEADERS, PRIORITY, RST_STREAM, SETTINGS, PUSH_PROMISE, PING, GOAWAY, WINDOW_UPDATE, \
+    CONTINUATION = range(10)
+# Flags
+END_STREAM = 0x1
+ACK = 0x1
+END_HEADERS = 0x4
+PADDED = 0x8
+PRIORITY_FLAG = 0x20
+# Error codes (RFC 9113 §7)
+NO_ERROR, PROTOCOL_ERROR, INTERNAL_ERROR, FLOW_CONTROL_ERROR, SETTINGS_TIMEOUT, STREAM_CLOSED, \
+    FRAME_SIZE_ERROR, REFUSED_STREAM, CANCEL, COMPRESSION_ERROR, CONNECT_ERROR, \
+    ENHANCE_YOUR_CALM, INADEQUATE_SECURITY, HTTP_1_1_REQUIRED = range(14)
+# Settings
+S_HEADER_TABLE_SIZE, S_ENABLE_PUSH, S_MAX_CONCURRENT_STREAMS, S_INITIAL_WINDOW_SIZE, \
+    S_MAX_FRAME_SIZE, S_MAX_HEADER_LIST_SIZE = range(1, 7)
+S_ENABLE_CONNECT_PROTOCOL = 8
+
+MAX_WINDOW = (1 << 31) - 1
+DEFAULT_WINDOW = 65535
+DEFAULT_MAX_FRAME = 16384
+#: closed streams remembered (to answer late frames per §5.1)
+CLOSED_MEMORY = 4096
+
+# length (24 bits as 16 + 8), type, flags, stream id
+_HEADER = struct.Struct(">HBBBL")
+_pack_header = _HEADER.pack
+_unpack_header = _HEADER.unpack_from
+_U32 = struct.Struct(">L")
+_SETTING = struct.Struct(">HL")
+_GOAWAY = struct.Struct(">LL")
+
+
+class H2Error(Exception):
+    """Base of what this module raises."""
+
+
+class StreamClosed(H2Error):
+    """The application sent on a stream that is closed (or closed for sending)."""
+
+
+class ConnectionFailed(H2Error):
+    """A connection error: GOAWAY with `code` is queued; the connection must close."""
+
+    def __init__(self, code: int, message: str):
+        super().__init__(message)
+        self.code = code
+
+
+def frame_header(length: int, ftype: int, flags: int, sid: int) -> bytes:
+    return _pack_header(length >> 8, length & 0xFF, ftype, flags, sid)
+
+
+class StreamState:
+    __slots__ = ("remote_open", "local_open", "send_window", "recv_window", "processed")
+
+    def __init__(self, send_window: int, recv_window: int, remote_open: bool):
+        self.remote_open = remote_open
+        self.local_open = True
+        self.send_window = send_window
+        self.recv_window = recv_window
+        self.processed = 0
+
+
+class ServerCodec:
+    """The server end of one HTTP/2 connection; `app` receives the callbacks."""
+
+    def __init__(self, app, *, max_concurrent_streams: int | None, stream_window: int,
+                 conn_window: int, max_header_list: int | None):
+        self.app = app
+        self.out = bytearray()
+        self.encoder = FastEncoder()
+        self.decoder = FastDecoder()
+        self.streams: dict[int, StreamState] = {}
+        self.closed: dict[int, bool] = {}        # sid → we reset it (frames then ignored)
+        self.highest_inbound_stream_id = 0
+        # ours
+        self.local_initial_window = stream_window
+        self.recv_max = max(conn_window, DEFAULT_WINDOW)
+        self.recv_window = DEFAULT_WINDOW
+        self.recv_processed = 0
+        self.max_inbound_frame_size = DEFAULT_MAX_FRAME
+        self._settings = [(S_INITIAL_WINDOW_SIZE, stream_window)]
+        if max_concurrent_streams is not None:
+            self._settings.append((S_MAX_CONCURRENT_STREAMS, max_concurrent_streams))
+        if max_header_list is not None:
+            self._settings.append((S_MAX_HEADER_LIST_SIZE, max_header_list))
+        # the peer's
+        self.peer_initial_window = DEFAULT_WINDOW
+        self.send_window_conn = DEFAULT_WINDOW
+        self.max_outbound_frame_size = DEFAULT_MAX_FRAME
+        # receive state
+        self._buf = b""
+        self._preface = False           # magic and first SETTINGS seen
+        self._stopped = False
+        self._block_sid = 0             # stream of a header block awaiting CONTINUATION
+        self._block: list[bytes] = []
+        self._block_size = 0
+        self._block_end = 0
+        self._handlers = (self._on_data, self._on_headers, self._on_priority, self._on_rst_stream,
+                          self._on_settings, self._on_push_promise, self._on_ping, self._on_goaway,
+                          self._on_window_update, self._on_continuation)
+
+    # -- output -------------------------------------------------------------------------
+    def initiate(self) -> None:
+        """Our SETTINGS (in effect at once for what we enforce) and connection window."""
+        payload = b"".join(_SETTING.pack(k, v) for k, v in self._settings)
+        self.out += frame_header(len(payload), SETTINGS, 0, 0) + payload
+        if self.recv_max > DEFAULT_WINDOW:
+            self._window_update(0, self.recv_max - DEFAULT_WINDOW)
+            self.recv_window = self.recv_max
+
+    def data_to_send(self) -> bytearray:
+        out = self.out
+        if out:
+            self.out = bytearray()
+        return out
+
+    def send_window(self, sid: int) -> int:
+        """What may be sent on the stream now (its window and the connection's)."""
+        st = self.streams.get(sid)
+        if st is None or not st.local_open:
+            raise StreamClosed(f"stream {sid} is closed")
+        w = st.send_window
+        c = self.send_window_conn
+        return w if w < c else c
+
+    def send_headers(self, sid: int, fields: list, end_stream: bool = False) -> None:
+        st = self.streams.get(sid)
+        if st is None or not st.local_open:
+            raise StreamClosed(f"stream {sid} is closed")
+        block = self.encoder.encode(fields)
+        flags = END_STREAM if end_stream else 0
+        n = len(block)
+        mfs = self.max_outbound_frame_size
+        out = self.out
+        if n <= mfs:
+            out += _pack_header(n >> 8, n & 0xFF, HEADERS, flags | END_HEADERS, sid)
+            out += block
+        else:
+            out += _pack_header(mfs >> 8, mfs & 0xFF, HEADERS, flags, sid)
+            out += block[:mfs]
+            pos = mfs
+            while pos < n:
+                size = min(mfs, n - pos)
+                last = END_HEADERS if pos + size == n else 0
+                out += _pack_header(size >> 8, size & 0xFF, CONTINUATION, last, sid)
+                out += block[pos:pos + size]
+                pos += size
+        if end_stream:
+            self._local_end(sid, st)
+
+    def send_data(self, sid: int, data, end_stream: bool = False) -> None:
+        """One DATA frame; the caller keeps within `send_window` and the max frame size."""
+        st = self.streams.get(sid)
+        if st is None or not st.local_open:
+            raise StreamClosed(f"stream {sid} is closed")
+        n = len(data)
+        if n > st.send_window or n > self.send_window_conn or n > self.max_outbound_frame_size:
+            raise H2Error(f"DATA of {n} bytes exceeds the window or frame size")
+        st.send_window -= n
+        self.send_window_conn -= n
+        out = self.out
+        out += _pack_header(n >> 8, n & 0xFF, DATA, END_STREAM if end_stream else 0, sid)
+        out += data
+        if end_stream:
+            self._local_end(sid, st)
+
+    def end_stream(self, sid: int) -> None:
+        self.send_data(sid, b"", end_stream=True)
+
+    def reset_stream(self, sid: int, code: int) -> None:
+        """RST_STREAM, unless the stream is already closed (then nothing is sent)."""
+        st = self.streams.pop(sid, None)
+        if st is None:
+            return
+        self._remember(sid, True)
+        self.out += _pack_header(0, 4, RST_STREAM, 0, sid) + _U32.pack(code)
+
+    def close_connection(self, code: int, last_stream_id: int | None = None) -> None:
+        """GOAWAY (the connection stays usable for streams up to last_stream_id)."""
+        last = self.highest_inbound_stream_id if last_stream_id is None else last_stream_id
+        self.out += _pack_header(0, 8, GOAWAY, 0, 0) + _GOAWAY.pack(last, code)
+
+    def ack(self, n: int, sid: int) -> None:
+        """The application consumed n flow-controlled bytes of `sid` (open or not)."""
+        self._conn_consumed(n)
+        st = self.streams.get(sid)
+        if st is not None and st.remote_open:
+            st.processed += n
+            inc = _increment(st.recv_window, self.local_initial_window, st.processed)
+            if inc:
+                st.processed = 0
+                st.recv_window += inc
+                self._window_update(sid, inc)
+
+    def stop(self) -> None:
+        """Handle no more frames from the current read (the application closes)."""
+        self._stopped = True
+
+    def _conn_consumed(self, n: int) -> None:
+        self.recv_processed += n
+        inc = _increment(self.recv_window, self.recv_max, self.recv_processed)
+        if inc:
+            self.recv_processed = 0
+            self.recv_window += inc
+            self._window_update(0, inc)
+
+    def _window_update(self, sid: int, inc: int) -> None:
+        self.out += _pack_header(0, 4, WINDOW_UPDATE, 0, sid) + _U32.pack(inc)
+
+    def _local_end(self, sid: int, st: StreamState) -> None:
+        st.local_open = False
+        if not st.remote_open:
+            del self.streams[sid]
+            self._remember(sid, False)
+
+    def _remember(self, sid: int, reset_by_us: bool) -> None:
+        closed = self.closed
+        closed[sid] = reset_by_us
+        if len(closed) > CLOSED_MEMORY:
+            del closed[next(iter(closed))]
+
+    # -- input --------------------------------------------------------------------------
+    def receive(self, data: bytes) -> None:
+        """Handle every complete frame in the buffer; raises ConnectionFailed."""
+        if self._stopped:
+            return
+        if self._buf:
+            data = self._buf + data
+            self._buf = b""
+        pos = 0
+        if not self._preface:
+            pos = self._check_preface(data)
+            if pos < 0:
+                self._buf = data
+                return
+        end = len(data)
+        handlers = self._handlers
+        max_size = self.max_inbound_frame_size
+        while end - pos >= 9:
+            hi, lo, ftype, flags, sid = _unpack_header(data, pos)
+            length = hi << 8 | lo
+            if length > max_size:
+                self._fail(FRAME_SIZE_ERROR, f"frame of {length} bytes")
+            stop = pos + 9 + length
+            if stop > end:
+                break
+            sid &= 0x7FFFFFFF
+            if self._block_sid and (ftype != CONTINUATION or sid != self._block_sid):
+                self._fail(PROTOCOL_ERROR, "frame interleaved with a header block")
+            if ftype < 10:
+                handlers[ftype](data, pos + 9, stop, flags, sid)
+                if self._stopped:
+                    return
+            pos = stop
+        if pos < end:
+            self._buf = data[pos:]
+
+    def _check_preface(self, data: bytes) -> int:
+        """Offset after the client preface, or -1 when more bytes are needed."""
+        n = len(PREFACE)
+        if data[:n] != PREFACE[:len(data)]:
+            self._fail(PROTOCOL_ERROR, "invalid connection preface")
+        if len(data) < n + 9:
+            return -1
+        if data[n + 3] != SETTINGS:
+            self._fail(PROTOCOL_ERROR, "the preface must be followed by SETTINGS")
+        self._preface = True
+        return n
+
+    def _fail(self, code: int, message: str):
+        self.close_connection(code)
+        self._stopped = True
+        raise ConnectionFailed(code, message)
+
+    def _stream_error(self, sid: int, code: int) -> None:
+        if sid in self.streams:
+            self.app.on_stream_error(sid, code)
+            if sid in self.streams:      # the application did not reset it
+                self.reset_stream(sid, code)
+        else:
+            self.out += _pack_header(0, 4, RST_STREAM, 0, sid) + _U32.pack(code)
+
+    def _unpad(self, data: bytes, pos: int, stop: int, flags: int) -> tuple[int, int]:
+        if flags & PADDED:
+            if stop <= pos:
+                self._fail(FRAME_SIZE_ERROR, "padded frame without a pad length")
+            stop -= data[pos]
+            pos += 1
+            if stop < pos:
+                self._fail(PROTOCOL_ERROR, "padding exceeds the frame")
+        return pos, stop
+
+    def _closed_frame(self, sid: int) -> None:
+        """DATA or HEADERS on a stream that is not open (RFC 9113 §5.1)."""
+        if sid > self.highest_inbound_stream_id or not sid & 1:
+            self._fail(PROTOCOL_ERROR, f"frame on idle stream {sid}")
+        if not self.closed.get(sid, False):
+            self._stream_error(sid, STREAM_CLOSED)
+
+    def _on_data(self, data, pos, stop, flags, sid):
+        if not sid:
+            self._fail(PROTOCOL_ERROR, "DATA on stream 0")
+        flow = stop - pos
+        pos, stop = self._unpad(data, pos, stop, flags)
+        self.recv_window -= flow
+        if self.recv_window < 0:
+            self._fail(FLOW_CONTROL_ERROR, "connection window exceeded")
+        st = self.streams.get(sid)
+        if st is None or not st.remote_open:
+            self._conn_consumed(flow)
+            self._closed_frame(sid)
+            return
+        st.recv_window -= flow
+        if st.recv_window < 0:
+            self._conn_consumed(flow)
+            self._stream_error(sid, FLOW_CONTROL_ERROR)
+            return
+        ended = flags & END_STREAM
+        if ended:
+            st.remote_open = False
+        self.app.on_data(sid, data[pos:stop], flow)
+        if ended:
+            self._remote_end(sid)
+
+    def _remote_end(self, sid: int) -> None:
+        st = self.streams.get(sid)
+        if st is not None and not st.local_open:
+            del self.streams[sid]
+            self._remember(sid, False)
+        self.app.on_end(sid)
+
+    def _on_headers(self, data, pos, stop, flags, sid):
+        if not sid:
+            self._fail(PROTOCOL_ERROR, "HEADERS on stream 0")
+        pos, stop = self._unpad(data, pos, stop, flags)
+        if flags & PRIORITY_FLAG:
+            pos += 5
+            if stop < pos:
+                self._fail(FRAME_SIZE_ERROR, "HEADERS too short for its priority")
+        if flags & END_HEADERS:
+            self._header_block(sid, data[pos:stop], flags & END_STREAM)
+        else:
+            self._block_sid = sid
+            self._block = [data[pos:stop]]
+            self._block_size = stop - pos
+            self._block_end = flags & END_STREAM
+
+    def _on_continuation(self, data, pos, stop, flags, sid):
+        if not self._block_sid:
+            self._fail(PROTOCOL_ERROR, "CONTINUATION without a header block")
+        self._block.append(data[pos:stop])
+        self._block_size += stop - pos
+        if self._block_size > self.decoder.max_header_list_size:
+            self._fail(ENHANCE_YOUR_CALM, "header block too large")
+        if flags & END_HEADERS:
+            block = b"".join(self._block)
+            self._block = []
+            self._block_sid = 0
+            self._header_block(sid, block, self._block_end)
+
+    def _header_block(self, sid: int, block: bytes, ended: int) -> None:
+        try:
+            # Always decoded, even on a closed stream: the HPACK table must stay in step.
+            fields = self.decoder.decode(block)
+        except hpack.exceptions.OversizedHeaderListError:
+            self._fail(ENHANCE_YOUR_CALM, "header list too large")
+        except hpack.exceptions.HPACKError:
+            self._fail(COMPRESSION_ERROR, "HPACK decoding failed")
+        st = self.streams.get(sid)
+        if st is None:
+            if sid <= self.highest_inbound_stream_id or not sid & 1:
+                if sid in self.closed:
+                    self._closed_frame(sid)
+                    return
+                self._fail(PROTOCOL_ERROR, f"stream id {sid} is not a new client stream")
+            self.highest_inbound_stream_id = sid
+            self.streams[sid] = StreamState(self.peer_initial_window, self.local_initial_window,
+                                            not ended)
+            self.app.on_request(sid, fields, bool(ended))
+        elif not st.remote_open:
+            self._stream_error(sid, STREAM_CLOSED)
+        elif not ended:
+            self._fail(PROTOCOL_ERROR, "trailers without END_STREAM")
+        else:
+            st.remote_open = False
+            self.app.on_trailers(sid, fields)
+            self._remote_end(sid)
+
+    def _on_priority(self, data, pos, stop, flags, sid):
+        if not sid:
+            self._fail(PROTOCOL_ERROR, "PRIORITY on stream 0")
+        if stop - pos != 5:
+            self._fail(FRAME_SIZE_ERROR, "PRIORITY of the wrong length")
+
+    def _on_rst_stream(self, data, pos, stop, flags, sid):
+        if not sid:
+            self._fail(PROTOCOL_ERROR, "RST_STREAM on stream 0")
+        if stop - pos != 4:
+            self._fail(FRAME_SIZE_ERROR, "RST_STREAM of the wrong length")
+        if sid > self.highest_inbound_stream_id:
+            self._fail(PROTOCOL_ERROR, f"RST_STREAM on idle stream {sid}")
+        st = self.streams.pop(sid, None)
+        if st is None:
+            return
+        self._remember(sid, False)
+        self.app.on_reset(sid, _U32.unpack_from(data, pos)[0])
+
+    def _on_settings(self, data, pos, stop, flags, sid):
+        if sid:
+            self._fail(PROTOCOL_ERROR, "SETTINGS on a stream")
+        if flags & ACK:
+            if stop != pos:
+                self._fail(FRAME_SIZE_ERROR, "SETTINGS ACK with a payload")
+            return
+        if (stop - pos) % 6:
+            self._fail(FRAME_SIZE_ERROR, "SETTINGS of the wrong length")
+        window_changed = False
+        for off in range(pos, stop, 6):
+            key, value = _SETTING.unpack_from(data, off)
+            if key == S_INITIAL_WINDOW_SIZE:
+                if value > MAX_WINDOW:
+                    self._fail(FLOW_CONTROL_ERROR, "initial window too large")
+                delta = value - self.peer_initial_window
+                self.peer_initial_window = value
+                if delta:
+                    window_changed = True
+                    for st in self.streams.values():
+                        st.send_window += delta
+                        if st.send_window > MAX_WINDOW:
+                            self._fail(FLOW_CONTROL_ERROR, "stream window overflow")
+            elif key == S_MAX_FRAME_SIZE:
+                if not DEFAULT_MAX_FRAME <= value <= 0xFFFFFF:
+                    self._fail(PROTOCOL_ERROR, "invalid max frame size")
+                self.max_outbound_frame_size = value
+            elif key == S_HEADER_TABLE_SIZE:
+                self.encoder.header_table_size = value
+            elif key in (S_ENABLE_PUSH, S_ENABLE_CONNECT_PROTOCOL):
+                if value > 1:
+                    self._fail(PROTOCOL_ERROR, "invalid boolean setting")
+        self.out += _pack_header(0, 0, SETTINGS, ACK, 0)
+        if window_changed:
+            self.app.on_window(0)
+
+    def _on_push_promise(self, data, pos, stop, flags, sid):
+        self._fail(PROTOCOL_ERROR, "PUSH_PROMISE from a client")
+
+    def _on_ping(self, data, pos, stop, flags, sid):
+        if sid:
+            self._fail(PROTOCOL_ERROR, "PING on a stream")
+        if stop - pos != 8:
+            self._fail(FRAME_SIZE_ERROR, "PING of the wrong length")
+        if not flags & ACK:
+            self.out += _pack_header(0, 8, PING, ACK, 0) + data[pos:stop]
+
+    def _on_goaway(self, data, pos, stop, flags, sid):
+        if sid:
+            self._fail(PROTOCOL_ERROR, "GOAWAY on a stream")
+        if stop - pos < 8:
+            self._fail(FRAME_SIZE_ERROR, "GOAWAY too short")
+        _last, code = _GOAWAY.unpack_from(data, pos)
+        self.app.on_goaway(code)
+
+    def _on_window_update(self, data, pos, stop, flags, sid):
+        if stop - pos != 4:
+            self._fail(FRAME_SIZE_ERROR, "WINDOW_UPDATE of the wrong length")
+        inc = _U32.unpack_from(data, pos)[0] & 0x7FFFFFFF
+        if not sid:
+            if not inc:
+                self._fail(PROTOCOL_ERROR, "WINDOW_UPDATE of 0 on the connection")
+            self.send_window_conn += inc
+            if self.send_window_conn > MAX_WINDOW:
+                self._fail(FLOW_CONTROL_ERROR, "connection window overflow")
+            self.app.on_window(0)
+            return
+        st = self.streams.get(sid)
+        if st is None:
+            if sid > self.highest_inbound_stream_id:
+                self._fail(PROTOCOL_ERROR, f"WINDOW_UPDATE on idle stream {sid}")
+            return
+        if not inc:
+            self._stream_error(sid, PROTOCOL_ERROR)
+            return
+        st.send_window += inc
+        if st.send_window > MAX_WINDOW:
+            self._stream_error(sid, FLOW_CONTROL_ERROR)
+            return
+        self.app.on_window(sid)
+
+
+def _increment(window: int, maximum: int, processed: int) -> int:
+    """The WINDOW_UPDATE increment due after `processed` bytes were consumed (0: not yet)."""
+    if processed >= maximum >> 1 or (window <= 0 and processed > min(1024, maximum >> 2)):
+        inc = maximum - window
+        return processed if processed < inc else inc
+    return 0
