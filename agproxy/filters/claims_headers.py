@@ -51,18 +51,29 @@ class ClaimsHeadersFilter(Filter):
         self.anonymous_entries = tuple(e for e in self.entries if not e[3])
         self.group = ExpressionGroup([e[1] for e in self.entries])
         self.anonymous_group = ExpressionGroup([e[1] for e in self.anonymous_entries])
+        # Every value a function of the verified claims alone: the finished header list
+        # is computed once per token and kept in the token's memo.
+        self.jwt_only = all(e[1].variables <= {"jwt"} for e in self.entries)
 
     def on_request(self, ex: Any) -> FilterResult:
         headers = ex.request.headers
         headers.remove_many(self.names)
-        if ex.jwt_claims is None:
+        claims = ex.jwt_claims
+        if claims is None:
             entries, group = self.anonymous_entries, self.anonymous_group
+            memo = None
         else:
             entries, group = self.entries, self.group
+            memo = getattr(claims, "memo", None)
+            if memo is not None and self.jwt_only:
+                cached = memo.get(self)
+                if cached is not None:
+                    headers.items.extend(cached)
+                    return None
         if not entries:
             return None
         computed = []
-        for (name, expr, where, _), value in zip(entries, group.evaluate_strs(ex.activation, getattr(ex.jwt_claims, "memo", None))):
+        for (name, expr, where, _), value in zip(entries, group.evaluate_strs(ex.activation, memo)):
             if type(value) is not str:
                 eval_errors.error(where, expr.source, value, "failed (identity header: 500)", level=logging.ERROR)
                 ex.error = f"claims_to_headers: {where} could not be evaluated"
@@ -74,6 +85,8 @@ class ClaimsHeadersFilter(Filter):
                 return LocalReply.error(500, "internal_error", "the gateway could not compute an identity header")
             computed.append((name, value))
         headers.items.extend(computed)
+        if memo is not None and self.jwt_only:
+            memo[self] = tuple(computed)
         return None
 
     def describe(self) -> dict:
