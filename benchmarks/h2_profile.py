@@ -1,39 +1,49 @@
-"""CPU cost per request of the HTTP/2 server adapter (agproxy/http/h2.py), in process.
+"""CPU cost per request of the HTTP/2 server side (agproxy/http/h2.py on the
+hand-written codec agproxy/http/h2_frames.py), in process.
 
-Theory of operation: a real h2 client (the h2 library, client side) encodes N
-requests up front; the harness then feeds those bytes to an `H2Connection`
-attached to a fake transport that only counts what is written, on a uvloop
-loop, in batches of `--concurrency` requests per `data_received` (what h2load -m
-does on a socket). The handler answers each request with a small JSON body
-(head, one data chunk, end), like a local reply. Only the server side runs in
-the timed section, so the figure is the adapter's CPU per request: h2 parsing,
-HPACK, the state machines, stream/task creation, the handler's three calls,
-flushes. `--http1` runs the same handler through http/h1.py for comparison.
+Theory of operation: a real HTTP/2 client (the h2 library, client side: an
+independent encoder, not our codec) encodes N requests up front; the harness
+then feeds those bytes to an `H2Connection` (which runs `ServerCodec`) attached
+to a fake transport that only counts what is written, on a uvloop loop, in
+batches of `--concurrency` requests per `data_received` (what h2load -m does on
+a socket). The handler answers each request with a small JSON body (head, one
+data chunk, end), like a local reply. Only the server side runs in the timed
+section, so the figure is the server's CPU per request: frame parsing and
+writing, HPACK (http/hpack_codec.py), stream and flow-control state, request
+validation, stream/task creation, the handler's three calls, flushes. The fake
+transport's `write` is free, so syscalls are not counted (`--gateway` counts
+them). `--http1` runs the same handler through http/h1.py for comparison.
 
 Request shapes: `same` (identical GETs: after the first, every header is an
 HPACK index — what h2load sends), `varied` (path and x-request-id change per
 request — closer to real agents) and `post` (varied, plus a 1 KB JSON body the
 handler reads: DATA frames, flow-control acknowledgement).
 
-`--stage` rebuilds the adapter as it was before each optimisation, to measure
-what each change bought (see benchmarks/results/h2.md):
-  0  h2 defaults (validation + normalisation on, str headers), a write per frame
-     group, stock HPACK
-  1  + H2Configuration without validation/normalisation, bytes headers
-  2  + one write per data_received / per loop turn (call_soon flush)
-  3  + agproxy's HPACK coders (byte-wise Huffman decoder, caches, O(1) encoder)
-  4  + END_STREAM carried by the last DATA frame (the current code)
+Each figure is the best of `--repeat` rounds (CPU `process_time` / requests);
+HTTP/2 and HTTP/1.1 rounds are interleaved so a noisy neighbour hurts both alike.
+(Until the codec replaced the h2 library on the server side, a `--stage` option
+rebuilt the old h2-library adapter before each optimisation; those results are
+kept as history in benchmarks/results/h2.md.)
 
-    .venv/bin/python benchmarks/h2_profile.py                 # all stages, both shapes
-    .venv/bin/python benchmarks/h2_profile.py --stage 3 --profile varied
-    .venv/bin/python benchmarks/h2_profile.py --http1
-    .venv/bin/python benchmarks/h2_profile.py --gateway    # h2load against the real binary
+    .venv/bin/python benchmarks/h2_profile.py                   # same, varied, post
+    .venv/bin/python benchmarks/h2_profile.py --http1           # + the HTTP/1.1 server
+    .venv/bin/python benchmarks/h2_profile.py --profile varied  # cProfile, top 30 by own time
+    .venv/bin/python benchmarks/h2_profile.py --breakdown       # shares: codec / HPACK / the rest
+    .venv/bin/python benchmarks/h2_profile.py --gateway         # h2load against the real binary
+
+`--breakdown` splits cProfile's time per shape into: codec inbound (frame
+parsing, stream state, flow control; `ServerCodec.receive` minus HPACK decoding
+and the callbacks into h2.py), HPACK decode, codec outbound (`send_headers`,
+`send_data`, `ack`, ... minus HPACK encoding), HPACK encode, and the rest (the
+adapter's callbacks and streams, request validation, the handler, the event
+loop). cProfile inflates call-heavy code, so read the shares, not the times.
 
 `--gateway` runs the agproxy binary (one worker, a `static` route answering 100
 bytes, no upstream, no access log) and drives it with h2load: h2c prior
 knowledge (1 connection x 10 streams) and HTTP/1.1 (10 connections, --h1); it
 reports the worker's CPU time (utime+stime from /proc) per request, i.e. the
-whole gateway path (listener, adapter, exchange, filters, local reply).
+whole gateway path (listener, HTTP/2 server, exchange, filters, local reply)
+including its syscalls. It binds two free ephemeral ports.
 """
 
 from __future__ import annotations
@@ -57,7 +67,7 @@ import h2.connection  # noqa: E402
 import h2.settings  # noqa: E402
 import uvloop  # noqa: E402
 
-import agproxy.http.h2 as h2mod  # noqa: E402
+from agproxy.http.h2 import H2Connection  # noqa: E402
 from agproxy.http.h1 import H1Connection, Limits  # noqa: E402
 from agproxy.http.messages import ConnInfo, Headers  # noqa: E402
 
@@ -146,35 +156,6 @@ def h1_client_bytes(n: int, shape: str, concurrency: int) -> list[bytes]:
     return batches
 
 
-# -- stages ----------------------------------------------------------------------------------------
-
-def apply_stage(stage: int) -> None:
-    """Re-create the adapter as it was before the later optimisations."""
-    orig = _ORIG
-    h2mod.server_config = orig["server_config"]
-    h2mod.H2Connection._schedule_flush = orig["_schedule_flush"]
-    h2mod.H2Connection._queued = orig["_queued"]
-    h2mod.FAST_HPACK = orig["FAST_HPACK"]
-    h2mod.MERGE_END_STREAM = orig["MERGE_END_STREAM"]
-    if stage < 4:
-        h2mod.MERGE_END_STREAM = False
-    if stage < 3:
-        h2mod.FAST_HPACK = False
-    if stage < 2:
-        def per_call_flush(self):
-            self._flush_now()
-
-        h2mod.H2Connection._schedule_flush = per_call_flush
-        h2mod.H2Connection._queued = lambda self, n: self._flush_now()
-    if stage < 1:
-        h2mod.server_config = lambda: h2.config.H2Configuration(client_side=False)
-
-
-_ORIG = {"server_config": h2mod.server_config, "_schedule_flush": h2mod.H2Connection._schedule_flush,
-         "_queued": h2mod.H2Connection._queued, "FAST_HPACK": h2mod.FAST_HPACK,
-         "MERGE_END_STREAM": h2mod.MERGE_END_STREAM}
-
-
 # -- the run ---------------------------------------------------------------------------------------
 
 async def run_h2(n: int, shape: str, concurrency: int, profile: bool) -> float:
@@ -184,7 +165,7 @@ async def run_h2(n: int, shape: str, concurrency: int, profile: bool) -> float:
     headers_out = [("content-type", "application/json"), ("content-length", str(len(BODY)))]
 
     async def handler(stream):
-        nonlocal done, waiter
+        nonlocal done
         if stream.request.method == "POST":
             while await stream.body.read():
                 pass
@@ -196,7 +177,7 @@ async def run_h2(n: int, shape: str, concurrency: int, profile: bool) -> float:
             waiter.set_result(None)
 
     limits = Limits(max_concurrent_streams=max(100, concurrency))
-    proto = h2mod.H2Connection(handler, ConnInfo("127.0.0.1", 1, 2, False), limits)
+    proto = H2Connection(handler, ConnInfo("127.0.0.1", 1, 2, False), limits)
     transport = FakeTransport()
     proto.connection_made(transport)
     proto.data_received(preface)
@@ -291,24 +272,18 @@ def _cpu_seconds(pid: int) -> float:
 _LAUNCH = """
 import sys
 sys.path.insert(0, {root!r})
-sys.path.insert(0, {bench!r})
-import h2_profile
-h2_profile.apply_stage({stage})
 from agproxy.cli import main
 sys.argv = ["agproxy", "run", "--config", {conf!r}]
 sys.exit(main())
 """
 
 
-def gateway_run(n: int, repeat: int, stages: list[int]) -> None:
-    root = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
-    print(f"# gateway worker CPU µs per request (best of {repeat}), n={n}, static route")
-    for stage in stages:
-        port, admin = _free_port(), _free_port()
-        tmp = tempfile.mkdtemp(prefix="h2prof-")
-        conf = os.path.join(tmp, "gw.toml")
-        with open(conf, "w") as f:
-            f.write(f"""[gateway]
+def gateway_config(port: int, admin: int) -> str:
+    """One worker, a static 100-byte reply on every path, no upstream, no access log."""
+    tmp = tempfile.mkdtemp(prefix="h2prof-")
+    conf = os.path.join(tmp, "gw.toml")
+    with open(conf, "w") as f:
+        f.write(f"""[gateway]
 workers = 1
 admin = "127.0.0.1:{admin}"
 
@@ -325,117 +300,139 @@ backend = "local"
 type = "static"
 body = "{'x' * 100}"
 """)
-        code = _LAUNCH.format(root=root, bench=os.path.join(root, "benchmarks"), stage=stage, conf=conf)
-        proc = subprocess.Popen([os.path.join(root, ".venv", "bin", "python"), "-c", code],
-                                stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
-        try:
-            deadline = time.monotonic() + 20
-            while True:
-                try:
-                    with urllib.request.urlopen(f"http://127.0.0.1:{admin}/readyz", timeout=1) as r:
-                        if r.status == 200:
-                            break
-                except OSError:
-                    if time.monotonic() > deadline:
-                        raise RuntimeError("gateway did not become ready")
-                    time.sleep(0.05)   # polling readiness
-            url = f"http://127.0.0.1:{port}/v1/chat/completions"
-            runs = {f"h2c  stage {stage} (1 conn x 10 streams)": ["h2load", "-c", "1", "-m", "10"]}
-            if stage == stages[-1]:
-                runs["h1            (10 conns, --h1)    "] = ["h2load", "--h1", "-c", "10", "-m", "1"]
-            best: dict = {}
-            for _ in range(repeat):
-                for name, cmd in runs.items():
-                    subprocess.run(cmd + ["-n", str(max(100, n // 10)), url], capture_output=True, check=True)
-                    before = _cpu_seconds(proc.pid)
-                    out = subprocess.run(cmd + ["-n", str(n), url], capture_output=True, text=True,
-                                         check=True).stdout
-                    cpu = _cpu_seconds(proc.pid) - before
-                    ok = [line for line in out.splitlines() if line.startswith("requests:")]
-                    assert ok and f"{n} succeeded" in ok[0], out
-                    us = cpu / n * 1e6
-                    best[name] = min(best.get(name, us), us)
-            for name, us in best.items():
-                print(f"{name} {us:8.1f}")
-        finally:
-            proc.terminate()
-            proc.wait(10)
+    return conf
+
+
+def gateway_run(n: int, repeat: int) -> None:
+    root = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+    port, admin = _free_port(), _free_port()
+    conf = gateway_config(port, admin)
+    code = _LAUNCH.format(root=root, conf=conf)
+    proc = subprocess.Popen([os.path.join(root, ".venv", "bin", "python"), "-c", code],
+                            stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+    print(f"# gateway worker CPU µs per request (best of {repeat}), n={n}, static route")
+    try:
+        deadline = time.monotonic() + 20
+        while True:
+            try:
+                with urllib.request.urlopen(f"http://127.0.0.1:{admin}/readyz", timeout=1) as r:
+                    if r.status == 200:
+                        break
+            except OSError:
+                if proc.poll() is not None:
+                    raise RuntimeError(f"gateway exited with {proc.returncode}")
+                if time.monotonic() > deadline:
+                    raise RuntimeError("gateway did not become ready")
+                time.sleep(0.05)   # polling readiness
+        url = f"http://127.0.0.1:{port}/v1/chat/completions"
+        runs = {"h2c  (1 conn x 10 streams)": ["h2load", "-c", "1", "-m", "10"],
+                "h1   (10 conns, --h1)     ": ["h2load", "--h1", "-c", "10", "-m", "1"]}
+        best: dict = {}
+        for _ in range(repeat):
+            # Interleaved, so a noisy neighbour hurts both protocols alike.
+            for name, cmd in runs.items():
+                subprocess.run(cmd + ["-n", str(max(100, n // 10)), url], capture_output=True, check=True)
+                before = _cpu_seconds(proc.pid)
+                out = subprocess.run(cmd + ["-n", str(n), url], capture_output=True, text=True,
+                                     check=True).stdout
+                cpu = _cpu_seconds(proc.pid) - before
+                ok = [line for line in out.splitlines() if line.startswith("requests:")]
+                assert ok and f"{n} succeeded" in ok[0], out
+                us = cpu / n * 1e6
+                best[name] = min(best.get(name, us), us)
+        for name, us in best.items():
+            print(f"{name} {us:8.1f}")
+    finally:
+        proc.terminate()
+        proc.wait(10)
+
+
+SHAPES = ("same", "varied", "post")
 
 
 def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    ap.add_argument("shapes", nargs="*", help="same, varied and/or post (default: all)")
+    ap.add_argument("shapes", nargs="*", metavar="shape", help="same, varied and/or post (default: all)")
     ap.add_argument("-n", type=int, default=5000, help="requests per run")
     ap.add_argument("-c", "--concurrency", type=int, default=10, help="requests per data_received")
-    ap.add_argument("-r", "--repeat", type=int, default=5, help="runs; the best is reported")
-    ap.add_argument("--stage", type=int, action="append", help="stage(s) to run (default: all)")
-    ap.add_argument("--profile", action="store_true", help="cProfile the last stage, top 30 by own time")
-    ap.add_argument("--http1", action="store_true", help="also run the HTTP/1.1 adapter")
-    ap.add_argument("--gateway", action="store_true", help="h2load against the agproxy binary (see above)")
+    ap.add_argument("-r", "--repeat", type=int, default=5, help="rounds; the best is reported")
+    ap.add_argument("--profile", action="store_true",
+                    help="then cProfile the HTTP/2 server on the last shape, top 30 by own time")
+    ap.add_argument("--http1", action="store_true", help="also run the HTTP/1.1 server (http/h1.py)")
     ap.add_argument("--breakdown", action="store_true",
-                    help="split the last stage's time into h2 / HPACK / adapter shares (cProfile)")
+                    help="then split each shape's profiled time into codec / HPACK / the rest (cProfile)")
+    ap.add_argument("--gateway", action="store_true", help="h2load against the agproxy binary (see above)")
     a = ap.parse_args()
     if a.gateway:
-        gateway_run(a.n, a.repeat, a.stage or [0, 4])
+        gateway_run(a.n, a.repeat)
         return
-    stages = a.stage or [0, 1, 2, 3, 4]
-    a.shapes = a.shapes or ["same", "varied", "post"]
-    print(f"# CPU µs per request (best of {a.repeat}, stages interleaved), n={a.n}, "
-          f"{a.concurrency} requests per read")
+    for shape in a.shapes:
+        if shape not in SHAPES:
+            ap.error(f"unknown shape {shape!r} (choose from {', '.join(SHAPES)})")
+    a.shapes = a.shapes or list(SHAPES)
+    print(f"# CPU µs per request (best of {a.repeat}{', h2/h1 interleaved' if a.http1 else ''}), "
+          f"n={a.n}, {a.concurrency} requests per read")
     for shape in a.shapes:
         best: dict = {}
         for _ in range(a.repeat):
-            # Interleaved, so a noisy neighbour hurts every stage alike; the minimum is reported.
-            for st in stages:
-                apply_stage(st)
-                us = measure(run_h2, a.n, shape, a.concurrency)
-                best[st] = min(best.get(st, us), us)
+            us = measure(run_h2, a.n, shape, a.concurrency)
+            best["h2"] = min(best.get("h2", us), us)
             if a.http1:
                 us = measure(run_h1, a.n, shape, a.concurrency)
                 best["h1"] = min(best.get("h1", us), us)
-        for st in stages:
-            print(f"h2   stage {st}  {shape:7s} {best[st]:8.1f}")
+        print(f"h2   {shape:7s} {best['h2']:8.1f}")
         if a.http1:
-            print(f"h1           {shape:7s} {best['h1']:8.1f}")
+            print(f"h1   {shape:7s} {best['h1']:8.1f}")
     if a.profile:
-        apply_stage(stages[-1])
+        print(f"\n# cProfile, h2, {a.shapes[-1]}")
         measure(run_h2, a.n, a.shapes[-1], a.concurrency, profile=True)
     if a.breakdown:
-        apply_stage(stages[-1])
         for shape in a.shapes:
             breakdown(a.n, shape, a.concurrency)
+
+
+#: ServerCodec's callbacks into http/h2.py (called from inside `receive`)
+_CALLBACKS = ("on_request", "on_data", "on_end", "on_trailers", "on_reset", "on_stream_error",
+              "on_window", "on_goaway")
+#: ServerCodec's output methods the server calls (`end_stream` is `send_data`, not added twice)
+_OUTPUT = ("send_headers", "send_data", "reset_stream", "ack", "send_window", "data_to_send",
+           "close_connection")
 
 
 def breakdown(n: int, shape: str, concurrency: int) -> None:
     """Shares of the profiled time by component (cProfile inflates all Python calls alike)."""
     global _PROFILE_SINK
     _PROFILE_SINK = []
-    uvloop.run(run_h2(n, shape, concurrency, True))
-    st = _PROFILE_SINK[0]
+    try:
+        uvloop.run(run_h2(n, shape, concurrency, True))
+        st = _PROFILE_SINK[0]
+    finally:
+        _PROFILE_SINK = None
     total = st.total_tt
-    cum = {}
+    cum: dict = {}
     for (fname, _line, func), (_cc, _nc, _tt, ct, _callers) in st.stats.items():
         key = (os.path.basename(os.path.dirname(fname)) + "/" + os.path.basename(fname), func)
         cum[key] = cum.get(key, 0.0) + ct
 
-    def c(path, func):
-        return cum.get((path, func), 0.0)
-    h2_in = c("h2/connection.py", "receive_data")
-    dec = c("http/h2.py", "decode")
-    h2_out = (c("h2/connection.py", "send_headers") + c("h2/connection.py", "send_data")
-              + c("h2/connection.py", "end_stream") + c("h2/connection.py", "data_to_send")
-              + c("h2/connection.py", "acknowledge_received_data"))
-    enc = c("http/h2.py", "encode")
+    def c(path, *funcs):
+        return sum(cum.get((path, f), 0.0) for f in funcs)
+    inbound = c("http/h2_frames.py", "receive")
+    dec = c("http/hpack_codec.py", "decode")
+    callbacks = c("http/h2.py", *_CALLBACKS)
+    outbound = c("http/h2_frames.py", *_OUTPUT)
+    enc = c("http/hpack_codec.py", "encode")
+    assert inbound and outbound, "profile keys not found: was the codec renamed?"
     parts = [
-        ("h2 inbound (frames, state machines, events)", h2_in - dec),
+        ("codec inbound (frames, stream state, flow control)", inbound - dec - callbacks),
         ("HPACK decode", dec),
-        ("h2 outbound (frames, state machines)", h2_out - enc),
+        ("codec outbound (frames, windows)", outbound - enc),
         ("HPACK encode", enc),
-        ("adapter + handler + event loop (the rest)", total - h2_in - h2_out),
+        ("h2.py callbacks/streams, handler, event loop (the rest)",
+         total - (inbound - callbacks) - outbound),
     ]
     print(f"\n# breakdown, {shape}: share of profiled time")
     for name, t in parts:
-        print(f"  {name:48s} {100 * t / total:5.1f} %")
+        print(f"  {name:56s} {100 * t / total:5.1f} %")
 
 
 if __name__ == "__main__":

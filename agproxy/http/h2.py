@@ -105,10 +105,6 @@ MAX_CONN_WINDOW = 16 << 20
 FLUSH_THRESHOLD = 64 * 1024
 #: client resets tolerated before resets outnumbering finished streams end the connection
 RAPID_RESET_MIN = 100
-#: HPACK coders: http/hpack_codec.py's (False: stock hpack; benchmarks/h2_profile.py stages)
-FAST_HPACK = True
-#: hold a response's last small DATA chunk so END_STREAM rides on it (False: benchmarks)
-MERGE_END_STREAM = True
 
 
 class BatchedOutput:
@@ -171,9 +167,8 @@ class GatewayH2(h2.connection.H2Connection):
         self.state_machine._transitions = _TRANSITIONS   # instance attribute: this connection only
         self._no_validation = not (config.validate_inbound_headers or config.validate_outbound_headers
                                    or config.normalize_inbound_headers or config.normalize_outbound_headers)
-        if FAST_HPACK:
-            self.encoder = FastEncoder()
-            self.decoder = FastDecoder()
+        self.encoder = FastEncoder()     # http/hpack_codec.py's coders
+        self.decoder = FastDecoder()
 
     def clear_outbound_data_buffer(self) -> None:
         # Called by h2 only when a GOAWAY arrives; the frames queued for the streams
@@ -303,7 +298,7 @@ class H2Stream(ServerStream):
                 await self._send_chunks(self._take_held())
             h2c = proto.h2
             n = len(data)
-            if MERGE_END_STREAM and n <= h2c.max_outbound_frame_size and \
+            if n <= h2c.max_outbound_frame_size and \
                     n + proto._held_bytes <= h2c.send_window(self.stream_id):
                 # Hold the chunk until the next call or the flush at the end of this loop
                 # turn: if end() comes first, it leaves in one frame with END_STREAM.
