@@ -29,7 +29,8 @@ from typing import Callable
 import httptools
 
 from agproxy.http.flow import WriteFlowControl
-from agproxy.http.messages import BodyAborted, BodyReader, ConnInfo, Headers, RequestHead, ServerStream
+from agproxy.http.messages import (BodyAborted, BodyReader, ConnInfo, Headers, RequestHead, ServerStream,
+                                   field_name)
 
 H2_PREFACE = b"PRI * HTTP/2.0\r\n\r\nSM\r\n\r\n"
 MAX_PIPELINE = 16
@@ -260,7 +261,7 @@ class H1Connection(WriteFlowControl, asyncio.Protocol):
         self._header_bytes += len(name) + len(value) + 4
         if self._header_bytes > self.limits.max_header_bytes or len(self._headers) >= self.limits.max_headers:
             raise BadRequest(431, "request header fields too large")
-        n = name.decode("latin-1").lower()
+        n = field_name(name)
         if n == "content-length":
             self._cl_count += 1
             if self._cl_count > 1:

@@ -25,6 +25,12 @@ log = logging.getLogger("agproxy.proxy")
 _NOT_FOUND = LocalReply.error(404, "no_route", "no route matches this request")
 
 
+def _ms(seconds: float) -> float:
+    # Milliseconds to the microsecond. Not round(x, 3): that formats the float
+    # through snprintf and cost ~3k instructions per request (callgrind).
+    return int(seconds * 1_000_000) / 1000
+
+
 def _too_large(limit: int) -> LocalReply:
     return LocalReply.error(413, "payload_too_large", f"the request body exceeds {limit} bytes")
 
@@ -134,7 +140,7 @@ class Gateway:
                 "method": req.method,
                 "path": req.path,
                 "status": status,
-                "duration_ms": round(elapsed * 1000, 3),
+                "duration_ms": _ms(elapsed),
                 "bytes_in": ex.stream.body.received,
                 "bytes_out": ex.bytes_out,
                 "upstream": ex.upstream,
@@ -144,7 +150,7 @@ class Gateway:
                 "client": ex.conn.peer_host,
             }
             if ex.upstream_time is not None:
-                rec["upstream_ms"] = round(ex.upstream_time * 1000, 3)
+                rec["upstream_ms"] = _ms(ex.upstream_time)
             if ex.error:
                 rec["error"] = ex.error
             if ex.jwt_claims and "sub" in ex.jwt_claims:

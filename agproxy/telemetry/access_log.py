@@ -66,14 +66,22 @@ class AccessLog:
 
 _second = -1
 _prefix = ""
+_last_ms = -1
+_last_text = ""
 
 
 def now_iso() -> str:
-    """UTC timestamp with milliseconds; the seconds part is formatted once per second."""
-    global _second, _prefix
-    t = time.time()
-    s = int(t)
+    """UTC timestamp with milliseconds. The seconds part is formatted once per
+    second, the whole text once per millisecond (a busy worker logs several
+    requests per millisecond)."""
+    global _second, _prefix, _last_ms, _last_text
+    ms = int(time.time() * 1000)
+    if ms == _last_ms:
+        return _last_text
+    s = ms // 1000
     if s != _second:
         _second = s
         _prefix = time.strftime("%Y-%m-%dT%H:%M:%S", time.gmtime(s))
-    return f"{_prefix}.{int((t - s) * 1000):03d}Z"
+    _last_ms = ms
+    _last_text = text = f"{_prefix}.{ms % 1000:03d}Z"
+    return text

@@ -21,7 +21,7 @@ from typing import Callable
 import httptools
 
 from agproxy.http.flow import WriteFlowControl
-from agproxy.http.messages import BodyAborted, BodyReader, Headers
+from agproxy.http.messages import BodyAborted, BodyReader, Headers, field_name
 from agproxy.upstream.errors import UpstreamError, UpstreamTimeout
 from agproxy.upstream.origin import set_nodelay
 
@@ -168,7 +168,7 @@ class H1ClientConnection(WriteFlowControl, asyncio.Protocol):
 
     # -- httptools callbacks ------------------------------------------------------------
     def on_header(self, name: bytes, value: bytes) -> None:
-        self._headers.append((name.decode("latin-1").lower(), value.decode("latin-1")))
+        self._headers.append((field_name(name), value.decode("latin-1")))
 
     def on_headers_complete(self) -> None:
         resp = self.response
