@@ -16,8 +16,10 @@ Compile time (``compile_expression``, once per expression at config load)
     1. The source is tokenized by a small CEL lexer (strings, numbers, identifiers,
        punctuation).  The tokens give ``Expression.variables``: the top-level
        variables of ``VARIABLES`` the expression references (an identifier that is
-       not a field name after ``.``).  This may over-approximate (a comprehension
-       variable named ``jwt`` counts) but never misses one.
+       not a field name after ``.``), and the expression's *projection*: what it
+       reads of each of them (see "Per request").  Both may over-approximate (a
+       comprehension variable named ``jwt`` counts, and makes all of ``jwt`` read)
+       but never miss anything.
     2. ``default(x, fallback)`` calls are rewritten (see below).
     3. The (rewritten) source is parsed and type-checked by the library in one
        shared environment that declares the ``VARIABLES`` as ``map(string, dyn)``
@@ -34,14 +36,45 @@ Per request (``Activation`` + ``Expression.evaluate*``)
     them when the value is read).  Nothing is computed up front.  When an
     expression is evaluated, the activation calls the providers of the variables
     that expression references (each provider at most once per activation) and
-    hands the values to the library's own activation object, which converts a
-    Python value to CEL the first time the expression reads it.  That native
-    activation is reused by every later expression of the request; it is rebuilt
-    (a few µs) only when an expression needs a variable that was not materialized
-    yet.  ``Activation(providers, preload=names)`` avoids that when the caller knows
-    which variables a route's expressions use (the union of their ``variables``).
-    The conversion walks the whole value of a variable on its first access, so
-    variables should stay small (headers and claims: ~2 µs; a 1000-key map: ~0.4 ms).
+    hands the library the part of those values the expression reads; the library
+    converts what it is given to CEL, and converting whole variables used to be
+    most of the cost of a simple rule (an 800-character ``Authorization`` header in
+    ``request.headers`` was converted even when the rule read one other header).
+
+    Projection.  At compile time each expression gets a projection, computed from
+    its tokens: per referenced variable ``V``, an occurrence ``V.f`` (``f`` not a
+    method call ``V.f(``) or ``V["f"]`` (a string literal without escapes) reads
+    field ``f``; any other occurrence (``V``, ``V.method(...)``, ``V[expr]``,
+    ``"k" in V``, ``size(V)``, a comprehension variable named ``V``, ...) reads all
+    of ``V``.  For the map fields ``request.headers`` and ``request.query``
+    (``_MAP_FIELDS``) the same is done one level down: ``request.headers["x-a"]``
+    reads one header, ``request.headers.exists(...)`` all of them.  Projections are
+    interned (equal ones are one object).  The library then receives, per variable,
+    ``{f: value[f] for each read f present}`` (two levels for headers/query) or the
+    value itself when all of it is read or it is not a dict.  A key that is absent
+    stays absent, so a missing key is still an error, ``has()`` still false and
+    ``default()`` still falls back; results and error messages are those of the
+    full values (``tests/unit/test_cel_projection.py`` checks this differentially).
+    The one difference: a value the library cannot convert (a tuple, a non-string
+    key) in a part of a variable that an expression does not read no longer makes
+    that expression fail (it used to fail every expression reading the variable).
+
+    What the library receives is a plain dict per projection, passed with
+    ``program.eval(data=...)`` and converted at each evaluation: a native
+    ``env.Activation`` would convert once but has a fixed cost (~18k instructions,
+    callgrind) above converting a pruned dict the few times a request evaluates
+    it.  These dicts are cached per activation and projection: every expression
+    with the same projection uses the same one, and an expression whose projection
+    is covered by an existing one reuses it (a ``default()`` probe uses its
+    expression's, a batch member evaluated alone the batch's).  Otherwise one is
+    built for just that projection from the full values, which are materialized
+    once per activation.  The hot path (a projection already seen in this request)
+    is one dict lookup.  ``Activation(providers, preload=names)`` hands the named
+    variables whole to the first dict built, which then covers every later
+    expression that reads only them: fewer builds, but no pruning of those
+    variables.  A variable the library receives whole is walked entirely at each
+    evaluation, so variables should stay small (headers and claims: ~2 µs; a
+    1000-key map: ~0.4 ms).
 
     A variable whose provider is missing is an empty map.  So ``jwt.sub`` on a route
     without JWT authentication is an evaluation error ("no such key"), which
@@ -217,12 +250,175 @@ def _is_member(tokens, i: int) -> bool:
     return j >= 1 and tokens[j][0] == "." and tokens[j - 1][0] in _OPERAND_END
 
 
-def _referenced_variables(tokens) -> frozenset[str]:
-    names = set()
+# ---------------------------------------------------------------------------------
+# Projections: which fields of each variable an expression reads
+# ---------------------------------------------------------------------------------
+
+# Fields of a variable that are maps whose keys are projected too (`request.headers`
+# holds every request header, including long credentials).
+_MAP_FIELDS = {"request": frozenset({"headers", "query"})}
+
+
+def _string_literal(text: str) -> "str | None":
+    """The value of a CEL string literal token; None for bytes literals and for
+    literals with escapes (not decoded here: the caller then keeps everything)."""
+    i = 0
+    raw = False
+    while text[i] in "rRbB":
+        if text[i] in "bB":
+            return None
+        raw = True
+        i += 1
+    body = text[i:]
+    q = 3 if body[:3] in ('"""', "'''") else 1
+    value = body[q:-q]
+    if (not raw and "\\" in value) or "\r" in value:
+        return None
+    return value
+
+
+def _selection(tokens, j: int) -> "tuple[str, int] | None":
+    """If tokens[j:] start with `.name` (not a method call `.name(`) or `["literal"]`,
+    (the selected key, the index after the selection); else None."""
+    n = len(tokens)
+    if j + 1 < n:
+        kind = tokens[j][0]
+        if kind == "." and tokens[j + 1][0] == "ident" and (j + 2 >= n or tokens[j + 2][0] != "("):
+            return tokens[j + 1][1], j + 2
+        if kind == "[" and j + 2 < n and tokens[j + 1][0] == "str" and tokens[j + 2][0] == "]":
+            key = _string_literal(tokens[j + 1][1])
+            if key is not None:
+                return key, j + 3
+    return None
+
+
+def _projection_of(tokens) -> "_Projection":
+    """What the expression reads of each variable it references (see _Projection).
+
+    An occurrence of a variable followed by `.f` or `["f"]` reads field f; any other
+    occurrence (bare, `V.method(`, `V[expr]`, `x in V`, a comprehension variable
+    named V, ...) reads all of V.  Same one level down for _MAP_FIELDS.  This may
+    over-approximate (keep more than is read) but never misses a read key."""
+    spec: dict = {}
     for i, (kind, text, _, _) in enumerate(tokens):
-        if kind == "ident" and text in VARIABLES and not _is_member(tokens, i):
-            names.add(text)
-    return frozenset(names)
+        if kind != "ident" or text not in VARIABLES or _is_member(tokens, i):
+            continue
+        if text in spec and spec[text] is None:
+            continue
+        sel = _selection(tokens, i + 1)
+        if sel is None:
+            spec[text] = None
+            continue
+        field, j = sel
+        fields = spec.setdefault(text, {})
+        if field in _MAP_FIELDS.get(text, ()):
+            sub = _selection(tokens, j)
+            if sub is None:
+                fields[field] = None
+            elif field not in fields:
+                fields[field] = {sub[0]}
+            elif fields[field] is not None:
+                fields[field].add(sub[0])
+        else:
+            fields[field] = None
+    return _intern(spec)
+
+
+class _Projection:
+    """The part of the activation an expression reads, per variable: all of it, or
+    some of its fields (each field: all of it, or some of its keys).  Interned by
+    _intern(): equal projections are one object, so an activation keys its native
+    activations by projection identity."""
+
+    __slots__ = ("names", "plan", "_spec", "_covers", "__weakref__")
+
+    def __init__(self, spec: dict, plan: tuple):
+        # spec: {name: None | {field: None | set(keys)}}; None = everything
+        self._spec = spec
+        self.names: frozenset[str] = frozenset(spec)
+        # plan: spec as sorted tuples, what Activation._native_for walks
+        self.plan = plan
+        self._covers: dict = {}   # projection -> does self hold all it reads?
+
+    def __repr__(self) -> str:
+        return f"_Projection({self.describe()!r})"
+
+    def describe(self) -> dict:
+        """{name: None (all of it) | {field: None (all of it) | sorted list of keys}}."""
+        return {name: None if fields is None else
+                {f: None if keys is None else list(keys) for f, keys in fields}
+                for name, fields in self.plan}
+
+    def covers(self, other: "_Projection") -> bool:
+        """Does an activation built for self hold everything other reads?"""
+        result = self._covers.get(other)
+        if result is None:
+            result = self._covers[other] = _spec_covers(self._spec, other._spec)
+        return result
+
+    def union(self, other: "_Projection") -> "_Projection":
+        spec = {name: _copy_fields(fields) for name, fields in self._spec.items()}
+        for name, fields in other._spec.items():
+            if name not in spec:
+                spec[name] = _copy_fields(fields)
+            elif spec[name] is None or fields is None:
+                spec[name] = None
+            else:
+                mine = spec[name]
+                for f, keys in fields.items():
+                    if f not in mine:
+                        mine[f] = None if keys is None else set(keys)
+                    elif mine[f] is None or keys is None:
+                        mine[f] = None
+                    else:
+                        mine[f] |= keys
+        return _intern(spec)
+
+
+def _copy_fields(fields):
+    if fields is None:
+        return None
+    return {f: None if keys is None else set(keys) for f, keys in fields.items()}
+
+
+def _spec_covers(mine: dict, theirs: dict) -> bool:
+    for name, fields in theirs.items():
+        if name not in mine:
+            return False
+        have = mine[name]
+        if have is None:
+            continue
+        if fields is None:
+            return False
+        for f, keys in fields.items():
+            if f not in have:
+                return False
+            have_keys = have[f]
+            if have_keys is None:
+                continue
+            if keys is None or not keys <= have_keys:
+                return False
+    return True
+
+
+_projections: "weakref.WeakValueDictionary[tuple, _Projection]" = weakref.WeakValueDictionary()
+
+
+def _intern(spec: dict) -> _Projection:
+    plan = tuple(
+        (name, None if fields is None else tuple(
+            (f, None if keys is None else tuple(sorted(keys)))
+            for f, keys in sorted(fields.items())))
+        for name, fields in sorted(spec.items()))
+    projection = _projections.get(plan)
+    if projection is None:
+        projection = _projections[plan] = _Projection(spec, plan)
+    return projection
+
+
+def _whole(names: Iterable[str]) -> _Projection:
+    """All of each of names."""
+    return _intern({name: None for name in names})
 
 
 class _Probe:
@@ -247,7 +443,10 @@ def _probe_ok(probe_id: int) -> bool:
         return False
     expr = probe.expression
     try:
-        value = expr._program.eval(activation._native_for(expr.variables)).plain_value()
+        native = activation._natives.get(expr._projection)
+        if native is None:
+            native = activation._native_for(expr._projection)
+        value = expr._program.eval(data=native).plain_value()
     except Exception:
         return False
     if expr._wrapped:
@@ -356,7 +555,8 @@ def _compile_rewritten(source: str, rewritten: str, tokens, probes) -> "Expressi
     except Exception as exc:
         raise CelCompileError(
             f"invalid CEL expression {source!r}: {_clean_compile_message(str(exc))}") from None
-    return Expression(source, _referenced_variables(tokens), program, probes, wrapped)
+    projection = _projection_of(tokens)
+    return Expression(source, projection.names, program, probes, wrapped, projection)
 
 
 def _clean_compile_message(message: str) -> str:
@@ -374,14 +574,17 @@ def _clean_compile_message(message: str) -> str:
 class Expression:
     """A compiled expression.  Immutable; share it between requests."""
 
-    __slots__ = ("source", "variables", "_program", "_probes", "_wrapped")
+    __slots__ = ("source", "variables", "_program", "_probes", "_wrapped", "_projection")
 
-    def __init__(self, source: str, variables: frozenset, program, probes=(), wrapped=True):
+    def __init__(self, source: str, variables: frozenset, program, probes=(), wrapped=True,
+                 projection: "_Projection | None" = None):
         self.source = source
         self.variables: frozenset[str] = variables
         self._program = program
         self._probes = probes      # keeps the default() probes alive
         self._wrapped = wrapped    # program is "[source]" (the static type is not bool)
+        # what it reads of the variables (default: all of each)
+        self._projection = projection if projection is not None else _whole(variables)
 
     def __repr__(self) -> str:
         return f"Expression({self.source!r})"
@@ -389,20 +592,19 @@ class Expression:
     def _value(self, activation: "Activation"):
         """The result's library plain value; raises CelEvalError on any error."""
         global _current
-        if self.variables <= activation._native_names:
-            native = activation._native
-        else:
-            native = activation._native_for(self.variables)
+        native = activation._natives.get(self._projection)
+        if native is None:
+            native = activation._native_for(self._projection)
         try:
             if self._probes:
                 saved = _current
                 _current = activation
                 try:
-                    value = self._program.eval(native).plain_value()
+                    value = self._program.eval(data=native).plain_value()
                 finally:
                     _current = saved
             else:
-                value = self._program.eval(native).plain_value()
+                value = self._program.eval(data=native).plain_value()
         except Exception as exc:
             raise CelEvalError(f"evaluating {self.source!r}: {exc}") from exc
         if self._wrapped:
@@ -609,7 +811,39 @@ def _to_plain(value):
     return value
 
 
-_NO_NAMES: frozenset[str] = frozenset()
+_MISSING = object()
+_dict_get = dict.get
+
+
+def _prune(value: dict, fields: tuple) -> dict:
+    """{f: value[f]} for the fields of a projection plan present in value; a field
+    with keys is itself pruned to those keys when it is a dict."""
+    view = {}
+    for f, keys in fields:
+        v = _dict_get(value, f, _MISSING)
+        if v is _MISSING:
+            continue
+        if keys is not None and isinstance(v, dict):
+            sub = {}
+            for k in keys:
+                x = _dict_get(v, k, _MISSING)
+                if x is not _MISSING:
+                    sub[k] = x
+            v = sub
+        view[f] = v
+    return view
+
+
+_EMPTY = _intern({})
+
+
+def _bound(data: dict) -> dict:
+    """What the library is given for one projection: the pruned plain dict, which
+    `program.eval(data=...)` converts at each evaluation. A native
+    `env.Activation(data)` converts once but costs ~18k instructions to build
+    (callgrind), more than converting a pruned dict the few times a request
+    evaluates it. (A seam for tests, which record what the library receives.)"""
+    return data
 
 
 class Activation:
@@ -622,22 +856,27 @@ class Activation:
     raises makes the evaluation raise CelEvalError (and is called again by the next
     expression that needs it).
 
-    ``preload`` (optional) names variables to materialize together with the first
-    ones an evaluation needs: pass the union of ``Expression.variables`` of the
-    expressions a route will evaluate, and the library's activation is built once
-    instead of once per newly needed variable (a few µs each).  Their providers
-    are then called even if no evaluated expression needs them.
+    The library only receives the part of each value that the evaluated expression
+    reads (its projection, see the module docstring); the library activations are
+    cached per projection and shared by every expression they cover.
+
+    ``preload`` (optional) names variables to materialize, whole, together with the
+    first ones an evaluation needs: the library's activation built then covers every
+    later expression that reads only those variables (and the first one's), instead
+    of one being built per newly needed projection (a few µs each), at the price of
+    converting all of each preloaded variable when it is read.  Their providers are
+    then called even if no evaluated expression needs them.
     """
 
-    __slots__ = ("_providers", "_values", "_native", "_native_names", "_preload")
+    __slots__ = ("_providers", "_values", "_natives", "_native", "_preload")
 
     def __init__(self, providers: dict[str, Callable[[], object]] | None = None,
                  preload: Iterable[str] = ()):
         self._providers = providers or {}
-        self._values: dict[str, object] = {}
-        self._native = None                      # the library's activation
-        self._native_names: frozenset[str] = _NO_NAMES
-        self._preload = frozenset(preload) if preload else _NO_NAMES
+        self._values: dict[str, object] = {}      # full provider values
+        self._natives: dict = {}                  # _Projection -> what the library gets (_bound)
+        self._native = None                       # the one built last
+        self._preload = _whole(preload) if preload else None
 
     def set_provider(self, name: str, provider: Callable[[], object]) -> None:
         """Add or replace one provider (e.g. ``response`` once the response head is
@@ -645,33 +884,54 @@ class Activation:
         self._providers = {**self._providers, name: provider}
         if name in self._values:
             del self._values[name]
+            self._natives = {p: n for p, n in self._natives.items() if name not in p.names}
             self._native = None
-            self._native_names = _NO_NAMES
 
-    def _native_for(self, names: frozenset):
-        """A library activation holding at least names (materializing them)."""
-        if names <= self._native_names:
-            return self._native
-        if self._preload:
-            names = names | self._preload
-            self._preload = _NO_NAMES
+    def _native_for(self, projection: _Projection):
+        """A library activation holding at least what projection reads (materializing
+        the variables it needs)."""
+        natives = self._natives
+        native = natives.get(projection)
+        if native is not None:
+            return native
+        if projection is _EMPTY:
+            return None        # reads no variable: the library needs no activation
+        if natives:
+            for p, native in natives.items():
+                if p.covers(projection):
+                    natives[projection] = native   # (the loop ends here)
+                    return native
+        build = projection
+        if self._preload is not None:
+            build = build.union(self._preload)
+            self._preload = None
         values = self._values
-        providers = self._providers
-        for name in names:
-            if name not in values:
-                provider = providers.get(name)
-                if provider is None:
-                    values[name] = {}
-                    continue
-                try:
-                    value = provider()
-                except Exception as exc:
-                    raise CelEvalError(f"building CEL variable {name!r}: {exc!r}") from exc
-                values[name] = {} if value is None else value
-        env = _env if _env is not None else _get_env()
-        try:
-            self._native = env.Activation(values)
-        except Exception as exc:
-            raise CelEvalError(f"building the CEL activation: {exc}") from exc
-        self._native_names = frozenset(values)
-        return self._native
+        data = {}
+        for name, fields in build.plan:
+            value = values.get(name, _MISSING)
+            if value is _MISSING:
+                value = self._materialize(name)
+            if fields is not None and isinstance(value, dict):
+                value = _prune(value, fields)
+            data[name] = value
+        native = _bound(data)
+        natives[projection] = native
+        if build is not projection:
+            natives[build] = native
+        self._native = native
+        return native
+
+    def _materialize(self, name: str):
+        """The full value of variable name (calling its provider once)."""
+        provider = self._providers.get(name)
+        if provider is None:
+            value = {}
+        else:
+            try:
+                value = provider()
+            except Exception as exc:
+                raise CelEvalError(f"building CEL variable {name!r}: {exc!r}") from exc
+            if value is None:
+                value = {}
+        self._values[name] = value
+        return value

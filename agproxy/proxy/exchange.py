@@ -14,6 +14,7 @@ import time
 from random import getrandbits
 from typing import TYPE_CHECKING, Any, Callable
 
+from agproxy import cel
 from agproxy.http.messages import ConnInfo, Headers, RequestHead, ResponseHead, ServerStream
 
 if TYPE_CHECKING:
@@ -59,14 +60,14 @@ class Exchange:
         """The lazily built CEL activation (`request`, `source`, `jwt`, ...)."""
         act = self._activation
         if act is None:
-            from agproxy import cel
             providers: dict[str, Callable[[], object]] = {
                 "request": self._cel_request,
                 "source": self._cel_source,
                 "jwt": self._cel_jwt,
             }
-            for name, value in self.facts.get("cel", {}).items():
-                providers[name] = value
+            extra = self.facts.get("cel")
+            if extra:
+                providers.update(extra)
             act = self._activation = cel.Activation(providers)
         return act
 
