@@ -465,3 +465,70 @@ def test_full_reference_really_is_unpruned(recorded):
     full = Activation(providers(), preload=VARIABLES)
     compile_expression("jwt.sub").evaluate(full)
     assert recorded[0]["jwt"] is CLAIMS and recorded[0]["request"] is REQUEST
+
+
+# -- per-token memo of rules that read the request -------------------------------------
+
+def _request_with(tenant: str, method: str = "POST") -> dict:
+    return {**REQUEST, "method": method, "headers": {**REQUEST["headers"], "x-tenant": tenant}}
+
+
+def test_mixed_rules_are_memoised_per_token_by_the_fields_they_read(monkeypatch):
+    group = ExpressionGroup([compile_expression('jwt.sub != ""'),
+                             compile_expression('request.headers["x-tenant"] == jwt.tenant_id'),
+                             compile_expression('request.method == "POST"')])
+    calls = []
+    real = cel._Batch.values
+    monkeypatch.setattr(cel._Batch, "values", lambda self, act: calls.append(self) or real(self, act))
+    claims = Claims(CLAIMS)
+    claims.memo = {}
+    sequence = [("t1", "POST", [True, True, True]), ("t2", "POST", [True, False, True]),
+                ("t1", "GET", [True, True, False]), ("t1", "POST", [True, True, True]),
+                ("t2", "POST", [True, False, True]), ("t1", "GET", [True, True, False])]
+    for tenant, method, want in sequence:
+        a = Activation(providers(jwt=claims, request=_request_with(tenant, method)))
+        assert group.evaluate_bools(a, claims.memo) == want
+    # one library call for the jwt-only rule, one per distinct (tenant, method), none after
+    assert len(calls) == 1 + 3
+    # another token has its own memo: nothing carries over
+    other = Claims({**CLAIMS, "tenant_id": "t2"})
+    other.memo = {}
+    a = Activation(providers(jwt=other, request=_request_with("t2")))
+    assert group.evaluate_bools(a, other.memo) == [True, True, True]
+
+
+def test_memo_of_request_inputs_is_bounded():
+    group = ExpressionGroup([compile_expression('request.headers["x-tenant"] == jwt.tenant_id')])
+    claims = Claims(CLAIMS)
+    claims.memo = {}
+    for i in range(3 * cel.MAX_INPUTS_PER_TOKEN):
+        tenant = "t1" if i % 2 else f"other-{i}"
+        a = Activation(providers(jwt=claims, request=_request_with(tenant)))
+        assert group.evaluate_bools(a, claims.memo) == [tenant == "t1"]
+    (seen,) = [v for k, v in claims.memo.items() if isinstance(k, tuple)]
+    assert len(seen) == cel.MAX_INPUTS_PER_TOKEN
+
+
+@pytest.mark.parametrize("source, memoised", [
+    ('request.headers["x-tenant"] == jwt.tenant_id', True),
+    ('request.method == "GET" && source.address == "10.0.0.1"', True),
+    ('request.id == jwt.sub', False),                       # differs per request
+    ('source.port > 1024', False),
+    ('"x-tenant" in request.headers', False),               # a whole map
+    ('request.headers.exists(h, h == "x")', False),
+    ('size(request) > 0', False),
+    ('mcp.tool == "x"', False),
+])
+def test_which_groups_memoise_request_inputs(source, memoised):
+    group = ExpressionGroup([compile_expression(source)])
+    assert (group._rest_inputs is not None) is memoised
+
+
+def test_memo_keys_tell_types_apart():
+    group = ExpressionGroup([compile_expression('source.tls == true')])
+    claims = Claims(CLAIMS)
+    claims.memo = {}
+    for tls, want in ((True, [True]), (1, [False]), (True, [True]), (1, [False])):
+        a = Activation(providers(jwt=claims, source={**SOURCE, "tls": tls}))
+        got = group.evaluate_bools(a, claims.memo)
+        assert got[0] is want[0] or (not want[0] and got[0] is not True)
