@@ -473,6 +473,11 @@ class H2Stream(ServerStream):
             t.cancel()
 
     def _task_done(self, task: asyncio.Task) -> None:
+        # The body reader's pause/resume are this stream's bound methods: a cycle the
+        # cyclic GC would otherwise have to find (callgrind: ~12% of an HTTP/2 request).
+        body = self.body
+        body.pause = body.resume = None
+        self.task = None
         # A handler that returns (or raises) without finishing its response must not
         # leave the client waiting forever.
         if not self.done and self.proto.transport is not None:
