@@ -37,7 +37,9 @@ closes; a stream error resets that stream only.
 SETTINGS_MAX_CONCURRENT_STREAMS is advertised from `limits` and enforced here
 (a stream beyond it is refused with RST_STREAM REFUSED_STREAM, which clients
 retry). A client that resets more streams than it lets finish (beyond
-RAPID_RESET_MIN: the "rapid reset" attack) gets GOAWAY ENHANCE_YOUR_CALM.
+RAPID_RESET_MIN: the "rapid reset" attack) gets GOAWAY ENHANCE_YOUR_CALM, and so
+does one that keeps sending PING or SETTINGS while reading none of the answers
+(the codec counts them while the transport has paused our writes).
 `shutdown()` sends GOAWAY with the last stream id, lets the streams in flight
 finish, then closes; an idle connection is closed with GOAWAY after
 `limits.idle_timeout`.
@@ -730,6 +732,15 @@ class H2Connection(BatchedOutput, WriteFlowControl, asyncio.Protocol):
         self._flush_now()
         self._arm_idle()
 
+    def pause_writing(self) -> None:
+        super().pause_writing()
+        self.h2.output_blocked = True
+
+    def resume_writing(self) -> None:
+        self.h2.output_blocked = False
+        self.h2.acks_while_blocked = 0
+        super().resume_writing()
+
     def data_received(self, data: bytes) -> None:
         self.last_activity = time.monotonic()
         self._in_receive = True
@@ -741,7 +752,8 @@ class H2Connection(BatchedOutput, WriteFlowControl, asyncio.Protocol):
             self._fail_streams(BodyAborted("HTTP/2 protocol error"))
             self._flush_now()
             self.closing = True          # no second (NO_ERROR) GOAWAY from close()
-            self.close()
+            # A peer that reads nothing would keep a graceful close waiting forever.
+            self.close(abort=self.write_paused)
             return
         finally:
             self._in_receive = False

@@ -45,6 +45,8 @@ import hpack.exceptions
 from agproxy.http.hpack_codec import FastDecoder, FastEncoder
 
 PREFACE = b"PRI * HTTP/2.0\r\n\r\nSM\r\n\r\n"
+#: PING/SETTINGS acknowledgements that may pile up while the peer reads nothing
+MAX_ACKS_WHILE_BLOCKED = 10_000
 
 # Frame types
 DATA, HEADERS, PRIORITY, RST_STREAM, SETTINGS, PUSH_PROMISE, PING, GOAWAY, WINDOW_UPDATE, \
@@ -141,6 +143,12 @@ class ServerCodec:
         self._buf = b""
         self._preface = False           # magic and first SETTINGS seen
         self._stopped = False
+        # Set by the connection while the transport will not take more output (the
+        # peer is not reading): the PING and SETTINGS acknowledgements owed meanwhile
+        # are counted, and past MAX_ACKS_WHILE_BLOCKED the peer is flooding us
+        # (CVE-2019-9512/9515): ENHANCE_YOUR_CALM.
+        self.output_blocked = False
+        self.acks_while_blocked = 0
         self._block_sid = 0             # stream of a header block awaiting CONTINUATION
         self._block: list[bytes] = []
         self._block_size = 0
@@ -487,6 +495,7 @@ class ServerCodec:
             elif key in (S_ENABLE_PUSH, S_ENABLE_CONNECT_PROTOCOL):
                 if value > 1:
                     self._fail(PROTOCOL_ERROR, "invalid boolean setting")
+        self._owe_ack()
         self.out += _pack_header(0, 0, SETTINGS, ACK, 0)
         if window_changed:
             self.app.on_window(0)
@@ -500,7 +509,14 @@ class ServerCodec:
         if stop - pos != 8:
             self._fail(FRAME_SIZE_ERROR, "PING of the wrong length")
         if not flags & ACK:
+            self._owe_ack()
             self.out += _pack_header(0, 8, PING, ACK, 0) + data[pos:stop]
+
+    def _owe_ack(self) -> None:
+        if self.output_blocked:
+            self.acks_while_blocked += 1
+            if self.acks_while_blocked > MAX_ACKS_WHILE_BLOCKED:
+                self._fail(ENHANCE_YOUR_CALM, "PING/SETTINGS flood while not reading")
 
     def _on_goaway(self, data, pos, stop, flags, sid):
         if sid:
