@@ -24,6 +24,7 @@ from agproxy.http.flow import WriteFlowControl
 from agproxy.http.messages import BodyAborted, BodyReader, Headers, field_name
 from agproxy.upstream.errors import UpstreamError, UpstreamTimeout
 from agproxy.upstream.origin import set_nodelay
+from agproxy.upstream.per_loop import PerLoop
 
 
 class UpstreamResponse:
@@ -39,24 +40,18 @@ class UpstreamResponse:
         self._conn = conn
         self.http_version = "1.1"
 
-    async def wait_head(self, timeout: float | None, deadlines: "HeadDeadlines | None" = None) -> None:
+    async def wait_head(self, timeout: float | None) -> None:
         fut = self._head
         if fut.done():
             return fut.result()
         if not timeout:
+            return await fut
+        deadlines = head_deadlines()
+        deadlines.add(fut, timeout)
+        try:
             await fut
-        elif deadlines is not None:
-            deadlines.add(fut, timeout)
-            try:
-                await fut
-            finally:
-                deadlines.waiting.pop(fut, None)
-        else:
-            timer = asyncio.get_running_loop().call_later(timeout, _expire, fut)
-            try:
-                await fut
-            finally:
-                timer.cancel()
+        finally:
+            deadlines.discard(fut)
 
     def abort(self) -> None:
         """Give up on this response: the connection cannot be reused."""
@@ -72,9 +67,9 @@ def _expire(fut: asyncio.Future) -> None:
 class HeadDeadlines:
     """Response-head timeouts of one event loop, checked by one periodic sweep.
 
-    A timer per request (call_later, then cancel) cost ~5k instructions of the
-    ~245k a relayed HTTP/1.1 request costs (callgrind); a dict entry costs a few
-    hundred. The sweep runs every `resolution` seconds while anything waits, so a
+    Every upstream response waits here, HTTP/1.1 and HTTP/2 alike. A timer per
+    request (call_later, then cancel) cost ~5k instructions of the ~245k a relayed
+    HTTP/1.1 request costs (callgrind); a dict entry costs a few hundred. The sweep runs every `resolution` seconds while anything waits, so a
     timeout fires at most that much late.
     """
 
@@ -99,10 +94,12 @@ class HeadDeadlines:
         self._timer = (asyncio.get_running_loop().call_later(self.resolution, self._sweep)
                        if waiting else None)
 
-    def close(self) -> None:
-        if self._timer is not None:
-            self._timer.cancel()
-            self._timer = None
+    def discard(self, fut: asyncio.Future) -> None:
+        self.waiting.pop(fut, None)
+
+
+_deadlines: PerLoop[HeadDeadlines] = PerLoop(HeadDeadlines)
+head_deadlines = _deadlines.get    # the running loop's HeadDeadlines
 
 
 class H1ClientConnection(WriteFlowControl, asyncio.Protocol):

@@ -13,14 +13,14 @@ from __future__ import annotations
 
 import asyncio
 import time
-import weakref
 from typing import Any
 
 from agproxy.http.messages import BodyAborted, BodyReader, Headers
 from agproxy.upstream.errors import UpstreamError, UpstreamTimeout
-from agproxy.upstream.h1 import H1ClientConnection, HeadDeadlines, UpstreamResponse
+from agproxy.upstream.h1 import H1ClientConnection, UpstreamResponse
 from agproxy.upstream.h2 import connect_h2
 from agproxy.upstream.origin import Origin
+from agproxy.upstream.per_loop import PerLoop
 
 __all__ = ["Pool", "Origin", "UpstreamResponse", "UpstreamError", "get_pool", "set_pool"]
 
@@ -35,7 +35,6 @@ class Pool:
         self._h2: dict[tuple, Any] = {}
         self._h2_connecting: dict[tuple, asyncio.Future] = {}
         self._sweeper: asyncio.TimerHandle | None = None
-        self._deadlines = HeadDeadlines()
         self.connections_opened = 0
         self._closed = False
 
@@ -70,7 +69,6 @@ class Pool:
         self._closed = True
         if self._sweeper is not None:
             self._sweeper.cancel()
-        self._deadlines.close()
         for conns in self._idle.values():
             for c in conns:
                 c.abort()
@@ -100,7 +98,7 @@ class Pool:
             pump = asyncio.get_running_loop().create_task(
                 self._pump(conn, body, chunked=body_length is None))
         try:
-            await resp.wait_head(timeout, self._deadlines)
+            await resp.wait_head(timeout)
         except UpstreamTimeout:
             conn.abort()
             if pump is not None:
@@ -236,28 +234,13 @@ class Pool:
             self._h2_connecting.pop(origin.key, None)
 
 
-_pools: "weakref.WeakKeyDictionary[asyncio.AbstractEventLoop, Pool]" = weakref.WeakKeyDictionary()
-
-
-_last: tuple = (None, None)    # (loop, pool): the common case without a weak-dict lookup
+_pools: PerLoop[Pool] = PerLoop(Pool)
 
 
 def get_pool() -> Pool:
     """The running event loop's pool (connections belong to one loop)."""
-    global _last
-    loop = asyncio.get_running_loop()
-    last_loop, pool = _last
-    if last_loop is loop:
-        return pool
-    pool = _pools.get(loop)
-    if pool is None:
-        pool = _pools[loop] = Pool()
-    _last = (loop, pool)
-    return pool
+    return _pools.get()
 
 
 def set_pool(pool: Pool) -> None:
-    global _last
-    loop = asyncio.get_running_loop()
-    _pools[loop] = pool
-    _last = (loop, pool)
+    _pools.set(pool)
