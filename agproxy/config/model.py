@@ -32,6 +32,11 @@ class GatewayConfig:
     max_headers: int = 100
     max_concurrent_streams: int = 100
     max_request_body: int = 100 * 1024 * 1024
+    header_timeout: float = 10.0          # the whole request head must arrive within this
+    stream_idle_timeout: float = 300.0    # no progress either way for this long: reset the stream
+    normalize_path: bool = True           # route on (and forward) the RFC 3986-normalised path
+    merge_slashes: bool = True
+    headers_with_underscores: str = "drop"   # drop | reject | allow
 
 
 @dataclass
@@ -176,6 +181,13 @@ def _gateway(sec: Section | None, base_dir: str) -> GatewayConfig:
     g.max_headers = sec.int("max_headers", 100, min=8, max=1000)
     g.max_concurrent_streams = sec.int("max_concurrent_streams", 100, min=1, max=10000)
     g.max_request_body = sec.int("max_request_body", 100 * 1024 * 1024, min=0)
+    g.header_timeout = sec.duration("header_timeout", 10.0)
+    g.stream_idle_timeout = sec.duration("stream_idle_timeout", 300.0)
+    g.normalize_path = sec.bool("normalize_path", True)
+    g.merge_slashes = sec.bool("merge_slashes", True)
+    g.headers_with_underscores = sec.str("headers_with_underscores", "drop")
+    if g.headers_with_underscores not in ("drop", "reject", "allow"):
+        sec.error("headers_with_underscores", "must be one of: drop, reject, allow")
     sec.done()
     return g
 

@@ -38,17 +38,24 @@ _REASONS = {s.value: s.phrase for s in HTTPStatus}
 
 
 class Limits:
+    """Per-connection limits and deadlines of the server adapters (from [gateway])."""
+
     __slots__ = ("max_header_bytes", "max_headers", "idle_timeout", "max_concurrent_streams",
-                 "body_high_water")
+                 "body_high_water", "header_timeout", "stream_idle_timeout",
+                 "headers_with_underscores")
 
     def __init__(self, max_header_bytes: int = 65536, max_headers: int = 100,
                  idle_timeout: float = 60.0, max_concurrent_streams: int = 100,
-                 body_high_water: int = 256 * 1024):
+                 body_high_water: int = 256 * 1024, header_timeout: float = 10.0,
+                 stream_idle_timeout: float = 300.0, headers_with_underscores: str = "drop"):
         self.max_header_bytes = max_header_bytes
         self.max_headers = max_headers
         self.idle_timeout = idle_timeout
         self.max_concurrent_streams = max_concurrent_streams
         self.body_high_water = body_high_water
+        self.header_timeout = header_timeout
+        self.stream_idle_timeout = stream_idle_timeout
+        self.headers_with_underscores = headers_with_underscores
 
 
 class BadRequest(Exception):

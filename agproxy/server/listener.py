@@ -87,7 +87,10 @@ class Listener:
         self.handler = handler
         self.tracker = tracker
         self.limits = Limits(gateway.max_header_bytes, gateway.max_headers, gateway.idle_timeout,
-                             gateway.max_concurrent_streams)
+                             gateway.max_concurrent_streams,
+                             header_timeout=gateway.header_timeout,
+                             stream_idle_timeout=gateway.stream_idle_timeout,
+                             headers_with_underscores=gateway.headers_with_underscores)
         self.first_byte_timeout = gateway.first_byte_timeout
         self.handshake_timeout = gateway.handshake_timeout
         self.ssl: ssl.SSLContext | None = server_context(cfg.tls.cert_file, cfg.tls.key_file) if cfg.tls else None
