@@ -1,4 +1,4 @@
-"""CEL library benchmark: which Python CEL implementation backs agproxy/cel.py.
+"""CEL library benchmark: which Python CEL implementation backs agproxy/cel/.
 
     .venv/bin/python benchmarks/cel_bench.py [--quick]
 

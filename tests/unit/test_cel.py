@@ -177,10 +177,10 @@ def test_default_on_route_without_jwt():
 
 def test_default_restores_global_state():
     compile_expression('default(jwt.x, 1)').evaluate(std())
-    assert cel._current is None
+    assert cel.defaults.evaluating.activation is None
     with pytest.raises(CelEvalError):
         compile_expression('default(jwt.x, jwt.y)').evaluate(std())
-    assert cel._current is None
+    assert cel.defaults.evaluating.activation is None
 
 
 def test_default_method_named_default_is_not_rewritten():

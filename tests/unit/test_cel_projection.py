@@ -189,7 +189,7 @@ def recorded(monkeypatch):
         built.append(data)
         return data
 
-    monkeypatch.setattr(cel, "_bound", record)
+    monkeypatch.setattr(cel.activation, "_bound", record)
     return built
 
 
@@ -478,8 +478,8 @@ def test_mixed_rules_are_memoised_per_token_by_the_fields_they_read(monkeypatch)
                              compile_expression('request.headers["x-tenant"] == jwt.tenant_id'),
                              compile_expression('request.method == "POST"')])
     calls = []
-    real = cel._Batch.values
-    monkeypatch.setattr(cel._Batch, "values", lambda self, act: calls.append(self) or real(self, act))
+    real = cel.expression._Batch.values
+    monkeypatch.setattr(cel.expression._Batch, "values", lambda self, act: calls.append(self) or real(self, act))
     claims = Claims(CLAIMS)
     claims.memo = {}
     sequence = [("t1", "POST", [True, True, True]), ("t2", "POST", [True, False, True]),
