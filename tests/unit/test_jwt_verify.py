@@ -369,10 +369,23 @@ def test_provider_group_selects_by_issuer(idp):
 # Remote JWKS: discovery, refresh, rotation, rate limits, outages
 # ---------------------------------------------------------------------------------
 
+class FakeClock:
+    """An injected monotonic clock: tests move time instead of sleeping through intervals."""
+
+    def __init__(self, start: float = 1000.0):
+        self.now = start
+
+    def __call__(self) -> float:
+        return self.now
+
+    def advance(self, seconds: float) -> None:
+        self.now += seconds
+
+
 def remote_provider(idp, **kw) -> JwtProvider:
     kw.setdefault("min_ttl", 1.0)
     src_kw = {k: kw.pop(k) for k in list(kw) if k in ("min_ttl", "max_ttl", "default_ttl", "refetch_interval",
-                                                       "url", "discovery")}
+                                                       "url", "discovery", "clock")}
     if "url" not in src_kw and "discovery" not in src_kw:
         src_kw["discovery"] = idp.discovery_url
     source = RemoteKeySource(issuer=idp.issuer, name="test", timeout=2.0, **src_kw)
@@ -437,14 +450,15 @@ def test_unreachable_endpoint_fails_closed():
 def test_rotation_unknown_kid_triggers_one_refetch():
     with IdP() as idp:
         async def main():
-            p = remote_provider(idp, url=idp.jwks_url, refetch_interval=0.3)
+            clock = FakeClock()
+            p = remote_provider(idp, url=idp.jwks_url, refetch_interval=0.3, clock=clock)
             old_token = idp.mint()
             await p.verify(old_token)
             new_key = idp.add_key("EC")
             # right after a fetch, an unknown kid is refused without fetching again
             with pytest.raises(JwtError, match="unknown signing key"):
                 p.verify_now(idp.mint(key=new_key))
-            await asyncio.sleep(0.35)
+            clock.advance(0.35)
             new_token = idp.mint(key=new_key)
             result = p.verify_now(new_token)
             assert not isinstance(result, dict)        # needs a refetch
@@ -458,10 +472,11 @@ def test_rotation_unknown_kid_triggers_one_refetch():
 def test_random_kids_do_not_amplify_fetches():
     with IdP() as idp:
         async def main():
-            p = remote_provider(idp, url=idp.jwks_url, refetch_interval=0.5)
+            clock = FakeClock()
+            p = remote_provider(idp, url=idp.jwks_url, refetch_interval=0.5, clock=clock)
             await p.verify(idp.mint())
             assert idp.jwks_fetches == 1
-            await asyncio.sleep(0.55)
+            clock.advance(0.55)
             # a burst, concurrently: one shared refetch
             results = await asyncio.gather(*(p.verify(idp.mint(kid=f"random-{i}")) for i in range(50)),
                                            return_exceptions=True)
@@ -472,7 +487,7 @@ def test_random_kids_do_not_amplify_fetches():
                 with pytest.raises(JwtError, match="unknown signing key"):
                     p.verify_now(idp.mint(kid=f"again-{i}"))
             assert idp.jwks_fetches == 2
-            await asyncio.sleep(0.55)
+            clock.advance(0.55)
             with pytest.raises(JwtError):
                 await p.verify(idp.mint(kid="later"))
             assert idp.jwks_fetches == 3
@@ -482,7 +497,8 @@ def test_random_kids_do_not_amplify_fetches():
 def test_down_endpoint_keeps_last_good_keys():
     with IdP() as idp:
         async def main():
-            p = remote_provider(idp, url=idp.jwks_url, refetch_interval=0.1)
+            clock = FakeClock()
+            p = remote_provider(idp, url=idp.jwks_url, refetch_interval=0.1, clock=clock)
             token = idp.mint()
             await p.verify(token)
             idp.down = True
@@ -492,7 +508,7 @@ def test_down_endpoint_keeps_last_good_keys():
             assert "HTTP 503" in p.source.last_error
             p.cache.clear()
             assert (await p.verify(token))["sub"] == "alice"
-            await asyncio.sleep(0.15)
+            clock.advance(0.15)
             with pytest.raises(JwtError, match="unknown signing key"):
                 await p.verify(idp.mint(kid="rotated-while-down"))
             assert p.source.keys is keys_before
