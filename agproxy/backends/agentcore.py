@@ -54,10 +54,12 @@ from agproxy.config.reader import Section
 from agproxy.http.messages import BodyTooLarge, Headers
 from agproxy.identity.aws import AwsCredentials, NoCredentials, SigV4Signer
 from agproxy.proxy.build import Backend
-from agproxy.proxy.filter import LocalReply
+from agproxy.proxy.filter import LocalReply, Provides, RouteChain
 from agproxy.upstream.origin import Origin
 
 log = logging.getLogger("agproxy.agentcore")
+
+TYPE = "agentcore"
 
 SERVICE = "bedrock-agentcore"
 MAX_BODY = 100 * 1024 * 1024
@@ -95,7 +97,7 @@ def _response_counter(metrics: Any):
 
 
 class AgentCoreBackend(Backend):
-    kind = "agentcore"
+    kind = TYPE
 
     def __init__(self, *, runtime_arn: str, qualifier: str, region: str, endpoint: str, origin: Origin,
                  auth: str, credentials: AwsCredentials | None, session_expr: Any, user_id_expr: Any,
@@ -121,29 +123,14 @@ class AgentCoreBackend(Backend):
         self._children: dict[int, Any] = {}
 
     # -- load time -----------------------------------------------------------------------
-    def check_route(self, rcfg: Any, filters: list, problems: Any) -> None:
-        """Which custom headers this route's filters set (so they are forwarded)."""
-        names: set[str] = set()
-        pol = rcfg.policies
-        cth = pol.get("claims_to_headers")
-        if cth is not None and isinstance(cth.data, dict):
-            data = cth.data.get("headers", cth.data)
-            if isinstance(data, dict):
-                names.update(k.lower() for k in data if isinstance(k, str) and "-" in k)
-        ft = pol.get("forward_token")
-        if ft is not None and isinstance(ft.data.get("header"), str):
-            names.add(ft.data["header"].lower())
-        tr = pol.get("transform")
-        if tr is not None and isinstance(tr.data.get("request"), dict):
-            for key in ("set", "add"):
-                v = tr.data["request"].get(key)
-                if isinstance(v, dict):
-                    names.update(k.lower() for k in v if isinstance(k, str))
-        self.route_headers[rcfg.name] = frozenset(names - NEVER_FORWARD)
-        if self.auth == "bearer" and not ({"obo", "jwt", "mcp_auth"} & set(pol)):
-            problems.add(f"{rcfg.path}.backend",
-                         f"agentcore backend {self.name!r} uses auth = \"bearer\": the route needs "
-                         "[route.obo] or [route.jwt] to provide the token")
+    def check_route(self, chain: RouteChain) -> None:
+        """The headers this route's filters set are forwarded; bearer mode needs a token."""
+        self.route_headers[chain.name] = chain.request_headers_set() - NEVER_FORWARD
+        if self.auth == "bearer" and not (chain.provides(Provides.OBO_TOKEN) or
+                                          chain.provides(Provides.CALLER_TOKEN)):
+            chain.problems.add(f"{chain.path}.backend",
+                               f"agentcore backend {self.name!r} uses auth = \"bearer\": the route needs "
+                               "[route.obo] or [route.jwt] to provide the token")
 
     # -- per request ---------------------------------------------------------------------
     async def handle(self, ex) -> None:

@@ -12,9 +12,11 @@ from agproxy.upstream.origin import Origin
 
 log = logging.getLogger("agproxy.config")
 
+TYPE = "http"
+
 
 class HttpBackend(Backend):
-    kind = "http"
+    kind = TYPE
 
     def __init__(self, url: str, origin: Origin):
         self.url = url

@@ -6,9 +6,11 @@ from agproxy.config.reader import Section
 from agproxy.http.messages import Headers
 from agproxy.proxy.build import Backend, BuildContext
 
+TYPE = "static"
+
 
 class StaticBackend(Backend):
-    kind = "static"
+    kind = TYPE
 
     def __init__(self, status: int, body: bytes, headers: list[tuple[str, str]]):
         self.status = status

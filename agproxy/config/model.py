@@ -1,8 +1,9 @@
 """The top-level configuration model: [gateway], [[listener]], [[route]], [backend.*].
 
 Policy sections under a route and backend bodies are validated by the module that
-implements them (see proxy/build.py); here we check what every route and
-listener has in common, and read the TOML file itself.
+implements them (proxy/registry.py names them, proxy/build.py builds them); here
+we check what every route and listener has in common, and read the TOML file
+itself.
 """
 
 from __future__ import annotations
@@ -247,8 +248,9 @@ def _backends(sec: Section | None) -> dict[str, BackendConfig]:
 
 def _routes(secs: list[Section], listeners: list[ListenerConfig], backends: dict[str, BackendConfig],
             problems: Problems) -> list[RouteConfig]:
-    from agproxy.proxy.filter import ORDER
+    from agproxy.proxy.registry import policy_keys
 
+    known_policies = policy_keys()
     out: list[RouteConfig] = []
     listener_names = [l.name for l in listeners]
     for i, sec in enumerate(secs):
@@ -284,9 +286,9 @@ def _routes(secs: list[Section], listeners: list[ListenerConfig], backends: dict
         for key in sec.keys():
             if key in ROUTE_KEYS:
                 continue
-            if key in ORDER:
+            if key in known_policies:
                 policies[key] = sec.section(key)
-        sec.done(allowed_extra=ORDER.keys())
+        sec.done(allowed_extra=known_policies)
         if isinstance(backend, str):
             out.append(RouteConfig(name, i, sec.path, listener, match, backend,
                                    60.0 if timeout is None else timeout, policies))

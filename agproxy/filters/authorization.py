@@ -31,6 +31,10 @@ from agproxy.cel import ExpressionGroup
 from agproxy.config.reader import Section
 from agproxy.filters import compile_cel, eval_errors
 from agproxy.proxy.filter import Filter, FilterResult, LocalReply
+from agproxy.proxy.registry import AUTHORIZATION
+
+KEY = "authorization"
+STAGE = AUTHORIZATION
 
 log = logging.getLogger("agproxy.policy")
 

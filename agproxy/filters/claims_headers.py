@@ -39,6 +39,10 @@ from agproxy.config.reader import Section
 from agproxy.filters import check_header_name, compile_cel, eval_errors, header_value_ok
 from agproxy.filters.transform import key_path
 from agproxy.proxy.filter import Filter, FilterResult, LocalReply
+from agproxy.proxy.registry import TRANSFORMATION
+
+KEY = "claims_to_headers"
+STAGE = TRANSFORMATION + 1    # after transform: a transform cannot remove what it asserts
 
 
 class ClaimsHeadersFilter(Filter):
@@ -47,6 +51,7 @@ class ClaimsHeadersFilter(Filter):
     def __init__(self, entries: list):
         self.entries = tuple(entries)                  # (name, Expression, path, uses_jwt)
         self.names = frozenset(e[0] for e in entries)
+        self.sets_request_headers = self.names
         # Headers whose value needs `jwt` are skipped for an anonymous caller.
         self.anonymous_entries = tuple(e for e in self.entries if not e[3])
         self.group = ExpressionGroup([e[1] for e in self.entries])

@@ -8,6 +8,9 @@ client sent under that header name is removed first (a client must never choose
 what the gateway asserts). AgentCore caps custom header values at 4 KB
 (`max_bytes`), so a larger token is refused with 431 and a clear message rather
 than truncated into something that cannot verify. Nothing is awaited.
+
+At load (`check_route`), the route must have a filter ahead of this one that
+provides the token: `[route.jwt]` for "subject", `[route.obo]` for "obo".
 """
 
 from __future__ import annotations
@@ -15,7 +18,11 @@ from __future__ import annotations
 from typing import Any
 
 from agproxy.config.reader import Section
-from agproxy.proxy.filter import Filter, LocalReply
+from agproxy.proxy.filter import Filter, LocalReply, Provides, RouteChain
+from agproxy.proxy.registry import TOKEN
+
+KEY = "forward_token"
+STAGE = TOKEN + 1       # after obo: it may forward the exchanged token
 
 AGENTCORE_MAX_HEADER = 4096
 
@@ -23,12 +30,14 @@ AGENTCORE_MAX_HEADER = 4096
 class ForwardTokenFilter(Filter):
     name = "forward_token"
 
-    def __init__(self, header: str, token: str, prefix: str, max_bytes: int):
+    def __init__(self, header: str, token: str, prefix: str, max_bytes: int, path: str = "forward_token"):
         self.header = header.lower()
         self.display = header
         self.token = token
         self.prefix = prefix
         self.max_bytes = max_bytes
+        self.path = path
+        self.sets_request_headers = frozenset({self.header})
 
     def on_request(self, ex):
         headers = ex.request.headers
@@ -46,6 +55,13 @@ class ForwardTokenFilter(Filter):
                 f"bytes (AgentCore's custom header limit): use claims_to_headers or a smaller token")
         headers.add(self.header, value)
         return None
+
+    def check_route(self, chain: RouteChain) -> None:
+        if self.token == "obo" and not chain.provides(Provides.OBO_TOKEN, before=self):
+            chain.problems.add(f"{self.path}.token", '"obo" needs a [route.obo] section on this route')
+        if self.token == "subject" and not chain.provides(Provides.CALLER_TOKEN, before=self):
+            chain.problems.add(f"{self.path}.token", '"subject" needs [route.jwt] (the token must be '
+                                                     'validated before it is forwarded)')
 
     def describe(self) -> dict:
         return {"type": self.name, "header": self.display, "token": self.token, "max_bytes": self.max_bytes}
@@ -65,18 +81,4 @@ def build(sec: Section, ctx: Any) -> ForwardTokenFilter | None:
             sec.error("header", f"{header} cannot carry a token")
     if not isinstance(header, str) or not isinstance(token, str):
         return None
-    policies = _route_policies(sec, ctx)
-    if policies is not None:
-        if token == "obo" and "obo" not in policies:
-            sec.error("token", '"obo" needs a [route.obo] section on this route')
-        if token == "subject" and not ({"jwt", "mcp_auth"} & set(policies)):
-            sec.error("token", '"subject" needs [route.jwt] (the token must be validated before it is forwarded)')
-    return ForwardTokenFilter(header, token, prefix or "", max_bytes)
-
-
-def _route_policies(sec: Section, ctx: Any) -> set[str] | None:
-    """The policy keys of the route this section belongs to (None if not found)."""
-    for rcfg in getattr(getattr(ctx, "cfg", None), "routes", ()):
-        if sec.path.startswith(rcfg.path + "."):
-            return set(rcfg.policies)
-    return None
+    return ForwardTokenFilter(header, token, prefix or "", max_bytes, sec.path)

@@ -49,7 +49,11 @@ from agproxy.config.reader import Section, did_you_mean
 from agproxy.identity.jwt_verify import MAX_TOKEN_BYTES, JwtError
 from agproxy.identity.providers import (JwtProvider, ProviderGroup, check_algorithms,
                                         provider_from_section)
-from agproxy.proxy.filter import Filter, FilterResult, LocalReply
+from agproxy.proxy.filter import Filter, FilterResult, LocalReply, Provides
+from agproxy.proxy.registry import AUTHENTICATION
+
+KEY = "jwt"
+STAGE = AUTHENTICATION
 
 log = logging.getLogger("agproxy.policy")
 
@@ -140,6 +144,7 @@ class Location:
 
 class JwtFilter(Filter):
     name = "jwt"
+    provides = frozenset({Provides.CALLER_TOKEN})
 
     def __init__(self, group: ProviderGroup, mode: str, locations: list[Location], forward: bool,
                  extra_required: dict[int, tuple[str, ...]], path: str):

@@ -33,7 +33,11 @@ from typing import Any
 from agproxy.config.reader import Section
 from agproxy.identity.actor import ActorError, ActorSource, build_actor_source
 from agproxy.identity.token_exchange import ClaimPolicy, ExchangeError, ExchangeRequest, Issued
-from agproxy.proxy.filter import Filter, LocalReply
+from agproxy.proxy.filter import Filter, LocalReply, Provides
+from agproxy.proxy.registry import TOKEN
+
+KEY = "obo"
+STAGE = TOKEN
 
 log = logging.getLogger("agproxy.obo")
 
@@ -44,6 +48,7 @@ def _challenge(error: str, description: str) -> list[tuple[str, str]]:
 
 class OboFilter(Filter):
     name = "obo"
+    provides = frozenset({Provides.OBO_TOKEN})
 
     def __init__(self, service: Any, actor: ActorSource, audience: str, policy: ClaimPolicy,
                  scope: str | None, refresh_before: float, cache_size: int):

@@ -44,6 +44,10 @@ from typing import Any
 from agproxy.config.reader import Section
 from agproxy.filters import check_header_name, compile_cel, eval_errors, header_value_ok
 from agproxy.proxy.filter import Filter, FilterResult, LocalReply
+from agproxy.proxy.registry import TRANSFORMATION
+
+KEY = "transform"
+STAGE = TRANSFORMATION
 
 log = logging.getLogger("agproxy.policy")
 _BARE_KEY = re.compile(r"^[A-Za-z0-9_-]+$")
@@ -89,6 +93,8 @@ class TransformFilter(Filter):
     def __init__(self, request: _Side | None, response: _Side | None):
         self.request = request
         self.response = response
+        if request is not None:
+            self.sets_request_headers = frozenset(n for n, _, _, _ in request.set + request.add)
 
     def on_request(self, ex: Any) -> FilterResult:
         side = self.request

@@ -1,9 +1,12 @@
 """Config model → runtime snapshot (routes with their filter chains, backends, identity).
 
 Theory of operation: each policy key under a route and each backend type is built
-by the module that implements it (`build(section, ctx)`); modules are looked up by
-name so that a feature that is not there yet is a clear config error, never a
-silently ignored section. Everything that can fail is checked here, at load
+by the module that implements it (`build(section, ctx)`), found through the
+registry (proxy/registry.py), so that a feature that is not there yet is a clear
+config error, never a silently ignored section. A route's filters are put in stage
+order; once its chain is built, each filter and the backend may check it as a
+whole (`check_route(chain)`: a token that no earlier filter provides, the headers
+AgentCore may receive). Everything that can fail is checked here, at load
 (unreadable key files, bad CEL, unknown providers), and reported by TOML path. No
 network I/O happens while building; background work (JWKS refresh, credential
 refresh) is registered with `ctx.on_start` and runs once the snapshot serves.
@@ -11,36 +14,14 @@ refresh) is registered with `ctx.on_start` and runs once the snapshot serves.
 
 from __future__ import annotations
 
-import importlib
 import os
 from typing import Any, Awaitable, Callable
 
 from agproxy.config.model import Config
 from agproxy.config.reader import ConfigError, Problems, Section, did_you_mean
-from agproxy.proxy.filter import ORDER, Filter
+from agproxy.proxy import registry
+from agproxy.proxy.filter import Filter, RouteChain
 from agproxy.proxy.route import Match, Route, Router
-
-POLICY_MODULES = {
-    "jwt": "agproxy.filters.jwt",
-    "authorization": "agproxy.filters.authorization",
-    "transform": "agproxy.filters.transform",
-    "claims_to_headers": "agproxy.filters.claims_headers",
-    "obo": "agproxy.filters.obo",
-    "forward_token": "agproxy.filters.forward_token",
-    "mcp_auth": "agproxy.filters.mcp_auth",
-    "mcp_authorization": "agproxy.filters.mcp_authorization",
-    "rate_limit": "agproxy.filters.rate_limit",
-    "ext_authz": "agproxy.filters.ext_authz",
-}
-
-BACKEND_MODULES = {
-    "http": "agproxy.backends.http",
-    "static": "agproxy.backends.static",
-    "agentcore": "agproxy.backends.agentcore",
-    "mcp": "agproxy.backends.mcp",
-    "openapi_mcp": "agproxy.backends.openapi_mcp",
-    "llm_group": "agproxy.backends.llm_group",
-}
 
 
 class Backend:
@@ -54,6 +35,10 @@ class Backend:
 
     def describe(self) -> dict:
         return {"type": self.kind}
+
+    def check_route(self, chain: RouteChain) -> None:
+        """At load, once per route pointing here, with the route's built filters."""
+        return None
 
 
 class BuildContext:
@@ -86,9 +71,9 @@ class BuildContext:
         """check() returns None when ready, else the reason it is not."""
         self.readiness[name] = check
 
-    def add_route(self, name: str, match: Match, backend: Backend) -> None:
+    def add_route(self, name: str, match: Match, backend: Backend, listener: str | None = None) -> None:
         """A route the gateway itself serves (e.g. the token service endpoints)."""
-        self.extra_routes.append(Route(name, -1, None, match, backend, 30.0, []))
+        self.extra_routes.append(Route(name, -1, listener, match, backend, 30.0, []))
 
 
 class Runtime:
@@ -141,16 +126,6 @@ class Runtime:
         }
 
 
-def _load_builder(table: dict[str, str], key: str):
-    modname = table[key]
-    try:
-        return importlib.import_module(modname).build
-    except ModuleNotFoundError as exc:
-        if exc.name and modname.startswith(exc.name):
-            return None
-        raise
-
-
 def build_runtime(cfg: Config, pool: Any = None, metrics: Any = None) -> Runtime:
     """Build everything; raises ConfigError listing every problem by TOML path."""
     problems = cfg.problems
@@ -162,59 +137,68 @@ def build_runtime(cfg: Config, pool: Any = None, metrics: Any = None) -> Runtime
         for name, sec in cfg.jwt_providers.items():
             ctx.jwt_providers[name] = build_provider(name, sec, ctx)
 
+    # The gateway's own token service: [route.obo] uses it in process.
     if cfg.token_exchange is not None:
-        te = _try_import("agproxy.identity.token_exchange")
-        if te is None:
-            problems.add("token_exchange", "not supported in this version")
-        else:
-            ctx.token_exchange = te.build(cfg.token_exchange, ctx)
+        from agproxy.backends.token_service import build_service
+        ctx.token_exchange = build_service(cfg.token_exchange, ctx)
 
     backends: dict[str, Backend] = {}
     for name, bcfg in cfg.backends.items():
-        if bcfg.type not in BACKEND_MODULES:
-            bcfg.section.error("type", f"unknown backend type {bcfg.type!r}" + did_you_mean(bcfg.type, BACKEND_MODULES))
+        if bcfg.type not in registry.BACKEND_MODULES:
+            bcfg.section.error("type", f"unknown backend type {bcfg.type!r}" +
+                               did_you_mean(bcfg.type, registry.BACKEND_MODULES))
             continue
-        builder = _load_builder(BACKEND_MODULES, bcfg.type)
-        if builder is None:
+        module = registry.backend(bcfg.type)
+        if module is None:
             bcfg.section.error("type", f"backend type {bcfg.type!r} is not supported in this version")
             continue
-        backend = builder(name, bcfg.section, ctx)
+        backend = module.build(name, bcfg.section, ctx)
         if backend is not None:
             backend.name = name
             backends[name] = backend
 
     routes: list[Route] = []
     for rcfg in cfg.routes:
-        filters: list[Filter] = []
-        for key in sorted(rcfg.policies, key=ORDER.__getitem__):
-            sec: Section = rcfg.policies[key]
-            builder = _load_builder(POLICY_MODULES, key)
-            if builder is None:
-                problems.add(sec.path, "not supported in this version")
-                continue
-            built = builder(sec, ctx)
-            if built is None:
-                continue
-            filters.extend(built if isinstance(built, list) else [built])
+        filters, complete = _build_chain(rcfg.policies, ctx)
+        chain = RouteChain(rcfg.name, rcfg.path, filters, problems)
         backend = backends.get(rcfg.backend)
+        if complete:
+            for f in chain.filters:
+                f.check_route(chain)
+            if backend is not None:
+                backend.check_route(chain)
         if backend is None:
             continue
-        check = getattr(backend, "check_route", None)
-        if check is not None:
-            check(rcfg, filters, problems)
         routes.append(Route(rcfg.name, rcfg.index, rcfg.listener, Match(**rcfg.match),
                             backend, rcfg.timeout, filters))
     problems.raise_if_any()
     return Runtime(cfg, Router(ctx.extra_routes + routes), backends, ctx)
 
 
-def _try_import(name: str):
-    try:
-        return importlib.import_module(name)
-    except ModuleNotFoundError as exc:
-        if exc.name and name.startswith(exc.name):
-            return None
-        raise
+def _build_chain(policies: dict[str, Section], ctx: BuildContext) -> tuple[list[Filter], bool]:
+    """A route's filters in stage order, and whether the chain is complete.
+
+    Incomplete: a section that is there built no filter while the config has
+    problems (its own, or one it depends on, e.g. an invalid [token_exchange]).
+    Route checks then give no verdict: "needs [route.jwt]" would be wrong.
+    """
+    problems = ctx.problems
+    modules = {key: registry.policy(key) for key in policies}
+    filters: list[Filter] = []
+    missing = False
+    for key in sorted(policies, key=lambda k: registry.stage(k, modules[k])):
+        sec = policies[key]
+        module = modules[key]
+        if module is None:
+            problems.add(sec.path, "not supported in this version")
+            missing = True
+            continue
+        built = module.build(sec, ctx)
+        if built is None:
+            missing = True
+            continue
+        filters.extend(built if isinstance(built, list) else [built])
+    return filters, not (missing and problems)
 
 
 def load_runtime(path: str, pool: Any = None, metrics: Any = None) -> Runtime:

@@ -13,14 +13,21 @@ order, and may edit `head.headers` (it must not block). Filters that need the wh
 request body set `body_limit` (bytes); the chain buffers it once into `ex.body`
 (413 when over) before the first such filter runs.
 
-Filters are placed on a route in the fixed order of `ORDER`, whatever the order
-of the TOML: authentication → authorization → rate limits → external
-authorization → transformations / claims headers → token exchange / signing.
+Filters are placed on a route in the fixed order of their stages (each policy
+module declares its `STAGE`, proxy/registry.py), whatever the order of the TOML:
+authentication → authorization → rate limits → external authorization →
+transformations / claims headers → token exchange / signing.
+
+At load, once a route's whole chain is built, `check_route(chain)` lets a filter
+(and the backend) check what it needs from the others. They ask the built chain,
+through what filters declare (`provides`, `sets_request_headers`), never another
+policy's TOML.
 """
 
 from __future__ import annotations
 
-from typing import TYPE_CHECKING, Any, Awaitable, Union
+import enum
+from typing import TYPE_CHECKING, Any, Awaitable, Iterable, Union
 
 import orjson
 
@@ -29,19 +36,12 @@ from agproxy.http.messages import Headers, ResponseHead
 if TYPE_CHECKING:
     from agproxy.proxy.exchange import Exchange
 
-# Stage of each policy key under [[route]]; lower runs first.
-ORDER = {
-    "jwt": 10,
-    "mcp_auth": 11,
-    "authorization": 20,
-    "mcp_authorization": 21,
-    "rate_limit": 30,
-    "ext_authz": 40,
-    "transform": 50,
-    "claims_to_headers": 51,
-    "obo": 60,
-    "forward_token": 61,
-}
+
+class Provides(enum.Enum):
+    """What a filter establishes on the Exchange for the filters and the backend after it."""
+
+    CALLER_TOKEN = "caller_token"   # ex.jwt_token / ex.jwt_claims: a validated caller credential
+    OBO_TOKEN = "obo_token"         # ex.facts["obo_token"]: a token exchanged for this route
 
 
 class LocalReply:
@@ -88,3 +88,36 @@ class Filter:
     def describe(self) -> dict:
         """What /config shows for this filter (never secrets)."""
         return {"type": self.name}
+
+    # -- load time: what route-level checks see -------------------------------------
+    provides: frozenset = frozenset()                 # Provides members
+    sets_request_headers: frozenset[str] = frozenset()   # lowercase names this filter sets
+
+    def check_route(self, chain: "RouteChain") -> None:
+        """Once the route's chain is built: report (chain.problems) what it lacks for this filter."""
+        return None
+
+
+class RouteChain:
+    """A route's built filters, as `check_route` sees them at load."""
+
+    __slots__ = ("name", "path", "filters", "problems")
+
+    def __init__(self, name: str, path: str, filters: Iterable[Filter], problems: Any):
+        self.name = name
+        self.path = path              # TOML path of the route: "route[2]"
+        self.filters = tuple(filters)
+        self.problems = problems
+
+    def provides(self, fact: Provides, before: Filter | None = None) -> bool:
+        """Some filter establishes `fact` (ahead of `before`, when given)."""
+        for f in self.filters:
+            if f is before:
+                return False
+            if fact in f.provides:
+                return True
+        return False
+
+    def request_headers_set(self) -> frozenset[str]:
+        """Every request header name that some filter of the route sets."""
+        return frozenset().union(*(f.sets_request_headers for f in self.filters))

@@ -188,8 +188,8 @@ def test_registry_modules_declare_their_key_and_stage():
         "transform", "claims_to_headers", "obo", "forward_token"]
     assert len(set(stages.values())) == len(stages)
     for kind, modname in registry.BACKEND_MODULES.items():
-        if kind in registry.PLANNED_BACKENDS:
-            assert importlib.util.find_spec(modname) is None, f"{modname} exists: drop it from PLANNED_BACKENDS"
+        if importlib.util.find_spec(modname) is None:
+            assert kind in ("mcp", "openapi_mcp", "llm_group")
             continue
         mod = importlib.import_module(modname)
         assert mod.TYPE == kind and callable(mod.build)
