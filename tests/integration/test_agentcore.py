@@ -400,6 +400,31 @@ def test_claims_headers_end_to_end(start_gateway, identity, emulator):
     assert "x-amzn-bedrock-agentcore-runtime-user-id" in dict(emulator.requests[-1].headers)["authorization"]
 
 
+def test_headers_the_route_sets_are_what_agentcore_receives(start_gateway, identity, emulator):
+    # The backend learns from the route's built filters which headers they set: those
+    # reach AgentCore (whatever their name), a client's own custom header does not.
+    policies = '''
+[route.claims_to_headers]
+"X-Amzn-Bedrock-AgentCore-Runtime-Custom-User" = "jwt.sub"
+"Xuser" = "jwt.sub"
+
+[route.transform.request]
+set = { "X-Amzn-Bedrock-AgentCore-Runtime-Custom-Tenant" = '"acme"' }
+add = { "X-Amzn-Bedrock-AgentCore-Runtime-Custom-Via" = '"agproxy"' }
+'''
+    gw = start_gateway(sigv4_config(identity, emulator.url, policies), env=AWS_ENV)
+    st, _, body = post(gw, "/agents/support/x", {"prompt": "hi"},
+                       {**bearer(identity.user_token("erin")), CUSTOM + "tenant": "other-tenant",
+                        CUSTOM + "debug": "1", "xuser": "mallory"})
+    assert st == 200, body
+    sent = emulator.requests[-1].headers
+    names = [k for k, _ in sent]
+    assert dict(sent)[CUSTOM + "user"] == "erin" and dict(sent)["xuser"] == "erin"
+    assert dict(sent)[CUSTOM + "tenant"] == "acme" and dict(sent)[CUSTOM + "via"] == "agproxy"
+    assert names.count(CUSTOM + "tenant") == 1 and names.count("xuser") == 1
+    assert CUSTOM + "debug" not in names
+
+
 def test_agentcore_errors_and_streaming(start_gateway, identity, emulator):
     gw = start_gateway(sigv4_config(identity, emulator.url, CLAIMS, 'max_body = 4096'), env=AWS_ENV)
     auth = bearer(identity.user_token("dave"))
