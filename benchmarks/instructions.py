@@ -18,6 +18,10 @@ printed. Under valgrind the gateway is ~50x slower: 1500 requests take ~15 s.
 
     .venv/bin/python benchmarks/instructions.py                 # h1 + h2, plain + policy
     .venv/bin/python benchmarks/instructions.py --scenarios h1-plain --requests 3000
+
+Scenarios: h1/h2 = the client side (h2load --h1 / h2load over h2c), plain /
+policy = the route, and h1-h2up / h2-h2up = a plain route whose upstream is the
+same nginx over HTTP/2 (h2c, `http2 = true`): the upstream HTTP/2 client.
 """
 
 from __future__ import annotations
@@ -41,6 +45,9 @@ SCENARIOS = {
     "h1-policy": (["--h1", "-c", "16", "-m", "1"], proxies.POLICY_PREFIX, True),
     "h2-plain": (["-c", "16", "-m", "10"], "/", False),
     "h2-policy": (["-c", "16", "-m", "10"], proxies.POLICY_PREFIX, True),
+    # the same nginx as the upstream, but over HTTP/2 (h2c): the upstream HTTP/2 client
+    "h1-h2up": (["--h1", "-c", "16", "-m", "1"], proxies.H2_UPSTREAM_PREFIX + "/", False),
+    "h2-h2up": (["-c", "16", "-m", "10"], proxies.H2_UPSTREAM_PREFIX + "/", False),
 }
 
 
@@ -104,7 +111,7 @@ def main() -> int:
         child = sup.start(up.name, up.argv, core=1)
         if (error := wait_ready(child, up.urls["h1"] + "/", up.ready_timeout)):
             raise SystemExit(f"upstream: {error}")
-        spec = proxies.agproxy_spec(workdir, ports, tls, jwt_files)
+        spec = proxies.agproxy_spec(workdir, ports, tls, jwt_files, h2_upstream=True)
         python = Path(proxies.agproxy_binary()).parent / "python"
         argv = ["valgrind", "--tool=callgrind", "--instr-atstart=no",
                 f"--callgrind-out-file={workdir}/callgrind.out.%p",
