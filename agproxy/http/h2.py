@@ -44,14 +44,9 @@ does one that keeps sending PING or SETTINGS while reading none of the answers
 finish, then closes; an idle connection is closed with GOAWAY after
 `limits.idle_timeout`.
 
-The upstream client (upstream/h2.py) still uses the h2 library, adjusted per
-connection in `GatewayH2` (never globally: other users of h2 in the process,
-httpx in tests, are untouched): it keeps working after a GOAWAY in either
-direction (stock h2 refuses to send or receive anything more, which breaks
-graceful shutdown), content-length is checked per stream rather than by h2 as a
-connection error, h2's header validation is off (this module validates what a
-proxy relies on) and HPACK uses http/hpack_codec.py's coders. `BatchedOutput`,
-the header-block helpers and the limits below are shared with it.
+The upstream client (upstream/h2.py) runs on the same codec in client mode
+(`ClientCodec`); `BatchedOutput`, the header-block helpers and the limits below
+are shared with it.
 
 Costs and what remains of them: benchmarks/results/h2.md.
 """
@@ -65,19 +60,12 @@ import re
 import time
 from typing import Callable
 
-import h2.config
-import h2.connection
-import h2.errors
-import h2.settings
-from h2.connection import ConnectionInputs, ConnectionState, H2ConnectionStateMachine
-
 from agproxy.http import h2_frames as fr
 from agproxy.http.flow import WriteFlowControl
 from agproxy.http.h2_frames import H2Error, ServerCodec
-from agproxy.http.hpack_codec import FastDecoder, FastEncoder
 from agproxy.http.messages import BodyAborted, BodyReader, ConnInfo, Headers, RequestHead, ServerStream
 
-__all__ = ["H2Connection", "H2Stream", "GatewayH2", "server_config", "client_config"]
+__all__ = ["H2Connection", "H2Stream"]
 
 log = logging.getLogger("agproxy.http")
 
@@ -127,98 +115,6 @@ class BatchedOutput:
             self._flush_now()
         else:
             self._schedule_flush()
-
-
-# -- h2 adjustments ---------------------------------------------------------------------------
-
-def _keep_open_transitions() -> dict:
-    t = dict(H2ConnectionStateMachine._transitions)
-    for state in (ConnectionState.CLIENT_OPEN, ConnectionState.SERVER_OPEN):
-        t[(state, ConnectionInputs.SEND_GOAWAY)] = (None, state)
-        t[(state, ConnectionInputs.RECV_GOAWAY)] = (None, state)
-    return t
-
-
-_TRANSITIONS = _keep_open_transitions()
-
-
-def _no_content_length(*args) -> None:
-    return None
-
-
-def _no_validation_flags(*args) -> None:
-    # h2 builds these flags for every header block, but only its validation and
-    # normalisation (both off in our configuration) read them.
-    return None
-
-
-class GatewayH2(h2.connection.H2Connection):
-    """h2's connection with the changes a proxy needs (see the module docstring).
-
-    - GOAWAY (sent or received) leaves the connection open for the streams in
-      flight; deciding what may start afterwards is the adapter's job.
-    - Receiving GOAWAY does not discard frames already queued for sending.
-    - Content-length is not tracked by h2 (a mismatch there is a connection
-      error); the adapters check it per stream.
-    - Header validation flags are not computed when nothing would read them.
-    - HPACK: FastEncoder / FastDecoder (above).
-    """
-
-    def __init__(self, config: h2.config.H2Configuration):
-        super().__init__(config)
-        self.state_machine._transitions = _TRANSITIONS   # instance attribute: this connection only
-        self._no_validation = not (config.validate_inbound_headers or config.validate_outbound_headers
-                                   or config.normalize_inbound_headers or config.normalize_outbound_headers)
-        self.encoder = FastEncoder()     # http/hpack_codec.py's coders
-        self.decoder = FastDecoder()
-
-    def clear_outbound_data_buffer(self) -> None:
-        # Called by h2 only when a GOAWAY arrives; the frames queued for the streams
-        # still in flight must go out.
-        return None
-
-    def _begin_new_stream(self, stream_id, allowed_ids):
-        s = super()._begin_new_stream(stream_id, allowed_ids)
-        s._initialize_content_length = _no_content_length
-        s._track_content_length = _no_content_length
-        if self._no_validation:
-            s._build_hdr_validation_flags = _no_validation_flags
-        return s
-
-
-def _config(client_side: bool) -> h2.config.H2Configuration:
-    return h2.config.H2Configuration(
-        client_side=client_side, header_encoding=None,
-        validate_inbound_headers=False, validate_outbound_headers=False,
-        normalize_inbound_headers=False, normalize_outbound_headers=False)
-
-
-def server_config() -> h2.config.H2Configuration:
-    return _config(False)
-
-
-def client_config() -> h2.config.H2Configuration:
-    return _config(True)
-
-
-def apply_settings(conn: GatewayH2, *, client: bool, max_concurrent_streams: int | None,
-                   stream_window: int, conn_window: int, max_header_list: int | None) -> None:
-    """Initial SETTINGS (effective at once, as h2 treats initial values) + connection window."""
-    SC = h2.settings.SettingCodes
-    values = {SC.INITIAL_WINDOW_SIZE: stream_window}
-    if max_concurrent_streams is not None:
-        values[SC.MAX_CONCURRENT_STREAMS] = max_concurrent_streams
-    if max_header_list is not None:
-        values[SC.MAX_HEADER_LIST_SIZE] = max_header_list
-    if client:
-        values[SC.ENABLE_PUSH] = 0
-    conn.local_settings = h2.settings.Settings(client=client, initial_values=values)
-    conn.initiate_connection()
-    if not client and max_concurrent_streams is not None:
-        # Advertised, but enforced by the adapter (a stream error), not by h2 (a connection error).
-        del conn.local_settings[SC.MAX_CONCURRENT_STREAMS]
-    if conn_window > 65535:
-        conn.increment_flow_control_window(conn_window - 65535)
 
 
 def parse_length(value: str | bytes) -> int | None:
@@ -999,8 +895,4 @@ class H2Connection(BatchedOutput, WriteFlowControl, asyncio.Protocol):
             t.close()
 
 
-def _code(code) -> str:
-    try:
-        return h2.errors.ErrorCodes(code).name
-    except ValueError:
-        return str(code)
+_code = fr.error_name

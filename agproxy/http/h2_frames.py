@@ -559,3 +559,139 @@ def _increment(window: int, maximum: int, processed: int) -> int:
         inc = maximum - window
         return processed if processed < inc else inc
     return 0
+
+
+# -- client mode (upstream/h2.py) --------------------------------------------------------------
+
+_ERROR_NAMES = ("NO_ERROR", "PROTOCOL_ERROR", "INTERNAL_ERROR", "FLOW_CONTROL_ERROR", "SETTINGS_TIMEOUT",
+                "STREAM_CLOSED", "FRAME_SIZE_ERROR", "REFUSED_STREAM", "CANCEL", "COMPRESSION_ERROR",
+                "CONNECT_ERROR", "ENHANCE_YOUR_CALM", "INADEQUATE_SECURITY", "HTTP_1_1_REQUIRED")
+#: CONTINUATION frames accepted in one header block (a 256 KiB block in 16 KiB frames is 16)
+MAX_CONTINUATIONS = 64
+
+
+def error_name(code: int) -> str:
+    """RFC 9113 §7 name of an error code (the number itself when unknown)."""
+    return _ERROR_NAMES[code] if 0 <= code < len(_ERROR_NAMES) else str(code)
+
+
+class PeerSettings:
+    """The server's SETTINGS that a client acts on (RFC 9113 §6.5.2 initial values)."""
+
+    __slots__ = ("max_concurrent_streams", "max_header_list_size")
+
+    def __init__(self) -> None:
+        self.max_concurrent_streams = 2**31 - 1     # unlimited until the server says otherwise
+        self.max_header_list_size: int | None = None
+
+
+class ClientCodec(ServerCodec):
+    """The client end of one HTTP/2 connection (the upstream client, upstream/h2.py).
+
+    Framing, flow control and the budgets on what the peer can make us do
+    (acknowledgements owed while it reads nothing, header block size, HPACK) are
+    ServerCodec's; what differs by role is here:
+    - we send the preface (magic + SETTINGS with ENABLE_PUSH=0); the server's first
+      frame must be SETTINGS (an HTTP/1.1 answer is a connection error at once);
+    - streams are opened by us (`open_stream`, odd ids). `highest_inbound_stream_id`
+      holds the highest id we opened, so the inherited "frame on an idle stream"
+      checks are the client's;
+    - every header block on an open stream is reported with
+      `app.on_headers(sid, fields, ended)` (interim 1xx, the final head or
+      trailers: the application knows which it expects), then `on_end` if it ended
+      the stream;
+    - the server's MAX_CONCURRENT_STREAMS is kept in `remote_settings`, and
+      `app.on_settings()` is called after each SETTINGS it sends;
+    - GOAWAY reports its last stream id: `app.on_goaway(code, last_stream_id)`;
+    - PUSH_PROMISE is a connection error (push is disabled), and so is a header
+      block spread over more than MAX_CONTINUATIONS frames.
+    """
+
+    def __init__(self, app, *, stream_window: int, conn_window: int, max_header_list: int | None):
+        super().__init__(app, max_concurrent_streams=None, stream_window=stream_window,
+                         conn_window=conn_window, max_header_list=max_header_list)
+        self._settings.insert(0, (S_ENABLE_PUSH, 0))
+        self.remote_settings = PeerSettings()
+        self.next_stream_id = 1
+        self._continuations = 0
+
+    def initiate(self) -> None:
+        self.out += PREFACE
+        super().initiate()
+
+    def open_stream(self) -> int:
+        """A new stream (idle → open once its HEADERS is queued by send_headers)."""
+        sid = self.next_stream_id
+        self.next_stream_id = sid + 2
+        self.highest_inbound_stream_id = sid
+        self.streams[sid] = StreamState(self.peer_initial_window, self.local_initial_window, True)
+        return sid
+
+    def close_connection(self, code: int, last_stream_id: int | None = None) -> None:
+        # The last stream id of a client's GOAWAY counts server-initiated streams: none.
+        super().close_connection(code, 0 if last_stream_id is None else last_stream_id)
+
+    def _check_preface(self, data: bytes) -> int:
+        if len(data) >= 4 and data[3] != SETTINGS:
+            self._fail(PROTOCOL_ERROR, "the server did not start with SETTINGS (not HTTP/2?)")
+        if len(data) < 9:
+            return -1
+        if data[4] & ACK:
+            self._fail(PROTOCOL_ERROR, "the server's preface is a SETTINGS ACK")
+        self._preface = True
+        return 0
+
+    def _on_headers(self, data, pos, stop, flags, sid):
+        self._continuations = 0
+        super()._on_headers(data, pos, stop, flags, sid)
+
+    def _on_continuation(self, data, pos, stop, flags, sid):
+        self._continuations += 1
+        if self._continuations > MAX_CONTINUATIONS:
+            self._fail(ENHANCE_YOUR_CALM, "too many CONTINUATION frames")
+        super()._on_continuation(data, pos, stop, flags, sid)
+
+    def _header_block(self, sid: int, block: bytes, ended: int) -> None:
+        try:
+            # Always decoded, even on a closed stream: the HPACK table must stay in step.
+            fields = self.decoder.decode(block)
+        except hpack.exceptions.OversizedHeaderListError:
+            self._fail(ENHANCE_YOUR_CALM, "header list too large")
+        except hpack.exceptions.HPACKError:
+            self._fail(COMPRESSION_ERROR, "HPACK decoding failed")
+        st = self.streams.get(sid)
+        if st is None:
+            self._closed_frame(sid)     # idle or server-initiated: connection error
+            return
+        if not st.remote_open:
+            self._stream_error(sid, STREAM_CLOSED)
+            return
+        if ended:
+            st.remote_open = False
+        self.app.on_headers(sid, fields, bool(ended))
+        if ended:
+            self._remote_end(sid)
+
+    def _on_settings(self, data, pos, stop, flags, sid):
+        super()._on_settings(data, pos, stop, flags, sid)    # validated, applied, ACK queued
+        if flags & ACK:
+            return
+        rs = self.remote_settings
+        for off in range(pos, stop, 6):
+            key, value = _SETTING.unpack_from(data, off)
+            if key == S_MAX_CONCURRENT_STREAMS:
+                rs.max_concurrent_streams = value
+            elif key == S_MAX_HEADER_LIST_SIZE:
+                rs.max_header_list_size = value
+        self.app.on_settings()
+
+    def _on_push_promise(self, data, pos, stop, flags, sid):
+        self._fail(PROTOCOL_ERROR, "PUSH_PROMISE while push is disabled")
+
+    def _on_goaway(self, data, pos, stop, flags, sid):
+        if sid:
+            self._fail(PROTOCOL_ERROR, "GOAWAY on a stream")
+        if stop - pos < 8:
+            self._fail(FRAME_SIZE_ERROR, "GOAWAY too short")
+        last, code = _GOAWAY.unpack_from(data, pos)
+        self.app.on_goaway(code, last & 0x7FFFFFFF)

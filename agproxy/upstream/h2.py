@@ -6,28 +6,44 @@ once the server's SETTINGS arrived (so its MAX_CONCURRENT_STREAMS is known
 before the first request); all of that within `origin.connect_timeout`, else
 UpstreamError("connect"). The pool shares the connection between requests.
 
+The protocol engine is `ClientCodec` (http/h2_frames.py), the same hand-written
+RFC 9113 codec as the server side, in client mode: frames in, callbacks out
+(`on_headers`, `on_data`, `on_end`, `on_reset`, `on_window`, `on_settings`,
+`on_goaway`, `on_stream_error` below), frames out appended to one buffer that
+is written once per data_received / per event-loop turn (`BatchedOutput`). It
+answers PING, ACKs SETTINGS, and closes the connection (GOAWAY) on what the
+upstream can make us do without limit: acknowledgements piling up while it
+reads nothing, header blocks over MAX_RESPONSE_HEAD × 4 or spread over too many
+CONTINUATION frames, HPACK table sizes above ours, PUSH_PROMISE. It replaced the
+h2 library here (with the private-API overrides that needed): see
+benchmarks/results/h2.md for the cost per request.
+
 `request()` waits for a stream slot (never more open streams than the server
-allows; waiters are served in order), sends the head — and a body already in
-memory, when the windows allow, in the same write — and returns once the
-response head arrived (`timeout` → UpstreamTimeout, the stream is cancelled).
-A streamed request body (BodyReader) is pumped by a task that respects the
-server's flow-control windows and the socket's write buffer; if the client
-goes away mid-upload the stream is reset, so the upstream never sees a
-truncated body as complete.
+allows; waiters are served in order, within the request's timeout), sends the
+head — and a body already in memory, when the windows allow, in the same write
+— and returns once the response head arrived (`timeout` → UpstreamTimeout, the
+stream is cancelled; the deadline is the shared per-loop sweep of upstream/h1.py).
+Interim 1xx heads are skipped. A streamed request body (BodyReader) is pumped
+by a task that respects the server's flow-control windows and the socket's
+write buffer; if the client goes away mid-upload the stream is reset, so the
+upstream never sees a truncated body as complete.
 
 Response bodies stream into a BodyReader whose pause/resume hooks withhold the
 WINDOW_UPDATE for that stream (acknowledged as received otherwise), so a slow
 client slows only its own stream on the shared connection. Trailers end up in
-`body.trailers` (gRPC status). Frames are written once per data_received / per
-event-loop turn, as on the server side (http/h2.py, which also holds the h2 and
-HPACK adjustments both sides share).
+`body.trailers` (gRPC status). A response head is checked as a proxy needs it
+before it reaches an HTTP/1.1 client: one `:status` (2xx-9xx final, 1xx
+interim), no other pseudo-header, lowercase token names, no connection-specific
+field, no CR/LF/NUL in values, at most MAX_RESPONSE_HEAD bytes (RFC 9113 §4.3
+accounting); anything else resets that stream (PROTOCOL_ERROR) and is a 502.
 
 Failure semantics: RST_STREAM before the head → UpstreamError("reset"),
 retryable when the server says REFUSED_STREAM; after the head → the body fails
 with BodyAborted. GOAWAY: the connection stops taking requests (`usable` is
 false, the pool opens a new one); streams above the server's last stream id fail
-as retryable, the others finish. Connection loss fails whatever is in flight
-(UpstreamError before a head, BodyAborted after).
+as retryable, the others finish. A connection error (ours or the peer's) and
+connection loss fail whatever is in flight (UpstreamError before a head,
+BodyAborted after).
 """
 
 from __future__ import annotations
@@ -36,14 +52,11 @@ import asyncio
 import collections
 import time
 
-import h2.errors
-import h2.events
-import h2.exceptions
-import h2.settings
-
-from agproxy.http.h2 import (BatchedOutput, CONNECTION_SPECIFIC, MAX_CONN_WINDOW, MAX_STREAM_WINDOW,
-                             GatewayH2, apply_settings, client_config, field_ok, name_bytes, parse_length)
+from agproxy.http import h2_frames as fr
 from agproxy.http.flow import WriteFlowControl
+from agproxy.http.h2 import (BatchedOutput, CONNECTION_SPECIFIC, MAX_CONN_WINDOW, MAX_STREAM_WINDOW,
+                             field_ok, name_bytes, parse_length)
+from agproxy.http.h2_frames import ClientCodec, ConnectionFailed, H2Error, error_name
 from agproxy.http.messages import BodyAborted, BodyReader, Headers
 from agproxy.upstream.errors import UpstreamError, UpstreamTimeout
 from agproxy.upstream.origin import set_nodelay
@@ -51,25 +64,20 @@ from agproxy.upstream.h1 import UpstreamResponse
 
 __all__ = ["connect_h2", "H2ClientConnection", "H2Response"]
 
-_NO_ERROR = h2.errors.ErrorCodes.NO_ERROR
-_CANCEL = h2.errors.ErrorCodes.CANCEL
-_PROTOCOL_ERROR = h2.errors.ErrorCodes.PROTOCOL_ERROR
-_REFUSED_STREAM = h2.errors.ErrorCodes.REFUSED_STREAM
-_SC = h2.settings.SettingCodes
-
-_ResponseReceived = h2.events.ResponseReceived
-_DataReceived = h2.events.DataReceived
-_StreamEnded = h2.events.StreamEnded
-_StreamReset = h2.events.StreamReset
-_WindowUpdated = h2.events.WindowUpdated
-_TrailersReceived = h2.events.TrailersReceived
-_RemoteSettingsChanged = h2.events.RemoteSettingsChanged
-_ConnectionTerminated = h2.events.ConnectionTerminated
+_NO_ERROR = fr.NO_ERROR
+_CANCEL = fr.CANCEL
+_PROTOCOL_ERROR = fr.PROTOCOL_ERROR
+_REFUSED_STREAM = fr.REFUSED_STREAM
 
 #: response bytes buffered per stream before its window is withheld
 BODY_HIGH_WATER = 256 * 1024
+#: a response head (or trailers) larger than this resets its stream (RFC 9113 §4.3 sizes)
+MAX_RESPONSE_HEAD = 64 * 1024
+#: interim (1xx) heads accepted before the final one
+MAX_INTERIM_HEADS = 16
 #: the last stream id we open before retiring the connection (ids are 31-bit, odd)
 _MAX_STREAM_ID = 2**31 - 1 - 1000
+_CONNECTION_SPECIFIC_B = frozenset(n.encode() for n in CONNECTION_SPECIFIC)
 
 
 async def connect_h2(origin, metrics=None) -> "H2ClientConnection":
@@ -119,8 +127,8 @@ class H2Response(UpstreamResponse):
 
 class _ClientStream:
     __slots__ = ("conn", "stream_id", "body", "response", "head_only", "local_ended", "remote_ended",
-                 "closed", "pump", "_paused", "_unacked", "_waiter", "_expected", "_received",
-                 "_trailers", "_status")
+                 "closed", "pump", "head_done", "_paused", "_unacked", "_waiter", "_expected",
+                 "_received", "_trailers", "_interim")
 
     def __init__(self, conn: "H2ClientConnection", stream_id: int, head_only: bool):
         self.conn = conn
@@ -132,13 +140,14 @@ class _ClientStream:
         self.remote_ended = False
         self.closed = False
         self.pump: asyncio.Task | None = None
+        self.head_done = False          # the final (non-1xx) head arrived
         self._paused = False
         self._unacked = 0
         self._waiter: asyncio.Future | None = None
         self._expected: int | None = None
         self._received = 0
         self._trailers: Headers | None = None
-        self._status = 0
+        self._interim = 0
 
     # flow control of the response body
     def _pause(self) -> None:
@@ -150,10 +159,7 @@ class _ClientStream:
         if n and not self.closed:
             self._unacked = 0
             conn = self.conn
-            try:
-                conn.h2.acknowledge_received_data(n, self.stream_id)
-            except h2.exceptions.H2Error:
-                return
+            conn.h2.ack(n, self.stream_id)
             conn._schedule_flush()
 
     def return_window(self) -> None:
@@ -163,10 +169,7 @@ class _ClientStream:
         conn = self.conn
         if n and conn.transport is not None and not conn._closed:
             self._unacked = 0
-            try:
-                conn.h2.acknowledge_received_data(n, self.stream_id)
-            except h2.exceptions.H2Error:
-                pass
+            conn.h2.ack(n, self.stream_id)
             conn._schedule_flush()
 
     def _wake(self, exc: BaseException | None = None) -> None:
@@ -193,18 +196,16 @@ class _ClientStream:
             p.cancel()
         self.conn._release(self)
 
-    def cancel(self, code) -> None:
-        """Give up on the stream (timeout, the client went away): RST_STREAM."""
+    def cancel(self, code: int, head_exc: BaseException | None = None) -> None:
+        """Give up on the stream (timeout, the client went away, a malformed response):
+        RST_STREAM with `code`."""
         if self.closed:
             return
         conn = self.conn
         if conn.transport is not None and not conn._closed:
-            try:
-                conn.h2.reset_stream(self.stream_id, code)
-            except h2.exceptions.H2Error:
-                pass
+            conn.h2.reset_stream(self.stream_id, code)
             conn._schedule_flush()
-        self.fail(ConnectionResetError("stream cancelled"))
+        self.fail(ConnectionResetError("stream cancelled"), head_exc)
 
 
 def _current_task():
@@ -237,6 +238,71 @@ def request_block(method: str, target: str, headers: Headers, scheme: str, defau
     return out
 
 
+class _Malformed(Exception):
+    """A response head or trailers a proxy must not pass on."""
+
+
+# Names seen so far → decoded str. Bounded; only names that validate are cached.
+_NAMES: dict[bytes, str] = {}
+
+
+def _name(n: bytes, v: bytes) -> str:
+    """The field's name as str; raises _Malformed (see the module docstring)."""
+    name = _NAMES.get(n)
+    if name is None:
+        if not field_ok(n, v) or n in _CONNECTION_SPECIFIC_B:
+            raise _Malformed(f"invalid response field {n[:64]!r}")
+        name = n.decode("latin-1")
+        if len(_NAMES) < 4096:
+            _NAMES[n] = name
+    elif b"\r" in v or b"\n" in v or b"\x00" in v:
+        raise _Malformed("invalid response field value")
+    return name
+
+
+def _response_head(block) -> tuple[int, list, int | None]:
+    """(status, fields, content-length or None) of a response header block."""
+    status = 0
+    items = []
+    size = 0
+    length = None
+    for n, v in block:
+        size += len(n) + len(v) + 32
+        if n[:1] == b":":
+            if n != b":status" or status or items:
+                raise _Malformed("misplaced, repeated or unknown pseudo-header")
+            if len(v) != 3 or not v.isdigit():
+                raise _Malformed("invalid :status")
+            status = int(v)
+            continue
+        name = _name(n, v)
+        value = v.decode("latin-1")
+        if name == "content-length":
+            cl = parse_length(value)
+            if cl is None or (length is not None and cl != length):
+                raise _Malformed("invalid content-length")
+            length = cl
+        items.append((name, value))
+    if not 100 <= status <= 999:
+        raise _Malformed("missing or invalid :status")
+    if size > MAX_RESPONSE_HEAD:
+        raise _Malformed(f"response head over {MAX_RESPONSE_HEAD} bytes")
+    return status, items, length
+
+
+def _trailer_fields(block) -> list:
+    items = []
+    size = 0
+    for n, v in block:
+        size += len(n) + len(v) + 32
+        if n[:1] == b":":
+            raise _Malformed("pseudo-header in trailers")
+        items.append((_name(n, v), v.decode("latin-1")))
+    if size > MAX_RESPONSE_HEAD:
+        raise _Malformed(f"trailers over {MAX_RESPONSE_HEAD} bytes")
+    return items
+
+
 class H2ClientConnection(BatchedOutput, WriteFlowControl, asyncio.Protocol):
     """One HTTP/2 connection to an upstream origin, shared by concurrent requests."""
 
@@ -246,7 +312,11 @@ class H2ClientConnection(BatchedOutput, WriteFlowControl, asyncio.Protocol):
         self.origin = origin
         self.loop = asyncio.get_event_loop()
         self.transport: asyncio.Transport | None = None
-        self.h2 = GatewayH2(client_config())
+        self.h2 = ClientCodec(self, stream_window=MAX_STREAM_WINDOW, conn_window=MAX_CONN_WINDOW,
+                              max_header_list=MAX_RESPONSE_HEAD)
+        # HPACK must decode whatever arrives to keep its table in step: this bounds memory
+        # (beyond it, a connection error); MAX_RESPONSE_HEAD is checked per stream.
+        self.h2.decoder.max_header_list_size = 4 * MAX_RESPONSE_HEAD
         self.streams: dict[int, _ClientStream] = {}
         self.ready: asyncio.Future = self.loop.create_future()
         self._active = 0                      # streams counted against the server's limit
@@ -273,79 +343,35 @@ class H2ClientConnection(BatchedOutput, WriteFlowControl, asyncio.Protocol):
                 self._closed = True
                 transport.close()
                 return
-        apply_settings(self.h2, client=True, max_concurrent_streams=None,
-                       stream_window=MAX_STREAM_WINDOW, conn_window=MAX_CONN_WINDOW, max_header_list=None)
+        self.h2.initiate()
         self._flush_now()
 
+    def pause_writing(self) -> None:
+        super().pause_writing()
+        self.h2.output_blocked = True
+
+    def resume_writing(self) -> None:
+        self.h2.output_blocked = False
+        self.h2.acks_while_blocked = 0
+        super().resume_writing()
+
     def data_received(self, data: bytes) -> None:
-        h = self.h2
         self._in_receive = True
         try:
-            try:
-                events = h.receive_data(data)
-            except h2.exceptions.ProtocolError as exc:
-                err = UpstreamError("protocol", f"HTTP/2 protocol error from {self.origin.authority}: {exc}")
-                self._set_ready_error(err)
-                self._fail_all(err)
-                self._flush_now()
-                self.abort()
-                return
-            streams = self.streams
-            for ev in events:
-                t = type(ev)
-                if t is _DataReceived:
-                    s = streams.get(ev.stream_id)
-                    if s is None:
-                        h.acknowledge_received_data(ev.flow_controlled_length, ev.stream_id)
-                        continue
-                    self._on_data(s, ev)
-                elif t is _ResponseReceived:
-                    s = streams.get(ev.stream_id)
-                    if s is not None:
-                        self._on_response(s, ev.headers)
-                elif t is _StreamEnded:
-                    s = streams.get(ev.stream_id)
-                    if s is not None:
-                        self._on_end(s)
-                elif t is _WindowUpdated:
-                    if ev.stream_id:
-                        s = streams.get(ev.stream_id)
-                        if s is not None:
-                            s._wake()
-                    else:
-                        self._wake_all()
-                elif t is _TrailersReceived:
-                    s = streams.get(ev.stream_id)
-                    if s is not None:
-                        items = []
-                        for n, v in ev.headers:
-                            if n[:1] == b":" or not field_ok(n, v):
-                                # a field that would be a header injection downstream
-                                s.cancel(_PROTOCOL_ERROR)
-                                break
-                            items.append((n.decode("latin-1"), v.decode("latin-1")))
-                        else:
-                            s._trailers = Headers(items)
-                elif t is _StreamReset:
-                    s = streams.get(ev.stream_id)
-                    if s is not None:
-                        code = ev.error_code
-                        msg = f"upstream reset the stream ({_code(code)})"
-                        if s.response is not None and s.response._head.done():
-                            s.fail(BodyAborted(msg))
-                        else:
-                            s.fail(BodyAborted(msg), UpstreamError(
-                                "reset", msg, retryable=code == _REFUSED_STREAM))
-                elif t is _RemoteSettingsChanged:
-                    changed = ev.changed_settings
-                    if _SC.INITIAL_WINDOW_SIZE in changed:
-                        self._wake_all()
-                    if _SC.MAX_CONCURRENT_STREAMS in changed:
-                        self._grant_slots()
-                    if not self.ready.done():
-                        self.ready.set_result(None)
-                elif t is _ConnectionTerminated:
-                    self._on_goaway(ev)
+            self.h2.receive(data)
+        except ConnectionFailed as exc:
+            # The codec queued GOAWAY with the error code: send it, fail everything, close.
+            self._in_receive = False
+            err = UpstreamError("protocol", f"HTTP/2 protocol error from {self.origin.authority}: {exc}")
+            self._set_ready_error(err)
+            self._fail_all(err)
+            self._flush_now()
+            self._closed = True
+            t = self.transport
+            if t is not None:
+                # An upstream that reads nothing would keep a graceful close waiting.
+                t.abort() if self.write_paused else t.close()
+            return
         finally:
             self._in_receive = False
         self._flush_now()
@@ -364,85 +390,116 @@ class H2ClientConnection(BatchedOutput, WriteFlowControl, asyncio.Protocol):
             self._flush_handle = None
         self.transport = None
 
-    # -- events -----------------------------------------------------------------------------
-    def _on_response(self, s: _ClientStream, block) -> None:
-        status = 0
-        items = []
-        for n, v in block:
-            if n[:1] == b":":
-                if n == b":status":
-                    try:
-                        status = int(v)
-                    except ValueError:
-                        status = 0
-                continue
-            if not field_ok(n, v):
-                # Uppercase or odd names, CR/LF/NUL in values: malformed in HTTP/2, and a
-                # response-splitting vector for an HTTP/1.1 client downstream.
-                status = 0
-                break
-            name = n.decode("latin-1")
-            value = v.decode("latin-1")
-            if name == "content-length":
-                s._expected = parse_length(value)
-            items.append((name, value))
-        resp = s.response
-        if status < 200 or status > 999 or resp is None:
-            if resp is not None and not resp._head.done():
-                resp._head.set_exception(UpstreamError("protocol", "malformed response head from upstream"))
-            s.cancel(_PROTOCOL_ERROR)
+    # -- codec callbacks (h2_frames.ClientCodec) -------------------------------------------------
+    def on_settings(self) -> None:
+        if self._slot_waiters:
+            self._grant_slots()
+        if not self.ready.done():
+            self.ready.set_result(None)
+
+    def on_headers(self, sid: int, block: list, ended: bool) -> None:
+        s = self.streams.get(sid)
+        if s is None:
             return
-        if s.head_only or status in (204, 304):
-            s._expected = None
+        if s.head_done:
+            if not ended:
+                s.cancel(_PROTOCOL_ERROR)     # a second head, or trailers without END_STREAM
+                return
+            try:
+                s._trailers = Headers(_trailer_fields(block))
+            except _Malformed as exc:
+                # a field that would be a header injection downstream
+                s.cancel(_PROTOCOL_ERROR, UpstreamError("protocol", str(exc)))
+            return
+        resp = s.response
+        try:
+            status, items, length = _response_head(block)
+            if status < 200:
+                if status == 101 or ended:
+                    raise _Malformed(f"interim response {status} not allowed here")
+                s._interim += 1
+                if s._interim > MAX_INTERIM_HEADS:
+                    raise _Malformed("too many interim responses")
+                return
+        except _Malformed as exc:
+            s.cancel(_PROTOCOL_ERROR, UpstreamError("protocol", f"malformed response head from upstream: {exc}"))
+            return
+        s.head_done = True
+        s._expected = 0 if s.head_only or status in (204, 304) else length
         resp.status = status
         resp.headers = Headers(items)
-        s._status = status
         if not resp._head.done():
             resp._head.set_result(None)
 
-    def _on_data(self, s: _ClientStream, ev) -> None:
-        data = ev.data
+    def on_data(self, sid: int, data: bytes, flow: int) -> None:
+        h = self.h2
+        s = self.streams.get(sid)
+        if s is None:
+            h.ack(flow, sid)
+            return
+        if not s.head_done:
+            h.ack(flow, sid)
+            s.cancel(_PROTOCOL_ERROR, UpstreamError("protocol", "upstream sent DATA before a response head"))
+            return
         s._received += len(data)
         if s._expected is not None and s._received > s._expected:
-            self.h2.acknowledge_received_data(ev.flow_controlled_length, s.stream_id)
+            h.ack(flow, sid)
             s.cancel(_PROTOCOL_ERROR)
             return
-        s.body.feed(data)
+        if data:
+            s.body.feed(data)
         if s._paused:
-            s._unacked += ev.flow_controlled_length
+            s._unacked += flow
         else:
-            self.h2.acknowledge_received_data(ev.flow_controlled_length, s.stream_id)
+            h.ack(flow, sid)
 
-    def _on_end(self, s: _ClientStream) -> None:
+    def on_end(self, sid: int) -> None:
+        s = self.streams.get(sid)
+        if s is None:
+            return
         s.remote_ended = True
-        resp = s.response
-        if resp is None or not resp._head.done():
-            s.fail(BodyAborted("stream ended without a response"),
-                   UpstreamError("protocol", "upstream ended the stream without a response"))
+        if not s.head_done:
+            s.cancel(_PROTOCOL_ERROR, UpstreamError("protocol", "upstream ended the stream without a response"))
             return
         if s._expected is not None and s._received != s._expected:
-            s.cancel(_PROTOCOL_ERROR)
+            s.cancel(_PROTOCOL_ERROR)    # shorter than its content-length
             return
         s.body.feed_eof(s._trailers)
         if not s.local_ended:
-            # Answered before the request body was complete: stop sending it.
+            # Answered before the request body was complete: stop sending it (RFC 9113 §8.1).
             p = s.pump
             if p is not None and not p.done():
                 p.cancel()
-            try:
-                self.h2.reset_stream(s.stream_id, _NO_ERROR)
-            except h2.exceptions.H2Error:
-                pass
+            self.h2.reset_stream(sid, _NO_ERROR)
             s.local_ended = True
         self._maybe_done(s)
 
-    def _on_goaway(self, ev) -> None:
+    def on_reset(self, sid: int, code: int) -> None:
+        s = self.streams.get(sid)
+        if s is None:
+            return
+        msg = f"upstream reset the stream ({error_name(code)})"
+        s.fail(BodyAborted(msg), UpstreamError("reset", msg, retryable=code == _REFUSED_STREAM))
+
+    def on_stream_error(self, sid: int, code: int) -> None:
+        s = self.streams.get(sid)
+        if s is not None:
+            s.cancel(code, UpstreamError("protocol", f"HTTP/2 stream error ({error_name(code)})"))
+
+    def on_window(self, sid: int) -> None:
+        if sid:
+            s = self.streams.get(sid)
+            if s is not None and s._waiter is not None:
+                s._wake()
+        else:
+            self._wake_all()
+
+    def on_goaway(self, code: int, last_stream_id: int) -> None:
         self._goaway = True
-        last = ev.last_stream_id
-        err = UpstreamError("reset", f"upstream {self.origin.authority} is going away (GOAWAY)",
-                            retryable=True)
+        err = UpstreamError("reset", f"upstream {self.origin.authority} is going away (GOAWAY "
+                                     f"{error_name(code)})", retryable=True)
         for s in list(self.streams.values()):
-            if s.stream_id > last:
+            if s.stream_id > last_stream_id:
                 s.fail(BodyAborted(str(err)), err)
         self._fail_waiters(err)
         if not self.streams:
@@ -453,7 +510,7 @@ class H2ClientConnection(BatchedOutput, WriteFlowControl, asyncio.Protocol):
     def usable(self) -> bool:
         return (not self._closed and not self._goaway and self.transport is not None
                 and not self.transport.is_closing()
-                and self.h2.highest_outbound_stream_id < _MAX_STREAM_ID)
+                and self.h2.next_stream_id < _MAX_STREAM_ID)
 
     @property
     def idle(self) -> bool:
@@ -530,7 +587,7 @@ class H2ClientConnection(BatchedOutput, WriteFlowControl, asyncio.Protocol):
             raise UpstreamError("reset", f"HTTP/2 connection to {self.origin.authority} is closing",
                                 retryable=True)
         h = self.h2
-        sid = h.get_next_available_stream_id()
+        sid = h.open_stream()
         s = _ClientStream(self, sid, method == "HEAD")
         resp = s.response = H2Response(s)
         self.streams[sid] = s
@@ -548,7 +605,8 @@ class H2ClientConnection(BatchedOutput, WriteFlowControl, asyncio.Protocol):
                 h.send_headers(sid, block)
                 if not self._send_now(s, body):
                     s.pump = self.loop.create_task(self._send_bytes(s, body))
-        except h2.exceptions.H2Error as exc:
+        except H2Error as exc:
+            h.streams.pop(sid, None)    # nothing of it reached the wire
             s.fail(BodyAborted(str(exc)))
             raise UpstreamError("protocol", f"could not send the request: {exc}") from None
         self._schedule_flush()
@@ -557,13 +615,7 @@ class H2ClientConnection(BatchedOutput, WriteFlowControl, asyncio.Protocol):
             remaining = max(0.001, timeout - (time.monotonic() - start))
         try:
             await resp.wait_head(remaining)
-        except UpstreamTimeout:
-            s.cancel(_CANCEL)
-            raise
-        except UpstreamError:
-            s.cancel(_CANCEL)
-            raise
-        except asyncio.CancelledError:
+        except (UpstreamError, asyncio.CancelledError):
             s.cancel(_CANCEL)
             raise
         return resp
@@ -573,7 +625,7 @@ class H2ClientConnection(BatchedOutput, WriteFlowControl, asyncio.Protocol):
         """Send a whole in-memory body if the windows allow it (the common case)."""
         h = self.h2
         n = len(data)
-        if n > h.local_flow_control_window(s.stream_id):
+        if n > h.send_window(s.stream_id):
             return False
         mfs = h.max_outbound_frame_size
         if n <= mfs:
@@ -594,8 +646,10 @@ class H2ClientConnection(BatchedOutput, WriteFlowControl, asyncio.Protocol):
         while pos < total:
             if s.closed or self._closed:
                 raise ConnectionResetError("stream closed")
-            window = h.local_flow_control_window(sid)
+            window = h.send_window(sid)
             if window <= 0:
+                # No deadline of its own: before the head, the request's timeout cancels
+                # the stream (and so this wait); after it, the response's end does.
                 self._flush_now()
                 s._waiter = self.loop.create_future()
                 try:
@@ -614,7 +668,7 @@ class H2ClientConnection(BatchedOutput, WriteFlowControl, asyncio.Protocol):
         try:
             await self._send(s, data)
             self._end_request(s, None)
-        except (ConnectionError, OSError, h2.exceptions.H2Error):
+        except (ConnectionError, OSError, H2Error):
             s.cancel(_CANCEL)
 
     async def _pump(self, s: _ClientStream, reader: BodyReader) -> None:
@@ -625,7 +679,7 @@ class H2ClientConnection(BatchedOutput, WriteFlowControl, asyncio.Protocol):
                     break
                 await self._send(s, chunk)
             self._end_request(s, reader.trailers)
-        except (BodyAborted, ConnectionError, OSError, h2.exceptions.H2Error):
+        except (BodyAborted, ConnectionError, OSError, H2Error):
             # The client went away mid-upload: the upstream must not see a complete request.
             s.cancel(_CANCEL)
 
@@ -678,10 +732,8 @@ class H2ClientConnection(BatchedOutput, WriteFlowControl, asyncio.Protocol):
         self._closed = True
         t = self.transport
         if t is not None and not t.is_closing():
-            try:
-                self.h2.close_connection(_NO_ERROR)
-            except h2.exceptions.H2Error:
-                pass
+            self.h2.close_connection(_NO_ERROR)
+            self.h2.stop()
             self._flush_now()
             t.close()
 
@@ -689,10 +741,3 @@ class H2ClientConnection(BatchedOutput, WriteFlowControl, asyncio.Protocol):
         self._closed = True
         if self.transport is not None:
             self.transport.abort()
-
-
-def _code(code) -> str:
-    try:
-        return h2.errors.ErrorCodes(code).name
-    except ValueError:
-        return str(code)

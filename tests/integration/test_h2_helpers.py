@@ -25,10 +25,23 @@ import h2.connection
 import h2.events
 import h2.settings
 import uvloop
+from h2.connection import ConnectionInputs, ConnectionState, H2ConnectionStateMachine
 
 from agproxy.http.h1 import Limits
-from agproxy.http.h2 import _TRANSITIONS, H2Connection
+from agproxy.http.h2 import H2Connection
 from agproxy.http.messages import BodyAborted, ConnInfo, Headers
+
+def _keep_open_transitions() -> dict:
+    """h2's state machine with GOAWAY (either way) leaving the connection open: stock h2
+    refuses every frame after one, and a graceful shutdown lets the streams in flight finish."""
+    t = dict(H2ConnectionStateMachine._transitions)
+    for state in (ConnectionState.CLIENT_OPEN, ConnectionState.SERVER_OPEN):
+        t[(state, ConnectionInputs.SEND_GOAWAY)] = (None, state)
+        t[(state, ConnectionInputs.RECV_GOAWAY)] = (None, state)
+    return t
+
+
+_TRANSITIONS = _keep_open_transitions()
 
 PATTERN = bytes(range(256)) * 64      # 16 KiB of a recognisable pattern
 
@@ -292,7 +305,7 @@ class RawH2Client:
                                         validate_inbound_headers=True)
         self.h2 = h2.connection.H2Connection(cfg)
         # Stock h2 refuses every frame after a GOAWAY; graceful shutdown needs the streams
-        # in flight to finish, so the test client gets the same adjustment as agproxy's.
+        # in flight to finish (the test side only: agproxy's own client is ClientCodec).
         self.h2.state_machine._transitions = _TRANSITIONS
         self.auto_ack = auto_ack
         self.responses: dict[int, dict] = collections.defaultdict(
