@@ -500,6 +500,7 @@ class H2ClientConnection(BatchedOutput, WriteFlowControl, asyncio.Protocol):
                                      f"{error_name(code)})", retryable=True)
         for s in list(self.streams.values()):
             if s.stream_id > last_stream_id:
+                self.h2.streams.pop(s.stream_id, None)    # never processed: closed, no RST (§6.8)
                 s.fail(BodyAborted(str(err)), err)
         self._fail_waiters(err)
         if not self.streams:
