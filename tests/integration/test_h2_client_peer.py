@@ -374,6 +374,12 @@ def _continuation_flood(conn, sid):
     conn.raw(frame(h2_peer.HEADERS, 0, sid, b"\x88") + frame(h2_peer.CONTINUATION, 0, sid, b"") * 1000)
 
 
+def _huge_header_block(conn, sid):
+    # 21 x 16 KiB: past the 4 x MAX_RESPONSE_HEAD that HPACK may make us hold
+    chunk = b"\x00" * 16384
+    conn.raw(frame(h2_peer.HEADERS, 0, sid, chunk) + frame(h2_peer.CONTINUATION, 0, sid, chunk) * 20)
+
+
 def _push_promise(conn, sid):
     conn.raw(frame(h2_peer.PUSH_PROMISE, 0x4, sid, struct.pack(">L", 2) + b"\x82\x84\x86"))
 
@@ -385,6 +391,7 @@ def _bad_window_update(conn, sid):
 CONNECTION_ERRORS = {
     "HPACK table size above ours": (_hpack_table_too_large, E.COMPRESSION_ERROR),
     "CONTINUATION flood": (_continuation_flood, E.ENHANCE_YOUR_CALM),
+    "header block over 256 KiB": (_huge_header_block, E.ENHANCE_YOUR_CALM),
     "PUSH_PROMISE with push disabled": (_push_promise, E.PROTOCOL_ERROR),
     "WINDOW_UPDATE of the wrong size": (_bad_window_update, E.FRAME_SIZE_ERROR),
 }
