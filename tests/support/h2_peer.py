@@ -167,7 +167,12 @@ class H2Peer:
 
     def __exit__(self, *exc) -> None:
         self._stopped = True
+        try:
+            self.lsock.shutdown(socket.SHUT_RDWR)     # wakes the blocked accept()
+        except OSError:
+            pass
         self.lsock.close()
+        self._acceptor.join(10)
         for c in list(self.conns):
             try:
                 c.sock.shutdown(socket.SHUT_RDWR)
