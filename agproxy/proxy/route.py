@@ -12,7 +12,7 @@ import re
 from typing import TYPE_CHECKING, Any
 
 from agproxy.http.messages import RequestHead
-from agproxy.http.path import PathError, merge_only, needs_work, normalize, routing_view
+from agproxy.http.path import PathError, merge_only, normalize, routing_view
 
 if TYPE_CHECKING:
     from agproxy.proxy.filter import Filter
@@ -103,6 +103,7 @@ class Router:
         self.routes = routes
         self.normalize_path = normalize_path
         self.merge_slashes = merge_slashes
+        self._check = normalize_path or merge_slashes
 
     def route(self, req: RequestHead, listener: str) -> Route | None:
         """Normalise the request's path in place (`[gateway] normalize_path`,
@@ -110,23 +111,34 @@ class Router:
         for a path that is invalid or that routes differently when read the way
         some backends read it."""
         path = req.path
-        if (self.normalize_path or self.merge_slashes) and path[:1] == "/" and needs_work(path):
-            if self.normalize_path:
-                new = normalize(path, self.merge_slashes)
-                alt = routing_view(new)
-            else:
-                new, alt = merge_only(path), None
-            if new != path:
-                _, sep, query = req.target.partition("?")
-                req.set_target(new + sep + query)
-            if alt is not None:
-                found = self.match(req, listener)
-                if self.match(req, listener, alt) is not found:
-                    raise PathError("the path routes differently when %2F, %5C or ';' are read as separators")
-                return found
-        return self.match(req, listener)
+        # The per-request test that the path needs no work: six substring scans cost
+        # less than one regex search (callgrind, and 2-5x in timeit on real paths).
+        if self._check and ("%" in path or "/." in path or "//" in path or ";" in path
+                            or "\\" in path or "#" in path) and path[:1] == "/":
+            return self._route_slow(req, listener, path)
+        for route in self.routes:
+            if route.listener is not None and route.listener != listener:
+                continue
+            if route.match.matches(req, path):
+                return route
+        return None
+
+    def _route_slow(self, req: RequestHead, listener: str, path: str) -> Route | None:
+        if self.normalize_path:
+            new = normalize(path, self.merge_slashes)
+            alt = routing_view(new)
+        else:
+            new, alt = merge_only(path), None
+        if new != path:
+            _, sep, query = req.target.partition("?")
+            req.set_target(new + sep + query)
+        found = self.match(req, listener, new)
+        if alt is not None and self.match(req, listener, alt) is not found:
+            raise PathError("the path routes differently when %2F, %5C or ';' are read as separators")
+        return found
 
     def match(self, req: RequestHead, listener: str, path: str | None = None) -> Route | None:
+        """The first route for this request, on its path as it is (no normalisation)."""
         if path is None:
             path = req.path
         for route in self.routes:
