@@ -98,6 +98,13 @@ def _base_on_response():
     return Filter.on_response
 
 
+# Paths seen to need no normalisation (a property of the string alone, so one set
+# per process serves every Router).
+_CLEAN: set[str] = set()
+_CLEAN_MAX = 4096
+_CLEAN_LEN = 256
+
+
 class Router:
     def __init__(self, routes: list[Route], *, normalize_path: bool = True, merge_slashes: bool = True):
         self.routes = routes
@@ -111,11 +118,17 @@ class Router:
         for a path that is invalid or that routes differently when read the way
         some backends read it."""
         path = req.path
-        # The per-request test that the path needs no work: six substring scans cost
-        # less than one regex search (callgrind, and 2-5x in timeit on real paths).
-        if self._check and ("%" in path or "/." in path or "//" in path or ";" in path
-                            or "\\" in path or "#" in path) and path[:1] == "/":
-            return self._route_slow(req, listener, path)
+        # The per-request test that the path needs no work. Measured (callgrind, per
+        # request): six substring scans ~2.0-2.4k instructions, a regex search more;
+        # a set of paths already found clean ~0.9k, and paths repeat. The set is
+        # bounded (entries and length); once full, the scans alone decide.
+        if self._check and path not in _CLEAN:
+            if ("%" in path or "/." in path or "//" in path or ";" in path
+                    or "\\" in path or "#" in path):
+                if path[:1] == "/":
+                    return self._route_slow(req, listener, path)
+            elif len(_CLEAN) < _CLEAN_MAX and len(path) <= _CLEAN_LEN:
+                _CLEAN.add(path)
         for route in self.routes:
             if route.listener is not None and route.listener != listener:
                 continue
