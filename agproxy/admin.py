@@ -7,6 +7,7 @@ from typing import Callable
 import orjson
 
 from agproxy.http.messages import Headers, ServerStream
+from agproxy.telemetry.redact import redact
 
 
 class Admin:
@@ -32,7 +33,9 @@ class Admin:
             await _send(stream, 200, self.metrics.expose(), "text/plain; version=0.0.4; charset=utf-8")
         elif path == "/config":
             rt = self.get_runtime()
-            body = orjson.dumps(rt.describe(), option=orjson.OPT_INDENT_2) + b"\n"
+            # Redacted whole, by key and by shape: a describe() that shows a URL or a
+            # header value cannot leak the credential in it.
+            body = orjson.dumps(redact(rt.describe()), option=orjson.OPT_INDENT_2) + b"\n"
             await _send(stream, 200, body, "application/json")
         else:
             await _send(stream, 404, b'{"error":"not_found"}\n', "application/json")

@@ -16,14 +16,18 @@ from agproxy import __version__
 
 
 class _JsonFormatter(logging.Formatter):
-    """One JSON object per line on stderr (the access log is separate, see telemetry/)."""
+    """One JSON object per line on stderr (the access log is separate, see telemetry/).
+    Credential-shaped text (Bearer tokens, URL userinfo, key formats) is redacted from
+    the message and the traceback, whoever wrote the line."""
 
     def format(self, record: logging.LogRecord) -> str:
         import orjson
+
+        from agproxy.telemetry.redact import redact_text
         out = {"time": self.formatTime(record), "level": record.levelname, "logger": record.name,
-               "message": record.getMessage()}
+               "message": redact_text(record.getMessage())}
         if record.exc_info:
-            out["exception"] = self.formatException(record.exc_info)
+            out["exception"] = redact_text(self.formatException(record.exc_info))
         return orjson.dumps(out).decode()
 
 

@@ -28,8 +28,11 @@ class ConfigError(Exception):
     """A configuration that cannot be used; `problems` lists each by TOML path."""
 
     def __init__(self, problems: list[str]):
-        self.problems = problems
-        super().__init__("\n".join(problems))
+        from agproxy.telemetry.redact import redact_text
+        # Messages may quote a value (`unsupported URL scheme in 'ftp://u:pw@h'`) and are
+        # printed by `validate` and logged on a rejected reload: no secret in them.
+        self.problems = [redact_text(p) for p in problems]
+        super().__init__("\n".join(self.problems))
 
 
 def parse_duration(text: str) -> float:

@@ -25,6 +25,7 @@ reveal the rule (the access log's `error` field and the debug log name it).
 from __future__ import annotations
 
 import logging
+import re
 from typing import Any
 
 from agproxy.cel import ExpressionGroup
@@ -39,6 +40,23 @@ STAGE = AUTHORIZATION
 log = logging.getLogger("agproxy.policy")
 
 KINDS = ("allow", "deny", "require")
+
+# `jwt.role == "x"` is false, not an error, when the token carries `role` as a list
+# (CEL's heterogeneous equality), so a deny rule written that way never fires for
+# list-valued claims (and `!=` in an allow/require rule always matches). Found in
+# the source text at load and warned about; `iss`, `sub`, `jti` are always strings.
+_STR = r"""(?:"[^"\\]*"|'[^'\\]*')"""
+_CLAIM = (r"(?:\bjwt\.(?!(?:iss|sub|jti)\b)([A-Za-z_]\w*)(?![\w.(\[])"
+          r"|\bdefault\(\s*jwt\.(?!(?:iss|sub|jti)\b)([A-Za-z_]\w*)\s*,\s*" + _STR + r"\s*\))")
+_COMPARE = {op: re.compile(rf"{_CLAIM}\s*{op}\s*{_STR}|{_STR}\s*{op}\s*{_CLAIM}") for op in ("==", "!=")}
+
+
+def _list_claim_pitfall(kind: str, source: str) -> str | None:
+    """The claim a rule compares to a string in the way that fails open for a list claim."""
+    m = _COMPARE["==" if kind == "deny" else "!="].search(source)
+    if m is None:
+        return None
+    return next(g for g in m.groups() if g)
 
 
 class AuthorizationFilter(Filter):
@@ -135,6 +153,16 @@ def build(sec: Section, ctx: Any) -> AuthorizationFilter | None:
         if expr is None:
             ok = False
             continue
+        claim = _list_claim_pitfall(kind, source)
+        if claim is not None:
+            log.warning('%s: compares jwt.%s with a string; if tokens carry %s as a list '
+                        '(["x"]), the comparison is false, not an error, and this %s rule %s. '
+                        'For a list claim write \'"x" in jwt.%s\'; for a string or a list, '
+                        '\'"x" in (type(jwt.%s) == list ? jwt.%s : [jwt.%s])\' '
+                        '(docs/configuration.md, [route.authorization])',
+                        path, claim, claim, kind,
+                        "never matches it" if kind == "deny" else "always matches it",
+                        claim, claim, claim, claim)
         buckets[kind].append((path, expr))
     if not ok or not rules:
         return None

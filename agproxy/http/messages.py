@@ -119,7 +119,7 @@ class RequestHead:
     def __init__(self, method: str, target: str, headers: Headers, scheme: str,
                  authority: str, protocol: str):
         self.method = method
-        self.target = target          # path + query as received (never normalised)
+        self.target = target          # path + query as received; routing normalises the path (http/path.py)
         self.headers = headers
         self.scheme = scheme
         self.authority = authority    # Host / :authority

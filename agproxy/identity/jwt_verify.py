@@ -145,6 +145,11 @@ def _json_object(segment: str) -> dict:
 def _split(token: str) -> list[str]:
     if len(token) > MAX_TOKEN_BYTES:
         raise JwtError("token too large")
+    if not token.isascii():
+        # A JWS compact token is base64url and dots; a header (latin-1), a percent-decoded
+        # query parameter or cookie can carry anything else. Refused here, before any
+        # segment is decoded or encoded (the signing input is encoded as ASCII below).
+        raise JwtError("malformed token")
     parts = token.split(".")
     if len(parts) != 3:
         if len(parts) == 5:

@@ -172,7 +172,9 @@ def build_runtime(cfg: Config, pool: Any = None, metrics: Any = None) -> Runtime
         routes.append(Route(rcfg.name, rcfg.index, rcfg.listener, Match(**rcfg.match),
                             backend, rcfg.timeout, filters))
     problems.raise_if_any()
-    return Runtime(cfg, Router(ctx.extra_routes + routes), backends, ctx)
+    router = Router(ctx.extra_routes + routes, normalize_path=cfg.gateway.normalize_path,
+                    merge_slashes=cfg.gateway.merge_slashes)
+    return Runtime(cfg, router, backends, ctx)
 
 
 def _build_chain(policies: dict[str, Section], ctx: BuildContext) -> tuple[list[Filter], bool]:

@@ -16,6 +16,7 @@ import logging
 import time
 
 from agproxy.http.messages import BodyAborted, BodyTooLarge, ServerStream
+from agproxy.http.path import PathError
 from agproxy.proxy.exchange import Exchange
 from agproxy.proxy.filter import LocalReply
 from agproxy.telemetry.access_log import AccessLog, now_iso
@@ -48,7 +49,7 @@ class Gateway:
             limit = runtime.gateway.max_request_body
             stream.body.limit = limit
             declared = ex.request.headers.get("content-length")
-            route = runtime.router.match(ex.request, ex.conn.listener)
+            route = runtime.router.route(ex.request, ex.conn.listener)   # normalises the path first
             # (Bytes may have arrived before this task ran: `received` counts them too.)
             if stream.body.received > limit or (
                     declared is not None and declared.isdigit() and int(declared) > limit):
@@ -71,6 +72,9 @@ class Gateway:
             if ex.status == 0:
                 ex.status = 499
             raise
+        except PathError as exc:
+            ex.error = f"invalid path: {exc}"
+            await self._reply(ex, LocalReply.error(400, "invalid_path", str(exc)))
         except BodyTooLarge:
             ex.error = "request body too large"
             if not stream.head_sent:

@@ -21,6 +21,10 @@ the dict updates cost about a tenth of that.
 
 Connection gauges, connect durations and reloads are rare events and use
 prometheus-client directly.
+
+Label values never come from the client unbounded: routes, backends, listeners and
+upstream authorities are names from the config; statuses are three digits; a method
+outside the standard set is `_OTHER`.
 """
 
 from __future__ import annotations
@@ -36,6 +40,10 @@ from prometheus_client.utils import floatToGoString
 
 _BUCKETS = (0.0005, 0.001, 0.0025, 0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1, 2.5, 5, 10, 30, 60)
 _BUCKET_LABELS = tuple(floatToGoString(b) for b in _BUCKETS) + ("+Inf",)
+
+# RFC 9110 §9 plus PATCH (RFC 5789); anything else is counted as "_OTHER", as the
+# OpenTelemetry HTTP conventions say (an HTTP/2 :method is any token a client sends).
+STANDARD_METHODS = frozenset({"GET", "HEAD", "POST", "PUT", "DELETE", "CONNECT", "OPTIONS", "TRACE", "PATCH"})
 
 _REQUESTS_HELP = "Requests answered, by route, method and status"
 _DURATION_HELP = "Time from request head to response end"
@@ -76,6 +84,8 @@ class Metrics:
 
     # -- the data path ------------------------------------------------------------------
     def request(self, route: str, method: str, status: int, seconds: float) -> None:
+        if method not in STANDARD_METHODS:
+            method = "_OTHER"       # a client picks the method: never a label of its own
         key = (route, method, status)
         counts = self._requests
         counts[key] = counts.get(key, 0) + 1

@@ -479,3 +479,15 @@ def test_config_errors(tmp_path, identity):
     msg = str(ei.value)
     assert "backend.support-agent.runtime_arn" in msg
     assert "backend.support-agent.user_id_from" in msg
+
+
+def test_non_normal_client_path_still_signs_the_agentcore_target(start_gateway, identity, emulator):
+    """Path normalisation applies to the client's path (routing), never to the target the
+    AgentCore backend builds (its %3A / %2F stay single-encoded, SigV4 still verifies)."""
+    gw = start_gateway(sigv4_config(identity, emulator.url, PASSTHROUGH), env=AWS_ENV)
+    st, _, body = post(gw, "/x/..//agents/./support/%78", {"prompt": "hi"}, bearer(identity.user_token("bob")))
+    assert st == 200, body
+    assert json.loads(body)["saw"]["qualifier"] == "prod"
+    sent = emulator.requests[-1]
+    assert sent.path.startswith("/runtimes/arn%3Aaws%3Abedrock-agentcore%3Aus-east-1%3A111122223333%3Aruntime%2F")
+    assert dict(sent.headers)["authorization"].startswith("AWS4-HMAC-SHA256 Credential=" + TEST_ACCESS_KEY)
