@@ -1,7 +1,7 @@
 """`agproxy run | validate | version`: the command line.
 
 Exit codes: 0 fine; 1 the configuration is invalid (every problem is printed with
-its TOML path); 2 usage errors.
+its TOML path) or an address it binds is already in use; 2 usage errors.
 """
 
 from __future__ import annotations
@@ -72,6 +72,16 @@ def cmd_run(path: str, workers_override: int | None) -> int:
         print(f"{path}: invalid configuration:", file=sys.stderr)
         for p in exc.problems:
             print(f"  {p}", file=sys.stderr)
+        return 1
+    from agproxy.server.listener import AddressInUse, check_free
+    try:
+        # Before any worker binds (with SO_REUSEPORT, which would share the port silently).
+        for lst in cfg.listeners:
+            check_free(lst.host, lst.port, f"listener {lst.name}")
+        if cfg.gateway.admin is not None:
+            check_free(cfg.gateway.admin[0], cfg.gateway.admin[1], "admin")
+    except AddressInUse as exc:
+        print(f"agproxy: cannot start: {exc}", file=sys.stderr)
         return 1
     from agproxy.telemetry.metrics import Metrics
     metrics = Metrics(prefix)

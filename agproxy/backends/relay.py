@@ -13,10 +13,11 @@ response that looks complete).
 
 from __future__ import annotations
 
+import asyncio
 import logging
 import time
 
-from agproxy.http.messages import HOP_BY_HOP, BodyAborted, BodyReader, BodyTooLarge, Headers
+from agproxy.http.messages import HOP_BY_HOP, BodyAborted, BodyMalformed, BodyReader, BodyTooLarge, Headers
 from agproxy.upstream.errors import UpstreamError
 from agproxy.upstream.origin import Origin
 from agproxy.upstream.pool import get_pool
@@ -84,8 +85,12 @@ async def relay(ex, origin: Origin, method: str, target: str, headers: Headers,
     except UpstreamError as exc:
         ex.upstream_time = time.monotonic() - start
         ex.error = str(exc)
-        if type(ex.stream.body.error) is BodyTooLarge:
-            await _local(ex, 413, "payload_too_large", str(ex.stream.body.error))
+        body_error = ex.stream.body.error
+        if type(body_error) is BodyTooLarge:
+            await _local(ex, 413, "payload_too_large", str(body_error))
+        elif type(body_error) is BodyMalformed:   # the upstream request was aborted for it
+            ex.error = f"malformed request body: {body_error}"
+            await _local(ex, 400, "bad_request", f"malformed request body: {body_error}")
         elif exc.kind == "timeout":
             await _local(ex, 504, "upstream_timeout", "the upstream did not answer in time")
         else:
@@ -113,6 +118,9 @@ async def relay(ex, origin: Origin, method: str, target: str, headers: Headers,
         resp.abort()
         ex.error = f"client went away: {exc}"
         return
+    except asyncio.CancelledError:
+        resp.abort()   # the client's stream is gone mid-body: never pool this connection
+        raise
     await ex.end(reader.trailers)
 
 

@@ -9,10 +9,25 @@ its high-water mark. The response head is held until the first body chunk or the
 end so small answers leave in one write; bodies without a length are chunked.
 
 Framing attacks are refused before the proxy sees them: Content-Length together
-with Transfer-Encoding, conflicting Content-Lengths, and oversize header blocks
-(431) all end in an error response and `Connection: close` — other connections
-are untouched. A connection whose first bytes are the HTTP/2 preface switches to
-the HTTP/2 adapter (h2c prior knowledge on the plaintext side of a port).
+with Transfer-Encoding, conflicting Content-Lengths, a Transfer-Encoding other than
+a lone `chunked` (400; 501 for a coding before it), a missing, repeated or invalid
+Host, and oversize header blocks (431) all end in an error response and
+`Connection: close` — other connections are untouched, and requests pipelined
+before the bad one are answered first. A framing error found in a body whose head
+was already handed to the proxy fails that body with `BodyMalformed`: the exchange
+answers 400 and aborts the upstream request. Header names with `_` are dropped,
+refused or kept (`headers_with_underscores`): CGI-style backends read `x_user` as
+`x-user`. A connection whose first bytes are the HTTP/2 preface (or a prefix of it,
+until it diverges) switches to the HTTP/2 adapter (h2c prior knowledge).
+
+Deadlines cost no timer per request: the server's periodic sweep calls
+`check_deadlines(now)`. The request head must arrive within `header_timeout` of its
+first byte (of the connection's start for the first request): 408. A request in
+flight with no progress either way (bytes read, bytes written, the write buffer
+draining) for `stream_idle_timeout` aborts the connection; the handler's task is
+cancelled, which aborts its upstream request. A client that half-closes after its
+requests gets their answers, then the close. A handler that returns without
+finishing its response gets a 500 (nothing sent yet) or the connection aborted.
 
 httptools rather than h11: this is the hot path, and h11 measured at a quarter of
 httptools' speed for a relay on this machine.
@@ -22,6 +37,8 @@ from __future__ import annotations
 
 import asyncio
 import collections
+import logging
+import re
 import time
 from http import HTTPStatus
 from typing import Callable
@@ -29,12 +46,35 @@ from typing import Callable
 import httptools
 
 from agproxy.http.flow import WriteFlowControl
-from agproxy.http.messages import (BodyAborted, BodyReader, ConnInfo, Headers, RequestHead, ServerStream,
-                                   field_name)
+from agproxy.http.messages import (BodyAborted, BodyMalformed, BodyReader, ConnInfo, Headers, RequestHead,
+                                   ServerStream, field_name)
+
+log = logging.getLogger("agproxy.http")
 
 H2_PREFACE = b"PRI * HTTP/2.0\r\n\r\nSM\r\n\r\n"
 MAX_PIPELINE = 16
 _REASONS = {s.value: s.phrase for s in HTTPStatus}
+_ERROR_CODES = {400: "bad_request", 408: "request_timeout", 414: "uri_too_long",
+                431: "request_header_fields_too_large", 500: "internal_error", 501: "not_implemented"}
+
+# RFC 9112 §3.2 / RFC 3986 §3.2.2: uri-host [ ":" port ], no userinfo. IP-literal (with
+# IPvFuture), or a reg-name of unreserved, pct-encoded and sub-delims characters.
+_AUTHORITY = re.compile(
+    r"(?:\[(?:[0-9A-Fa-f:.]+|v[0-9A-Fa-f]+\.[A-Za-z0-9\-._~!$&'()*+,;=:]+)\]"
+    r"|(?:[A-Za-z0-9\-._~!$&'()*+,;=]|%[0-9A-Fa-f]{2})*)(?::[0-9]*)?")
+_VALID_AUTHORITIES: set[str] = set()
+
+
+def valid_authority(value: str) -> bool:
+    """Host / absolute-form authority syntax. Hosts repeat on every request: the valid
+    ones are remembered (a bounded set), so the regex runs once per distinct host."""
+    if value in _VALID_AUTHORITIES:
+        return True
+    if _AUTHORITY.fullmatch(value) is None:
+        return False
+    if len(_VALID_AUTHORITIES) < 1024:
+        _VALID_AUTHORITIES.add(value)
+    return True
 
 
 class Limits:
@@ -87,6 +127,25 @@ class H1Stream(ServerStream):
         if not self.head_sent and self._head is None and self.proto.current is self:
             self.proto.write(b"HTTP/1.1 100 Continue\r\n\r\n")
 
+    def unfinished(self) -> None:
+        """The handler's task ended without end() or abort() (a bug above this layer):
+        a 500 if nothing reached the client yet, else the connection is aborted, so the
+        connection never stays busy and the client never takes a cut body for whole."""
+        proto = self.proto
+        if proto.transport is None or proto.transport.is_closing():
+            self.done = True
+            return
+        log.warning("handler for %s %s returned without finishing its response",
+                    self.request.method, self.request.path)
+        if self.head_sent:
+            self.abort()
+            return
+        self._head = None
+        self.done = True
+        self.keep_alive = False
+        proto.write(error_response(500, "the gateway failed to handle this request"))
+        proto.stream_finished(self)
+
     def send_head(self, status: int, headers: Headers) -> None:
         if self.head_sent or self._head is not None:
             raise RuntimeError("response head already sent")
@@ -136,6 +195,7 @@ class H1Stream(ServerStream):
             if proto.transport is None or proto.transport.is_closing():
                 raise ConnectionResetError("client went away")
             proto.transport.write(data)
+            proto.progress = True
             if proto.write_paused:
                 await proto.drain()
 
@@ -190,13 +250,21 @@ class H1Connection(WriteFlowControl, asyncio.Protocol):
         self._drain_waiters: list[asyncio.Future] = []
         self._read_paused_by = 0
         self._first = True
+        self._preface = b""               # a prefix of the HTTP/2 preface, held until it diverges
         self._url = b""
         self._headers: list[tuple[str, str]] = []
         self._header_bytes = 0
         self._cl_count = 0
-        self._te = False
+        self._te: str | None = None
+        self._host: str | None = None
+        self._underscores = limits.headers_with_underscores
         self._reading_stream: H1Stream | None = None
+        self._reject_payload: bytes | None = None   # answered once the requests before it are
+        self._abort_reason = "client connection lost"
         self.last_activity = time.monotonic()
+        self.head_start = self.last_activity   # first byte of the head being read; 0: none
+        self.progress = True                    # set on I/O, cleared by the sweep
+        self._quiet_since = self.last_activity
 
     # -- asyncio.Protocol ---------------------------------------------------------------
     def connection_made(self, transport) -> None:
@@ -212,23 +280,23 @@ class H1Connection(WriteFlowControl, asyncio.Protocol):
         if self.parser is None:
             return   # rejected: nothing more is read from this connection
         self.last_activity = time.monotonic()
+        self.progress = True
         if self._first:
-            if data[:24] == H2_PREFACE[: len(data[:24])] and self.on_h2 is not None:
-                if len(data) < 24:
-                    self._pending_preface = getattr(self, "_pending_preface", b"") + data
-                    data = self._pending_preface
-                    if len(data) < 24:
-                        return
-                self._first = False
-                if self.tracker is not None:
-                    self.tracker.discard(self)
-                self.on_h2(self.transport, data)
+            data = self._sniff(data)
+            if not data:
                 return
-            self._first = False
         try:
             self.parser.feed_data(data)
         except httptools.HttpParserUpgrade:
-            self._reject(BadRequest(501, "protocol upgrade is not supported"))
+            last = self.pipeline[-1] if self.pipeline else self.current
+            if last is not None and self._reading_stream is None:
+                # The upgrade request itself went to the proxy: it is answered as a plain
+                # request (Upgrade is hop-by-hop), then the connection closes.
+                self.parser = None  # type: ignore[assignment]
+                last.keep_alive = False
+                self.pause_reading()
+            else:
+                self._reject(BadRequest(501, "protocol upgrade is not supported"))
         except BadRequest as exc:
             self._reject(exc)
         except httptools.HttpParserError as exc:
@@ -236,18 +304,62 @@ class H1Connection(WriteFlowControl, asyncio.Protocol):
             cause = exc.__cause__ or exc.__context__
             self._reject(cause if isinstance(cause, BadRequest) else BadRequest(400, _parser_message(exc)))
 
+    def _sniff(self, data: bytes) -> bytes:
+        """The first reads: HTTP/2 preface (→ the HTTP/2 adapter, b"" returned) or not
+        (everything held so far returned, for the HTTP/1.1 parser). A prefix of the
+        preface is held until it completes or diverges, however the reads split it."""
+        if self.on_h2 is None:
+            self._first = False
+            return data
+        if self._preface:
+            data = self._preface + data
+        n = min(len(data), 24)
+        if data[:n] != H2_PREFACE[:n]:
+            self._first = False
+            self._preface = b""
+            return data
+        if n < 24:
+            self._preface = data
+            return b""
+        self._first = False
+        self._preface = b""
+        if self.tracker is not None:
+            self.tracker.discard(self)
+        self.on_h2(self.transport, data)
+        return b""
+
+    def eof_received(self) -> bool | None:
+        """The client half-closed (shutdown(SHUT_WR)): answer the requests it completed,
+        then close, as nginx does. A request cut short is failed; TLS (uvloop's SSL
+        transport cannot stay half-open) and a connection with nothing to answer close."""
+        s = self._reading_stream
+        if s is not None:
+            self._reading_stream = None
+            s.keep_alive = False
+            s.body.fail(BodyAborted("client closed before the request body was complete"))
+        last = self.pipeline[-1] if self.pipeline else self.current
+        if last is None or self.info.tls:
+            return None
+        last.keep_alive = False
+        return True
+
     def connection_lost(self, exc) -> None:
         self.closing = True
         if self.tracker is not None:
             self.tracker.discard(self)
-        err = BodyAborted("client connection lost")
+        reason = self._abort_reason
+        err = BodyAborted(reason)
         for s in ([self.current] if self.current else []) + list(self.pipeline):
             s.body.fail(err)
             if s.task is not None and not s.done:
-                s.task.cancel()
+                s.task.cancel(reason)
         self.pipeline.clear()
         self._fail_drains()
         self.transport = None
+
+    def resume_writing(self) -> None:
+        self.progress = True   # the client is reading again
+        super().resume_writing()
 
     # -- httptools callbacks ------------------------------------------------------------
     def on_message_begin(self) -> None:
@@ -255,7 +367,10 @@ class H1Connection(WriteFlowControl, asyncio.Protocol):
         self._headers = []
         self._header_bytes = 0
         self._cl_count = 0
-        self._te = False
+        self._te = None
+        self._host = None
+        if not self.head_start:   # (the first request's deadline runs from the connection's start)
+            self.head_start = self.last_activity
 
     def on_url(self, url: bytes) -> None:
         self._url += url
@@ -268,37 +383,55 @@ class H1Connection(WriteFlowControl, asyncio.Protocol):
         self._header_bytes += len(name) + len(value) + 4
         if self._header_bytes > self.limits.max_header_bytes or len(self._headers) >= self.limits.max_headers:
             raise BadRequest(431, "request header fields too large")
+        if b"_" in name:
+            mode = self._underscores
+            if mode == "drop":
+                return
+            if mode == "reject":
+                raise BadRequest(400, "header names with underscores are not accepted")
         n = field_name(name)
+        v = value.decode("latin-1")
         if n == "content-length":
             self._cl_count += 1
             if self._cl_count > 1:
                 raise BadRequest(400, "duplicate Content-Length")
         elif n == "transfer-encoding":
-            self._te = True
-        self._headers.append((n, value.decode("latin-1")))
+            self._te = v if self._te is None else f"{self._te}, {v}"
+        elif n == "host":
+            if self._host is not None:
+                raise BadRequest(400, "more than one Host header")
+            self._host = v
+        self._headers.append((n, v))
 
     def on_headers_complete(self) -> None:
-        if self._te and self._cl_count:
-            raise BadRequest(400, "both Content-Length and Transfer-Encoding")
+        self.head_start = 0.0
         p = self.parser
         version = p.get_http_version()
-        headers = Headers(self._headers)
-        host = headers.get("host")
+        if self._te is not None:
+            if self._cl_count:
+                raise BadRequest(400, "both Content-Length and Transfer-Encoding")
+            if self._te != "chunked" or version != "1.1":
+                _check_transfer_encoding(self._te, version)
+        host = self._host
         if host is None:
             if version == "1.1":
                 raise BadRequest(400, "missing Host header")
             host = ""
+        elif not valid_authority(host) or host.startswith(":"):
+            raise BadRequest(400, "invalid Host header")
+        headers = Headers(self._headers)
         url = self._url.decode("latin-1")
         if not url.startswith("/"):
             if url == "*" and p.get_method() == b"OPTIONS":
                 pass
-            elif url.startswith(("http://", "https://")):
-                # absolute-form: the authority in the URL wins (RFC 9112 §3.2.2)
-                rest = url.split("://", 1)[1]
-                slash = rest.find("/")
-                host, url = (rest[:slash], rest[slash:]) if slash >= 0 else (rest, "/")
             else:
-                raise BadRequest(400, "invalid request target")
+                # absolute-form: the URL's authority replaces Host, which is still
+                # required and checked (RFC 9112 §3.2, §3.2.2)
+                host, url = _absolute_form(url)
+                if self._host is None:
+                    headers.items.append(("host", host))
+                else:
+                    headers.items = [("host", host) if k == "host" else (k, v) for k, v in headers.items]
         req = RequestHead(p.get_method().decode("ascii"), url, headers, self.scheme, host,
                           "HTTP/1.1" if version == "1.1" else "HTTP/1.0")
         expect = headers.get("expect")
@@ -327,13 +460,24 @@ class H1Connection(WriteFlowControl, asyncio.Protocol):
     # -- streams ------------------------------------------------------------------------
     def _start(self, stream: H1Stream) -> None:
         self.current = stream
-        stream.task = asyncio.get_running_loop().create_task(self.handler(stream))
+        self.progress = True
+        stream.task = asyncio.get_running_loop().create_task(self._serve(stream))
+
+    async def _serve(self, stream: H1Stream) -> None:
+        # A wrapper coroutine rather than a done-callback: no extra loop callback per request.
+        try:
+            await self.handler(stream)
+        except Exception:   # (the proxy's handler catches its own; this is a last resort)
+            log.exception("request handler failed")
+        finally:
+            if not stream.done:
+                stream.unfinished()
 
     def stream_finished(self, stream: H1Stream) -> None:
         if stream is not self.current:
             return
         self.current = None
-        self.last_activity = time.monotonic()
+        now = self.last_activity = time.monotonic()
         if not stream.keep_alive or self.closing:
             self.close()
             return
@@ -342,6 +486,29 @@ class H1Connection(WriteFlowControl, asyncio.Protocol):
             if len(self.pipeline) == MAX_PIPELINE - 1:
                 self.resume_reading()
             self._start(nxt)
+        elif self._reject_payload is not None:
+            self.closing = True
+            self.write(self._reject_payload)
+            self.close()
+        elif self.head_start:
+            self.head_start = now   # a head that waited for this answer: its deadline starts now
+
+    def check_deadlines(self, now: float) -> None:
+        """Called by the server's periodic sweep: the head deadline while no request is in
+        flight, the no-progress deadline while one is."""
+        if self.current is None:
+            start = self.head_start
+            if start and now - start >= self.limits.header_timeout and self.parser is not None \
+                    and not self.closing:
+                self._reject(BadRequest(408, "the request head did not arrive in time"))
+        elif self.progress:
+            self.progress = False
+            self._quiet_since = now
+        elif now - self._quiet_since >= self.limits.stream_idle_timeout:
+            log.info("closing a connection from %s: no progress for %.1fs", self.info.peer_host,
+                     now - self._quiet_since)
+            self._abort_reason = "stream idle timeout"
+            self.close(abort=True)
 
     def write(self, data: bytes) -> None:
         if self.transport is not None and not self.transport.is_closing():
@@ -378,21 +545,61 @@ class H1Connection(WriteFlowControl, asyncio.Protocol):
             self.close()
 
     def _reject(self, exc: BadRequest) -> None:
-        """Answer a malformed request and close; requests already answered are unaffected."""
-        self.closing = True
+        """Answer a malformed request and close; the requests before it are answered first."""
         self.parser = None  # type: ignore[assignment]
-        body = ('{"error":"bad_request","message":"%s"}\n' % str(exc).replace('"', "'")).encode()
-        reason = _REASONS.get(exc.status, "Bad Request")
-        payload = (f"HTTP/1.1 {exc.status} {reason}\r\ncontent-type: application/json\r\n"
-                   f"content-length: {len(body)}\r\nconnection: close\r\n\r\n").encode() + body
+        s = self._reading_stream
+        if s is not None:
+            # Its head already went to the proxy (which may be forwarding the body): fail
+            # the body, so the exchange answers 400 and aborts the upstream request.
+            self._reading_stream = None
+            s.keep_alive = False
+            s.body.fail(BodyMalformed(str(exc)))
+            return
+        payload = error_response(exc.status, str(exc))
         if self.current is None:
+            self.closing = True
             self.write(payload)
             self.close()
         else:
-            # A response is in flight: let it finish, then close without answering the bad one.
-            self.pipeline.clear()
-            self.current.keep_alive = False
+            self._reject_payload = payload
             self.pause_reading()
+
+
+def error_response(status: int, message: str) -> bytes:
+    """A complete JSON error response that closes the connection."""
+    body = ('{"error":"%s","message":"%s"}\n' % (_ERROR_CODES.get(status, "bad_request"),
+                                                  message.replace('"', "'"))).encode()
+    return (f"HTTP/1.1 {status} {_REASONS.get(status, 'Bad Request')}\r\ncontent-type: application/json\r\n"
+            f"content-length: {len(body)}\r\nconnection: close\r\n\r\n").encode() + body
+
+
+def _check_transfer_encoding(value: str, version: str) -> None:
+    """Only a lone `chunked` frames a request body (RFC 9112 §6.1, §6.3): chunked not
+    last → 400; another coding before it → 501 (not implemented: the body would reach
+    the upstream decoded from chunked only); HTTP/1.0 has no Transfer-Encoding."""
+    if version != "1.1":
+        raise BadRequest(400, "Transfer-Encoding in an HTTP/1.0 request")
+    codings = [c.strip().lower() for c in value.split(",") if c.strip()]
+    if not codings or codings[-1] != "chunked" or "chunked" in codings[:-1]:
+        raise BadRequest(400, "Transfer-Encoding must be chunked, once and last")
+    if len(codings) > 1:
+        raise BadRequest(501, "transfer codings other than chunked are not implemented")
+
+
+def _absolute_form(url: str) -> tuple[str, str]:
+    """`http://authority/path?query` → (authority, "/path?query"); an empty path is "/"."""
+    scheme, sep, rest = url.partition("://")
+    if not sep or scheme.lower() not in ("http", "https"):
+        raise BadRequest(400, "invalid request target")
+    end = len(rest)
+    for c in "/?#":
+        i = rest.find(c)
+        if 0 <= i < end:
+            end = i
+    authority, tail = rest[:end], rest[end:]
+    if not authority or authority.startswith(":") or not valid_authority(authority):
+        raise BadRequest(400, "invalid authority in the request target")
+    return authority, tail if tail.startswith("/") else "/" + tail
 
 
 def _parser_message(exc: Exception) -> str:

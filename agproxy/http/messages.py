@@ -172,6 +172,11 @@ class BodyTooLarge(BodyAborted):
     """The body passed its limit: what arrived is discarded, the exchange ends in 413."""
 
 
+class BodyMalformed(BodyAborted):
+    """The body's framing was invalid (a bad chunk): the exchange ends in 400 and the
+    upstream request is aborted, so the upstream never sees a complete request."""
+
+
 class BodyReader:
     """An inbound body: the adapter feeds it, the proxy reads it.
 
@@ -238,7 +243,7 @@ class BodyReader:
 
     @property
     def error(self) -> BaseException | None:
-        """Why the body failed (BodyAborted, BodyTooLarge), or None."""
+        """Why the body failed (BodyAborted, BodyTooLarge, BodyMalformed), or None."""
         return self._error
 
     @property

@@ -15,7 +15,7 @@ import asyncio
 import logging
 import time
 
-from agproxy.http.messages import BodyAborted, BodyTooLarge, ServerStream
+from agproxy.http.messages import BodyAborted, BodyMalformed, BodyTooLarge, ServerStream
 from agproxy.http.path import PathError
 from agproxy.proxy.exchange import Exchange
 from agproxy.proxy.filter import LocalReply
@@ -34,6 +34,10 @@ def _ms(seconds: float) -> float:
 
 def _too_large(limit: int) -> LocalReply:
     return LocalReply.error(413, "payload_too_large", f"the request body exceeds {limit} bytes")
+
+
+def _malformed(exc: BodyMalformed) -> LocalReply:
+    return LocalReply.error(400, "bad_request", f"malformed request body: {exc}")
 
 
 class Gateway:
@@ -67,8 +71,8 @@ class Gateway:
                     await self._reply(ex, reply)
                 else:
                     await route.backend.handle(ex)
-        except asyncio.CancelledError:
-            ex.error = ex.error or "client went away"
+        except asyncio.CancelledError as exc:
+            ex.error = ex.error or str(exc) or "client went away"   # (the adapter may say why)
             if ex.status == 0:
                 ex.status = 499
             raise
@@ -79,6 +83,12 @@ class Gateway:
             ex.error = "request body too large"
             if not stream.head_sent:
                 await self._reply(ex, _too_large(stream.body.limit or 0))
+            else:
+                stream.abort()
+        except BodyMalformed as exc:
+            ex.error = f"malformed request body: {exc}"
+            if not stream.head_sent:
+                await self._reply(ex, _malformed(exc))
             else:
                 stream.abort()
         except BodyAborted as exc:

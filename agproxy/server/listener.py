@@ -8,11 +8,18 @@ until it is readable, and one byte is peeked (MSG_PEEK, nothing consumed): 0x16 
 a TLS handshake record → uvloop's native TLS with a handshake timeout, ALPN then
 picks h2 or http/1.1; anything else is plaintext on the same port. Garbage, a
 half ClientHello or a silent client cost only that connection.
+
+SO_REUSEPORT would also let a second gateway (or anything else) share a port
+silently, so `agproxy run` first checks each address with a socket bound without it
+(`check_free`): any listener already there makes that bind fail, and the start is
+refused. Worker restarts and reloads bind nothing new and skip the check; the
+admin port, never shared, binds without SO_REUSEPORT at all.
 """
 
 from __future__ import annotations
 
 import asyncio
+import errno
 import logging
 import socket
 import ssl
@@ -67,6 +74,28 @@ class ConnectionTracker:
         return len(self.conns)
 
 
+class AddressInUse(Exception):
+    """Another process already listens on an address the configuration binds."""
+
+
+def check_free(host: str, port: int, what: str) -> None:
+    """Raise AddressInUse if `host:port` cannot be bound exclusively right now: a
+    listener there (another gateway with SO_REUSEPORT included) makes this bind fail,
+    connections in TIME_WAIT do not (SO_REUSEADDR). Port 0 is always free."""
+    if port == 0:
+        return
+    family = socket.AF_INET6 if ":" in host else socket.AF_INET
+    shown = f"[{host}]:{port}" if family == socket.AF_INET6 else f"{host}:{port}"
+    with socket.socket(family, socket.SOCK_STREAM) as probe:
+        probe.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
+        try:
+            probe.bind((host, port))
+        except OSError as exc:
+            if exc.errno == errno.EADDRINUSE:
+                raise AddressInUse(f"{shown} ({what}) is already in use by another process") from None
+            raise AddressInUse(f"cannot listen on {shown} ({what}): {exc.strerror or exc}") from None
+
+
 def bind_socket(host: str, port: int, reuse_port: bool = True) -> socket.socket:
     family = socket.AF_INET6 if ":" in host else socket.AF_INET
     sock = socket.socket(family, socket.SOCK_STREAM)
@@ -81,8 +110,9 @@ def bind_socket(host: str, port: int, reuse_port: bool = True) -> socket.socket:
 
 class Listener:
     def __init__(self, cfg: ListenerConfig, gateway: GatewayConfig, handler: Callable,
-                 tracker: ConnectionTracker, metrics=None):
+                 tracker: ConnectionTracker, metrics=None, shared: bool = True):
         self.cfg = cfg
+        self.shared = shared          # SO_REUSEPORT: the workers' data ports; not admin
         self.name = cfg.name
         self.handler = handler
         self.tracker = tracker
@@ -100,7 +130,7 @@ class Listener:
 
     def start(self) -> None:
         self.loop = asyncio.get_running_loop()
-        self.sock = bind_socket(self.cfg.host, self.cfg.port)
+        self.sock = bind_socket(self.cfg.host, self.cfg.port, reuse_port=self.shared)
         self.port = self.sock.getsockname()[1]
         self.loop.add_reader(self.sock.fileno(), self._on_accept)
 

@@ -94,7 +94,7 @@ class Supervisor:
             host, port = self.runtime.gateway.admin
             admin = Admin(lambda: self.runtime, self.metrics, self.not_ready)
             admin_listener = Listener(ListenerConfig("admin", host, port), self.runtime.gateway,
-                                      admin.handle, ConnectionTracker())
+                                      admin.handle, ConnectionTracker(), shared=False)
             admin_listener.start()
         done = asyncio.Event()
         loop.add_signal_handler(signal.SIGTERM, self._stop, done)

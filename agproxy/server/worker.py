@@ -75,7 +75,7 @@ class Worker:
             loop.add_signal_handler(sig, fn)
         self.ready = True
         settle_heap()
-        self._schedule_idle_sweep(runtime.gateway.idle_timeout)
+        self._schedule_sweep()
         log.info("worker %d serving %s", self.index,
                  ", ".join(f"{l.name}={l.cfg.host}:{l.port}{' (tls+plaintext)' if l.ssl else ''}" for l in self.listeners))
         if self.on_ready is not None:
@@ -93,7 +93,7 @@ class Worker:
         host, port = runtime.gateway.admin  # type: ignore[misc]
         admin = Admin(lambda: self.runtime, self.metrics, self.not_ready)
         self.admin_listener = Listener(ListenerConfig("admin", host, port), runtime.gateway,
-                                       admin.handle, ConnectionTracker())
+                                       admin.handle, ConnectionTracker(), shared=False)
         self.admin_listener.start()
 
     def not_ready(self) -> list[str]:
@@ -157,17 +157,33 @@ class Worker:
         if self.admin_listener is not None:
             self.admin_listener.stop_accepting()
 
-    def _schedule_idle_sweep(self, idle_timeout: float) -> None:
+    def _schedule_sweep(self) -> None:
+        """One periodic pass over the client connections: idle ones are closed, and each
+        checks its own deadlines (`check_deadlines(now)`: the HTTP/1.1 head and
+        no-progress deadlines). A timestamp per connection and this sweep replace a
+        timer per request; deadlines fire at most about two sweep intervals late."""
         loop = asyncio.get_running_loop()
 
         def sweep() -> None:
-            cutoff = time.monotonic() - self.runtime.gateway.idle_timeout
+            gateway = self.runtime.gateway
+            now = time.monotonic()
+            cutoff = now - gateway.idle_timeout
             for conn in list(self.tracker.conns):
                 if conn.idle and conn.last_activity < cutoff:
                     conn.shutdown()
-            loop.call_later(max(0.5, min(idle_timeout / 4, 5.0)), sweep)
+                    continue
+                check = getattr(conn, "check_deadlines", None)
+                if check is not None:
+                    check(now)
+            loop.call_later(sweep_interval(gateway), sweep)
 
-        loop.call_later(max(0.5, min(idle_timeout / 4, 5.0)), sweep)
+        loop.call_later(sweep_interval(self.runtime.gateway), sweep)
+
+
+def sweep_interval(gateway) -> float:
+    """Fine enough for the shortest timeout (an eighth of it), 50 ms to 5 s."""
+    shortest = min(gateway.idle_timeout / 4, gateway.header_timeout / 8, gateway.stream_idle_timeout / 8)
+    return max(0.05, min(shortest, 5.0))
 
 
 #: Cyclic-GC thresholds of a serving process (gen0 allocations, gen1, gen2 runs).

@@ -1,0 +1,154 @@
+"""The HTTP/1.1 server adapter (agproxy/http/h1.py) on a real socket with handlers the
+gateway's own never are: ones that return without finishing their response.
+
+`H1TestServer` runs `H1Connection` in a background uvloop thread; clients are raw
+sockets that parse what they get with httptools.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import socket
+import threading
+
+import httptools
+import pytest
+import uvloop
+
+from agproxy.http.h1 import H1Connection, Limits
+from agproxy.http.messages import ConnInfo, Headers
+
+
+async def handler(stream) -> None:
+    path = stream.request.path
+    if path == "/nothing":
+        return                                   # neither a head nor end()
+    if path == "/head-only":
+        stream.send_head(200, Headers([("content-length", "10")]))
+        return                                   # a head recorded, never written
+    if path == "/partial":
+        stream.send_head(200, Headers([("content-type", "text/plain")]))
+        await stream.send_data(b"abc")           # chunked, then no end()
+        return
+    if path == "/raises":
+        raise RuntimeError("handler bug")
+    stream.send_head(200, Headers([("content-length", "2")]))
+    await stream.send_data(b"ok")
+    await stream.end()
+
+
+class H1TestServer:
+    def __init__(self) -> None:
+        self.loop = uvloop.new_event_loop()
+        self.conns: set = set()
+        ready = threading.Event()
+
+        def run() -> None:
+            asyncio.set_event_loop(self.loop)
+
+            async def start():
+                def factory():
+                    return H1Connection(handler, ConnInfo("127.0.0.1", 0, 0, False), Limits(), tracker=self)
+                self.server = await self.loop.create_server(factory, "127.0.0.1", 0)
+                self.port = self.server.sockets[0].getsockname()[1]
+            self.loop.run_until_complete(start())
+            ready.set()
+            self.loop.run_forever()
+
+        self.thread = threading.Thread(target=run, daemon=True)
+        self.thread.start()
+        assert ready.wait(10)
+
+    def add(self, conn) -> None:
+        self.conns.add(conn)
+
+    def discard(self, conn) -> None:
+        self.conns.discard(conn)
+
+    def stop(self) -> None:
+        def close():
+            for c in list(self.conns):
+                c.close(abort=True)
+            self.server.close()
+            self.loop.stop()
+        self.loop.call_soon_threadsafe(close)
+        self.thread.join(10)
+
+
+@pytest.fixture
+def server():
+    s = H1TestServer()
+    yield s
+    s.stop()
+
+
+class Response:
+    """What a strict client (httptools) parsed off the connection until it closed."""
+
+    def __init__(self, data: bytes):
+        self.status = 0
+        self.headers: dict[str, str] = {}
+        self.body = b""
+        self.complete = False
+        self.error = None
+        parser = httptools.HttpResponseParser(self)
+        self._parser = parser
+        try:
+            parser.feed_data(data)
+        except httptools.HttpParserError as exc:
+            self.error = str(exc)
+
+    def on_header(self, name, value):
+        self.headers[name.decode().lower()] = value.decode()
+
+    def on_headers_complete(self):
+        self.status = self._parser.get_status_code()
+
+    def on_body(self, body):
+        self.body += body
+
+    def on_message_complete(self):
+        self.complete = True
+
+
+def exchange(port: int, path: str, close: bool = False) -> tuple[Response, bool]:
+    """Send one request (keep-alive unless `close`); read until the server closes (or 10 s pass)."""
+    with socket.create_connection(("127.0.0.1", port), timeout=10) as s:
+        extra = "Connection: close\r\n" if close else ""
+        s.sendall(f"GET {path} HTTP/1.1\r\nHost: x\r\n{extra}\r\n".encode())
+        data, closed = b"", False
+        while True:
+            try:
+                chunk = s.recv(65536)
+            except socket.timeout:
+                break
+            except ConnectionResetError:
+                closed = True
+                break
+            if not chunk:
+                closed = True
+                break
+            data += chunk
+    return Response(data), closed
+
+
+def test_handler_returning_before_any_response_gets_500_and_close(server):
+    for path in ("/nothing", "/head-only", "/raises"):
+        resp, closed = exchange(server.port, path)
+        assert closed, path
+        assert resp.complete and resp.status == 500, (path, resp.status, resp.body)
+        assert resp.headers["connection"] == "close"
+        assert b"internal_error" in resp.body
+
+
+def test_handler_returning_mid_response_closes_the_connection(server):
+    resp, closed = exchange(server.port, "/partial")
+    assert closed
+    assert resp.status == 200 and resp.body == b"abc"
+    assert not resp.complete        # the client sees a broken response, never a complete-looking one
+
+
+def test_other_connections_are_unaffected(server):
+    exchange(server.port, "/nothing")
+    resp, closed = exchange(server.port, "/fine", close=True)
+    assert resp.complete and resp.status == 200 and resp.body == b"ok"
