@@ -13,7 +13,6 @@ response that looks complete).
 
 from __future__ import annotations
 
-import asyncio
 import logging
 import time
 
@@ -118,8 +117,10 @@ async def relay(ex, origin: Origin, method: str, target: str, headers: Headers,
         resp.abort()
         ex.error = f"client went away: {exc}"
         return
-    except asyncio.CancelledError:
-        resp.abort()   # the client's stream is gone mid-body: never pool this connection
+    except BaseException:
+        # Cancelled (the client's stream was reset, a stream deadline) or failed: the
+        # upstream response is abandoned, so its connection must not wait for a reader.
+        resp.abort()
         raise
     await ex.end(reader.trailers)
 

@@ -181,9 +181,10 @@ class Worker:
 
 
 def sweep_interval(gateway) -> float:
-    """Fine enough for the shortest timeout (an eighth of it), 50 ms to 5 s."""
-    shortest = min(gateway.idle_timeout / 4, gateway.header_timeout / 8, gateway.stream_idle_timeout / 8)
-    return max(0.05, min(shortest, 5.0))
+    """Fine enough for the shortest timeout (an eighth of it), 50 ms to 5 s; 0 is no limit."""
+    candidates = [t for t in (gateway.idle_timeout / 4, gateway.header_timeout / 8,
+                              gateway.stream_idle_timeout / 8) if t > 0]
+    return max(0.05, min(candidates + [5.0]))
 
 
 #: Cyclic-GC thresholds of a serving process (gen0 allocations, gen1, gen2 runs).

@@ -305,6 +305,14 @@ def test_head_deadline_applies_to_each_request_on_a_keep_alive_connection(start_
     assert [h["target"] for h in upstream.heads] == ["/first", "/second"]
 
 
+def test_header_timeout_0s_is_no_limit(start_gateway, upstream):
+    gw = start_gateway(route_to(upstream.url, gateway='header_timeout = "0s"\nidle_timeout = "2s"'))
+    with connect(gw) as s:
+        s.sendall(b"GET /x HTTP/1.1\r\n")
+        s.settimeout(10)
+        assert s.recv(100) == b""    # closed by idle_timeout's sweep, never answered 408
+
+
 # -- 2. send deadline -------------------------------------------------------------------------
 
 def test_client_that_stops_reading_is_cut_and_the_upstream_connection_released(start_gateway, upstream):
