@@ -33,7 +33,7 @@ class Pool:
         self.metrics = metrics
         self._idle: dict[tuple, list[H1ClientConnection]] = {}
         self._h2: dict[tuple, Any] = {}
-        self._h2_connecting: dict[tuple, asyncio.Future] = {}
+        self._h2_connecting: dict[tuple, asyncio.Task] = {}
         self._sweeper: asyncio.TimerHandle | None = None
         self.connections_opened = 0
         self._closed = False
@@ -79,6 +79,8 @@ class Pool:
             except Exception:
                 pass
         self._h2.clear()
+        for task in list(self._h2_connecting.values()):
+            task.cancel()
 
     # -- HTTP/1.1 ------------------------------------------------------------------------
     async def _exchange_h1(self, conn: H1ClientConnection, method, target, headers, body,
@@ -216,22 +218,27 @@ class Pool:
         if conn is not None and conn.usable:
             return conn
         pending = self._h2_connecting.get(origin.key)
-        if pending is not None:
-            return await asyncio.shield(pending)
-        pending = asyncio.get_running_loop().create_future()
-        self._h2_connecting[origin.key] = pending
+        if pending is None:
+            # The connect belongs to the pool, not to the first caller: a caller that
+            # gives up (its deadline, its client gone) must not fail the others waiting.
+            pending = asyncio.get_running_loop().create_task(self._open_h2(origin))
+            pending.add_done_callback(_retrieve)
+            self._h2_connecting[origin.key] = pending
+        return await asyncio.shield(pending)
+
+    async def _open_h2(self, origin):
         try:
             conn = await connect_h2(origin, self.metrics)
             self._h2[origin.key] = conn
             self.connections_opened += 1
-            pending.set_result(conn)
             return conn
-        except BaseException as exc:
-            pending.set_exception(exc)
-            pending.exception()  # retrieved: waiters re-raise it, nobody else needs to
-            raise
         finally:
             self._h2_connecting.pop(origin.key, None)
+
+
+def _retrieve(task: asyncio.Task) -> None:
+    if not task.cancelled():
+        task.exception()     # retrieved: the waiters re-raise it, nobody else needs to
 
 
 _pools: PerLoop[Pool] = PerLoop(Pool)
