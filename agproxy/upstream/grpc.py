@@ -32,7 +32,9 @@ the gRPC core's own threads included): this client {NATIVE_NUMBERS}.
 from __future__ import annotations
 
 import asyncio
+import base64
 import enum
+import math
 import struct
 from typing import Any, Generic, Iterable, TypeVar
 from urllib.parse import unquote
@@ -96,21 +98,26 @@ def _garbage(message: str, code: Status = Status.INTERNAL) -> GrpcError:
     return GrpcError(code, message, "garbage")
 
 
-_UNITS = (("n", 1e9), ("u", 1e6), ("m", 1e3), ("S", 1.0), ("M", 1 / 60), ("H", 1 / 3600))
+_UNIT_NS = (("H", 3_600_000_000_000), ("M", 60_000_000_000), ("S", 1_000_000_000), ("m", 1_000_000),
+            ("u", 1_000), ("n", 1))
 _TIMEOUTS: dict[float, str] = {}
 
 
 def encode_timeout(seconds: float) -> str:
-    """The `grpc-timeout` value: at most 8 digits and a unit, rounded up so the server
-    never gives up before we do (a repeated value is looked up, not recomputed)."""
+    """The `grpc-timeout` value: at most 8 digits and a unit, the coarsest unit that
+    says it exactly ("20m", "2S"), else rounded up in the finest unit that fits, so
+    the server never gives up before we do. Repeated values are looked up."""
     text = _TIMEOUTS.get(seconds)
     if text is not None:
         return text
-    if seconds <= 0:
-        text = "1n"
+    ns = max(1, math.ceil(round(seconds * 1e9, 3)))
+    for unit, size in _UNIT_NS:
+        if ns % size == 0 and ns // size < 100_000_000:
+            text = f"{ns // size}{unit}"
+            break
     else:
-        for unit, scale in _UNITS:
-            n = -int(-seconds * scale // 1)      # ceil without floating surprises for ints
+        for unit, size in reversed(_UNIT_NS):
+            n = -(-ns // size)
             if n < 100_000_000:
                 text = f"{n}{unit}"
                 break
@@ -210,7 +217,9 @@ class UnaryMethod(Generic[M]):
         if status != 200:
             resp.abort()
             code = _HTTP_TO_GRPC.get(status, Status.UNKNOWN)
-            raise GrpcError(code, f"HTTP {status} from {client.authority} (not a gRPC answer)", "garbage")
+            # 502/503/504: a proxy in front of the service says it is not there
+            failure = "unreachable" if status in (502, 503, 504) else "garbage"
+            raise GrpcError(code, f"HTTP {status} from {client.authority} (not a gRPC answer)", failure)
         if not ctype.startswith("application/grpc"):
             if "grpc-status" in resp.headers:
                 ctype = "application/grpc"      # trailers-only answers may omit it
@@ -247,7 +256,8 @@ class UnaryMethod(Generic[M]):
         raw_status = trailers.get("grpc-status")
         if raw_status is None:
             raise _garbage(f"{authority} ended the call without grpc-status")
-        code = _STATUS_BY_VALUE.get(int(raw_status)) if raw_status.isdigit() else None
+        code = (_STATUS_BY_VALUE.get(int(raw_status))
+                if raw_status.isascii() and raw_status.isdigit() else None)
         if code is None:
             raise _garbage(f"{authority} sent an invalid grpc-status {raw_status[:20]!r}", Status.UNKNOWN)
         if code is not Status.OK:
@@ -281,7 +291,6 @@ def _transport_error(exc: UpstreamError, authority: str) -> GrpcError:
 
 
 def _metadata(pairs: Iterable[tuple[str, str | bytes]]) -> list[tuple[str, str]]:
-    import base64
     out = []
     for name, value in pairs:
         _check_metadata_name(name)
