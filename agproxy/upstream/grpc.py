@@ -40,6 +40,7 @@ from typing import Any, Generic, Iterable, TypeVar
 from urllib.parse import unquote
 
 from agproxy.http.messages import BodyAborted, BodyTooLarge, Headers
+from agproxy.upstream.deadline import within
 from agproxy.upstream.errors import UpstreamError
 from agproxy.upstream.origin import Origin
 from agproxy.upstream.pool import get_pool
@@ -199,8 +200,7 @@ class UnaryMethod(Generic[M]):
             data, trailers = await self._exchange(Headers(items), body)
             return self._parse(data, trailers)
         try:
-            async with asyncio.timeout(timeout):
-                data, trailers = await self._exchange(Headers(items), body)
+            data, trailers = await within(timeout, self._exchange(Headers(items), body))
         except TimeoutError:
             raise GrpcError(Status.DEADLINE_EXCEEDED, f"no answer from {self.client.authority} "
                             f"within {timeout:g}s", "timeout") from None

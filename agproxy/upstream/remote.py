@@ -12,8 +12,8 @@ via `remote_settings()`), and per request does
         else: go on as if allowed (the failure is counted)
 
 `call()` awaits the call under one deadline (`timeout`, enforced here with a
-timer, whatever the awaited code does; a gRPC method can skip its own timer with
-`local_deadline=False`), and returns the call's result as is, or a `Failed` saying
+timer whatever the awaited code does, `upstream/deadline.py`; a gRPC method can
+skip its own timer with `local_deadline=False`), and returns the call's result as is, or a `Failed` saying
 what went wrong (`failure`: timeout, unreachable, error, garbage) and whether
 the request may go on (`allowed`: failure_mode = "open"). The caller never sees
 an exception from the dependency; cancellation (the client went away) still
@@ -35,13 +35,13 @@ recovery likewise: a dead ext_authz at 5k req/s is one line every 10 s, not 5k.
 
 from __future__ import annotations
 
-import asyncio
 import logging
 import time
 from dataclasses import dataclass
 from typing import Awaitable, Callable, TypeVar
 
 from agproxy.config.reader import Section
+from agproxy.upstream.deadline import within
 from agproxy.upstream.errors import UpstreamError
 
 __all__ = ["Failed", "RemoteDependency", "RemoteSettings", "FAILURES", "OUTCOMES", "classify",
@@ -171,13 +171,9 @@ class RemoteDependency:
 
     async def call(self, awaitable: Awaitable[T]) -> "T | Failed":
         """The call's result, or Failed; never raises for the dependency's sake."""
-        deadline = asyncio.timeout(self.timeout)
         try:
-            async with deadline:
-                result = await awaitable
+            result = await within(self.timeout, awaitable)
         except Exception as exc:      # CancelledError is a BaseException: it propagates
-            if deadline.expired():
-                exc = TimeoutError(f"no answer within {self.timeout:g}s")
             return self.failed(exc)
         self._counts["ok"] += 1
         if self._failing:
