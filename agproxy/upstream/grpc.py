@@ -35,6 +35,7 @@ import asyncio
 import base64
 import enum
 import math
+import re
 import struct
 from typing import Any, Generic, Iterable, TypeVar
 from urllib.parse import unquote
@@ -144,11 +145,18 @@ def parse_target(address: str) -> tuple[str, int]:
     return host, n
 
 
+_NAME = re.compile(r"[0-9a-z_.\-]+\Z")
+_RESERVED = frozenset({"content-type", "te", "host", "user-agent", "connection", "content-length"})
+_CHECKED_NAMES: set[str] = set()      # names already found valid (bounded: names are code's)
+
+
 def _check_metadata_name(name: str) -> None:
-    if (not name or name != name.lower() or name.startswith(("grpc-", ":"))
-            or name in ("content-type", "te", "host", "user-agent", "connection")
-            or not all(c.isalnum() or c in "-_." for c in name) or not name.isascii()):
+    if name in _CHECKED_NAMES:
+        return
+    if not _NAME.match(name) or name.startswith("grpc-") or name in _RESERVED:
         raise ValueError(f"invalid or reserved gRPC metadata name {name!r}")
+    if len(_CHECKED_NAMES) < 256:
+        _CHECKED_NAMES.add(name)
 
 
 class GrpcClient:

@@ -124,6 +124,21 @@ def test_denied_answer_is_a_response_not_an_error(authz):
     assert run(main()).status.code == 7
 
 
+def test_tls_target_verified_against_its_ca(certs, tmp_path):
+    from tests.support.certs import make_certs
+    other = make_certs(tmp_path / "other")             # a CA that did not sign the server's cert
+    peer, servicer = authorization_peer(tls=certs)
+    with peer:
+        async def main():
+            ok = await check_method(peer.address, tls=True, ca_file=certs["ca"])(check_request(), timeout=5)
+            bad = await call_error(check_method(peer.address, tls=True, ca_file=other["ca"]), timeout=5)
+            return ok, bad
+        ok, bad = run(main())
+    assert ok.status.code == 0 and len(servicer.calls) == 1
+    assert bad.code is Status.UNAVAILABLE and bad.failure == "unreachable"
+    assert "certificate" in bad.message.lower()
+
+
 # -- deadlines --------------------------------------------------------------------------------
 
 def test_deadline_exceeded_while_the_server_works_and_the_connection_survives(authz):

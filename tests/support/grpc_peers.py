@@ -108,10 +108,12 @@ class AuthorizationPeer(external_auth_pb2_grpc.AuthorizationServicer):
 class GrpcPeer:
     """A grpcio server on 127.0.0.1, in this process."""
 
-    def __init__(self, *servicers: tuple[Callable, object], port: int = 0, workers: int = 8):
+    def __init__(self, *servicers: tuple[Callable, object], port: int = 0, workers: int = 8,
+                 tls: dict | None = None):
         self.servicers = servicers
         self.workers = workers
         self.port = port
+        self.tls = tls                 # {"cert": path, "key": path} (tests/support/certs.py)
         self.server: grpc.Server | None = None
 
     @property
@@ -123,7 +125,12 @@ class GrpcPeer:
                              options=[("grpc.so_reuseport", 0)])
         for add, servicer in self.servicers:
             add(servicer, server)
-        port = server.add_insecure_port(f"127.0.0.1:{self.port}")
+        if self.tls is None:
+            port = server.add_insecure_port(f"127.0.0.1:{self.port}")
+        else:
+            with open(self.tls["key"], "rb") as k, open(self.tls["cert"], "rb") as c:
+                creds = grpc.ssl_server_credentials([(k.read(), c.read())])
+            port = server.add_secure_port(f"127.0.0.1:{self.port}", creds)
         if port == 0:
             raise RuntimeError(f"gRPC peer could not bind 127.0.0.1:{self.port}")
         self.port = port
@@ -143,9 +150,11 @@ class GrpcPeer:
         self.stop()
 
 
-def authorization_peer(handler: Callable = allow, port: int = 0) -> tuple[GrpcPeer, AuthorizationPeer]:
+def authorization_peer(handler: Callable = allow, port: int = 0,
+                       tls: dict | None = None) -> tuple[GrpcPeer, AuthorizationPeer]:
     servicer = AuthorizationPeer(handler)
-    return GrpcPeer((external_auth_pb2_grpc.add_AuthorizationServicer_to_server, servicer), port=port), servicer
+    return GrpcPeer((external_auth_pb2_grpc.add_AuthorizationServicer_to_server, servicer), port=port,
+                    tls=tls), servicer
 
 
 class GrpcPeerProcess:
