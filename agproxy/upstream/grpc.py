@@ -81,6 +81,7 @@ _STATUS_BY_VALUE = {s.value: s for s in Status}
 _HTTP_TO_GRPC = {400: Status.INTERNAL, 401: Status.UNAUTHENTICATED, 403: Status.PERMISSION_DENIED,
                  404: Status.UNIMPLEMENTED, 429: Status.UNAVAILABLE, 502: Status.UNAVAILABLE,
                  503: Status.UNAVAILABLE, 504: Status.UNAVAILABLE}
+_HTTP_FAILURE = {429: "error", 502: "unreachable", 503: "unreachable", 504: "unreachable"}
 
 
 class GrpcError(Exception):
@@ -225,8 +226,8 @@ class UnaryMethod(Generic[M]):
         if status != 200:
             resp.abort()
             code = _HTTP_TO_GRPC.get(status, Status.UNKNOWN)
-            # 502/503/504: a proxy in front of the service says it is not there
-            failure = "unreachable" if status in (502, 503, 504) else "garbage"
+            # a proxy in front of the service: 502/503/504 it is not there, 429 it refuses
+            failure = _HTTP_FAILURE.get(status, "garbage")
             raise GrpcError(code, f"HTTP {status} from {client.authority} (not a gRPC answer)", failure)
         if not ctype.startswith("application/grpc"):
             if "grpc-status" in resp.headers:

@@ -276,6 +276,8 @@ OK_MESSAGE = CheckResponse(status={"code": 0}).SerializeToString() or b""
      Status.UNIMPLEMENTED, "garbage"),
     ("http-503", lambda s: _answer(s, status=503, ctype="text/plain", trailers=None),
      Status.UNAVAILABLE, "unreachable"),                 # a proxy in front says the service is not there
+    ("http-429", lambda s: _answer(s, status=429, ctype="text/plain", trailers=None),
+     Status.UNAVAILABLE, "error"),                       # ... or that it refuses us
     ("no-status", lambda s: _answer(s, body=_grpc_frame(OK_MESSAGE), trailers=None), Status.INTERNAL, "garbage"),
     ("bad-status", lambda s: _answer(s, trailers=(("grpc-status", "ok"),)), Status.UNKNOWN, "garbage"),
     ("odd-digit", lambda s: _answer(s, trailers=(("grpc-status", "\u00b2"),)), Status.UNKNOWN, "garbage"),
