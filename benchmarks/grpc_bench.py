@@ -31,13 +31,13 @@ import resource
 import subprocess
 import sys
 import tempfile
-import time
 from pathlib import Path
 
 ROOT = Path(__file__).resolve().parent.parent
 sys.path.insert(0, str(ROOT))
 
 CHECK = "/envoy.service.auth.v3.Authorization/Check"
+TIMEOUT = 30.0      # generous: under valgrind everything is ~50x slower
 
 
 def make_request():
@@ -63,7 +63,7 @@ async def native_client(address: str):
     method = GrpcClient(address).unary(CHECK, external_auth_pb2.CheckResponse)
 
     async def call(req):
-        return await method(req, timeout=2.0, metadata=(("x-request-id", "r1"),))
+        return await method(req, timeout=TIMEOUT, metadata=(("x-request-id", "r1"),))
     return call, None
 
 
@@ -74,7 +74,7 @@ async def remote_client(address: str):
     from agproxy.upstream.grpc import GrpcClient
     from agproxy.upstream.remote import Failed, RemoteDependency, RemoteSettings
     method = GrpcClient(address).unary(CHECK, external_auth_pb2.CheckResponse)
-    dep = RemoteDependency("ext_authz", RemoteSettings(2.0, "closed"), target=address)
+    dep = RemoteDependency("ext_authz", RemoteSettings(TIMEOUT, "closed"), target=address)
     timeout = dep.timeout
 
     async def call(req):
@@ -94,7 +94,7 @@ async def aio_client(address: str):
                                 response_deserializer=external_auth_pb2.CheckResponse.FromString)
 
     async def call(req):
-        return await check(req, timeout=2.0, metadata=(("x-request-id", "r1"),))
+        return await check(req, timeout=TIMEOUT, metadata=(("x-request-id", "r1"),))
     return call, channel
 
 

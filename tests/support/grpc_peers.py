@@ -27,7 +27,6 @@ import socket
 import subprocess
 import sys
 import threading
-import time
 from concurrent import futures
 from typing import Callable
 
