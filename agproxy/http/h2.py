@@ -32,17 +32,37 @@ that stream's BodyReader and cancels its handler task; a malformed request
 in a value, a lying content-length) gets a 400 (431 for oversize headers) or a
 RST_STREAM on that stream only. Only what the codec reports as a connection
 error (bad framing, HPACK corruption, flow-control violations) sends GOAWAY and
-closes; a stream error resets that stream only.
+closes; a stream error resets that stream only. Whoever resets a stream, its
+handler task is cancelled and its body fails with BodyAborted (`_kill`), so the
+upstream request stops too: a reset frees the stream's slot only once nothing
+works for it any more (MadeYouReset, CVE-2025-8671). Only the handler's own
+`abort()` is not cancelled: it is the handler resetting.
 
 SETTINGS_MAX_CONCURRENT_STREAMS is advertised from `limits` and enforced here
 (a stream beyond it is refused with RST_STREAM REFUSED_STREAM, which clients
-retry). A client that resets more streams than it lets finish (beyond
-RAPID_RESET_MIN: the "rapid reset" attack) gets GOAWAY ENHANCE_YOUR_CALM, and so
-does one that keeps sending PING or SETTINGS while reading none of the answers
-(the codec counts them while the transport has paused our writes).
+retry). Floods are budgeted per connection in http/h2_budget.py (limits and
+reasons there): resets either way (the client's RST_STREAM, and the refusals,
+400s and stream errors its frames make us send) beyond RAPID_RESET_MIN and
+beyond the streams answered; PING, SETTINGS, PRIORITY and empty frames by rate;
+CONTINUATION frames per header block; acknowledgements the peer does not read.
+A spent budget ends the connection with GOAWAY ENHANCE_YOUR_CALM.
+Header names with an underscore are dropped, refused (400) or kept as
+`limits.headers_with_underscores` says (nginx drops them: CGI-style backends map
+`x_user` and `x-user` to the same variable).
+
+Deadlines, all checked by one timer per connection (`_tick`), never one per
+stream: a header block must complete within `limits.header_timeout` (else
+GOAWAY ENHANCE_YOUR_CALM); a stream with no progress either way (no DATA
+received or sent: a client keeping a zero window, an upstream that says
+nothing) for `limits.stream_idle_timeout` is reset with CANCEL and its handler
+cancelled; streams only set a flag when they move (`_moved`), and the timer,
+every quarter of that timeout while streams are open, notes when each last
+moved, so a stall is reset between 1 and 1.25 timeouts after it began. A
+connection with no stream open for `limits.idle_timeout` gets GOAWAY and is
+closed: only streams count as activity, never PING, SETTINGS, WINDOW_UPDATE or
+PRIORITY (a keep-alive PING loop does not hold a connection open forever).
 `shutdown()` sends GOAWAY with the last stream id, lets the streams in flight
-finish, then closes; an idle connection is closed with GOAWAY after
-`limits.idle_timeout`.
+finish, then closes.
 
 The upstream client (upstream/h2.py) runs on the same codec in client mode
 (`ClientCodec`); `BatchedOutput`, the header-block helpers and the limits below
@@ -60,6 +80,7 @@ import re
 import time
 from typing import Callable
 
+from agproxy.http import h2_budget
 from agproxy.http import h2_frames as fr
 from agproxy.http.flow import WriteFlowControl
 from agproxy.http.h2_frames import H2Error, ServerCodec
@@ -93,8 +114,8 @@ MAX_STREAM_WINDOW = 1 << 20
 MAX_CONN_WINDOW = 16 << 20
 #: bytes queued in h2 before a flush is forced instead of waiting for the loop turn
 FLUSH_THRESHOLD = 64 * 1024
-#: client resets tolerated before resets outnumbering finished streams end the connection
-RAPID_RESET_MIN = 100
+#: resets tolerated before resets outnumbering answered streams end the connection
+RAPID_RESET_MIN = h2_budget.RESET_MIN
 
 
 class BatchedOutput:
@@ -131,7 +152,7 @@ class H2Stream(ServerStream):
 
     __slots__ = ("proto", "conn", "request", "body", "stream_id", "head_sent", "_head", "done",
                  "task", "_paused", "_unacked", "_waiter", "_error", "_no_body", "_expected",
-                 "_received", "_trailers", "_remote_ended", "_held")
+                 "_received", "_trailers", "_remote_ended", "_held", "_moved", "_idle_since")
 
     def __init__(self, proto: "H2Connection", stream_id: int, request: RequestHead,
                  expected_length: int | None):
@@ -154,6 +175,8 @@ class H2Stream(ServerStream):
         self._trailers: Headers | None = None
         self._remote_ended = False
         self._held: bytes | None = None
+        self._moved = True              # progress since the connection's last sweep
+        self._idle_since = 0.0
 
     # -- flow control of the request body -------------------------------------------------
     def _pause(self) -> None:
@@ -186,6 +209,7 @@ class H2Stream(ServerStream):
         if self.done:
             raise ConnectionResetError("response already finished" if self._error is None else str(self._error))
         proto = self.proto
+        self._moved = True
         try:
             if self._head is not None:
                 self._write_head(False)
@@ -243,6 +267,7 @@ class H2Stream(ServerStream):
                     view = memoryview(data)
                 h2c.send_data(sid, view[pos:pos + size])
             pos += size
+            self._moved = True
             proto._queued(size)
 
     def _release_held(self, end_stream: bool) -> bool:
@@ -332,6 +357,7 @@ class H2Stream(ServerStream):
         """The response is complete: release the stream."""
         self.done = True
         proto = self.proto
+        proto.h2.budget.answered += 1
         if not self._remote_ended:
             # The client is still sending a body nobody will read: tell it to stop
             # (RFC 9113 §8.1); its window is handed back by h2 as the DATA arrives.
@@ -342,6 +368,14 @@ class H2Stream(ServerStream):
                 pass
         self._return_window()
         proto._stream_closed(self)
+
+    def _kill(self, code) -> None:
+        """Reset by the connection (a stream error, a deadline): the handler is cancelled,
+        so whatever it has in flight upstream is abandoned too."""
+        self._reset(code)
+        t = self.task
+        if t is not None and not t.done():
+            t.cancel()
 
     def _reset(self, code) -> None:
         """Reset by us (abort, malformed body, handler failure)."""
@@ -423,21 +457,38 @@ def trailer_block(trailers: Headers) -> list:
     return [(name_bytes(k), v.encode("latin-1")) for k, v in trailers.items if k not in CONNECTION_SPECIFIC]
 
 
-# Names seen so far → decoded str (or None: invalid in a request). Bounded; only
-# names that validate are ever cached, so its content is under the gateway's control.
-_NAMES: dict[bytes, str | None] = {}
+# Names seen so far → decoded str. Bounded; only names that validate and carry no
+# underscore are ever cached, so a hit needs no further check and the table's
+# content is under the gateway's control.
+_NAMES: dict[bytes, str] = {}
 _NAMES_MAX = 4096
 
 
 def _field_name(name: bytes) -> str | None:
+    """A valid request field name as str, or None (invalid). Underscores are the
+    caller's business (`_new_name`)."""
     n = _NAMES.get(name)
     if n is not None:
         return n
     if not name or _BAD_NAME(name) or name in _CONNECTION_SPECIFIC_B:
         return None
     n = name.decode("ascii")
-    if len(_NAMES) < _NAMES_MAX:
+    if len(_NAMES) < _NAMES_MAX and b"_" not in name:
         _NAMES[name] = n
+    return n
+
+
+def _new_name(name: bytes, underscores: str) -> str | None:
+    """A name not in _NAMES: its str, or None to drop it (an underscore with "drop");
+    raises _Malformed if invalid, or for an underscore with "reject"."""
+    n = _field_name(name)
+    if n is None:
+        raise _Malformed(400, "invalid header name")
+    if "_" in n and underscores != "allow":
+        # x_user would reach a CGI/WSGI backend as HTTP_X_USER, next to the verified x-user.
+        if underscores == "reject":
+            raise _Malformed(400, "header name with an underscore")
+        return None
     return n
 
 
@@ -486,9 +537,11 @@ def _headers_to_list(block, limits, trailers: bool = False) -> tuple[list, dict]
             pseudo[name] = value
             continue
         regular = True
-        n = _field_name(name)
+        n = _NAMES.get(name)
         if n is None:
-            raise _Malformed(400, "invalid header name")
+            n = _new_name(name, limits.headers_with_underscores)
+            if n is None:
+                continue
         if _BAD_VALUE(value):
             raise _Malformed(400, "invalid header value")
         if n == "te" and value != b"trailers":
@@ -530,9 +583,11 @@ def _parse_request(block, limits) -> tuple:
                 raise _Malformed(400, "unknown or repeated pseudo-header")
             continue
         regular = True
-        n = _field_name(name)
+        n = _NAMES.get(name)
         if n is None:
-            raise _Malformed(400, "invalid header name")
+            n = _new_name(name, limits.headers_with_underscores)
+            if n is None:
+                continue
         if _BAD_VALUE(value):
             raise _Malformed(400, "invalid header value")
         v = value.decode("latin-1")
@@ -600,21 +655,30 @@ class H2Connection(BatchedOutput, WriteFlowControl, asyncio.Protocol):
         self._held: list[H2Stream] = []     # streams holding back their last DATA chunk
         self._held_bytes = 0
         self._held_stuck = False
-        self._resets = 0                # streams the client reset while we served them
-        self._completed = 0             # streams we finished (answered, refused or reset)
         self._in_receive = False
         self._peer_goaway = False
         self._last_stream_id: int | None = None
-        self._idle_timer: asyncio.TimerHandle | None = None
-        self.last_activity = time.monotonic()
+        # The one timer of the connection (`_tick`): idle close, header block and
+        # stream-idle deadlines; `_timer_at` is when it fires (time.monotonic()).
+        self._timer: asyncio.TimerHandle | None = None
+        self._timer_at = 0.0
+        self.last_activity = time.monotonic()      # when the last stream closed (or the start)
+        stream_idle = limits.stream_idle_timeout
+        #: sweep period while streams are open (a quarter of stream_idle_timeout), or None
+        self._sweep_every = stream_idle / 4 if stream_idle and stream_idle > 0 else None
+        idle = limits.idle_timeout if limits.idle_timeout and limits.idle_timeout > 0 else None
+        # Is a first stream's sweep due before the idle timer would fire anyway?
+        self._sweep_sooner = self._sweep_every is not None and (idle is None or self._sweep_every < idle)
         self.max_streams = max(1, limits.max_concurrent_streams)
         self.stream_window = min(MAX_STREAM_WINDOW, max(65535, limits.body_high_water))
         self.conn_window = min(MAX_CONN_WINDOW, max(self.stream_window * 4,
                                                     self.stream_window * self.max_streams))
+        header_timeout = limits.header_timeout
         # SETTINGS_MAX_CONCURRENT_STREAMS is advertised by the codec, enforced in on_request.
         self.h2 = ServerCodec(self, max_concurrent_streams=self.max_streams,
                               stream_window=self.stream_window, conn_window=self.conn_window,
-                              max_header_list=limits.max_header_bytes)
+                              max_header_list=limits.max_header_bytes,
+                              header_timeout=header_timeout if header_timeout and header_timeout > 0 else None)
         # HPACK must decode whatever arrives to keep its table in step; the limit that
         # answers 431 is checked per request, this one only bounds memory.
         self.h2.decoder.max_header_list_size = max(4 * limits.max_header_bytes, 256 * 1024)
@@ -626,7 +690,8 @@ class H2Connection(BatchedOutput, WriteFlowControl, asyncio.Protocol):
             self.tracker.add(self)
         self.h2.initiate()
         self._flush_now()
-        self._arm_idle()
+        if self.limits.idle_timeout and self.limits.idle_timeout > 0:
+            self._arm(self.limits.idle_timeout)
 
     def pause_writing(self) -> None:
         super().pause_writing()
@@ -638,22 +703,31 @@ class H2Connection(BatchedOutput, WriteFlowControl, asyncio.Protocol):
         super().resume_writing()
 
     def data_received(self, data: bytes) -> None:
-        self.last_activity = time.monotonic()
+        # Not activity by itself: only streams keep a connection from idling out.
         self._in_receive = True
+        h = self.h2
         try:
-            self.h2.receive(data)
-        except fr.ConnectionFailed:
+            h.receive(data)
+        except fr.ConnectionFailed as exc:
             # The codec has queued a GOAWAY with the error code: send it and close.
             self._in_receive = False
-            self._fail_streams(BodyAborted("HTTP/2 protocol error"))
-            self._flush_now()
-            self.closing = True          # no second (NO_ERROR) GOAWAY from close()
-            # A peer that reads nothing would keep a graceful close waiting forever.
-            self.close(abort=self.write_paused)
+            self._failed(str(exc))
             return
         finally:
             self._in_receive = False
+        if h.block_started and h.header_timeout is not None:
+            self._due_within(h.header_timeout)     # a header block awaits CONTINUATION
         self._flush_now()
+
+    def _failed(self, reason: str) -> None:
+        """After a connection error (GOAWAY queued by the codec): streams fail, close."""
+        log.debug("HTTP/2 connection from %s:%s closed: %s", self.info.peer_host, self.info.peer_port, reason)
+        self._fail_streams(BodyAborted(f"HTTP/2 connection error: {reason}"))
+        self.h2.stop()
+        self._flush_now()
+        self.closing = True          # no second (NO_ERROR) GOAWAY from close()
+        # A peer that reads nothing would keep a graceful close waiting forever.
+        self.close(abort=self.write_paused)
 
     def eof_received(self):
         return False
@@ -667,10 +741,15 @@ class H2Connection(BatchedOutput, WriteFlowControl, asyncio.Protocol):
         if self._flush_handle is not None:
             self._flush_handle.cancel()
             self._flush_handle = None
-        if self._idle_timer is not None:
-            self._idle_timer.cancel()
-            self._idle_timer = None
+        if self._timer is not None:
+            self._timer.cancel()
+            self._timer = None
+        self._held = []
         self.transport = None
+        # The codec calls back into this object: without the link back, a closed
+        # connection is freed by reference counting, not by the cyclic GC.
+        self.h2.stop()
+        self.h2.app = None
 
     # -- codec callbacks (h2_frames.ServerCodec) -----------------------------------------------
     def on_request(self, sid: int, block: list, ended: bool) -> None:
@@ -680,15 +759,20 @@ class H2Connection(BatchedOutput, WriteFlowControl, asyncio.Protocol):
             return
         if len(self.streams) >= self.max_streams:
             h.reset_stream(sid, _REFUSED_STREAM)
+            h.budget.reset()
             return
         try:
             method, path, scheme, auth, items, expected = _parse_request(block, self.limits)
         except _Malformed as exc:
             self._reject(sid, exc.status, str(exc), ended=ended)
+            h.budget.reset()
             return
         req = RequestHead(method, path, Headers(items), scheme, auth, "HTTP/2")
         stream = H2Stream(self, sid, req, expected)
-        self.streams[sid] = stream
+        streams = self.streams
+        if not streams and self._sweep_sooner:
+            self._due_within(self._sweep_every)
+        streams[sid] = stream
         task = stream.task = self.loop.create_task(self.handler(stream))
         task.add_done_callback(stream._task_done)
         if ended:
@@ -699,10 +783,12 @@ class H2Connection(BatchedOutput, WriteFlowControl, asyncio.Protocol):
         if s is None:
             self.h2.ack(flow, sid)
             return
+        s._moved = True
         s._received += len(data)
         if s._expected is not None and s._received > s._expected:
             self.h2.ack(flow, sid)
-            s._reset(_PROTOCOL_ERROR)
+            s._kill(_PROTOCOL_ERROR)
+            self.h2.budget.reset()
             return
         s.body.feed(data)
         if s._paused:
@@ -716,7 +802,8 @@ class H2Connection(BatchedOutput, WriteFlowControl, asyncio.Protocol):
             return
         s._remote_ended = True
         if s._expected is not None and s._received != s._expected:
-            s._reset(_PROTOCOL_ERROR)
+            s._kill(_PROTOCOL_ERROR)
+            self.h2.budget.reset()
             return
         s.body.feed_eof(s._trailers)
 
@@ -727,33 +814,26 @@ class H2Connection(BatchedOutput, WriteFlowControl, asyncio.Protocol):
         try:
             items, _ = _headers_to_list(block, self.limits, trailers=True)
         except _Malformed:
-            s._reset(_PROTOCOL_ERROR)
+            s._kill(_PROTOCOL_ERROR)
+            self.h2.budget.reset()
             return
         s._trailers = Headers(items)
 
     def on_reset(self, sid: int, code: int) -> None:
+        # The codec counts the reset in the connection's flood budget after this.
         s = self.streams.pop(sid, None)
         if s is None:
             return
         s._remote_reset(BodyAborted(f"stream reset by client ({_code(code)})"))
-        self._resets += 1
-        if self._resets > RAPID_RESET_MIN and self._resets > self._completed:
-            # "Rapid reset" (CVE-2023-44487): streams opened and cancelled at
-            # once cost us a task each and the client nothing.
-            self._fail_streams(BodyAborted("too many stream resets"))
-            self.h2.close_connection(fr.ENHANCE_YOUR_CALM)
-            self.h2.stop()
-            self._in_receive = False
-            self._flush_now()
-            self.closing = True
-            self.close()
-            return
+        self.last_activity = time.monotonic()
         self._maybe_idle()
 
     def on_stream_error(self, sid: int, code: int) -> None:
+        # A stream error the codec found (WINDOW_UPDATE 0, a flow-control overrun, ...);
+        # the codec has counted the reset it makes us send.
         s = self.streams.get(sid)
         if s is not None:
-            s._reset(code)
+            s._kill(code)
 
     def on_window(self, sid: int) -> None:
         if sid:
@@ -804,7 +884,6 @@ class H2Connection(BatchedOutput, WriteFlowControl, asyncio.Protocol):
     def _stream_closed(self, s: H2Stream) -> None:
         if self.streams.get(s.stream_id) is s:
             del self.streams[s.stream_id]
-        self._completed += 1
         self.last_activity = time.monotonic()
         self._schedule_flush()
         self._maybe_idle()
@@ -835,7 +914,7 @@ class H2Connection(BatchedOutput, WriteFlowControl, asyncio.Protocol):
                             # flush; senders waiting on the connection window are woken then.
                             self._held.append(s)
                     except H2Error:
-                        s._reset(_INTERNAL_ERROR)
+                        s._kill(_INTERNAL_ERROR)
             if self._held_stuck and len(self._held) < len(held):
                 self._wake_all()
             self._held_stuck = bool(self._held)
@@ -850,22 +929,60 @@ class H2Connection(BatchedOutput, WriteFlowControl, asyncio.Protocol):
     def idle(self) -> bool:
         return not self.streams
 
-    def _arm_idle(self) -> None:
-        timeout = self.limits.idle_timeout
-        if timeout and timeout > 0:
-            self._idle_timer = self.loop.call_later(timeout, self._idle_check)
+    # -- deadlines: one timer per connection ---------------------------------------------------
+    def _arm(self, delay: float) -> None:
+        if self._timer is not None:
+            self._timer.cancel()
+        self._timer_at = time.monotonic() + delay
+        self._timer = self.loop.call_later(delay, self._tick)
 
-    def _idle_check(self) -> None:
-        self._idle_timer = None
-        if self.transport is None:
+    def _due_within(self, delay: float) -> None:
+        """Make the timer fire within `delay` seconds (re-armed only if it would be later)."""
+        if self._timer is None or self._timer_at > time.monotonic() + delay:
+            self._arm(delay)
+
+    def _tick(self) -> None:
+        """The connection's deadlines: header block, idle streams, idle connection."""
+        self._timer = None
+        if self.transport is None or self.closing and not self.streams:
             return
-        timeout = self.limits.idle_timeout
-        remaining = self.last_activity + timeout - time.monotonic()
-        if self.idle and remaining <= 0:
-            self.close()
+        now = time.monotonic()
+        h = self.h2
+        if h.header_block_expired(now):
+            h.budget.count("header_timeout")
+            h.close_connection(fr.ENHANCE_YOUR_CALM)
+            self._failed("header block not complete within header_timeout")
             return
-        self._idle_timer = self.loop.call_later(max(remaining, 0.05) if self.idle else timeout,
-                                                self._idle_check)
+        every = self._sweep_every
+        if self.streams and every is not None:
+            limit = self.limits.stream_idle_timeout
+            for s in list(self.streams.values()):
+                if s._moved:
+                    s._moved = False
+                    s._idle_since = now
+                elif now - s._idle_since >= limit and not s.done:
+                    # Nothing moved either way (a zero window, a silent upstream): free the
+                    # stream and what it holds upstream.
+                    s._kill(_CANCEL)
+        idle = self.limits.idle_timeout
+        if idle is not None and idle <= 0:
+            idle = None
+        if self.streams:
+            # (never later than idle: once the last stream ends, its idle deadline counts)
+            delay = idle if every is None or (idle is not None and idle < every) else every
+        elif idle is not None:
+            remaining = self.last_activity + idle - now
+            if remaining <= 0:
+                self.close()          # GOAWAY NO_ERROR, then close
+                return
+            delay = max(remaining, 0.05)
+        else:
+            delay = None
+        if h.block_started and h.header_timeout is not None:
+            left = max(h.block_started + h.header_timeout - now, 0.0) + 0.01
+            delay = left if delay is None else min(delay, left)
+        if delay is not None:
+            self._arm(delay)
 
     def shutdown(self) -> None:
         """Drain: GOAWAY with the last stream id, finish the streams in flight, then close."""

@@ -28,8 +28,15 @@ Errors: a connection error queues GOAWAY with its code and raises `ConnectionFai
 (the caller sends what is queued and closes). A stream error on a stream the
 application knows is reported with `on_stream_error` (the application resets it:
 its handler must learn of it); on any other stream the codec sends RST_STREAM itself.
-Concurrency limits, request validation and rapid-reset protection are policy and
-live in http/h2.py; HPACK is http/hpack_codec.py.
+Concurrency limits and request validation are policy and live in http/h2.py;
+HPACK is http/hpack_codec.py.
+
+Floods: frames that cost work without moving a request forward (PING, SETTINGS,
+PRIORITY, empty DATA, CONTINUATION, stream resets either way) are counted by the
+connection's `FloodBudget` (http/h2_budget.py, where the limits are documented);
+a spent budget ends the connection with GOAWAY ENHANCE_YOUR_CALM. A header block
+must also complete within `header_timeout` (checked on each CONTINUATION here and,
+for a block that stalls, by the connection's timer through `block_started`).
 
 Flow control on receipt mirrors h2's window manager: bytes the application has
 consumed (`ack`) are returned with WINDOW_UPDATE once half a window has been
@@ -39,9 +46,12 @@ consumed, or when the window is empty and more than a little was consumed.
 from __future__ import annotations
 
 import struct
+import time
 
 import hpack.exceptions
 
+from agproxy.http import h2_budget
+from agproxy.http.h2_budget import FloodBudget, FloodSpent
 from agproxy.http.hpack_codec import FastDecoder, FastEncoder
 
 PREFACE = b"PRI * HTTP/2.0\r\n\r\nSM\r\n\r\n"
@@ -116,8 +126,14 @@ class ServerCodec:
     """The server end of one HTTP/2 connection; `app` receives the callbacks."""
 
     def __init__(self, app, *, max_concurrent_streams: int | None, stream_window: int,
-                 conn_window: int, max_header_list: int | None):
+                 conn_window: int, max_header_list: int | None, budget: FloodBudget | None = None,
+                 header_timeout: float | None = None):
         self.app = app
+        self.budget = budget if budget is not None else FloodBudget()
+        #: seconds a header block may take from HEADERS to END_HEADERS (None: no limit)
+        self.header_timeout = header_timeout
+        #: time.monotonic() when the pending header block began; 0.0 when none is pending
+        self.block_started = 0.0
         self.out = bytearray()
         self.encoder = FastEncoder()
         self.decoder = FastDecoder()
@@ -153,9 +169,14 @@ class ServerCodec:
         self._block: list[bytes] = []
         self._block_size = 0
         self._block_end = 0
-        self._handlers = (self._on_data, self._on_headers, self._on_priority, self._on_rst_stream,
-                          self._on_settings, self._on_push_promise, self._on_ping, self._on_goaway,
-                          self._on_window_update, self._on_continuation)
+        self._block_frames = 0          # CONTINUATION frames in the pending block
+        self._block_self_dependent = False
+        # The class's functions, called with self: bound methods kept on the instance
+        # would make every codec a reference cycle (freed only by the cyclic GC).
+        cls = type(self)
+        self._handlers = (cls._on_data, cls._on_headers, cls._on_priority, cls._on_rst_stream,
+                          cls._on_settings, cls._on_push_promise, cls._on_ping, cls._on_goaway,
+                          cls._on_window_update, cls._on_continuation)
 
     # -- output -------------------------------------------------------------------------
     def initiate(self) -> None:
@@ -294,24 +315,38 @@ class ServerCodec:
         end = len(data)
         handlers = self._handlers
         max_size = self.max_inbound_frame_size
-        while end - pos >= 9:
-            hi, lo, ftype, flags, sid = _unpack_header(data, pos)
-            length = hi << 8 | lo
-            if length > max_size:
-                self._fail(FRAME_SIZE_ERROR, f"frame of {length} bytes")
-            stop = pos + 9 + length
-            if stop > end:
-                break
-            sid &= 0x7FFFFFFF
-            if self._block_sid and (ftype != CONTINUATION or sid != self._block_sid):
-                self._fail(PROTOCOL_ERROR, "frame interleaved with a header block")
-            if ftype < 10:
-                handlers[ftype](data, pos + 9, stop, flags, sid)
-                if self._stopped:
-                    return
-            pos = stop
+        try:
+            while end - pos >= 9:
+                hi, lo, ftype, flags, sid = _unpack_header(data, pos)
+                length = hi << 8 | lo
+                if length > max_size:
+                    self._fail(FRAME_SIZE_ERROR, f"frame of {length} bytes")
+                stop = pos + 9 + length
+                if stop > end:
+                    break
+                sid &= 0x7FFFFFFF
+                if self._block_sid and (ftype != CONTINUATION or sid != self._block_sid):
+                    self._fail(PROTOCOL_ERROR, "frame interleaved with a header block")
+                if ftype < 10:
+                    handlers[ftype](self, data, pos + 9, stop, flags, sid)
+                    if self._stopped:
+                        return
+                pos = stop
+        except FloodSpent as exc:       # raised here or by the application's callbacks
+            self._fail(ENHANCE_YOUR_CALM, str(exc))
         if pos < end:
             self._buf = data[pos:]
+
+    def fail(self, code: int, message: str):
+        """A connection error found by the application: GOAWAY is queued, ConnectionFailed
+        raised, and no more frames are handled."""
+        self._fail(code, message)
+
+    def header_block_expired(self, now: float) -> bool:
+        """A header block is pending for longer than header_timeout."""
+        started = self.block_started
+        return bool(started) and self.header_timeout is not None and \
+            now - started > self.header_timeout
 
     def _check_preface(self, data: bytes) -> int:
         """Offset after the client preface, or -1 when more bytes are needed."""
@@ -331,6 +366,8 @@ class ServerCodec:
         raise ConnectionFailed(code, message)
 
     def _stream_error(self, sid: int, code: int) -> None:
+        # A reset the peer made us send (MadeYouReset): the same budget as its own resets.
+        self.budget.reset()
         if sid in self.streams:
             self.app.on_stream_error(sid, code)
             if sid in self.streams:      # the application did not reset it
@@ -360,6 +397,8 @@ class ServerCodec:
             self._fail(PROTOCOL_ERROR, "DATA on stream 0")
         flow = stop - pos
         pos, stop = self._unpad(data, pos, stop, flags)
+        if pos == stop and not flags & END_STREAM:
+            self.budget.frame(h2_budget.EMPTY)
         self.recv_window -= flow
         if self.recv_window < 0:
             self._fail(FLOW_CONTROL_ERROR, "connection window exceeded")
@@ -391,21 +430,35 @@ class ServerCodec:
         if not sid:
             self._fail(PROTOCOL_ERROR, "HEADERS on stream 0")
         pos, stop = self._unpad(data, pos, stop, flags)
+        self_dependent = False
         if flags & PRIORITY_FLAG:
-            pos += 5
-            if stop < pos:
+            if stop < pos + 5:
                 self._fail(FRAME_SIZE_ERROR, "HEADERS too short for its priority")
+            # §5.3.1: a stream cannot depend on itself (a stream error).
+            self_dependent = _U32.unpack_from(data, pos)[0] & 0x7FFFFFFF == sid
+            pos += 5
         if flags & END_HEADERS:
-            self._header_block(sid, data[pos:stop], flags & END_STREAM)
+            self._header_block(sid, data[pos:stop], flags & END_STREAM, self_dependent)
         else:
+            if stop == pos:
+                self.budget.frame(h2_budget.EMPTY)
             self._block_sid = sid
             self._block = [data[pos:stop]]
             self._block_size = stop - pos
             self._block_end = flags & END_STREAM
+            self._block_frames = 0
+            self._block_self_dependent = self_dependent
+            self.block_started = time.monotonic()
 
     def _on_continuation(self, data, pos, stop, flags, sid):
         if not self._block_sid:
             self._fail(PROTOCOL_ERROR, "CONTINUATION without a header block")
+        self._block_frames += 1
+        if self._block_frames > h2_budget.MAX_CONTINUATIONS:
+            # Counted, not only sized: empty CONTINUATION frames pass any byte cap.
+            self.budget.trip("continuation", "too many CONTINUATION frames in one header block")
+        if self.header_block_expired(time.monotonic()):
+            self.budget.trip("header_timeout", "header block not complete within header_timeout")
         self._block.append(data[pos:stop])
         self._block_size += stop - pos
         if self._block_size > self.decoder.max_header_list_size:
@@ -414,9 +467,10 @@ class ServerCodec:
             block = b"".join(self._block)
             self._block = []
             self._block_sid = 0
-            self._header_block(sid, block, self._block_end)
+            self.block_started = 0.0
+            self._header_block(sid, block, self._block_end, self._block_self_dependent)
 
-    def _header_block(self, sid: int, block: bytes, ended: int) -> None:
+    def _header_block(self, sid: int, block: bytes, ended: int, self_dependent: bool = False) -> None:
         try:
             # Always decoded, even on a closed stream: the HPACK table must stay in step.
             fields = self.decoder.decode(block)
@@ -432,13 +486,19 @@ class ServerCodec:
                     return
                 self._fail(PROTOCOL_ERROR, f"stream id {sid} is not a new client stream")
             self.highest_inbound_stream_id = sid
+            if self_dependent:
+                self._remember(sid, True)
+                self._stream_error(sid, PROTOCOL_ERROR)
+                return
             self.streams[sid] = StreamState(self.peer_initial_window, self.local_initial_window,
                                             not ended)
             self.app.on_request(sid, fields, bool(ended))
         elif not st.remote_open:
             self._stream_error(sid, STREAM_CLOSED)
-        elif not ended:
-            self._fail(PROTOCOL_ERROR, "trailers without END_STREAM")
+        elif not ended or self_dependent:
+            # §8.1: a second HEADERS without END_STREAM makes the request malformed (a
+            # stream error, §8.1.1); the HPACK table is in step, the connection is fine.
+            self._stream_error(sid, PROTOCOL_ERROR)
         else:
             st.remote_open = False
             self.app.on_trailers(sid, fields)
@@ -447,8 +507,12 @@ class ServerCodec:
     def _on_priority(self, data, pos, stop, flags, sid):
         if not sid:
             self._fail(PROTOCOL_ERROR, "PRIORITY on stream 0")
+        self.budget.frame(h2_budget.PRIORITY)
+        # §6.3: the wrong length, or a stream depending on itself, is a stream error.
         if stop - pos != 5:
-            self._fail(FRAME_SIZE_ERROR, "PRIORITY of the wrong length")
+            self._stream_error(sid, FRAME_SIZE_ERROR)
+        elif _U32.unpack_from(data, pos)[0] & 0x7FFFFFFF == sid:
+            self._stream_error(sid, PROTOCOL_ERROR)
 
     def _on_rst_stream(self, data, pos, stop, flags, sid):
         if not sid:
@@ -462,10 +526,12 @@ class ServerCodec:
             return
         self._remember(sid, False)
         self.app.on_reset(sid, _U32.unpack_from(data, pos)[0])
+        self.budget.reset()             # rapid reset (CVE-2023-44487)
 
     def _on_settings(self, data, pos, stop, flags, sid):
         if sid:
             self._fail(PROTOCOL_ERROR, "SETTINGS on a stream")
+        self.budget.frame(h2_budget.SETTINGS)
         if flags & ACK:
             if stop != pos:
                 self._fail(FRAME_SIZE_ERROR, "SETTINGS ACK with a payload")
@@ -508,6 +574,7 @@ class ServerCodec:
             self._fail(PROTOCOL_ERROR, "PING on a stream")
         if stop - pos != 8:
             self._fail(FRAME_SIZE_ERROR, "PING of the wrong length")
+        self.budget.frame(h2_budget.PING)    # ACKs too: we never send a PING
         if not flags & ACK:
             self._owe_ack()
             self.out += _pack_header(0, 8, PING, ACK, 0) + data[pos:stop]
@@ -516,7 +583,7 @@ class ServerCodec:
         if self.output_blocked:
             self.acks_while_blocked += 1
             if self.acks_while_blocked > MAX_ACKS_WHILE_BLOCKED:
-                self._fail(ENHANCE_YOUR_CALM, "PING/SETTINGS flood while not reading")
+                self.budget.trip("unread_acks", "PING/SETTINGS acknowledgements owed while not reading")
 
     def _on_goaway(self, data, pos, stop, flags, sid):
         if sid:
@@ -566,8 +633,6 @@ def _increment(window: int, maximum: int, processed: int) -> int:
 _ERROR_NAMES = ("NO_ERROR", "PROTOCOL_ERROR", "INTERNAL_ERROR", "FLOW_CONTROL_ERROR", "SETTINGS_TIMEOUT",
                 "STREAM_CLOSED", "FRAME_SIZE_ERROR", "REFUSED_STREAM", "CANCEL", "COMPRESSION_ERROR",
                 "CONNECT_ERROR", "ENHANCE_YOUR_CALM", "INADEQUATE_SECURITY", "HTTP_1_1_REQUIRED")
-#: CONTINUATION frames accepted in one header block (a 256 KiB block in 16 KiB frames is 16)
-MAX_CONTINUATIONS = 64
 
 
 def error_name(code: int) -> str:
@@ -604,16 +669,20 @@ class ClientCodec(ServerCodec):
       `app.on_settings()` is called after each SETTINGS it sends;
     - GOAWAY reports its last stream id: `app.on_goaway(code, last_stream_id)`;
     - PUSH_PROMISE is a connection error (push is disabled), and so is a header
-      block spread over more than MAX_CONTINUATIONS frames.
+      block spread over more than h2_budget.MAX_CONTINUATIONS frames (ServerCodec's
+      count); the flood budget does not count resets (the server resetting streams
+      we opened is no flood) and its trips are not the client connections' metric.
     """
+
+    __slots__ = ("remote_settings", "next_stream_id")
 
     def __init__(self, app, *, stream_window: int, conn_window: int, max_header_list: int | None):
         super().__init__(app, max_concurrent_streams=None, stream_window=stream_window,
-                         conn_window=conn_window, max_header_list=max_header_list)
+                         conn_window=conn_window, max_header_list=max_header_list,
+                         budget=FloodBudget(count_resets=False, trips=None))
         self._settings.insert(0, (S_ENABLE_PUSH, 0))
         self.remote_settings = PeerSettings()
         self.next_stream_id = 1
-        self._continuations = 0
 
     def initiate(self) -> None:
         self.out += PREFACE
@@ -641,17 +710,7 @@ class ClientCodec(ServerCodec):
         self._preface = True
         return 0
 
-    def _on_headers(self, data, pos, stop, flags, sid):
-        self._continuations = 0
-        super()._on_headers(data, pos, stop, flags, sid)
-
-    def _on_continuation(self, data, pos, stop, flags, sid):
-        self._continuations += 1
-        if self._continuations > MAX_CONTINUATIONS:
-            self._fail(ENHANCE_YOUR_CALM, "too many CONTINUATION frames")
-        super()._on_continuation(data, pos, stop, flags, sid)
-
-    def _header_block(self, sid: int, block: bytes, ended: int) -> None:
+    def _header_block(self, sid: int, block: bytes, ended: int, self_dependent: bool = False) -> None:
         try:
             # Always decoded, even on a closed stream: the HPACK table must stay in step.
             fields = self.decoder.decode(block)
@@ -665,6 +724,9 @@ class ClientCodec(ServerCodec):
             return
         if not st.remote_open:
             self._stream_error(sid, STREAM_CLOSED)
+            return
+        if self_dependent:              # §5.3.1: a stream error
+            self._stream_error(sid, PROTOCOL_ERROR)
             return
         if ended:
             st.remote_open = False

@@ -20,11 +20,14 @@ the dict updates cost about a tenth of that.
   to, as prometheus-client has no bulk observe; tests read the exposition back.
 
 Connection gauges, connect durations and reloads are rare events and use
-prometheus-client directly.
+prometheus-client directly. HTTP/2 flood trips (`<prefix>_http2_flood_total{kind}`)
+are counted by http/h2_budget.py in its own dict (http/ does not import telemetry):
+read at scrape time in one process, written out as deltas by `flush()` (scheduled
+by the budget's `on_trip` hook) with several workers.
 
 Label values never come from the client unbounded: routes, backends, listeners and
 upstream authorities are names from the config; statuses are three digits; a method
-outside the standard set is `_OTHER`.
+outside the standard set is `_OTHER`; flood kinds are h2_budget.KINDS.
 """
 
 from __future__ import annotations
@@ -38,6 +41,8 @@ from prometheus_client import multiprocess
 from prometheus_client.core import CounterMetricFamily, HistogramMetricFamily
 from prometheus_client.utils import floatToGoString
 
+from agproxy.http import h2_budget
+
 _BUCKETS = (0.0005, 0.001, 0.0025, 0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1, 2.5, 5, 10, 30, 60)
 _BUCKET_LABELS = tuple(floatToGoString(b) for b in _BUCKETS) + ("+Inf",)
 
@@ -48,6 +53,7 @@ STANDARD_METHODS = frozenset({"GET", "HEAD", "POST", "PUT", "DELETE", "CONNECT",
 _REQUESTS_HELP = "Requests answered, by route, method and status"
 _DURATION_HELP = "Time from request head to response end"
 _UPSTREAM_HELP = "Time from sending upstream to the response head"
+_FLOOD_HELP = "HTTP/2 connections ended with ENHANCE_YOUR_CALM, by the budget spent (http/h2_budget.py)"
 
 
 def _new_histogram() -> list:
@@ -72,6 +78,11 @@ class Metrics:
             self.upstream_call = Histogram(f"{p}_upstream_request_duration_seconds", _UPSTREAM_HELP,
                                            ["backend"], buckets=_BUCKETS, registry=r)
             self._children: dict[tuple, object] = {}
+            self.http2_flood = Counter(f"{p}_http2_flood", _FLOOD_HELP, ["kind"], registry=r)
+            for kind in h2_budget.KINDS:
+                self.http2_flood.labels(kind)
+            self._flood_written = dict(h2_budget.TRIPS)
+            h2_budget.on_trip = self._flood_tripped
         else:
             r.register(_DataPathCollector(self))
         self.upstream_connect_seconds = Histogram(f"{p}_upstream_connect_duration_seconds",
@@ -110,6 +121,10 @@ class Metrics:
         self.upstream_connect_seconds.labels(upstream).observe(seconds)
 
     # -- multiprocess: write batches to prometheus-client's files -----------------------
+    def _flood_tripped(self) -> None:
+        if not self._flush_scheduled:
+            self._schedule_flush()
+
     def _schedule_flush(self) -> None:
         try:
             asyncio.get_running_loop().call_soon(self.flush)
@@ -124,6 +139,11 @@ class Metrics:
         if not self.multiprocess:
             return
         children = self._children
+        written = self._flood_written
+        for kind, n in h2_budget.TRIPS.items():
+            if n != written.get(kind, 0):
+                self.http2_flood.labels(kind).inc(n - written.get(kind, 0))
+                written[kind] = n
         if self._requests:
             pending, self._requests = self._requests, {}
             for key, n in pending.items():
@@ -173,6 +193,10 @@ class _DataPathCollector:
         yield _histogram_family(f"{p}_request_duration_seconds", _DURATION_HELP, "route", m._duration)
         yield _histogram_family(f"{p}_upstream_request_duration_seconds", _UPSTREAM_HELP, "backend",
                                 m._upstream)
+        flood = CounterMetricFamily(f"{p}_http2_flood", _FLOOD_HELP, labels=["kind"])
+        for kind, n in list(h2_budget.TRIPS.items()):
+            flood.add_metric([kind], n)
+        yield flood
 
 
 def _histogram_family(name: str, documentation: str, label: str, data: dict) -> HistogramMetricFamily:

@@ -330,13 +330,47 @@ def test_frame_larger_than_our_max_is_a_frame_size_error():
     assert fail_code(p, frame(fr.DATA, 0, 1, b"x" * 16385)) == E.FRAME_SIZE_ERROR
 
 
-@pytest.mark.parametrize("ftype, payload", [(fr.PING, b"\0" * 7), (fr.PRIORITY, b"\0" * 4),
-                                            (fr.SETTINGS, b"\0" * 5), (fr.RST_STREAM, b"\0" * 3)])
+@pytest.mark.parametrize("ftype, payload", [(fr.PING, b"\0" * 7), (fr.SETTINGS, b"\0" * 5),
+                                            (fr.RST_STREAM, b"\0" * 3)])
 def test_wrong_fixed_lengths_are_frame_size_errors(ftype, payload):
     p = Pair()
     p.request(end=False)
     sid = 0 if ftype in (fr.PING, fr.SETTINGS) else 1
     assert fail_code(p, frame(ftype, 0, sid, payload)) == E.FRAME_SIZE_ERROR
+
+
+def test_bad_priority_is_a_stream_error_only():
+    # RFC 9113 §6.3: a PRIORITY of the wrong length, or one making a stream depend on
+    # itself, is a stream error: that stream is reset, the connection goes on.
+    p = Pair()
+    a = p.request(end=False)
+    p.raw(frame(fr.PRIORITY, 0, a, b"\0" * 4))
+    b = p.request(end=False)
+    p.raw(frame(fr.PRIORITY, 0, b, struct.pack(">LB", b, 16)))
+    assert p.app.of("stream_error") == [(a, E.FRAME_SIZE_ERROR), (b, E.PROTOCOL_ERROR)]
+    assert p.resets() == {a: E.FRAME_SIZE_ERROR, b: E.PROTOCOL_ERROR} and p.goaway() is None
+    last = p.request()
+    assert p.app.of("request")[-1][0] == last
+
+
+def test_self_dependent_headers_and_trailers_without_end_stream_are_stream_errors():
+    p = Pair()
+    first = p.request()
+    enc = p.client.encoder
+    sid = p.client.get_next_available_stream_id()
+    p.client.highest_outbound_stream_id = sid      # written by hand below
+    block = enc.encode(REQ)
+    p.to_server(frame(fr.HEADERS, fr.END_HEADERS | fr.END_STREAM | fr.PRIORITY_FLAG, sid,
+                      struct.pack(">LB", sid, 16) + block))
+    # (the h2 client ignores a reset of a stream it did not open itself: read the bytes)
+    assert bytes(p.codec.data_to_send()) == frame(fr.RST_STREAM, 0, sid, struct.pack(">L", E.PROTOCOL_ERROR))
+    assert [r[0] for r in p.app.of("request")] == [first]
+    sid = p.request(end=False)                     # the HPACK table is still in step
+    assert p.app.of("request")[-1][0] == sid
+    p.raw(frame(fr.HEADERS, fr.END_HEADERS, sid, enc.encode([("x-trailer", "1")])))
+    assert p.resets()[sid] == E.PROTOCOL_ERROR and p.goaway() is None
+    last = p.request()
+    assert p.app.of("request")[-1][0] == last
 
 
 def test_unknown_frames_are_ignored_and_goaway_is_reported():
