@@ -385,6 +385,7 @@ class H1Connection(WriteFlowControl, asyncio.Protocol):
         self.pipeline.clear()
         self._fail_drains()
         self.transport = None
+        self.parser = None      # it refers back to us: a closed connection is no cycle
 
     def resume_writing(self) -> None:
         self.progress = True   # the client is reading again
