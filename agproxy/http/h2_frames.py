@@ -508,7 +508,11 @@ class ServerCodec:
         if not sid:
             self._fail(PROTOCOL_ERROR, "PRIORITY on stream 0")
         self.budget.frame(h2_budget.PRIORITY)
-        # §6.3: the wrong length, or a stream depending on itself, is a stream error.
+        # §6.3: the wrong length, or a stream depending on itself, is a stream error; but
+        # no RST_STREAM may name an idle stream (§6.4), and PRIORITY has no effect here:
+        # on an idle stream it is dropped.
+        if sid > self.highest_inbound_stream_id or not sid & 1:
+            return
         if stop - pos != 5:
             self._stream_error(sid, FRAME_SIZE_ERROR)
         elif _U32.unpack_from(data, pos)[0] & 0x7FFFFFFF == sid:
