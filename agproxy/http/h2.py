@@ -637,6 +637,12 @@ def _parse_request(block, limits) -> tuple:
 class H2Connection(BatchedOutput, WriteFlowControl, asyncio.Protocol):
     """One client connection speaking HTTP/2 (TLS ALPN h2, or h2c prior knowledge)."""
 
+    __slots__ = ("handler", "info", "limits", "tracker", "transport", "loop", "streams", "closing",
+                 "write_paused", "_drain_waiters", "_flush_handle", "_queued_bytes", "_held",
+                 "_held_bytes", "_held_stuck", "_in_receive", "_peer_goaway", "_last_stream_id",
+                 "_timer", "_timer_at", "last_activity", "_sweep_every", "_sweep_sooner",
+                 "max_streams", "stream_window", "conn_window", "h2")
+
     write_lost_message = "client went away"
 
     def __init__(self, handler: Callable, info: ConnInfo, limits, tracker=None):

@@ -125,6 +125,17 @@ class StreamState:
 class ServerCodec:
     """The server end of one HTTP/2 connection; `app` receives the callbacks."""
 
+    # Slots: read on every frame, and past 30 attributes CPython 3.11 stops sharing
+    # instance-dict keys, which unspecialises every attribute access (callgrind: +2.7k
+    # instructions per HTTP/2 request when this class grew to 31 attributes).
+    __slots__ = ("app", "budget", "header_timeout", "block_started", "out", "encoder", "decoder",
+                 "streams", "closed", "highest_inbound_stream_id", "local_initial_window",
+                 "recv_max", "recv_window", "recv_processed", "max_inbound_frame_size",
+                 "_settings", "peer_initial_window", "send_window_conn", "max_outbound_frame_size",
+                 "_buf", "_preface", "_stopped", "output_blocked", "acks_while_blocked",
+                 "_block_sid", "_block", "_block_size", "_block_end", "_block_frames",
+                 "_block_self_dependent", "_handlers")
+
     def __init__(self, app, *, max_concurrent_streams: int | None, stream_window: int,
                  conn_window: int, max_header_list: int | None, budget: FloodBudget | None = None,
                  header_timeout: float | None = None):
