@@ -25,12 +25,13 @@ The limits, and why they cannot touch a well-behaved client:
   at most max_header_list bytes (256 KiB here) and a client splits it at its max
   frame size (16 KiB at least): 16 frames. nghttp2 allows 8.
 - ``ping``, ``settings``, ``priority``, ``empty_frame`` (DATA without payload and
-  without END_STREAM, HEADERS or CONTINUATION without END_HEADERS and without a
-  fragment): more than RATE_FRAMES of a kind within RATE_SECONDS. Keep-alive PINGs
-  come every few seconds, SETTINGS a handful of times per connection, PRIORITY once
-  per stream at most (RFC 9113 deprecates it). A peer that floods stays below
-  100 frames per second per kind, which costs the gateway nothing measurable.
-  The clock is read once per RATE_FRAMES frames of a kind, never per frame.
+  without END_STREAM, HEADERS without a fragment and without END_HEADERS; empty
+  CONTINUATION frames fall under ``continuation``): more than RATE_FRAMES of a kind
+  within RATE_SECONDS. Keep-alive PINGs come every few seconds, SETTINGS a handful
+  of times per connection, PRIORITY once per stream at most (RFC 9113 deprecates
+  it). A peer that floods stays at about 100 frames per second per kind, which
+  costs the gateway nothing measurable. The clock is read once per RATE_FRAMES
+  frames of a kind, never per frame.
 - ``unread_acks``: MAX_ACKS_WHILE_BLOCKED (h2_frames) PING/SETTINGS acknowledgements
   owed while the peer reads none of them (CVE-2019-9512/9515; counted by the codec
   while the transport has paused our writes).

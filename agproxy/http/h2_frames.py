@@ -348,11 +348,6 @@ class ServerCodec:
         if pos < end:
             self._buf = data[pos:]
 
-    def fail(self, code: int, message: str):
-        """A connection error found by the application: GOAWAY is queued, ConnectionFailed
-        raised, and no more frames are handled."""
-        self._fail(code, message)
-
     def header_block_expired(self, now: float) -> bool:
         """A header block is pending for longer than header_timeout."""
         started = self.block_started
