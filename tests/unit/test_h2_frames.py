@@ -387,3 +387,38 @@ def test_goaway_carries_the_last_stream_id():
     p.codec.close_connection(fr.NO_ERROR)
     ev = p.client.receive_data(bytes(p.codec.data_to_send()))
     assert ev[0].last_stream_id == sid and ev[0].error_code == E.NO_ERROR
+
+
+def test_client_codec_counts_no_reset_flood_and_no_server_metric():
+    # The server resetting streams we opened (an overloaded upstream refusing them) is
+    # no flood: the client side's budget does not count resets, nor feed the metric.
+    from agproxy.http import h2_budget
+    before = dict(h2_budget.TRIPS)
+    app = App()
+    c = fr.ClientCodec(app, stream_window=65535, conn_window=65535, max_header_list=8192)
+    c.initiate()
+    c.receive(frame(fr.SETTINGS, 0, 0, b""))
+    for _ in range(h2_budget.RESET_MIN + 50):
+        sid = c.open_stream()
+        c.send_headers(sid, [(b":method", b"GET"), (b":scheme", b"http"), (b":path", b"/"),
+                             (b":authority", b"x")], end_stream=True)
+        c.receive(frame(fr.RST_STREAM, 0, sid, struct.pack(">L", E.REFUSED_STREAM)))
+    assert len(app.of("reset")) == h2_budget.RESET_MIN + 50
+    assert not any(f == fr.GOAWAY for f in _frame_types(bytes(c.data_to_send())))
+    # A CONTINUATION flood from the server is still cut, and not counted as the server's.
+    sid = c.open_stream()
+    c.send_headers(sid, [(b":method", b"GET"), (b":scheme", b"http"), (b":path", b"/"),
+                         (b":authority", b"x")], end_stream=True)
+    with pytest.raises(ConnectionFailed) as e:
+        c.receive(frame(fr.HEADERS, 0, sid, b"") + frame(fr.CONTINUATION, 0, sid, b"") * 40)
+    assert e.value.code == E.ENHANCE_YOUR_CALM
+    assert h2_budget.TRIPS == before
+
+
+def _frame_types(data: bytes) -> list[int]:
+    out, pos = [], 0
+    while pos + 9 <= len(data):
+        length = int.from_bytes(data[pos:pos + 3], "big")
+        out.append(data[pos + 3])
+        pos += 9 + length
+    return out
