@@ -86,6 +86,9 @@ class H2TestServer:
         self.loop.run_until_complete(self._start())
         self._ready.set()
         self.loop.run_forever()
+        # An event loop left open is never freed (uvloop's Loop is uncollectable), and
+        # with it every connection it held: close it once its last callbacks have run.
+        self.loop.close()
 
     async def _start(self) -> None:
         tracker = self
@@ -102,7 +105,7 @@ class H2TestServer:
             for c in list(self.conns):
                 c.close(abort=True)
             self._server.close()
-            self.loop.stop()
+            self.loop.call_soon(self.loop.stop)     # after the connection_lost callbacks
         self.loop.call_soon_threadsafe(_close)
         self._thread.join(10)
 

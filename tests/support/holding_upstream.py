@@ -56,11 +56,12 @@ class HoldingUpstream:
         self.loop.run_until_complete(start())
         self._ready.set()
         self.loop.run_forever()
+        self.loop.close()        # an open loop is never freed, nor what it holds
 
     def stop(self) -> None:
         def close():
             self._server.close()
-            self.loop.stop()
+            self.loop.call_soon(self.loop.stop)
         self.loop.call_soon_threadsafe(close)
         self._thread.join(10)
 
