@@ -50,19 +50,19 @@ Header names with an underscore are dropped, refused (400) or kept as
 `limits.headers_with_underscores` says (nginx drops them: CGI-style backends map
 `x_user` and `x-user` to the same variable).
 
-Deadlines, all checked by one timer per connection (`_tick`), never one per
-stream: a header block must complete within `limits.header_timeout` (else
-GOAWAY ENHANCE_YOUR_CALM); a stream with no progress either way (no DATA
-received or sent: a client keeping a zero window, an upstream that says
-nothing) for `limits.stream_idle_timeout` is reset with CANCEL and its handler
-cancelled; streams only set a flag when they move (`_moved`), and the timer,
-every quarter of that timeout while streams are open, notes when each last
-moved, so a stall is reset between 1 and 1.25 timeouts after it began. A
-connection with no stream open for `limits.idle_timeout` gets GOAWAY and is
-closed: only streams count as activity, never PING, SETTINGS, WINDOW_UPDATE or
-PRIORITY (a keep-alive PING loop does not hold a connection open forever).
-`shutdown()` sends GOAWAY with the last stream id, lets the streams in flight
-finish, then closes.
+Deadlines, checked by the server's periodic sweep over its connections
+(server/worker.py `sweep_connections`, the same one as HTTP/1.1's), never by a
+timer per stream: `check_deadlines(now)` ends a connection whose header block
+is not complete within `limits.header_timeout` (GOAWAY ENHANCE_YOUR_CALM), and
+resets with CANCEL (its handler cancelled) a stream with no progress either
+way (no DATA received or sent: a client keeping a zero window, an upstream that
+says nothing) for `limits.stream_idle_timeout`; streams only set a flag when
+they move (`_moved`), and the sweep notes when each last moved. The sweep also
+shuts down a connection idle for `limits.idle_timeout`: idle means no stream
+open since `last_activity`, which only streams update, never PING, SETTINGS,
+WINDOW_UPDATE or PRIORITY (a keep-alive PING loop does not hold a connection
+open forever). `shutdown()` sends GOAWAY with the last stream id, lets the
+streams in flight finish, then closes.
 
 The upstream client (upstream/h2.py) runs on the same codec in client mode
 (`ClientCodec`); `BatchedOutput`, the header-block helpers and the limits below
@@ -640,7 +640,7 @@ class H2Connection(BatchedOutput, WriteFlowControl, asyncio.Protocol):
     __slots__ = ("handler", "info", "limits", "tracker", "transport", "loop", "streams", "closing",
                  "write_paused", "_drain_waiters", "_flush_handle", "_queued_bytes", "_held",
                  "_held_bytes", "_held_stuck", "_in_receive", "_peer_goaway", "_last_stream_id",
-                 "_timer", "_timer_at", "last_activity", "_sweep_every", "_sweep_sooner",
+                 "last_activity",
                  "max_streams", "stream_window", "conn_window", "h2")
 
     write_lost_message = "client went away"
@@ -664,17 +664,7 @@ class H2Connection(BatchedOutput, WriteFlowControl, asyncio.Protocol):
         self._in_receive = False
         self._peer_goaway = False
         self._last_stream_id: int | None = None
-        # The one timer of the connection (`_tick`): idle close, header block and
-        # stream-idle deadlines; `_timer_at` is when it fires (time.monotonic()).
-        self._timer: asyncio.TimerHandle | None = None
-        self._timer_at = 0.0
         self.last_activity = time.monotonic()      # when the last stream closed (or the start)
-        stream_idle = limits.stream_idle_timeout
-        #: sweep period while streams are open (a quarter of stream_idle_timeout), or None
-        self._sweep_every = stream_idle / 4 if stream_idle and stream_idle > 0 else None
-        idle = limits.idle_timeout if limits.idle_timeout and limits.idle_timeout > 0 else None
-        # Is a first stream's sweep due before the idle timer would fire anyway?
-        self._sweep_sooner = self._sweep_every is not None and (idle is None or self._sweep_every < idle)
         self.max_streams = max(1, limits.max_concurrent_streams)
         self.stream_window = min(MAX_STREAM_WINDOW, max(65535, limits.body_high_water))
         self.conn_window = min(MAX_CONN_WINDOW, max(self.stream_window * 4,
@@ -696,8 +686,6 @@ class H2Connection(BatchedOutput, WriteFlowControl, asyncio.Protocol):
             self.tracker.add(self)
         self.h2.initiate()
         self._flush_now()
-        if self.limits.idle_timeout and self.limits.idle_timeout > 0:
-            self._arm(self.limits.idle_timeout)
 
     def pause_writing(self) -> None:
         super().pause_writing()
@@ -721,8 +709,6 @@ class H2Connection(BatchedOutput, WriteFlowControl, asyncio.Protocol):
             return
         finally:
             self._in_receive = False
-        if h.block_started and h.header_timeout is not None:
-            self._due_within(h.header_timeout)     # a header block awaits CONTINUATION
         self._flush_now()
 
     def _failed(self, reason: str) -> None:
@@ -747,9 +733,6 @@ class H2Connection(BatchedOutput, WriteFlowControl, asyncio.Protocol):
         if self._flush_handle is not None:
             self._flush_handle.cancel()
             self._flush_handle = None
-        if self._timer is not None:
-            self._timer.cancel()
-            self._timer = None
         self._held = []
         self.transport = None
         # The codec calls back into this object: without the link back, a closed
@@ -775,10 +758,7 @@ class H2Connection(BatchedOutput, WriteFlowControl, asyncio.Protocol):
             return
         req = RequestHead(method, path, Headers(items), scheme, auth, "HTTP/2")
         stream = H2Stream(self, sid, req, expected)
-        streams = self.streams
-        if not streams and self._sweep_sooner:
-            self._due_within(self._sweep_every)
-        streams[sid] = stream
+        self.streams[sid] = stream
         task = stream.task = self.loop.create_task(self.handler(stream))
         task.add_done_callback(stream._task_done)
         if ended:
@@ -935,60 +915,31 @@ class H2Connection(BatchedOutput, WriteFlowControl, asyncio.Protocol):
     def idle(self) -> bool:
         return not self.streams
 
-    # -- deadlines: one timer per connection ---------------------------------------------------
-    def _arm(self, delay: float) -> None:
-        if self._timer is not None:
-            self._timer.cancel()
-        self._timer_at = time.monotonic() + delay
-        self._timer = self.loop.call_later(delay, self._tick)
-
-    def _due_within(self, delay: float) -> None:
-        """Make the timer fire within `delay` seconds (re-armed only if it would be later)."""
-        if self._timer is None or self._timer_at > time.monotonic() + delay:
-            self._arm(delay)
-
-    def _tick(self) -> None:
-        """The connection's deadlines: header block, idle streams, idle connection."""
-        self._timer = None
-        if self.transport is None or self.closing and not self.streams:
+    def check_deadlines(self, now: float) -> None:
+        """Called by the server's periodic sweep: the header block deadline, and the
+        no-progress deadline of each open stream. A timeout of 0 is no limit."""
+        if self.transport is None:
             return
-        now = time.monotonic()
         h = self.h2
         if h.header_block_expired(now):
             h.budget.count("header_timeout")
             h.close_connection(fr.ENHANCE_YOUR_CALM)
             self._failed("header block not complete within header_timeout")
             return
-        every = self._sweep_every
-        if self.streams and every is not None:
-            limit = self.limits.stream_idle_timeout
-            for s in list(self.streams.values()):
-                if s._moved:
-                    s._moved = False
-                    s._idle_since = now
-                elif now - s._idle_since >= limit and not s.done:
-                    # Nothing moved either way (a zero window, a silent upstream): free the
-                    # stream and what it holds upstream.
-                    s._kill(_CANCEL)
-        idle = self.limits.idle_timeout
-        if idle is not None and idle <= 0:
-            idle = None
-        if self.streams:
-            # (never later than idle: once the last stream ends, its idle deadline counts)
-            delay = idle if every is None or (idle is not None and idle < every) else every
-        elif idle is not None:
-            remaining = self.last_activity + idle - now
-            if remaining <= 0:
-                self.close()          # GOAWAY NO_ERROR, then close
-                return
-            delay = max(remaining, 0.05)
-        else:
-            delay = None
-        if h.block_started and h.header_timeout is not None:
-            left = max(h.block_started + h.header_timeout - now, 0.0) + 0.01
-            delay = left if delay is None else min(delay, left)
-        if delay is not None:
-            self._arm(delay)
+        limit = self.limits.stream_idle_timeout
+        if not self.streams or not limit or limit <= 0:
+            return
+        for s in list(self.streams.values()):
+            if s._moved:
+                s._moved = False
+                s._idle_since = now
+            elif now - s._idle_since >= limit and not s.done:
+                # Nothing moved either way (a zero window, a silent upstream): free the
+                # stream and what it holds upstream.
+                log.info("resetting HTTP/2 stream %d from %s: no progress for %.1fs", s.stream_id,
+                         self.info.peer_host, now - s._idle_since)
+                s._kill(_CANCEL)
+        self._flush_now()
 
     def shutdown(self) -> None:
         """Drain: GOAWAY with the last stream id, finish the streams in flight, then close."""

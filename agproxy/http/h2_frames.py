@@ -36,7 +36,7 @@ PRIORITY, empty DATA, CONTINUATION, stream resets either way) are counted by the
 connection's `FloodBudget` (http/h2_budget.py, where the limits are documented);
 a spent budget ends the connection with GOAWAY ENHANCE_YOUR_CALM. A header block
 must also complete within `header_timeout` (checked on each CONTINUATION here and,
-for a block that stalls, by the connection's timer through `block_started`).
+for a block that stalls, by the server's sweep through `header_block_expired`).
 
 Flow control on receipt mirrors h2's window manager: bytes the application has
 consumed (`ack`) are returned with WINDOW_UPDATE once half a window has been

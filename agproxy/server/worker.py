@@ -158,26 +158,31 @@ class Worker:
             self.admin_listener.stop_accepting()
 
     def _schedule_sweep(self) -> None:
-        """One periodic pass over the client connections: idle ones are closed, and each
-        checks its own deadlines (`check_deadlines(now)`: the HTTP/1.1 head and
-        no-progress deadlines). A timestamp per connection and this sweep replace a
-        timer per request; deadlines fire at most about two sweep intervals late."""
+        """One periodic pass over the client connections (`sweep_connections`). A
+        timestamp per connection and this sweep replace a timer per request; deadlines
+        fire at most about two sweep intervals late."""
         loop = asyncio.get_running_loop()
 
         def sweep() -> None:
             gateway = self.runtime.gateway
-            now = time.monotonic()
-            cutoff = now - gateway.idle_timeout
-            for conn in list(self.tracker.conns):
-                if conn.idle and conn.last_activity < cutoff:
-                    conn.shutdown()
-                    continue
-                check = getattr(conn, "check_deadlines", None)
-                if check is not None:
-                    check(now)
+            sweep_connections(self.tracker.conns, gateway.idle_timeout, time.monotonic())
             loop.call_later(sweep_interval(gateway), sweep)
 
         loop.call_later(sweep_interval(self.runtime.gateway), sweep)
+
+
+def sweep_connections(conns, idle_timeout: float, now: float) -> None:
+    """Idle connections are shut down; every other one checks its own deadlines
+    (`check_deadlines(now)`: HTTP/1.1's head and no-progress deadlines, HTTP/2's
+    header-block and per-stream no-progress deadlines). An idle_timeout of 0 is no limit."""
+    cutoff = now - idle_timeout if idle_timeout and idle_timeout > 0 else None
+    for conn in list(conns):
+        if cutoff is not None and conn.idle and conn.last_activity < cutoff:
+            conn.shutdown()
+            continue
+        check = getattr(conn, "check_deadlines", None)
+        if check is not None:
+            check(now)
 
 
 def sweep_interval(gateway) -> float:

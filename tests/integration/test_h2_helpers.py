@@ -18,6 +18,7 @@ import json
 import socket
 import ssl as ssl_mod
 import threading
+import time
 from urllib.parse import parse_qs
 
 import h2.config
@@ -30,6 +31,7 @@ from h2.connection import ConnectionInputs, ConnectionState, H2ConnectionStateMa
 from agproxy.http.h1 import Limits
 from agproxy.http.h2 import H2Connection
 from agproxy.http.messages import BodyAborted, ConnInfo, Headers
+from agproxy.server.worker import sweep_connections, sweep_interval
 
 def _keep_open_transitions() -> dict:
     """h2's state machine with GOAWAY (either way) leaving the connection open: stock h2
@@ -99,6 +101,12 @@ class H2TestServer:
                                                        alpn="h2"), self.limits, tracker=tracker)
         self._server = await self.loop.create_server(factory, "127.0.0.1", 0, ssl=self.ssl)
         self.port = self._server.sockets[0].getsockname()[1]
+        self._sweep()
+
+    def _sweep(self) -> None:
+        # The worker's periodic pass over its connections (idle close, deadlines).
+        sweep_connections(self.conns, self.limits.idle_timeout, time.monotonic())
+        self.loop.call_later(sweep_interval(self.limits), self._sweep)
 
     def stop(self) -> None:
         def _close():
