@@ -285,6 +285,18 @@ def test_an_open_stream_keeps_the_connection_open_past_idle_timeout():
         assert c.goaway[1] == NO_ERROR
 
 
+def test_an_idle_timeout_of_zero_is_no_limit():
+    with H2TestServer(limits=Limits(idle_timeout=0, header_timeout=0.4)) as srv:   # sweeps every 50 ms
+        c = RawH2(srv.port)
+        handshake(c)
+        assert served(c)
+        until = time.monotonic() + 0.5        # ten sweeps with the connection idle
+        while time.monotonic() < until and not c.closed:
+            c.read_once(timeout=max(0.01, until - time.monotonic()))
+        assert c.goaway is None and served(c)
+        c.close()
+
+
 # -- stream_idle_timeout ----------------------------------------------------------------------------
 
 async def _trickle_or_default(server, stream):
