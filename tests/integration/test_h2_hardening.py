@@ -23,8 +23,8 @@ from agproxy.http.messages import Headers
 from tests.integration.test_h2_helpers import H2TestServer
 from tests.support import h2raw
 from tests.support.h2raw import (ACK, CANCEL, CONTINUATION, DATA, END_HEADERS, END_STREAM,
-                                 ENHANCE_YOUR_CALM, FLOW_CONTROL_ERROR, GOAWAY, HEADERS, NO_ERROR,
-                                 PING, PRIORITY, PRIORITY_FLAG, PROTOCOL_ERROR, SETTINGS, RawH2,
+                                 ENHANCE_YOUR_CALM, FLOW_CONTROL_ERROR, HEADERS, NO_ERROR, PING,
+                                 PRIORITY, PROTOCOL_ERROR, SETTINGS, RawH2,
                                  frame, request_fields, window_update)
 
 
