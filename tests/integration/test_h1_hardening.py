@@ -13,6 +13,7 @@ from __future__ import annotations
 import json
 import signal
 import socket
+import weakref
 import subprocess
 import threading
 import time
@@ -179,15 +180,23 @@ access_log = "{{tmp}}/h1-access.log"
 ''' + routes(url, timeout)
 
 
+_LEFTOVER: "weakref.WeakKeyDictionary[socket.socket, bytes]" = weakref.WeakKeyDictionary()  # read past a response
+
+
 def read_response(s: socket.socket, timeout: float = 10.0) -> tuple[bytes, bytes]:
-    """One response (content-length or chunked framing) from a raw socket: (head, body)."""
+    """One response (content-length or chunked framing) from a raw socket: (head, body).
+    Bytes of the next pipelined response that arrived in the same read are kept for it."""
     s.settimeout(timeout)
-    buf = b""
-    while b"\r\n\r\n" not in buf:
+    buf = _LEFTOVER.pop(s, b"")
+
+    def more() -> bytes:
         data = s.recv(65536)
         if not data:
-            raise AssertionError(f"connection closed before a response head: {buf!r}")
-        buf += data
+            raise AssertionError(f"connection closed mid-response: {buf!r}")
+        return data
+
+    while b"\r\n\r\n" not in buf:
+        buf += more()
     head, _, rest = buf.partition(b"\r\n\r\n")
     fields = {}
     for line in head.split(b"\r\n")[1:]:
@@ -196,19 +205,18 @@ def read_response(s: socket.socket, timeout: float = 10.0) -> tuple[bytes, bytes
     if b"content-length" in fields:
         n = int(fields[b"content-length"])
         while len(rest) < n:
-            data = s.recv(65536)
-            if not data:
-                raise AssertionError("connection closed mid-body")
-            rest += data
-        return head, rest[:n]
-    if fields.get(b"transfer-encoding") == b"chunked":
-        while not rest.endswith(b"0\r\n\r\n"):
-            data = s.recv(65536)
-            if not data:
-                raise AssertionError("connection closed mid-body")
-            rest += data
-        return head, rest
-    return head, rest
+            rest += more()
+        body, extra = rest[:n], rest[n:]
+    elif fields.get(b"transfer-encoding") == b"chunked":
+        while b"0\r\n\r\n" not in rest:
+            rest += more()
+        end = rest.index(b"0\r\n\r\n") + 5
+        body, extra = rest[:end], rest[end:]
+    else:
+        body, extra = rest, b""
+    if extra:
+        _LEFTOVER[s] = extra
+    return head, body
 
 
 def closed_by_peer(s: socket.socket, timeout: float = 10.0) -> bool:
