@@ -13,10 +13,10 @@ from __future__ import annotations
 import json
 import signal
 import socket
-import weakref
 import subprocess
 import threading
 import time
+import weakref
 
 import h2.config
 import h2.connection
