@@ -51,7 +51,7 @@ from urllib.parse import quote
 
 from agproxy.backends.relay import relay
 from agproxy.config.reader import Section
-from agproxy.http.messages import BodyTooLarge, Headers
+from agproxy.http.messages import BodyTooLarge, Headers, text_field_value
 from agproxy.identity.aws import AwsCredentials, NoCredentials, SigV4Signer
 from agproxy.proxy.build import Backend
 from agproxy.proxy.filter import LocalReply, Provides, RouteChain
@@ -203,7 +203,7 @@ class AgentCoreBackend(Backend):
             if not (33 <= len(session) <= 256) or not session.isprintable():
                 return LocalReply.error(400, "bad_request",
                                         "the AgentCore session id must be 33 to 256 printable characters")
-            headers.append((SESSION_HEADER, session))
+            headers.append((SESSION_HEADER, session if self.session_expr is None else text_field_value(session)))
         if self.user_id_expr is not None:
             try:
                 user = self.user_id_expr.evaluate_str(ex.activation)
@@ -211,7 +211,7 @@ class AgentCoreBackend(Backend):
                 return LocalReply.error(403, "forbidden", "cannot derive the AgentCore user id for this request")
             if not user or len(user) > 1024 or not user.isprintable():
                 return LocalReply.error(400, "bad_request", "the AgentCore user id must be 1 to 1024 characters")
-            headers.append((USER_ID_HEADER, user))
+            headers.append((USER_ID_HEADER, text_field_value(user)))
         return None
 
     def _too_large(self) -> LocalReply:

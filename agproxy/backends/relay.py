@@ -29,6 +29,15 @@ _DROP_REQUEST = HOP_BY_HOP | {"host", "content-length", "expect", "x-forwarded-h
 _DROP_RESPONSE = HOP_BY_HOP | {"content-length"}
 
 
+def response_drop(headers: Headers) -> frozenset[str]:
+    """Response headers not relayed: hop-by-hop ones and those the upstream's
+    Connection header nominates (RFC 9110 §7.6.1), whatever the client's protocol."""
+    if "connection" not in headers:
+        return _DROP_RESPONSE
+    return _DROP_RESPONSE | {t.strip().lower() for v in headers.get_all("connection")
+                             for t in v.split(",")}
+
+
 def upstream_request_headers(ex, authority: str, *, te_trailers: bool = False) -> Headers:
     req = ex.request
     src = req.headers.items
@@ -97,7 +106,8 @@ async def relay(ex, origin: Origin, method: str, target: str, headers: Headers,
         return
     ex.upstream_time = time.monotonic() - start
 
-    out = Headers([(k, v) for k, v in resp.headers.items if k not in _DROP_RESPONSE])
+    drop = response_drop(resp.headers)
+    out = Headers([(k, v) for k, v in resp.headers.items if k not in drop])
     cl = resp.headers.get("content-length")
     if cl is not None:
         out.items.append(("content-length", cl))

@@ -31,6 +31,7 @@ def build(name: str, sec: Section, ctx: BuildContext) -> StaticBackend:
     headers = sec.str_map("headers", {}) or {}
     sec.done()
     from agproxy.filters import check_header_name, header_value_ok
+    from agproxy.http.messages import text_field_value
     items = []
     for k, v in headers.items():
         path = f"{sec.sub('headers')}.{k}"
@@ -40,7 +41,7 @@ def build(name: str, sec: Section, ctx: BuildContext) -> StaticBackend:
         if not header_value_ok(v):
             sec.problems.add(path, "invalid header value (control characters)")
             continue
-        items.append((name, v))
+        items.append((name, text_field_value(v)))
     if not any(k == "content-type" for k, _ in items):
         items.append(("content-type", "text/plain; charset=utf-8"))
     return StaticBackend(status, (body or "").encode(), items)

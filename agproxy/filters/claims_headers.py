@@ -26,7 +26,9 @@ Then each value is evaluated (synchronously) and set:
   would let the backend mistake an authenticated user for an anonymous one or
   fall back to a default. Write `default(jwt.roles, []).join(",")` or
   `has(jwt.x) ? jwt.x : ""` when a claim is optional;
-- a value containing a control character (CR/LF) is a 500 as well.
+- a value containing a control character (CR/LF) is a 500 as well;
+- a value is text: it is sent as its UTF-8 octets (`text_field_value`), so a
+  claim `"user-日本"` reaches the backend as UTF-8, never as an encoding error.
 """
 
 from __future__ import annotations
@@ -38,6 +40,7 @@ from agproxy.cel import ExpressionGroup
 from agproxy.config.reader import Section
 from agproxy.filters import check_header_name, compile_cel, eval_errors, header_value_ok
 from agproxy.filters.transform import key_path
+from agproxy.http.messages import text_field_value
 from agproxy.proxy.filter import Filter, FilterResult, LocalReply
 from agproxy.proxy.registry import TRANSFORMATION
 
@@ -88,7 +91,7 @@ class ClaimsHeadersFilter(Filter):
                                   "produced an invalid header value (500)", level=logging.ERROR)
                 ex.error = f"claims_to_headers: {where} produced an invalid header value"
                 return LocalReply.error(500, "internal_error", "the gateway could not compute an identity header")
-            computed.append((name, value))
+            computed.append((name, text_field_value(value)))
         headers.items.extend(computed)
         if memo is not None and self.jwt_only:
             memo[self] = tuple(computed)

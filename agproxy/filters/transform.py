@@ -28,6 +28,11 @@ request fails with 500 and a log line naming the expression; nothing is applied
 and nothing reaches the backend. Use `default(jwt.x, "")` or `has(...)` for
 values that may legitimately be absent.
 
+Values are text (a claim, a percent-decoded query value): each is sent as its
+UTF-8 octets (`text_field_value`). A value read from a request header is the
+latin-1 reading of its octets, so copying an ASCII header is exact; a non-ASCII
+octet in it is re-encoded (é as 0xC3 0xA9).
+
 Response side (`on_response`): `response` (`code`, `headers`) is available to CEL
 besides `request`, `jwt`, `source`. The response head is already decided by the
 backend at this point and its body follows, so a value that fails to evaluate is
@@ -43,6 +48,7 @@ from typing import Any
 
 from agproxy.config.reader import Section
 from agproxy.filters import check_header_name, compile_cel, eval_errors, header_value_ok
+from agproxy.http.messages import text_field_value
 from agproxy.proxy.filter import Filter, FilterResult, LocalReply
 from agproxy.proxy.registry import TRANSFORMATION
 
@@ -119,7 +125,7 @@ class TransformFilter(Filter):
                         eval_errors.error(where, expr.source, ValueError("control character in the value"),
                                           "produced an invalid header value (500)", level=logging.ERROR)
                         return _internal_error(ex, f"transform: {where} produced an invalid header value")
-                    out.append((name, value))
+                    out.append((name, text_field_value(value)))
         headers = ex.request.headers
         if side.remove:
             headers.remove_many(side.remove)
@@ -166,7 +172,7 @@ class ResponseTransformFilter(TransformFilter):
                         eval_errors.error(where, expr.source, ValueError("control character in the value"),
                                           "produced an invalid header value (left unset)", level=logging.ERROR)
                         continue
-                    computed.append((name, value))
+                    computed.append((name, text_field_value(value)))
         headers = head.headers
         if side.remove:
             headers.remove_many(side.remove)

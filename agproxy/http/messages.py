@@ -8,6 +8,9 @@ never knows which protocol it is talking; the adapters never know what a route i
 Header names are lowercase `str`, values `str` (latin-1 decoded bytes, so any
 octet round-trips). `Headers` is a thin list of pairs: order and repeats are kept
 as received, which matters for proxies (Set-Cookie, Via, X-Forwarded-For).
+A value the gateway computes as text (a claim, a CEL result, a config string) is
+Unicode, not octets: `text_field_value` turns it into this representation (its
+UTF-8 octets), at the one place each policy sets a value.
 """
 
 from __future__ import annotations
@@ -35,6 +38,14 @@ def field_name(raw: bytes) -> str:
         if len(_FIELD_NAMES) < 2048:
             _FIELD_NAMES[raw] = name
     return name
+
+
+def text_field_value(text: str) -> str:
+    """A header value computed as text, as Headers hold it: its UTF-8 octets, one
+    latin-1 character each (ASCII, the common case, is unchanged). So `user-日本`
+    reaches an upstream as the bytes `user-\xe6\x97\xa5\xe6\x9c\xac`, over HTTP/1.1
+    and HTTP/2 alike, and a client reads it back with `.encode("latin-1").decode()`."""
+    return text if text.isascii() else text.encode("utf-8").decode("latin-1")
 
 
 class Headers:

@@ -102,12 +102,25 @@ _deadlines: PerLoop[HeadDeadlines] = PerLoop(HeadDeadlines)
 head_deadlines = _deadlines.get    # the running loop's HeadDeadlines
 
 
+# Response head limits (as Envoy's defaults: ~64 KB, 100 headers; both answer 502 past them).
+MAX_RESPONSE_HEAD_BYTES = 65536
+MAX_RESPONSE_HEADERS = 100
+# Framing is ours to write: a caller's content-length / transfer-encoding is never copied.
+_FRAMING = frozenset({"content-length", "transfer-encoding"})
+_BODY_METHODS = frozenset({"POST", "PUT", "PATCH"})
+
+
+class _Stray(Exception):
+    """Response bytes with no request in flight."""
+
+
 class H1ClientConnection(WriteFlowControl, asyncio.Protocol):
     write_lost_message = "upstream connection lost"
 
     __slots__ = ("origin", "transport", "parser", "on_idle", "response", "_headers", "_reused",
                  "_got_bytes", "_keep_alive", "_request_done", "_closed", "write_paused",
-                 "_drain_waiters", "_head_only", "_parser_dirty", "last_used", "_name", "_close_delimited")
+                 "_drain_waiters", "_head_only", "_parser_dirty", "last_used", "_name", "_close_delimited",
+                 "_in_head", "_head_bytes", "_partial_head")
 
     def __init__(self, origin, on_idle: Callable[["H1ClientConnection"], None]):
         self.origin = origin
@@ -127,6 +140,9 @@ class H1ClientConnection(WriteFlowControl, asyncio.Protocol):
         self._head_only = False
         self._parser_dirty = False
         self._close_delimited = False
+        self._in_head = False          # waiting for the final response head
+        self._head_bytes = 0           # header bytes seen by on_header (this response)
+        self._partial_head = 0         # bytes of reads that ended inside the head
         self.last_used = 0.0
 
     # -- asyncio.Protocol -------------------------------------------------------------
@@ -135,12 +151,29 @@ class H1ClientConnection(WriteFlowControl, asyncio.Protocol):
         set_nodelay(transport)
 
     def data_received(self, data: bytes) -> None:
+        if self.response is None:
+            # Nothing asked: a stray response (or garbage). Parsing it would hand its
+            # head and body to the next request on this connection.
+            self.abort()
+            return
         self._got_bytes = True
         try:
             self.parser.feed_data(data)
         except httptools.HttpParserError as exc:
-            self._fail(UpstreamError("protocol", f"invalid response from upstream: {exc}"))
+            cause = exc.__context__
+            if isinstance(cause, UpstreamError):
+                self._fail(cause)
+            elif not isinstance(cause, _Stray):
+                self._fail(UpstreamError("protocol", f"invalid response from upstream: {exc}"))
             self.abort()
+            return
+        if self._in_head:
+            # The head is still incomplete after this read: count it now, before
+            # httptools has buffered a 20 MB header value whole.
+            self._partial_head += len(data)
+            if self._partial_head > MAX_RESPONSE_HEAD_BYTES:
+                self._fail(UpstreamError("protocol", "upstream response head too large"))
+                self.abort()
 
     def eof_received(self):
         return False
@@ -150,9 +183,11 @@ class H1ClientConnection(WriteFlowControl, asyncio.Protocol):
         resp = self.response
         if resp is not None:
             if not resp._head.done():
+                # Nothing of a response came: the request may never have been read (an
+                # idle connection the upstream closed), or may have been processed.
                 resp._head.set_exception(UpstreamError(
                     "reset", "upstream closed the connection before responding",
-                    retryable=self._reused and not self._got_bytes))
+                    retryable=self._reused and not self._got_bytes, maybe_processed=True))
             elif not resp.body.complete:
                 if self._close_delimited:
                     resp.body.feed_eof()   # the close is the end of this body
@@ -164,17 +199,27 @@ class H1ClientConnection(WriteFlowControl, asyncio.Protocol):
         return self._closed
 
     # -- httptools callbacks ------------------------------------------------------------
+    def on_message_begin(self) -> None:
+        if self.response is None:
+            raise _Stray()    # a second response after the one we asked for: stop here
+
     def on_header(self, name: bytes, value: bytes) -> None:
+        self._head_bytes += len(name) + len(value) + 4
+        if self._head_bytes > MAX_RESPONSE_HEAD_BYTES:
+            raise UpstreamError("protocol", "upstream response head too large")
         self._headers.append((field_name(name), value.decode("latin-1")))
 
     def on_headers_complete(self) -> None:
         resp = self.response
         if resp is None:
             return
+        if len(self._headers) > MAX_RESPONSE_HEADERS:
+            raise UpstreamError("protocol", "upstream response has too many header fields")
         status = self.parser.get_status_code()
         if 100 <= status < 200 and status != 101:
-            self._headers = []   # interim response: wait for the final one
+            self._headers = []   # interim response: wait for the final one (its bytes count)
             return
+        self._in_head = False
         resp.status = status
         resp.headers = Headers(self._headers)
         self._headers = []
@@ -229,32 +274,41 @@ class H1ClientConnection(WriteFlowControl, asyncio.Protocol):
         return not self._closed and self.response is None and self.transport is not None \
             and not self.transport.is_closing()
 
-    def send(self, method: str, target: str, headers: Headers, body: bytes | None,
-             streaming: bool = False, reused: bool = False) -> UpstreamResponse:
-        """Write the request head (and in-memory body); streaming bodies follow via write_body."""
+    def send(self, method: str, target: str, headers: Headers, body: bytes | None = None, *,
+             stream: bool = False, length: int | None = None, reused: bool = False) -> UpstreamResponse:
+        """Write the request head, with exactly one framing header, and an in-memory body.
+
+        `stream`: the body follows through write_body / write_raw + end_body, framed
+        with `content-length: length` when the length is known, chunked otherwise.
+        Without a body, POST/PUT/PATCH say `content-length: 0` (RFC 9110 §8.6).
+        """
         if self._parser_dirty:
             self.parser = httptools.HttpResponseParser(self)
             self._parser_dirty = False
+        transport = self.transport
+        lines = [f"{method} {target} HTTP/1.1\r\n"]
+        for k, v in headers.items:
+            if k not in _FRAMING:
+                lines.append(f"{k}: {v}\r\n")
+        if stream:
+            lines.append("transfer-encoding: chunked\r\n" if length is None
+                         else f"content-length: {length}\r\n")
+        elif body:
+            lines.append(f"content-length: {len(body)}\r\n")
+        elif method in _BODY_METHODS:
+            lines.append("content-length: 0\r\n")
+        lines.append("\r\n")
+        head = "".join(lines).encode("latin-1")   # before any state changes: may raise
         self._reused = reused
         self._got_bytes = False
         self._head_only = method == "HEAD"
         self._keep_alive = True
-        transport = self.transport
+        self._request_done = not stream
+        self._in_head = True
+        self._head_bytes = self._partial_head = 0
         reader = BodyReader(transport.pause_reading, transport.resume_reading)
         resp = self.response = UpstreamResponse(self, reader)
-        lines = [f"{method} {target} HTTP/1.1\r\n"]
-        for k, v in headers.items:
-            lines.append(f"{k}: {v}\r\n")
-        if streaming:
-            lines.append("transfer-encoding: chunked\r\n")
-            self._request_done = False
-        else:
-            if body or method in ("POST", "PUT", "PATCH"):
-                lines.append(f"content-length: {len(body) if body else 0}\r\n")
-            self._request_done = True
-        lines.append("\r\n")
-        head = "".join(lines).encode("latin-1")
-        transport.write(head + body if body else head)
+        transport.write(head + body if body and not stream else head)
         return resp
 
     async def write_body(self, data: bytes) -> None:
@@ -265,8 +319,15 @@ class H1ClientConnection(WriteFlowControl, asyncio.Protocol):
             self.transport.write(b"%x\r\n%b\r\n" % (len(data), data))
         await self.drain()
 
-    def end_body(self) -> None:
-        if not self._closed:
+    async def write_raw(self, data: bytes) -> None:
+        """Bytes of a streaming body whose Content-Length the head declared."""
+        if self._closed:
+            raise ConnectionResetError("upstream connection lost")
+        self.transport.write(data)
+        await self.drain()
+
+    def end_body(self, chunked: bool = True) -> None:
+        if chunked and not self._closed:
             self.transport.write(b"0\r\n\r\n")
         self._request_done = True
         if self.response is None and self._keep_alive and not self._closed:

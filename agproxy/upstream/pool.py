@@ -2,11 +2,24 @@
 
 Theory of operation: idle HTTP/1.1 connections wait per origin in a LIFO list (the
 most recently used is the least likely to have been closed by the upstream); a
-request takes one or connects. A request that fails on a reused connection
-before any response byte arrived (the upstream closed it while idle) is retried
-once on a fresh connection when its body can be replayed. HTTP/2 origins share
-one connection per origin, opened on demand and replaced when it goes away
-(upstream/h2.py). A sweeper closes connections idle longer than `idle_timeout`.
+request takes one or connects. A connection taken from the pool is either handed
+back by the connection itself (response complete, keep-alive on both sides) or
+aborted: every failure between taking it and the response head aborts it, so no
+exception leaks a socket.
+
+Retries: a request is sent again at most once, and only when that cannot make the
+upstream act twice. On HTTP/1.1, a reused connection that closes before any
+response byte is ambiguous (the upstream may have closed it while idle, or read
+the request and died): the request is sent again only if its method is
+idempotent (RFC 9110 §9.2.2, as nginx, Envoy and Go's net/http do) and its body
+is in memory, and always on a *fresh* connection: the other idle ones are likely
+as stale as the one that failed, and a second stale one would turn a retry into a
+502. On HTTP/2, only a stream the upstream says it never processed (REFUSED_STREAM,
+or above a GOAWAY's last stream id) is sent again, whatever its method.
+
+HTTP/2 origins share one connection per origin, opened on demand and replaced when
+it goes away (upstream/h2.py). A sweeper closes connections idle longer than
+`idle_timeout`.
 """
 
 from __future__ import annotations
@@ -16,7 +29,7 @@ import time
 from typing import Any
 
 from agproxy.http.messages import BodyAborted, BodyReader, Headers
-from agproxy.upstream.errors import UpstreamError, UpstreamTimeout
+from agproxy.upstream.errors import UpstreamError
 from agproxy.upstream.h1 import H1ClientConnection, UpstreamResponse
 from agproxy.upstream.h2 import connect_h2
 from agproxy.upstream.origin import Origin
@@ -51,19 +64,19 @@ class Pool:
         if origin.http2:
             return await self._request_h2(origin, method, target, headers, body, timeout)
         replayable = not isinstance(body, BodyReader)
-        for attempt in (0, 1):
-            conn = self._take_idle(origin)
-            reused = conn is not None
-            if conn is None:
-                conn = await self._connect(origin)
-            try:
-                return await self._exchange_h1(conn, method, target, headers, body, body_length,
-                                               timeout, reused)
-            except UpstreamError as exc:
-                if attempt == 0 and exc.retryable and replayable:
-                    continue
+        conn = self._take_idle(origin)
+        reused = conn is not None
+        if conn is None:
+            conn = await self._connect(origin)
+        try:
+            return await self._exchange_h1(conn, method, target, headers, body, body_length,
+                                           timeout, reused)
+        except UpstreamError as exc:
+            if not (replayable and may_resend(exc, method)):
                 raise
-        raise AssertionError("unreachable")
+        conn = await self._connect(origin)     # the one retry: on a fresh connection
+        return await self._exchange_h1(conn, method, target, headers, body, body_length,
+                                       timeout, False)
 
     async def close(self) -> None:
         self._closed = True
@@ -86,52 +99,49 @@ class Pool:
     async def _exchange_h1(self, conn: H1ClientConnection, method, target, headers, body,
                            body_length, timeout, reused) -> UpstreamResponse:
         streaming = isinstance(body, BodyReader)
-        if streaming and body_length is not None:
-            headers = headers.copy()
-            headers.set("content-length", str(body_length))
         try:
             resp = conn.send(method, target, headers, None if streaming else body,
-                             streaming=streaming and body_length is None, reused=reused)
+                             stream=streaming, length=body_length, reused=reused)
         except (OSError, RuntimeError) as exc:
             conn.abort()
-            raise UpstreamError("reset", f"upstream write failed: {exc}", retryable=reused)
+            # nothing was written: safe to send again whatever the method
+            raise UpstreamError("reset", f"upstream write failed: {exc}", retryable=reused) from None
+        except BaseException:
+            conn.abort()     # e.g. a header value that is not latin-1: never leak the socket
+            raise
         pump = None
         if streaming:
-            pump = asyncio.get_running_loop().create_task(
-                self._pump(conn, body, chunked=body_length is None))
+            pump = asyncio.get_running_loop().create_task(self._pump(conn, body, body_length))
         try:
             await resp.wait_head(timeout)
-        except UpstreamTimeout:
-            conn.abort()
-            if pump is not None:
-                pump.cancel()
-            raise
-        except UpstreamError:
-            if pump is not None:
-                pump.cancel()
-            raise
-        except asyncio.CancelledError:
+        except BaseException as exc:
+            # UpstreamError from the connection (already closed or closing), a timeout,
+            # a cancellation: in every case this connection is done.
             conn.abort()
             if pump is not None:
                 pump.cancel()
             raise
         return resp
 
-    async def _pump(self, conn: H1ClientConnection, body: BodyReader, chunked: bool) -> None:
+    async def _pump(self, conn: H1ClientConnection, body: BodyReader, length: int | None) -> None:
+        """Copy a streamed request body; with a declared length, exactly that many bytes."""
+        sent = 0
         try:
             while True:
                 chunk = await body.read()
                 if not chunk:
                     break
-                if chunked:
+                if length is None:
                     await conn.write_body(chunk)
-                else:
-                    conn.transport.write(chunk)
-                    await conn.drain()
-            if chunked:
-                conn.end_body()
-            else:
-                conn._request_done = True
+                    continue
+                sent += len(chunk)
+                if sent > length:
+                    # More than the head announced: the rest would be parsed as another request.
+                    raise BodyAborted("request body longer than its Content-Length")
+                await conn.write_raw(chunk)
+            if length is not None and sent != length:
+                raise BodyAborted("request body shorter than its Content-Length")
+            conn.end_body(chunked=length is None)
         except (BodyAborted, ConnectionError, OSError):
             conn.abort()   # the client went away mid-upload: the upstream must not see a complete request
 
@@ -208,8 +218,8 @@ class Pool:
             except UpstreamError as exc:
                 if not conn.usable:
                     self._h2.pop(origin.key, None)
-                if attempt == 0 and exc.retryable and replayable:
-                    continue   # e.g. the upstream sent GOAWAY before taking this stream
+                if attempt == 0 and replayable and may_resend(exc, method):
+                    continue   # refused, or above the GOAWAY's last stream id: never processed
                 raise
         raise AssertionError("unreachable")
 
@@ -239,6 +249,15 @@ class Pool:
 def _retrieve(task: asyncio.Task) -> None:
     if not task.cancelled():
         task.exception()     # retrieved: the waiters re-raise it, nobody else needs to
+
+
+# RFC 9110 §9.2.2: the methods whose repetition has the effect of one request.
+IDEMPOTENT_METHODS = frozenset({"GET", "HEAD", "OPTIONS", "TRACE", "PUT", "DELETE"})
+
+
+def may_resend(exc: UpstreamError, method: str) -> bool:
+    """Whether a failed request may be sent once more (its body being replayable)."""
+    return exc.retryable and (not exc.maybe_processed or method in IDEMPOTENT_METHODS)
 
 
 _pools: PerLoop[Pool] = PerLoop(Pool)

@@ -1,8 +1,9 @@
 """An emulator of Amazon Bedrock AgentCore Runtime's data plane, for tests and demos.
 
-Theory of operation: a real HTTP/1.1 server on 127.0.0.1 (stdlib
-`ThreadingHTTPServer`, in a background thread) that behaves as AgentCore's inbound
-authentication does, in front of a tiny echo "agent":
+Theory of operation: a real HTTP/1.1 server on 127.0.0.1 (the strict llhttp
+server of tests/support/strict_http.py, in background threads: a request with
+framing a production server would refuse gets 400) that behaves as AgentCore's
+inbound authentication does, in front of a tiny echo "agent":
 
 - `POST /runtimes/{percent-encoded runtime ARN}/invocations?qualifier=Q`. The raw
   path must carry the ARN single-encoded (`%3A`, `%2F`); an unknown ARN is 404
@@ -47,13 +48,13 @@ import time
 import urllib.request
 import uuid
 from dataclasses import dataclass, field
-from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
 from typing import Any
 from urllib.parse import parse_qs, quote, unquote, urlsplit
 
 import jwt as pyjwt
 
 from agproxy.identity.aws import verify_sigv4
+from tests.support.strict_http import Conn, Request, StrictHTTPServer
 
 TEST_ACCESS_KEY = "AKIDAGPROXYTEST00001"
 TEST_SECRET_KEY = "agproxy-test-secret-key-do-not-use-anywhere-else"
@@ -86,6 +87,7 @@ class Seen:
     body: bytes
     status: int = 0
     reason: str = ""
+    raw: bytes = b""               # the request's exact bytes on the wire
 
 
 @dataclass
@@ -149,19 +151,13 @@ class AgentCoreEmulator:
         self.fail_next: tuple[int, str] | None = None
         self._jwks = _Jwks(cfg.discovery_url, cfg.jwks_ttl) if cfg.discovery_url else None
         self._allow = {h.lower() for h in cfg.header_allowlist}
-        emulator = self
-
-        class Handler(_Handler):
-            emu = emulator
-
-        self.server = ThreadingHTTPServer((host, port), Handler)
-        self.server.daemon_threads = True
-        self._thread: threading.Thread | None = None
+        self.server = StrictHTTPServer(lambda req, conn: _Call(self, req, conn).run(), host=host,
+                                       port=port, name="agentcore-emulator")
 
     # -- lifecycle ---------------------------------------------------------------------
     @property
     def port(self) -> int:
-        return self.server.server_address[1]
+        return self.server.port
 
     @property
     def url(self) -> str:
@@ -172,14 +168,11 @@ class AgentCoreEmulator:
         return f"/runtimes/{quote(self.config.runtime_arn, safe='')}/invocations"
 
     def start(self) -> "AgentCoreEmulator":
-        self._thread = threading.Thread(target=self.server.serve_forever, name="agentcore-emulator",
-                                        daemon=True)
-        self._thread.start()
+        self.server.start()
         return self
 
     def stop(self) -> None:
-        self.server.shutdown()
-        self.server.server_close()
+        self.server.stop()
 
     def __enter__(self) -> "AgentCoreEmulator":
         return self.start()
@@ -192,10 +185,10 @@ class AgentCoreEmulator:
         self._jwks = _Jwks(url, self.config.jwks_ttl)
 
     # -- the service -------------------------------------------------------------------
-    def check_sigv4(self, h: "_Handler", headers: list[tuple[str, str]], body: bytes) -> str | None:
+    def check_sigv4(self, method: str, target: str, headers: list[tuple[str, str]], body: bytes) -> str | None:
         host = dict(headers).get("host", "")
-        url = f"http://{host}{h.path}"
-        return verify_sigv4(h.command, url, headers, body, self.config.credentials, SERVICE)
+        url = f"http://{host}{target}"
+        return verify_sigv4(method, url, headers, body, self.config.credentials, SERVICE)
 
     def check_jwt(self, token: str) -> str | None:
         cfg = self.config
@@ -252,25 +245,31 @@ def _error_body(kind: str, message: str) -> bytes:
     return json.dumps({"message": message, "__type": kind}).encode()
 
 
-class _Handler(BaseHTTPRequestHandler):
-    protocol_version = "HTTP/1.1"
-    emu: AgentCoreEmulator
-    server_version = "agentcore-emulator"
+class _Call:
+    """One request to the emulator (the service, then the echo agent)."""
 
-    def log_message(self, fmt: str, *args: Any) -> None:  # quiet
-        pass
+    def __init__(self, emu: AgentCoreEmulator, req: Request, conn: Conn):
+        self.emu = emu
+        self.req = req
+        self.conn = conn
+        self.command = req.method
+        self.path = req.target
+
+    def run(self) -> None:
+        if self.command == "POST":
+            self.do_POST()
+        elif self.command == "GET":
+            self.do_GET()
+        else:
+            self._send(405, _error_body("UnknownOperationException", "unknown operation"))
 
     def _send(self, status: int, body: bytes, headers: list[tuple[str, str]] | None = None,
               kind: str | None = None) -> None:
-        self.send_response(status)
-        self.send_header("content-type", "application/json")
-        self.send_header("content-length", str(len(body)))
+        out = [("server", "agentcore-emulator"), ("content-type", "application/json")]
         if kind:
-            self.send_header("x-amzn-errortype", kind)
-        for k, v in headers or ():
-            self.send_header(k, v)
-        self.end_headers()
-        self.wfile.write(body)
+            out.append(("x-amzn-errortype", kind))
+        out.extend(headers or ())
+        self.conn.respond(status, out, body)
 
     def _fail(self, seen: Seen, status: int, kind: str, message: str,
               headers: list[tuple[str, str]] | None = None) -> None:
@@ -286,13 +285,9 @@ class _Handler(BaseHTTPRequestHandler):
     def do_POST(self) -> None:
         emu = self.emu
         cfg = emu.config
-        length = int(self.headers.get("content-length") or 0)
-        if self.headers.get("transfer-encoding", "").lower() == "chunked":
-            body = self._read_chunked()
-        else:
-            body = self.rfile.read(length) if length else b""
-        headers = [(k.lower(), v) for k, v in self.headers.items()]
-        seen = Seen(self.command, self.path, headers, body)
+        body = self.req.body
+        headers = list(self.req.headers)
+        seen = Seen(self.command, self.path, headers, body, raw=self.req.raw)
         emu.requests.append(seen)
         hmap = dict(headers)
 
@@ -314,7 +309,7 @@ class _Handler(BaseHTTPRequestHandler):
             if not authz.startswith("AWS4-HMAC-SHA256"):
                 return self._fail(seen, 403, "AccessDeniedException",
                                   "Authorization method mismatch: this runtime is configured for SigV4")
-            why = emu.check_sigv4(self, headers, body)
+            why = emu.check_sigv4(self.command, self.path, headers, body)
             if why:
                 return self._fail(seen, 403, "InvalidSignatureException", why)
         else:
@@ -359,17 +354,6 @@ class _Handler(BaseHTTPRequestHandler):
         seen.status = 200
         self._agent(payload, body, agent_headers, qualifier, session)
 
-    def _read_chunked(self) -> bytes:
-        parts = []
-        while True:
-            size = int(self.rfile.readline().split(b";")[0].strip() or b"0", 16)
-            if size == 0:
-                while self.rfile.readline() not in (b"\r\n", b"\n", b""):
-                    pass
-                return b"".join(parts)
-            parts.append(self.rfile.read(size))
-            self.rfile.readline()
-
     # -- the echo agent ---------------------------------------------------------------
     def _agent(self, payload: Any, body: bytes, headers: dict[str, str], qualifier: str, session: str) -> None:
         emu = self.emu
@@ -385,19 +369,15 @@ class _Handler(BaseHTTPRequestHandler):
         stream = payload.get("stream") if isinstance(payload, dict) else None
         resp_headers = [(SESSION_HEADER, session)]
         if isinstance(stream, int) and stream > 0:
-            self.send_response(200)
-            self.send_header("content-type", "text/event-stream")
-            self.send_header("transfer-encoding", "chunked")
-            for k, v in resp_headers:
-                self.send_header(k, v)
-            self.end_headers()
+            head = ["HTTP/1.1 200 OK", "server: agentcore-emulator", "content-type: text/event-stream",
+                    "transfer-encoding: chunked"] + [f"{k}: {v}" for k, v in resp_headers]
+            self.conn.send(("\r\n".join(head) + "\r\n\r\n").encode("latin-1"))
             for i in range(stream):
                 event = f"id: {i}\ndata: {json.dumps({'n': i, 'ts': time.time()})}\n\n".encode()
-                self.wfile.write(b"%x\r\n%b\r\n" % (len(event), event))
-                self.wfile.flush()
+                if not self.conn.send(b"%x\r\n%b\r\n" % (len(event), event)):
+                    return
                 time.sleep(emu.config.stream_delay)
-            self.wfile.write(b"0\r\n\r\n")
-            self.wfile.flush()
+            self.conn.send(b"0\r\n\r\n")
             return
         out = json.dumps({"agent": "echo", "saw": seen}).encode()
         self._send(status, out, resp_headers)

@@ -1,4 +1,10 @@
-"""A real HTTP/1.1 upstream for tests: echoes what it saw, streams, stalls or dies on demand.
+"""A real, strict HTTP/1.1 upstream for tests: echoes what it saw, streams, stalls or misbehaves.
+
+It parses with llhttp (tests/support/strict_http.py): a request that Node's HTTP
+server would refuse (duplicate or conflicting Content-Length, Content-Length with
+Transfer-Encoding, bare LF, obs-fold...) gets 400 and the connection is closed,
+so a framing mistake by the gateway fails the test that made it. The exact bytes
+of every request are kept (`raw`, `received`), refused ones in `rejected`.
 
 Paths:
   /sse?n=N&interval=S   N server-sent events, one every S seconds (chunked)
@@ -6,7 +12,14 @@ Paths:
   /die                  send a head promising 1000 bytes, 10 of them, then close
   /status/N             answer with status N
   /bytes?n=N            N bytes of body
-  anything else         JSON: method, path, headers, body (base64-free text), count
+  /drop                 read the request, close the connection without answering
+  /drop-once?key=K      the same, the first time K is seen; an echo afterwards
+  /barrier?n=N          hold each request until N of them wait, then answer all
+  /stray                answer, then write a second, unsolicited response (in the
+                        same write; with ?after=K: once the test calls release(K))
+  /hop                  a response whose Connection header nominates x-hop-secret
+  /bighead?kb=N&count=C a response head of N KiB (or C small headers)
+  anything else         JSON: method, path, headers, body (latin-1 text), count
 Counts requests and TCP connections (`requests`, `connections`).
 """
 
@@ -15,135 +28,159 @@ from __future__ import annotations
 import json
 import threading
 import time
-from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
 from urllib.parse import parse_qs, urlsplit
 
+from tests.support.strict_http import Conn, Request, StrictHTTPServer
 
-class EchoServer(ThreadingHTTPServer):
-    daemon_threads = True
-    allow_reuse_address = True
+STRAY = b"HTTP/1.1 200 OK\r\nx-evil: injected\r\ncontent-length: 5\r\n\r\nEVIL!"
 
+
+class EchoServer:
     def __init__(self, port: int = 0, tls: dict | None = None):
-        super().__init__(("127.0.0.1", port), _Handler)
-        self.scheme = "http"
-        if tls is not None:
-            import ssl
-            ctx = ssl.SSLContext(ssl.PROTOCOL_TLS_SERVER)
-            ctx.load_cert_chain(tls["cert"], tls["key"])
-            self.socket = ctx.wrap_socket(self.socket, server_side=True)
-            self.scheme = "https"
-        self.requests = 0
-        self.connections = 0
+        self.server = StrictHTTPServer(self._handle, port=port, tls=tls, name="echo")
         self.seen: list[dict] = []
+        self.raw: list[bytes] = []          # the raw bytes of each request in `seen`, same order
         self.sse_finished = threading.Event()
         self._lock = threading.Lock()
-        self.thread = threading.Thread(target=self.serve_forever, daemon=True)
+        self._dropped: set[str] = set()
+        self._barrier_waiting = 0
+        self._barrier = threading.Condition()
+        self._gates: dict[str, threading.Event] = {}
 
+    # -- the interface tests use ---------------------------------------------------------
     @property
     def port(self) -> int:
-        return self.server_address[1]
+        return self.server.port
+
+    @property
+    def scheme(self) -> str:
+        return self.server.scheme
 
     @property
     def url(self) -> str:
-        return f"{self.scheme}://127.0.0.1:{self.port}"
+        return self.server.url
 
-    def process_request(self, request, client_address):
-        with self._lock:
-            self.connections += 1
-        super().process_request(request, client_address)
+    @property
+    def requests(self) -> int:
+        """Requests answered or dropped (refused ones are in `rejected`)."""
+        return len(self.seen)
+
+    @property
+    def connections(self) -> int:
+        return self.server.connections
+
+    @property
+    def received(self) -> list[Request]:
+        return self.server.received
+
+    @property
+    def rejected(self):
+        return self.server.rejected
 
     def start(self) -> "EchoServer":
-        self.thread.start()
+        self.server.start()
         return self
 
     def stop(self) -> None:
-        self.shutdown()
-        self.server_close()
+        for gate in list(self._gates.values()):
+            gate.set()
+        self.server.stop()
 
+    def wait_until(self, predicate, timeout: float = 10.0) -> None:
+        self.server.wait_until(predicate, timeout)
 
-class _Handler(BaseHTTPRequestHandler):
-    protocol_version = "HTTP/1.1"
-    server: EchoServer
+    def release(self, key: str) -> None:
+        self._gate(key).set()
 
-    def log_message(self, *args) -> None:
-        pass
+    def _gate(self, key: str) -> threading.Event:
+        with self._lock:
+            return self._gates.setdefault(key, threading.Event())
 
-    def _body(self) -> bytes:
-        if self.headers.get("transfer-encoding", "").lower() == "chunked":
-            out = b""
-            while True:
-                size = int(self.rfile.readline().strip().split(b";")[0], 16)
-                if size == 0:
-                    while self.rfile.readline() not in (b"\r\n", b"\n", b""):
-                        pass
-                    return out
-                out += self.rfile.read(size)
-                self.rfile.readline()
-        n = int(self.headers.get("content-length") or 0)
-        return self.rfile.read(n) if n else b""
-
-    def _handle(self) -> None:
-        body = self._body()
-        with self.server._lock:
-            self.server.requests += 1
-            count = self.server.requests
-            record = {"method": self.command, "path": self.path,
-                      "headers": [[k.lower(), v] for k, v in self.headers.items()],
-                      "body": body.decode("latin-1"), "count": count}
-            self.server.seen.append(record)
-        url = urlsplit(self.path)
+    # -- the handler -------------------------------------------------------------------
+    def _handle(self, req: Request, conn: Conn) -> None:
+        with self._lock:
+            count = len(self.seen) + 1
+            record = {"method": req.method, "path": req.target,
+                      "headers": [[k, v] for k, v in req.headers],
+                      "body": req.body.decode("latin-1"), "count": count}
+            self.seen.append(record)
+            self.raw.append(req.raw)
+        url = urlsplit(req.target)
         q = {k: v[0] for k, v in parse_qs(url.query).items()}
-        if url.path == "/sse":
+        path = url.path
+        head_only = req.method == "HEAD"
+        if path == "/sse":
             n, interval = int(q.get("n", 5)), float(q.get("interval", 0.1))
-            self.send_response(200)
-            self.send_header("content-type", "text/event-stream")
-            self.send_header("transfer-encoding", "chunked")
-            self.end_headers()
+            conn.send(b"HTTP/1.1 200 OK\r\ncontent-type: text/event-stream\r\n"
+                      b"transfer-encoding: chunked\r\n\r\n")
             for i in range(n):
                 chunk = f"data: event {i}\n\n".encode()
-                self.wfile.write(b"%x\r\n%b\r\n" % (len(chunk), chunk))
-                self.wfile.flush()
+                if not conn.send(b"%x\r\n%b\r\n" % (len(chunk), chunk)):
+                    return
                 time.sleep(interval)
-            self.wfile.write(b"0\r\n\r\n")
-            self.server.sse_finished.set()
+            conn.send(b"0\r\n\r\n")
+            self.sse_finished.set()
             return
-        if url.path == "/slow":
+        if path == "/slow":
             time.sleep(float(q.get("delay", 5)))
-        if url.path == "/die":
-            self.send_response(200)
-            self.send_header("content-length", "1000")
-            self.end_headers()
-            self.wfile.write(b"x" * 10)
-            self.wfile.flush()
-            self.close_connection = True
-            self.connection.shutdown(2)
+        if path == "/die":
+            conn.send(b"HTTP/1.1 200 OK\r\ncontent-length: 1000\r\n\r\n" + b"x" * 10)
+            conn.close()
             return
-        if url.path.startswith("/status/"):
-            status = int(url.path.rsplit("/", 1)[1])
-            self.send_response(status)
-            if status in (204, 304):   # no body, no content-length (RFC 9110 §8.6)
-                self.end_headers()
+        if path.startswith("/status/"):
+            status = int(path.rsplit("/", 1)[1])
+            conn.respond(status, [("content-type", "application/json")],
+                         json.dumps({"status": status}).encode(), head_only=head_only)
+            return
+        if path == "/bytes":
+            conn.respond(200, [], b"b" * int(q.get("n", 1024)), head_only=head_only)
+            return
+        if path == "/drop":
+            conn.close()
+            return
+        if path == "/drop-once":
+            key = q.get("key", "")
+            with self._lock:
+                first = key not in self._dropped
+                self._dropped.add(key)
+            if first:
+                conn.close()
                 return
-            payload = json.dumps({"status": status}).encode()
-            self.send_header("content-type", "application/json")
-            self.send_header("content-length", str(len(payload)))
-            self.end_headers()
-            self.wfile.write(payload)
+        if path == "/barrier":
+            n = int(q.get("n", 2))
+            with self._barrier:
+                self._barrier_waiting += 1
+                self._barrier.notify_all()
+                if not self._barrier.wait_for(lambda: self._barrier_waiting >= n, timeout=10):
+                    conn.close()
+                    return
+        if path == "/hop":
+            conn.respond(200, [("connection", "keep-alive, x-hop-secret"), ("x-hop-secret", "1"),
+                               ("keep-alive", "timeout=30"), ("x-kept", "yes")], b"hop")
             return
-        if url.path == "/bytes":
-            n = int(q.get("n", 1024))
-            self.send_response(200)
-            self.send_header("content-length", str(n))
-            self.end_headers()
-            self.wfile.write(b"b" * n)
+        if path == "/bighead":
+            if "count" in q:
+                headers = [(f"x-h{i}", "v") for i in range(int(q["count"]))]
+            else:
+                kib = int(q.get("kb", 100))
+                headers = [(f"x-big{i}", "a" * 1020) for i in range(kib)]
+            conn.respond(200, headers, b"big head")
             return
         payload = json.dumps(record).encode()
-        self.send_response(200)
-        self.send_header("content-type", "application/json")
-        self.send_header("content-length", str(len(payload)))
-        self.send_header("x-upstream", "echo")
-        self.end_headers()
-        if self.command != "HEAD":
-            self.wfile.write(payload)
+        headers = [("content-type", "application/json"), ("x-upstream", "echo")]
+        if path == "/stray":
+            after = q.get("after")
+            if after is None:
+                conn.send(_response(headers, payload) + STRAY)
+            else:
+                conn.respond(200, headers, payload)
+                self._gate(after).wait(10)
+                conn.send(STRAY)
+            return
+        conn.respond(200, headers, payload, head_only=head_only)
 
-    do_GET = do_POST = do_PUT = do_DELETE = do_PATCH = do_HEAD = do_OPTIONS = _handle
+
+def _response(headers: list[tuple[str, str]], body: bytes) -> bytes:
+    lines = ["HTTP/1.1 200 OK\r\n"] + [f"{k}: {v}\r\n" for k, v in headers]
+    lines.append(f"content-length: {len(body)}\r\n\r\n")
+    return "".join(lines).encode("latin-1") + body

@@ -1,4 +1,4 @@
-"""A real identity provider for tests: an HTTP server on 127.0.0.1 in a thread.
+"""A real identity provider for tests: a strict (llhttp) HTTP server on 127.0.0.1 in a thread.
 
 It serves OIDC discovery (`/.well-known/openid-configuration`) and a JWKS
 (`/jwks.json`) that tests can rotate, take down (503), slow down, or serve with any
@@ -17,17 +17,17 @@ import base64
 import hashlib
 import hmac
 import json
-import socket
 import threading
 import time
 import uuid
 from collections import Counter
-from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
 from typing import Any
 
 import jwt
 from cryptography.hazmat.primitives import serialization
 from cryptography.hazmat.primitives.asymmetric import ec, ed25519, rsa
+
+from tests.support.strict_http import Conn, Request, StrictHTTPServer
 
 DISCOVERY_PATH = "/.well-known/openid-configuration"
 JWKS_PATH = "/jwks.json"
@@ -111,55 +111,32 @@ class IdP:
         self.keys: list[SigningKey] = [SigningKey(k) for k in key_kinds]
         self.unpublished: set[str] = set()
         self.extra_jwks: list[dict] = []
-        idp = self
-
-        class Handler(BaseHTTPRequestHandler):
-            protocol_version = "HTTP/1.1"
-
-            def setup(self) -> None:
-                super().setup()
-                # head and body leave in two writes: without this, Nagle + delayed ACK
-                # add 40 ms to every response on a kept-alive connection
-                self.connection.setsockopt(socket.IPPROTO_TCP, socket.TCP_NODELAY, 1)
-
-            def log_message(self, *args: Any) -> None:
-                pass
-
-            def do_GET(self) -> None:
-                path = self.path.split("?", 1)[0]
-                with idp.lock:
-                    idp.fetches[path] += 1
-                if idp.delay:
-                    time.sleep(idp.delay)
-                if idp.down:
-                    self._send(503, b'{"error":"down"}')
-                    return
-                if path == DISCOVERY_PATH:
-                    body = json.dumps({"issuer": idp.issuer, "jwks_uri": idp.jwks_url,
-                                       "id_token_signing_alg_values_supported": ["RS256", "ES256"]})
-                    self._send(200, body.encode())
-                elif path == JWKS_PATH:
-                    extra = [("cache-control", idp.cache_control)] if idp.cache_control else []
-                    self._send(200, json.dumps(idp.jwks()).encode(), extra)
-                else:
-                    self._send(404, b'{"error":"not found"}')
-
-            def _send(self, status: int, body: bytes, extra: list | None = None) -> None:
-                self.send_response(status)
-                self.send_header("content-type", "application/json")
-                self.send_header("content-length", str(len(body)))
-                for k, v in extra or ():
-                    self.send_header(k, v)
-                self.end_headers()
-                self.wfile.write(body)
-
-        self.server = ThreadingHTTPServer(("127.0.0.1", 0), Handler)
-        self.server.daemon_threads = True
-        self.port = self.server.server_address[1]
+        self.server = StrictHTTPServer(self._handle, name="test-idp").start()
+        self.port = self.server.port
         self.url = f"http://127.0.0.1:{self.port}"
         self.issuer = issuer or self.url
-        self.thread = threading.Thread(target=self.server.serve_forever, name="test-idp", daemon=True)
-        self.thread.start()
+
+    def _handle(self, req: Request, conn: Conn) -> None:
+        if req.method != "GET":
+            conn.respond(405, [("content-type", "application/json")], b'{"error":"method"}')
+            return
+        path = req.path
+        with self.lock:
+            self.fetches[path] += 1
+        if self.delay:
+            time.sleep(self.delay)
+        json_type = [("content-type", "application/json")]
+        if self.down:
+            conn.respond(503, json_type, b'{"error":"down"}')
+        elif path == DISCOVERY_PATH:
+            body = json.dumps({"issuer": self.issuer, "jwks_uri": self.jwks_url,
+                               "id_token_signing_alg_values_supported": ["RS256", "ES256"]})
+            conn.respond(200, json_type, body.encode())
+        elif path == JWKS_PATH:
+            extra = [("cache-control", self.cache_control)] if self.cache_control else []
+            conn.respond(200, json_type + extra, json.dumps(self.jwks()).encode())
+        else:
+            conn.respond(404, json_type, b'{"error":"not found"}')
 
     # -- endpoints --------------------------------------------------------------------
     @property
@@ -240,8 +217,7 @@ class IdP:
         return jwt.encode(payload, key.private, algorithm=alg or key.alg, headers=h)
 
     def close(self) -> None:
-        self.server.shutdown()
-        self.server.server_close()
+        self.server.stop()
 
     def __enter__(self) -> "IdP":
         return self

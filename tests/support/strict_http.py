@@ -1,0 +1,420 @@
+"""A strict HTTP/1.1 server for test peers: llhttp (httptools) parsing, exact bytes recorded.
+
+Theory of operation: one accept thread, one thread per connection (blocking
+sockets, so a handler may sleep, stream or stall without stopping the others).
+Each connection feeds what it receives to llhttp — with no leniency flag set, so
+what Node's HTTP server refuses is refused here: duplicate or conflicting
+Content-Length, Content-Length with Transfer-Encoding, bare LF, obs-fold,
+invalid characters, bad chunk sizes — and a refused message gets `400` and the
+connection is closed, as production servers do. The bytes that led to it are
+kept in `rejected`.
+
+Every accepted request is a `Request` with its exact raw bytes (`raw`), so a
+test can assert on what was on the wire, not on what a forgiving parser made of
+it. Message boundaries are known to the byte: heads, chunk-size lines and
+trailers are fed to llhttp one byte at a time, body data (whose length the
+parser has just validated) in one piece. Pipelined requests are answered one
+after the other, in order.
+
+`handler(request, conn)` answers through `conn` (`respond`, `send`, `close`);
+after it returns the connection reads the next request unless either side asked
+to close. Every state change (a request, a rejection, a connection opened or
+closed) notifies `changed`, so tests wait on conditions with `wait_until`.
+"""
+
+from __future__ import annotations
+
+import socket
+import ssl
+import threading
+import time
+from dataclasses import dataclass, field
+from typing import Callable
+
+import httptools
+
+REASONS = {100: "Continue", 200: "OK", 201: "Created", 202: "Accepted", 204: "No Content",
+           301: "Moved Permanently", 302: "Found", 304: "Not Modified", 400: "Bad Request",
+           401: "Unauthorized", 403: "Forbidden", 404: "Not Found", 405: "Method Not Allowed",
+           409: "Conflict", 413: "Content Too Large", 424: "Failed Dependency",
+           429: "Too Many Requests", 500: "Internal Server Error", 502: "Bad Gateway",
+           503: "Service Unavailable", 504: "Gateway Timeout"}
+
+
+@dataclass
+class Request:
+    method: str
+    target: str                        # the request target as received
+    version: str                       # "1.1" / "1.0"
+    headers: list[tuple[str, str]]     # lowercase names, latin-1 values, wire order
+    body: bytes                        # the decoded body (chunked framing removed)
+    raw: bytes                         # every byte of this message as received
+    keep_alive: bool
+    chunked: bool
+    trailers: list[tuple[str, str]] = field(default_factory=list)
+    connection: int = 0                # ordinal of the connection it arrived on
+
+    def header(self, name: str, default: str | None = None) -> str | None:
+        for k, v in self.headers:
+            if k == name:
+                return v
+        return default
+
+    def header_all(self, name: str) -> list[str]:
+        return [v for k, v in self.headers if k == name]
+
+    @property
+    def path(self) -> str:
+        return self.target.split("?", 1)[0]
+
+
+@dataclass
+class Rejected:
+    raw: bytes
+    error: str
+    connection: int = 0
+
+
+class _Reader:
+    """llhttp fed so that each message's end is known to the byte (see module doc)."""
+
+    def __init__(self, connection: int):
+        self.connection = connection
+        self.parser = httptools.HttpRequestParser(self)
+        self.buf = memoryview(b"")
+        self.pos = 0
+        self.raw = bytearray()         # bytes fed for the message in progress
+        self.bulk = 0                  # body bytes that may be fed in one piece
+        self._new_message()
+
+    def _new_message(self) -> None:
+        self.url = b""
+        self.headers: list[tuple[str, str]] = []
+        self.trailers: list[tuple[str, str]] = []
+        self.body: list[bytes] = []
+        self.head_done = False
+        self.chunked = False
+        self.chunk_line_start = 0
+        self.done = False
+
+    @property
+    def idle(self) -> bool:
+        """Nothing of a next message received yet."""
+        return not self.raw and self.pos >= len(self.buf)
+
+    def add(self, data: bytes) -> None:
+        rest = bytes(self.buf[self.pos:])
+        self.buf = memoryview(rest + data)
+        self.pos = 0
+
+    def next(self) -> Request | None:
+        """The next complete request from what was added, or None (more bytes needed).
+        Raises httptools.HttpParserError (incl. HttpParserUpgrade) on a refused message."""
+        buf = self.buf
+        while self.pos < len(buf):
+            n = min(self.bulk, len(buf) - self.pos) if self.bulk else 1
+            piece = buf[self.pos:self.pos + n]
+            self.pos += n
+            self.raw += piece
+            if self.bulk:
+                self.bulk -= n
+            self.parser.feed_data(piece)
+            if self.done:
+                p = self.parser
+                req = Request(p.get_method().decode("latin-1"), self.url.decode("latin-1"),
+                              p.get_http_version(), self.headers, b"".join(self.body), bytes(self.raw),
+                              p.should_keep_alive(), self.chunked, self.trailers, self.connection)
+                self.raw = bytearray()
+                self._new_message()
+                return req
+        return None
+
+    # -- llhttp callbacks ---------------------------------------------------------------
+    def on_url(self, url: bytes) -> None:
+        self.url += url
+
+    def on_header(self, name: bytes, value: bytes) -> None:
+        pair = (name.decode("latin-1").lower(), value.decode("latin-1"))
+        (self.trailers if self.head_done else self.headers).append(pair)
+
+    def on_headers_complete(self) -> None:
+        self.head_done = True
+        self.chunk_line_start = len(self.raw)
+        te = [v for k, v in self.headers if k == "transfer-encoding"]
+        self.chunked = bool(te) and te[-1].replace(" ", "").lower().endswith("chunked")
+        if not self.chunked:
+            cl = [v for k, v in self.headers if k == "content-length"]
+            if cl:
+                self.bulk = int(cl[0])     # llhttp has validated it (one value, digits)
+
+    def on_chunk_header(self) -> None:
+        # Called once the chunk-size line (with its CRLF) is in: parse its size to feed
+        # the chunk's data in one piece. llhttp has validated the line.
+        line = bytes(self.raw[self.chunk_line_start:])
+        self.bulk = int(line.split(b";", 1)[0].strip(), 16)
+
+    def on_chunk_complete(self) -> None:
+        self.chunk_line_start = len(self.raw)
+
+    def on_body(self, data: bytes) -> None:
+        self.body.append(bytes(data))
+
+    def on_message_complete(self) -> None:
+        self.done = True
+
+
+class Conn:
+    """One accepted connection, as the handler sees it."""
+
+    def __init__(self, server: "StrictHTTPServer", sock: socket.socket, index: int):
+        self.server = server
+        self.sock = sock
+        self.index = index
+        self.closed = False
+        self.close_after = False       # set by a handler: close once it returns
+
+    def send(self, data: bytes) -> bool:
+        """Write bytes; False if the peer is gone."""
+        if self.closed:
+            return False
+        try:
+            self.sock.sendall(data)
+            return True
+        except OSError:
+            return False
+
+    def respond(self, status: int, headers: list[tuple[str, str]] | None = None, body: bytes = b"",
+                *, head_only: bool = False) -> bool:
+        """A complete response with a Content-Length (none for 1xx/204/304)."""
+        lines = [f"HTTP/1.1 {status} {REASONS.get(status, 'Status')}\r\n"]
+        for k, v in headers or ():
+            lines.append(f"{k}: {v}\r\n")
+        if status >= 200 and status not in (204, 304):
+            lines.append(f"content-length: {len(body)}\r\n")
+        if self.close_after:
+            lines.append("connection: close\r\n")
+        lines.append("\r\n")
+        head = "".join(lines).encode("latin-1")
+        return self.send(head if head_only or status in (204, 304) else head + body)
+
+    def close(self) -> None:
+        if not self.closed:
+            self.closed = True
+            try:
+                self.sock.shutdown(socket.SHUT_RDWR)
+            except OSError:
+                pass
+            self.sock.close()
+
+
+Handler = Callable[[Request, Conn], None]
+
+
+class StrictHTTPServer:
+    def __init__(self, handler: Handler, *, host: str = "127.0.0.1", port: int = 0,
+                 tls: dict | None = None, name: str = "strict-http"):
+        self.handler = handler
+        self.name = name
+        self.listener = socket.socket(socket.AF_INET, socket.SOCK_STREAM)
+        self.listener.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
+        self.listener.bind((host, port))
+        self.listener.listen(512)
+        self.host = host
+        self.port = self.listener.getsockname()[1]
+        self.scheme = "http"
+        self._ssl: ssl.SSLContext | None = None
+        if tls is not None:
+            ctx = ssl.SSLContext(ssl.PROTOCOL_TLS_SERVER)
+            ctx.load_cert_chain(tls["cert"], tls["key"])
+            self._ssl = ctx
+            self.scheme = "https"
+        self.received: list[Request] = []
+        self.rejected: list[Rejected] = []
+        self.incomplete: list[Rejected] = []   # a connection closed mid-request
+        self.connections = 0
+        self.open_connections = 0
+        self.changed = threading.Condition()
+        self._conns: set[Conn] = set()
+        self._stopping = False
+        self._thread = threading.Thread(target=self._accept_loop, name=name, daemon=True)
+
+    @property
+    def url(self) -> str:
+        return f"{self.scheme}://{self.host}:{self.port}"
+
+    def start(self) -> "StrictHTTPServer":
+        self._thread.start()
+        return self
+
+    def serve_forever(self) -> None:
+        """Serve in the calling thread (for CLI use), until stop()."""
+        self._accept_loop()
+
+    def stop(self) -> None:
+        self._stopping = True
+        try:
+            self.listener.shutdown(socket.SHUT_RDWR)
+        except OSError:
+            pass
+        self.listener.close()
+        with self.changed:
+            conns = list(self._conns)
+        for c in conns:
+            c.close()
+        if self._thread.is_alive():
+            self._thread.join(5)
+
+    def wait_until(self, predicate: Callable[[], bool], timeout: float = 10.0) -> None:
+        """Block until predicate() holds (re-checked on every recorded change)."""
+        deadline = time.monotonic() + timeout
+        with self.changed:
+            while not predicate():
+                left = deadline - time.monotonic()
+                if left <= 0:
+                    raise AssertionError(f"{self.name}: condition not met within {timeout}s")
+                self.changed.wait(left)
+
+    def _notify(self) -> None:
+        with self.changed:
+            self.changed.notify_all()
+
+    # -- connections -------------------------------------------------------------------
+    def _accept_loop(self) -> None:
+        while not self._stopping:
+            try:
+                sock, _ = self.listener.accept()
+            except OSError:
+                return
+            with self.changed:
+                self.connections += 1
+                self.open_connections += 1
+                index = self.connections
+                self.changed.notify_all()
+            threading.Thread(target=self._serve, args=(sock, index), name=f"{self.name}-{index}",
+                             daemon=True).start()
+
+    def _serve(self, sock: socket.socket, index: int) -> None:
+        sock.setsockopt(socket.IPPROTO_TCP, socket.TCP_NODELAY, 1)
+        conn = None
+        try:
+            if self._ssl is not None:
+                try:
+                    sock = self._ssl.wrap_socket(sock, server_side=True)
+                except (OSError, ssl.SSLError):
+                    sock.close()
+                    return
+            conn = Conn(self, sock, index)
+            with self.changed:
+                self._conns.add(conn)
+            self._loop(conn)
+        finally:
+            if conn is not None:
+                conn.close()
+                with self.changed:
+                    self._conns.discard(conn)
+            with self.changed:
+                self.open_connections -= 1
+                self.changed.notify_all()
+
+    def _loop(self, conn: Conn) -> None:
+        reader = _Reader(conn.index)
+        while not conn.closed:
+            try:
+                req = reader.next()
+            except httptools.HttpParserUpgrade:
+                self._reject(conn, reader, "upgrade / CONNECT not supported")
+                return
+            except httptools.HttpParserError as exc:
+                self._reject(conn, reader, f"{type(exc).__name__}: {exc}")
+                return
+            if req is None:
+                try:
+                    data = conn.sock.recv(65536)
+                except OSError:
+                    data = b""
+                if not data:
+                    if not reader.idle:
+                        with self.changed:
+                            self.incomplete.append(Rejected(bytes(reader.raw), "closed mid-request",
+                                                            conn.index))
+                            self.changed.notify_all()
+                    return
+                reader.add(data)
+                continue
+            problem = _semantic_problem(req)
+            if problem:
+                reader.raw = bytearray(req.raw)
+                self._reject(conn, reader, problem)
+                return
+            with self.changed:
+                self.received.append(req)
+                self.changed.notify_all()
+            conn.close_after = not req.keep_alive
+            try:
+                self.handler(req, conn)
+            except Exception as exc:   # a bug in a test handler: visible, never a hang
+                conn.close_after = True
+                conn.respond(500, [("content-type", "text/plain")], f"handler error: {exc!r}".encode())
+            if conn.close_after:
+                return
+
+    def _reject(self, conn: Conn, reader: _Reader, why: str) -> None:
+        with self.changed:
+            self.rejected.append(Rejected(bytes(reader.raw) + bytes(reader.buf[reader.pos:]), why,
+                                          conn.index))
+            self.changed.notify_all()
+        conn.close_after = True
+        conn.respond(400, [("content-type", "text/plain")], why.encode("latin-1", "replace"))
+
+
+def _semantic_problem(req: Request) -> str | None:
+    """What llhttp accepts but RFC 9112 still refuses (§3.2: exactly one Host)."""
+    hosts = req.header_all("host")
+    if req.version == "1.1" and len(hosts) != 1:
+        return f"{len(hosts)} Host headers"
+    return None
+
+
+class StrictResponseReader:
+    """Parse responses from a socket with llhttp: the client side of strict tests.
+
+    `read(sock, deadline)` returns the next complete response (status, headers,
+    body) or raises on a framing error / EOF before the end. `head_only` for HEAD.
+    """
+
+    def __init__(self):
+        self.parser = httptools.HttpResponseParser(self)
+        self.pending: list[tuple[int, list[tuple[str, str]], bytes]] = []
+        self._headers: list[tuple[str, str]] = []
+        self._body: list[bytes] = []
+        self.eof = False
+
+    def on_header(self, name: bytes, value: bytes) -> None:
+        self._headers.append((name.decode("latin-1").lower(), value.decode("latin-1")))
+
+    def on_body(self, data: bytes) -> None:
+        self._body.append(bytes(data))
+
+    def on_message_complete(self) -> None:
+        self.pending.append((self.parser.get_status_code(), self._headers, b"".join(self._body)))
+        self._headers, self._body = [], []
+
+    def read(self, sock: socket.socket, timeout: float = 10.0) -> tuple[int, list[tuple[str, str]], bytes]:
+        deadline = time.monotonic() + timeout
+        while not self.pending:
+            if self.eof:
+                raise ConnectionError("connection closed before a complete response")
+            sock.settimeout(max(0.01, deadline - time.monotonic()))
+            try:
+                data = sock.recv(65536)
+            except socket.timeout:
+                raise TimeoutError("no complete response before the deadline") from None
+            if not data:
+                self.eof = True
+                try:
+                    self.parser.feed_data(b"")   # a close-delimited body ends here
+                except httptools.HttpParserError:
+                    pass
+                continue
+            self.parser.feed_data(data)
+        return self.pending.pop(0)
