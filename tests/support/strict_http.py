@@ -93,6 +93,7 @@ class _Reader:
         self.trailers: list[tuple[str, str]] = []
         self.body: list[bytes] = []
         self.head_done = False
+        self.keep_alive = True
         self.chunked = False
         self.chunk_line_start = 0
         self.done = False
@@ -123,7 +124,7 @@ class _Reader:
                 p = self.parser
                 req = Request(p.get_method().decode("latin-1"), self.url.decode("latin-1"),
                               p.get_http_version(), self.headers, b"".join(self.body), bytes(self.raw),
-                              p.should_keep_alive(), self.chunked, self.trailers, self.connection)
+                              self.keep_alive, self.chunked, self.trailers, self.connection)
                 self.raw = bytearray()
                 self._new_message()
                 return req
@@ -139,6 +140,7 @@ class _Reader:
 
     def on_headers_complete(self) -> None:
         self.head_done = True
+        self.keep_alive = self.parser.should_keep_alive()   # llhttp resets its flags at the end
         self.chunk_line_start = len(self.raw)
         te = [v for k, v in self.headers if k == "transfer-encoding"]
         self.chunked = bool(te) and te[-1].replace(" ", "").lower().endswith("chunked")
@@ -235,6 +237,7 @@ class StrictHTTPServer:
         self.open_connections = 0
         self.changed = threading.Condition()
         self._conns: set[Conn] = set()
+        self._readers: dict[Conn, _Reader] = {}
         self._stopping = False
         self._thread = threading.Thread(target=self._accept_loop, name=name, daemon=True)
 
@@ -316,8 +319,23 @@ class StrictHTTPServer:
                 self.open_connections -= 1
                 self.changed.notify_all()
 
+    def in_progress(self) -> list[bytes]:
+        """What open connections have received of requests not complete yet."""
+        with self.changed:
+            readers = list(self._readers.values())
+        return [bytes(r.raw) + bytes(r.buf[r.pos:]) for r in readers]
+
     def _loop(self, conn: Conn) -> None:
         reader = _Reader(conn.index)
+        with self.changed:
+            self._readers[conn] = reader
+        try:
+            self._read_requests(conn, reader)
+        finally:
+            with self.changed:
+                self._readers.pop(conn, None)
+
+    def _read_requests(self, conn: Conn, reader: _Reader) -> None:
         while not conn.closed:
             try:
                 req = reader.next()
@@ -340,6 +358,7 @@ class StrictHTTPServer:
                             self.changed.notify_all()
                     return
                 reader.add(data)
+                self._notify()
                 continue
             problem = _semantic_problem(req)
             if problem:
