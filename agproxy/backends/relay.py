@@ -2,8 +2,9 @@
 
 Theory of operation: `upstream_request_headers` decides what the upstream sees
 (hop-by-hop headers gone, X-Forwarded-* and the request id added, Host set to the
-upstream's authority); `relay` sends through the pool, passes the response head
-through the route's response filters (ex.send_head), then copies body chunks as
+upstream's authority); `relay` sends through the pool, drops the response's
+hop-by-hop headers and those its Connection header names (`response_drop`),
+passes the response head through the route's response filters (ex.send_head), then copies body chunks as
 they arrive, awaiting the client's drain so a slow client slows the upstream
 (never buffers a whole stream). Failures map to what a client can act on: refused
 or reset before a response → 502, no head within the route timeout → 504, broken

@@ -8,6 +8,14 @@ response is complete and both sides allow keep-alive, the connection goes back t
 the pool (`on_idle`). The request target is written byte for byte as given:
 nothing here decodes or normalises a path (AgentCore's SigV4 depends on that).
 
+What an upstream cannot make it do: the head always carries exactly one framing
+header, chosen here (a caller's content-length / transfer-encoding is dropped), so
+a body is never parsed as a second request; a response head is capped
+(MAX_RESPONSE_HEAD_BYTES, MAX_RESPONSE_HEADERS → UpstreamError, 502); bytes with no
+request in flight (a stray response on an idle connection, or a second response
+after the one asked for) close the connection instead of being parsed into the
+next request's response.
+
 httptools instead of h11: measured on this machine, an h11 relay did a quarter of
 what the same relay did with httptools; this is the hot path.
 """
