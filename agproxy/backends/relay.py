@@ -3,7 +3,7 @@
 Theory of operation: `upstream_request_headers` decides what the upstream sees
 (hop-by-hop headers gone, X-Forwarded-* and the request id added, Host set to the
 upstream's authority); `relay` sends through the pool, drops the response's
-hop-by-hop headers and those its Connection header names (`response_drop`),
+hop-by-hop headers and those its Connection header names (`nominated_drop`),
 passes the response head through the route's response filters (ex.send_head), then copies body chunks as
 they arrive, awaiting the client's drain so a slow client slows the upstream
 (never buffers a whole stream). Failures map to what a client can act on: refused
@@ -30,13 +30,20 @@ _DROP_REQUEST = HOP_BY_HOP | {"host", "content-length", "expect", "x-forwarded-h
 _DROP_RESPONSE = HOP_BY_HOP | {"content-length"}
 
 
-def response_drop(headers: Headers) -> frozenset[str]:
-    """Response headers not relayed: hop-by-hop ones and those the upstream's
-    Connection header nominates (RFC 9110 §7.6.1), whatever the client's protocol."""
-    if "connection" not in headers:
-        return _DROP_RESPONSE
-    return _DROP_RESPONSE | {t.strip().lower() for v in headers.get_all("connection")
-                             for t in v.split(",")}
+_NOMINATING: dict[str, frozenset[str]] = {}
+
+
+def nominated_drop(connection: str) -> frozenset[str]:
+    """Response headers not relayed when the upstream sent `Connection: <connection>`:
+    the hop-by-hop ones and those it names (RFC 9110 §7.6.1). Upstreams repeat one
+    value (`keep-alive`) on every response: the set is kept per value (a bounded
+    table), not rebuilt per response."""
+    drop = _NOMINATING.get(connection)
+    if drop is None:
+        drop = _DROP_RESPONSE | {t.strip().lower() for t in connection.split(",")}
+        if len(_NOMINATING) < 256:
+            _NOMINATING[connection] = drop
+    return drop
 
 
 def upstream_request_headers(ex, authority: str, *, te_trailers: bool = False) -> Headers:
@@ -107,9 +114,16 @@ async def relay(ex, origin: Origin, method: str, target: str, headers: Headers,
         return
     ex.upstream_time = time.monotonic() - start
 
-    drop = response_drop(resp.headers)
-    out = Headers([(k, v) for k, v in resp.headers.items if k not in drop])
-    cl = resp.headers.get("content-length")
+    items = resp.headers.items
+    cl = connection = None
+    for k, v in items:      # one pass for both (this runs per response)
+        if k == "content-length":
+            if cl is None:
+                cl = v
+        elif k == "connection":
+            connection = v if connection is None else f"{connection},{v}"
+    drop = _DROP_RESPONSE if connection is None else nominated_drop(connection)
+    out = Headers([(k, v) for k, v in items if k not in drop])
     if cl is not None:
         out.items.append(("content-length", cl))
     ex.send_head(resp.status, out)

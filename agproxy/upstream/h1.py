@@ -9,8 +9,8 @@ the pool (`on_idle`). The request target is written byte for byte as given:
 nothing here decodes or normalises a path (AgentCore's SigV4 depends on that).
 
 What an upstream cannot make it do: the head always carries exactly one framing
-header, chosen here (a caller's content-length / transfer-encoding is dropped), so
-a body is never parsed as a second request; a response head is capped
+header, chosen here from how the body is sent (callers pass headers without
+framing), so a body is never parsed as a second request; a response head is capped
 (MAX_RESPONSE_HEAD_BYTES, MAX_RESPONSE_HEADERS → UpstreamError, 502); bytes with no
 request in flight (a stray response on an idle connection, or a second response
 after the one asked for) close the connection instead of being parsed into the
@@ -113,9 +113,14 @@ head_deadlines = _deadlines.get    # the running loop's HeadDeadlines
 # Response head limits (as Envoy's defaults: ~64 KB, 100 headers; both answer 502 past them).
 MAX_RESPONSE_HEAD_BYTES = 65536
 MAX_RESPONSE_HEADERS = 100
-# Framing is ours to write: a caller's content-length / transfer-encoding is never copied.
-_FRAMING = frozenset({"content-length", "transfer-encoding"})
 _BODY_METHODS = frozenset({"POST", "PUT", "PATCH"})
+
+
+def _check_head(headers: list[tuple[str, str]]) -> None:
+    if len(headers) > MAX_RESPONSE_HEADERS:
+        raise UpstreamError("protocol", "upstream response has too many header fields")
+    if sum(len(k) + len(v) + 4 for k, v in headers) > MAX_RESPONSE_HEAD_BYTES:
+        raise UpstreamError("protocol", "upstream response head too large")
 
 
 class _Stray(Exception):
@@ -128,7 +133,7 @@ class H1ClientConnection(WriteFlowControl, asyncio.Protocol):
     __slots__ = ("origin", "transport", "parser", "on_idle", "response", "_headers", "_reused",
                  "_got_bytes", "_keep_alive", "_request_done", "_closed", "write_paused",
                  "_drain_waiters", "_head_only", "_parser_dirty", "last_used", "_name", "_close_delimited",
-                 "_in_head", "_head_bytes", "_partial_head")
+                 "_in_head", "_head_reads")
 
     def __init__(self, origin, on_idle: Callable[["H1ClientConnection"], None]):
         self.origin = origin
@@ -149,8 +154,7 @@ class H1ClientConnection(WriteFlowControl, asyncio.Protocol):
         self._parser_dirty = False
         self._close_delimited = False
         self._in_head = False          # waiting for the final response head
-        self._head_bytes = 0           # header bytes seen by on_header (this response)
-        self._partial_head = 0         # bytes of reads that ended inside the head
+        self._head_reads = 0           # bytes of the reads that carried this head
         self.last_used = 0.0
 
     # -- asyncio.Protocol -------------------------------------------------------------
@@ -165,6 +169,8 @@ class H1ClientConnection(WriteFlowControl, asyncio.Protocol):
             self.abort()
             return
         self._got_bytes = True
+        if self._in_head:
+            self._head_reads += len(data)     # this read holds (part of) the head
         try:
             self.parser.feed_data(data)
         except httptools.HttpParserError as exc:
@@ -175,13 +181,10 @@ class H1ClientConnection(WriteFlowControl, asyncio.Protocol):
                 self._fail(UpstreamError("protocol", f"invalid response from upstream: {exc}"))
             self.abort()
             return
-        if self._in_head:
-            # The head is still incomplete after this read: count it now, before
-            # httptools has buffered a 20 MB header value whole.
-            self._partial_head += len(data)
-            if self._partial_head > MAX_RESPONSE_HEAD_BYTES:
-                self._fail(UpstreamError("protocol", "upstream response head too large"))
-                self.abort()
+        if self._in_head and self._head_reads > MAX_RESPONSE_HEAD_BYTES:
+            # Still no complete head: stop before httptools buffers a 20 MB field whole.
+            self._fail(UpstreamError("protocol", "upstream response head too large"))
+            self.abort()
 
     def eof_received(self):
         return False
@@ -212,17 +215,17 @@ class H1ClientConnection(WriteFlowControl, asyncio.Protocol):
             raise _Stray()    # a second response after the one we asked for: stop here
 
     def on_header(self, name: bytes, value: bytes) -> None:
-        self._head_bytes += len(name) + len(value) + 4
-        if self._head_bytes > MAX_RESPONSE_HEAD_BYTES:
-            raise UpstreamError("protocol", "upstream response head too large")
         self._headers.append((field_name(name), value.decode("latin-1")))
 
     def on_headers_complete(self) -> None:
         resp = self.response
         if resp is None:
             return
-        if len(self._headers) > MAX_RESPONSE_HEADERS:
-            raise UpstreamError("protocol", "upstream response has too many header fields")
+        # The head is no larger than the reads it came in: only when those pass the
+        # cap are the fields measured (one comparison per response instead of
+        # accounting in on_header).
+        if self._head_reads > MAX_RESPONSE_HEAD_BYTES or len(self._headers) > MAX_RESPONSE_HEADERS:
+            _check_head(self._headers)
         status = self.parser.get_status_code()
         if 100 <= status < 200 and status != 101:
             self._headers = []   # interim response: wait for the final one (its bytes count)
@@ -286,34 +289,36 @@ class H1ClientConnection(WriteFlowControl, asyncio.Protocol):
              stream: bool = False, length: int | None = None, reused: bool = False) -> UpstreamResponse:
         """Write the request head, with exactly one framing header, and an in-memory body.
 
-        `stream`: the body follows through write_body / write_raw + end_body, framed
-        with `content-length: length` when the length is known, chunked otherwise.
-        Without a body, POST/PUT/PATCH say `content-length: 0` (RFC 9110 §8.6).
+        `headers` carry no framing of their own (content-length, transfer-encoding):
+        the callers build them without (backends/relay.py drops them, policies may not
+        set them); the one framing header is written here. `stream`: the body follows
+        through write_body / write_raw + end_body, framed with `content-length: length`
+        when the length is known, chunked otherwise. Without a body, POST/PUT/PATCH
+        say `content-length: 0` (RFC 9110 §8.6).
         """
         if self._parser_dirty:
             self.parser = httptools.HttpResponseParser(self)
             self._parser_dirty = False
         transport = self.transport
-        lines = [f"{method} {target} HTTP/1.1\r\n"]
+        lines = []
         for k, v in headers.items:
-            if k not in _FRAMING:
-                lines.append(f"{k}: {v}\r\n")
+            lines.append(f"{k}: {v}\r\n")
+        fields = "".join(lines)
         if stream:
-            lines.append("transfer-encoding: chunked\r\n" if length is None
-                         else f"content-length: {length}\r\n")
+            framing = "transfer-encoding: chunked\r\n" if length is None else f"content-length: {length}\r\n"
         elif body:
-            lines.append(f"content-length: {len(body)}\r\n")
-        elif method in _BODY_METHODS:
-            lines.append("content-length: 0\r\n")
-        lines.append("\r\n")
-        head = "".join(lines).encode("latin-1")   # before any state changes: may raise
+            framing = f"content-length: {len(body)}\r\n"
+        else:
+            framing = "content-length: 0\r\n" if method in _BODY_METHODS else ""
+        # encoded before any state changes: a value outside latin-1 raises here
+        head = f"{method} {target} HTTP/1.1\r\n{fields}{framing}\r\n".encode("latin-1")
         self._reused = reused
         self._got_bytes = False
         self._head_only = method == "HEAD"
         self._keep_alive = True
         self._request_done = not stream
         self._in_head = True
-        self._head_bytes = self._partial_head = 0
+        self._head_reads = 0
         reader = BodyReader(transport.pause_reading, transport.resume_reading)
         resp = self.response = UpstreamResponse(self, reader)
         transport.write(head + body if body and not stream else head)
