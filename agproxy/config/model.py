@@ -86,6 +86,8 @@ class Config:
     token_exchange: Section | None
     telemetry: Section | None
     problems: Problems
+    tracing: Any = None                    # telemetry.tracing.TracingSettings, or None: off
+    access_log_fields: dict[str, str] = field(default_factory=dict)   # name -> CEL source
 
 
 def parse_address(text: str) -> tuple[str, int]:
@@ -126,6 +128,8 @@ def parse(raw: dict, path: str = "<inline>") -> Config:
     if jp is not None:
         for name in jp.keys():
             providers[name] = jp.section(name)  # type: ignore[assignment]
+    telemetry = root.section("telemetry")
+    tracing, log_fields = _telemetry(telemetry)
     return Config(
         path=path,
         base_dir=base_dir,
@@ -136,22 +140,38 @@ def parse(raw: dict, path: str = "<inline>") -> Config:
         backends=backends,
         jwt_providers=providers,
         token_exchange=root.section("token_exchange"),
-        telemetry=_telemetry(root.section("telemetry")),
+        telemetry=telemetry,
         problems=problems,
+        tracing=tracing,
+        access_log_fields=log_fields,
     )
 
 
-def _telemetry(sec: Section | None) -> Section | None:
+def _telemetry(sec: Section | None) -> tuple[Any, dict[str, str]]:
+    """[telemetry]: (tracing settings or None, access-log fields: name -> CEL source).
+    The CEL is compiled by proxy/build.py, with the other expressions."""
     if sec is None:
-        return None
+        return None, {}
     prefix = sec.str("metrics_prefix", "agproxy")
-    if isinstance(prefix, str) and not prefix.replace("_", "a").isalnum():
-        sec.error("metrics_prefix", "must be letters, digits and underscores")
-    if sec.has("tracing"):
-        sec.raw("tracing")
-        sec.error("tracing", "not supported in this version (OpenTelemetry tracing is planned)")
+    if isinstance(prefix, str) and not (prefix.replace("_", "a").isalnum() and not prefix[0].isdigit()):
+        sec.error("metrics_prefix", "must be letters, digits and underscores, not starting with a digit")
+    tracing = None
+    tsec = sec.section("tracing")
+    if tsec is not None:
+        from agproxy.telemetry.tracing import read_settings
+        tracing = read_settings(tsec)
+    fields = sec.str_map("access_log_fields", {}) or {}
+    if fields:
+        from agproxy.telemetry.access_log import CORE_FIELDS
+        for name in fields:
+            if name in CORE_FIELDS:
+                sec.problems.add(f"{sec.sub('access_log_fields')}.{name}",
+                                 f"{name!r} is a field the access log always has; choose another name")
+            elif not name.replace("_", "a").replace(".", "a").isalnum():
+                sec.problems.add(f"{sec.sub('access_log_fields')}.{name}",
+                                 "a field name is letters, digits, '_' and '.'")
     sec.done()
-    return sec
+    return tracing, fields
 
 
 def _resolve(base_dir: str, p: str) -> str:

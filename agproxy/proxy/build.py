@@ -86,6 +86,8 @@ class Runtime:
         self.router = router
         self.backends = backends
         self.ctx = ctx
+        self.tracing = None        # telemetry.tracing.Tracing when [telemetry].tracing is on
+        self.log_fields = None     # telemetry.access_log.LogFields for [telemetry].access_log_fields
 
     async def start(self) -> None:
         for fn in self.ctx.starters:
@@ -171,10 +173,32 @@ def build_runtime(cfg: Config, pool: Any = None, metrics: Any = None) -> Runtime
             continue
         routes.append(Route(rcfg.name, rcfg.index, rcfg.listener, Match(**rcfg.match),
                             backend, rcfg.timeout, filters))
+    tracing, log_fields = _telemetry(cfg, ctx)
     problems.raise_if_any()
     router = Router(ctx.extra_routes + routes, normalize_path=cfg.gateway.normalize_path,
                     merge_slashes=cfg.gateway.merge_slashes)
-    return Runtime(cfg, router, backends, ctx)
+    runtime = Runtime(cfg, router, backends, ctx)
+    runtime.tracing, runtime.log_fields = tracing, log_fields
+    return runtime
+
+
+def _telemetry(cfg: Config, ctx: BuildContext):
+    """Tracing (started in the serving process, never in a supervisor) and the CEL of
+    [telemetry].access_log_fields."""
+    tracing = None
+    if cfg.tracing is not None:
+        from agproxy.telemetry.tracing import Tracing
+        tracing = Tracing(cfg.tracing, ctx.metrics)
+        ctx.on_start(tracing.start)
+        ctx.on_stop(tracing.stop)
+    log_fields = None
+    if cfg.access_log_fields:
+        from agproxy.filters import compile_cel
+        from agproxy.telemetry.access_log import LogFields
+        compiled = [(name, compile_cel(ctx.problems, f"telemetry.access_log_fields.{name}", src))
+                    for name, src in cfg.access_log_fields.items()]
+        log_fields = LogFields([(n, e) for n, e in compiled if e is not None])
+    return tracing, log_fields
 
 
 def _build_chain(policies: dict[str, Section], ctx: BuildContext) -> tuple[list[Filter], bool]:

@@ -20,6 +20,7 @@ from agproxy.http.path import PathError
 from agproxy.proxy.exchange import Exchange
 from agproxy.proxy.filter import LocalReply
 from agproxy.telemetry.access_log import AccessLog, now_iso
+from agproxy.telemetry.tracing import Tracing, http_route, propagate
 
 log = logging.getLogger("agproxy.proxy")
 
@@ -49,6 +50,10 @@ class Gateway:
     async def handle(self, stream: ServerStream) -> None:
         ex = Exchange(stream)
         runtime = self.runtime
+        span = None
+        if runtime.tracing is not None:
+            span = runtime.tracing.start_server(ex.request, ex.conn)
+            propagate(ex.request.headers, span)
         try:
             limit = runtime.gateway.max_request_body
             stream.body.limit = limit
@@ -111,7 +116,7 @@ class Gateway:
             else:
                 stream.abort()
         finally:
-            self._account(ex)
+            self._account(ex, runtime, span)
             # The activation's providers are bound methods of ex: drop the cycle so
             # the request is freed by reference counting, not by the cyclic GC.
             ex._activation = None
@@ -136,10 +141,16 @@ class Gateway:
     async def _reply(self, ex: Exchange, reply: LocalReply) -> None:
         await ex.reply(reply.status, reply.headers.copy(), reply.body)
 
-    def _account(self, ex: Exchange) -> None:
+    def _account(self, ex: Exchange, runtime, span) -> None:
         elapsed = time.monotonic() - ex.start
         route = ex.route.name if ex.route is not None else ""
         status = ex.status or 0
+        if span is not None:
+            claims = ex.jwt_claims
+            Tracing.end_server(span, status, route=route or None,
+                               http_route=http_route(ex.route.match) if ex.route is not None else None,
+                               user=claims.get("sub") if claims else None, request_id=ex.request_id,
+                               error=ex.error)
         m = self.metrics
         if m is not None:
             m.request(route, ex.request.method, status, elapsed)
@@ -169,4 +180,11 @@ class Gateway:
                 rec["error"] = ex.error
             if ex.jwt_claims and "sub" in ex.jwt_claims:
                 rec["user"] = ex.jwt_claims["sub"]
+            if ex.route is not None:
+                rec["backend"] = getattr(ex.route.backend, "name", "")
+            if span is not None:
+                rec["trace_id"] = "%032x" % span.trace_id
+                rec["span_id"] = "%016x" % span.span_id
+            if runtime.log_fields is not None:
+                runtime.log_fields.add_to(rec, ex.activation)
             al.write(rec)

@@ -7,7 +7,8 @@ serves the admin port itself: /readyz is ready once every child is, /metrics
 aggregates the children through prometheus-client's multiprocess files, /config
 shows the supervisor's own (identically loaded) snapshot. SIGHUP validates the
 file in the supervisor first and only then forwards it; SIGTERM is forwarded and
-the supervisor waits for the children to drain. A child that dies unexpectedly
+the supervisor waits for the children to drain; SIGUSR1 (reopen the access log) is
+forwarded. A child that dies unexpectedly
 is restarted.
 """
 
@@ -46,7 +47,7 @@ class Supervisor:
             code = 1
             asyncio.events._set_running_loop(None)   # the parent's loop is not ours
             signal.set_wakeup_fd(-1)
-            for sig in (signal.SIGTERM, signal.SIGINT, signal.SIGHUP, signal.SIGCHLD):
+            for sig in (signal.SIGTERM, signal.SIGINT, signal.SIGHUP, signal.SIGCHLD, signal.SIGUSR1):
                 signal.signal(sig, signal.SIG_DFL)
             try:
                 def ready() -> None:
@@ -100,6 +101,7 @@ class Supervisor:
         loop.add_signal_handler(signal.SIGTERM, self._stop, done)
         loop.add_signal_handler(signal.SIGINT, self._stop, done)
         loop.add_signal_handler(signal.SIGHUP, self._reload)
+        loop.add_signal_handler(signal.SIGUSR1, self._forward, signal.SIGUSR1)
         loop.add_signal_handler(signal.SIGCHLD, self._reap, done)
         await done.wait()
         if admin_listener is not None:
@@ -122,6 +124,10 @@ class Supervisor:
         self.runtime = new
         for pid in list(self.children):
             _kill(pid, signal.SIGHUP)
+
+    def _forward(self, sig: int) -> None:
+        for pid in list(self.children):
+            _kill(pid, sig)
 
     def _reap(self, done: asyncio.Event) -> None:
         while True:

@@ -8,6 +8,7 @@ error is logged. A new snapshot serves new requests at once; requests in flight
 finish on the old one. SIGTERM/SIGINT drain: stop accepting, tell every
 connection to finish what it has (HTTP/2 GOAWAY; HTTP/1.1 closes after the
 current response), and exit when all are gone or `drain_timeout` has passed.
+SIGUSR1 reopens a file access log (rotation).
 """
 
 from __future__ import annotations
@@ -71,7 +72,7 @@ class Worker:
         if self.serve_admin and runtime.gateway.admin is not None:
             self.start_admin(runtime)
         for sig, fn in ((signal.SIGTERM, self.request_stop), (signal.SIGINT, self.request_stop),
-                        (signal.SIGHUP, self.request_reload)):
+                        (signal.SIGHUP, self.request_reload), (signal.SIGUSR1, access_log.reopen)):
             loop.add_signal_handler(sig, fn)
         self.ready = True
         settle_heap()

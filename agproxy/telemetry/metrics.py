@@ -24,6 +24,10 @@ prometheus-client directly. HTTP/2 flood trips (`<prefix>_http2_flood_total{kind
 are counted by http/h2_budget.py in its own dict (http/ does not import telemetry):
 read at scrape time in one process, written out as deltas by `flush()` (scheduled
 by the budget's `on_trip` hook) with several workers.
+`target_info` (un-prefixed, the OpenMetrics convention for
+an OpenTelemetry resource) carries the resource attributes as labels
+(telemetry/resource.py), the same ones exported spans carry. Every series is listed in
+docs/metrics.md; tests/integration/test_metrics_catalogue.py fails on one that is not.
 
 Label values never come from the client unbounded: routes, backends, listeners and
 upstream authorities are names from the config; statuses are three digits; a method
@@ -38,7 +42,7 @@ from bisect import bisect_left
 
 from prometheus_client import CollectorRegistry, Counter, Gauge, Histogram, generate_latest
 from prometheus_client import multiprocess
-from prometheus_client.core import CounterMetricFamily, HistogramMetricFamily
+from prometheus_client.core import CounterMetricFamily, HistogramMetricFamily, InfoMetricFamily
 from prometheus_client.utils import floatToGoString
 
 from agproxy.http import h2_budget
@@ -61,8 +65,11 @@ def _new_histogram() -> list:
 
 
 class Metrics:
-    def __init__(self, prefix: str = "agproxy", registry: CollectorRegistry | None = None):
+    def __init__(self, prefix: str = "agproxy", registry: CollectorRegistry | None = None,
+                 resource: dict[str, str] | None = None):
+        from agproxy.telemetry.resource import process_resource, target_info_labels
         self.prefix = prefix
+        self.target_info = target_info_labels(process_resource() if resource is None else resource)
         self.registry = registry if registry is not None else CollectorRegistry()
         self.multiprocess = bool(os.environ.get("PROMETHEUS_MULTIPROC_DIR"))
         r = self.registry
@@ -92,6 +99,14 @@ class Metrics:
                             ["listener"], registry=r, multiprocess_mode="livesum")
         self.config_reloads = Counter(f"{p}_config_reloads", "Configuration reloads by result",
                                       ["result"], registry=r)
+        # Tracing (telemetry/tracing.py): counted on the export thread; rare per span.
+        self.spans_exported = Counter(f"{p}_tracing_spans_exported", "Spans the collector accepted",
+                                      registry=r)
+        self.spans_dropped = Counter(f"{p}_tracing_spans_dropped",
+                                     "Spans not exported, by reason (queue_full, export_failed)",
+                                     ["reason"], registry=r)
+        if not self.multiprocess:
+            r.register(_TargetInfo(self.target_info))
 
     # -- the data path ------------------------------------------------------------------
     def request(self, route: str, method: str, status: int, seconds: float) -> None:
@@ -173,6 +188,7 @@ class Metrics:
             self.flush()
             reg = CollectorRegistry()
             multiprocess.MultiProcessCollector(reg)
+            reg.register(_TargetInfo(self.target_info))
             return generate_latest(reg)
         return generate_latest(self.registry)
 
@@ -197,6 +213,17 @@ class _DataPathCollector:
         for kind, n in list(h2_budget.TRIPS.items()):
             flood.add_metric([kind], n)
         yield flood
+
+
+class _TargetInfo:
+    """`target_info{<resource attributes>} 1`: one series, the process's resource."""
+
+    def __init__(self, labels: dict[str, str]):
+        self.labels = labels
+
+    def collect(self):
+        yield InfoMetricFamily("target", "Target metadata: the OpenTelemetry resource attributes",
+                               value=self.labels)
 
 
 def _histogram_family(name: str, documentation: str, label: str, data: dict) -> HistogramMetricFamily:
