@@ -433,14 +433,22 @@ class _ExporterLog(logging.Filter):
 
     def __init__(self):
         super().__init__()
-        self.last: str | None = None
+        self.messages: list[str] = []     # of the current export: the first says why
 
     def filter(self, record: logging.LogRecord) -> bool:
-        try:
-            self.last = record.getMessage()
-        except Exception:
-            self.last = str(record.msg)
+        if len(self.messages) < 8:
+            try:
+                self.messages.append(record.getMessage())
+            except Exception:
+                self.messages.append(str(record.msg))
         return False
+
+    @property
+    def reason(self) -> str:
+        m = self.messages
+        if not m:
+            return "unknown reason"
+        return m[0] if len(m) == 1 or m[-1] == m[0] else f"{m[0]} ... {m[-1]}"
 
 
 class _Pipeline:
@@ -504,10 +512,11 @@ class _Pipeline:
 
     def _export(self, batch: list[Span]) -> None:
         from opentelemetry.sdk.trace.export import SpanExportResult
+        self._exporter_log.messages = []
         try:
             ok = self.exporter.export([self._readable(s) for s in batch]) is SpanExportResult.SUCCESS
         except Exception as exc:   # the exporter should not raise; never let the thread die
-            self._exporter_log.last = f"{type(exc).__name__}: {exc}"
+            self._exporter_log.messages.append(f"{type(exc).__name__}: {exc}")
             ok = False
         m = self.metrics
         if ok:
@@ -529,7 +538,7 @@ class _Pipeline:
             log.info("tracing: export to %s works again (%d spans lost before)", self.endpoint, n)
         else:
             log.warning("tracing: exporting spans to %s failed (%d spans lost; next report in %ds at most): %s",
-                        self.endpoint, n, int(LOG_INTERVAL), self._exporter_log.last or "unknown reason")
+                        self.endpoint, n, int(LOG_INTERVAL), self._exporter_log.reason)
 
     def _readable(self, s: Span):
         from opentelemetry.sdk.trace import ReadableSpan

@@ -1,0 +1,271 @@
+"""Tracing end to end: client → the agproxy binary → a real upstream, spans to a real OTLP/HTTP receiver.
+
+What a user sees: the spans a collector receives (names, kinds, parent/child links,
+attributes, the resource from OTEL_SERVICE_NAME / OTEL_RESOURCE_ATTRIBUTES), the
+`traceparent` the upstream receives, the trace id in the access log, `target_info` on
+/metrics, and that a collector that is down or slow changes nothing for clients.
+"""
+
+from __future__ import annotations
+
+import re
+import socket
+import time
+
+import httpx
+import pytest
+
+from tests.support.otlp import OtlpReceiver
+
+CLIENT_TRACE = "4bf92f3577b34da6a3ce929d0e0e4736"
+CLIENT_SPAN = "00f067aa0ba902b7"
+FAST_EXPORT = {"OTEL_BSP_SCHEDULE_DELAY": "50"}
+
+
+def config(upstream_url: str, endpoint: str, sampling: float | None = 1.0, extra_route: str = "") -> str:
+    tracing = f'otlp_endpoint = "{endpoint}"' + (f", sampling = {sampling}" if sampling is not None else "")
+    return f'''
+[telemetry]
+tracing = {{ {tracing} }}
+
+[[route]]
+name = "echo"
+match = {{ path_prefix = "/api" }}
+backend = "echo"
+{extra_route}
+
+[backend.echo]
+type = "http"
+url = "{upstream_url}"
+'''
+
+
+@pytest.fixture
+def receiver():
+    r = OtlpReceiver().start()
+    yield r
+    r.stop()
+    assert r.errors == []
+
+
+def upstream_traceparent(upstream_echo, index: int = -1) -> str:
+    return dict(upstream_echo.seen[index]["headers"])["traceparent"]
+
+
+def test_server_span_continues_the_client_trace_and_the_upstream_sees_it(start_gateway, upstream_echo, receiver):
+    gw = start_gateway(config(upstream_echo.url, receiver.url), env={
+        **FAST_EXPORT, "OTEL_SERVICE_NAME": "edge-gw",
+        "OTEL_RESOURCE_ATTRIBUTES": "service.name=loses, deployment.environment=blue%20green ,team=a%2Cb%3Dc"})
+    r = httpx.get(gw.url("/api/items?secret=1"), headers={
+        "traceparent": f"00-{CLIENT_TRACE}-{CLIENT_SPAN}-01", "tracestate": "vendor=abc",
+        "user-agent": "trace-test/1"})
+    assert r.status_code == 200
+    (span,) = receiver.wait_for(lambda spans: len(spans) >= 1)
+    assert span.name == "GET /api/*" and span.kind == "SPAN_KIND_SERVER" and span.scope == "agproxy"
+    assert span.trace_id == CLIENT_TRACE and span.parent_span_id == CLIENT_SPAN
+    assert span.trace_state == "vendor=abc"
+    assert span.status_code == "STATUS_CODE_UNSET"
+    assert span.end_ns > span.start_ns
+    attrs = span.attributes
+    assert attrs["http.request.method"] == "GET"
+    assert attrs["url.path"] == "/api/items"            # never the query: it may hold secrets
+    assert attrs["url.scheme"] == "http"
+    assert attrs["http.route"] == "/api/*"
+    assert attrs["agproxy.route"] == "echo"
+    assert attrs["http.response.status_code"] == 200
+    assert attrs["network.protocol.version"] == "1.1"
+    assert attrs["client.address"] == "127.0.0.1"
+    assert attrs["user_agent.original"] == "trace-test/1"
+    assert "enduser.id" not in attrs
+    # The resource: OTEL_SERVICE_NAME wins, values percent-decoded and trimmed.
+    assert span.resource["service.name"] == "edge-gw"
+    assert span.resource["deployment.environment"] == "blue green"
+    assert span.resource["team"] == "a,b=c"
+    assert span.resource["telemetry.sdk.language"] == "python"
+    # The upstream is called as a child of the gateway's span, same trace, tracestate kept.
+    assert upstream_traceparent(upstream_echo) == f"00-{CLIENT_TRACE}-{span.span_id}-01"
+    assert dict(upstream_echo.seen[-1]["headers"])["tracestate"] == "vendor=abc"
+    # The access log line names the same trace and span.
+    (line,) = gw.access_log(1)
+    assert (line["trace_id"], line["span_id"], line["backend"]) == (CLIENT_TRACE, span.span_id, "echo")
+    assert attrs["agproxy.request_id"] == line["request_id"]
+
+
+def test_root_span_without_traceparent_and_target_info(start_gateway, upstream_echo, receiver):
+    gw = start_gateway(config(upstream_echo.url, receiver.url), env={
+        **FAST_EXPORT, "OTEL_RESOURCE_ATTRIBUTES": "k8s.pod.name=gw-0,1st.key=x"})
+    assert httpx.post(gw.url("/api/x"), content=b"hi").status_code == 200
+    (span,) = receiver.wait_for(lambda spans: len(spans) >= 1)
+    assert span.parent_span_id == "" and re.fullmatch(r"[0-9a-f]{32}", span.trace_id)
+    assert span.resource["service.name"] == "agproxy" and span.resource["k8s.pod.name"] == "gw-0"
+    assert upstream_traceparent(upstream_echo) == f"00-{span.trace_id}-{span.span_id}-01"
+    from prometheus_client.parser import text_string_to_metric_families
+    families = {f.name: f for f in text_string_to_metric_families(gw.metrics())}
+    (sample,) = families["target_info"].samples   # an info metric: a gauge of 1 in the text format
+    assert sample.name == "target_info" and sample.value == 1.0
+    labels = sample.labels
+    assert labels["service_name"] == "agproxy" and labels["k8s_pod_name"] == "gw-0"
+    assert labels["key_1st_key"] == "x" and labels["telemetry_sdk_language"] == "python"
+    assert set(labels) == {"key_1st_key", "k8s_pod_name", "service_name", "service_version",
+                           "telemetry_sdk_language", "telemetry_sdk_name", "telemetry_sdk_version"}
+
+
+@pytest.mark.parametrize("bad", [
+    "00-4BF92F3577B34DA6A3CE929D0E0E4736-00F067AA0BA902B7-01",    # uppercase hex
+    "ff-4bf92f3577b34da6a3ce929d0e0e4736-00f067aa0ba902b7-01",    # version ff
+    "00-00000000000000000000000000000000-00f067aa0ba902b7-01",    # zero trace id
+    "00-4bf92f3577b34da6a3ce929d0e0e4736-00f067aa0ba902b7-01-x",  # version 00 with more
+    "00-4bf92f3577b34da6a3ce929d0e0e4736-00f067aa0ba902b7",       # short
+])
+def test_invalid_traceparent_starts_a_new_trace_and_drops_tracestate(start_gateway, upstream_echo, receiver, bad):
+    gw = start_gateway(config(upstream_echo.url, receiver.url), env=FAST_EXPORT)
+    r = httpx.get(gw.url("/api/x"), headers={"traceparent": bad, "tracestate": "vendor=abc"})
+    assert r.status_code == 200
+    (span,) = receiver.wait_for(lambda spans: len(spans) >= 1)
+    assert span.trace_id != CLIENT_TRACE and span.parent_span_id == ""
+    headers = dict(upstream_echo.seen[-1]["headers"])
+    assert headers["traceparent"] == f"00-{span.trace_id}-{span.span_id}-01"
+    assert "tracestate" not in headers
+
+
+def test_parent_based_sampling(start_gateway, upstream_echo, receiver):
+    """sampling = 0: a root is not sampled, but a sampled parent is followed, and an
+    unsampled parent's trace id still reaches the upstream (flag 00)."""
+    gw = start_gateway(config(upstream_echo.url, receiver.url, sampling=0.0), env=FAST_EXPORT)
+    assert httpx.get(gw.url("/api/root")).status_code == 200
+    root_tp = upstream_traceparent(upstream_echo)
+    assert root_tp.endswith("-00")
+    unsampled = "1" * 32
+    assert httpx.get(gw.url("/api/unsampled"),
+                     headers={"traceparent": f"00-{unsampled}-{CLIENT_SPAN}-00"}).status_code == 200
+    tp = upstream_traceparent(upstream_echo)
+    assert tp.startswith(f"00-{unsampled}-") and tp.endswith("-00") and CLIENT_SPAN not in tp
+    assert httpx.get(gw.url("/api/sampled"),
+                     headers={"traceparent": f"00-{CLIENT_TRACE}-{CLIENT_SPAN}-01"}).status_code == 200
+    receiver.wait_for(lambda spans: len(spans) >= 1)
+    # Spans leave in order, so the two unsampled requests would have arrived first.
+    lines = gw.access_log(3)
+    assert [s.attributes["url.path"] for s in receiver.spans] == ["/api/sampled"]
+    assert [l["trace_id"] for l in lines] == [root_tp[3:35], unsampled, CLIENT_TRACE]
+
+
+def test_http2_and_status_codes(start_gateway, upstream_echo, receiver):
+    gw = start_gateway(config(upstream_echo.url, receiver.url) + '''
+[[route]]
+name = "demo"
+match = { path = "/demo" }
+backend = "demo"
+
+[backend.demo]
+type = "static"
+status = 503
+body = "down"
+''', env=FAST_EXPORT)
+    with httpx.Client(http2=True, http1=False) as c:
+        assert c.get(gw.url("/api/x")).status_code == 200
+        assert c.get(gw.url("/demo")).status_code == 503
+        assert c.request("PROPFIND", gw.url("/nowhere")).status_code == 404
+    spans = {s.attributes["url.path"]: s for s in receiver.wait_for(lambda spans: len(spans) >= 3)}
+    assert spans["/api/x"].attributes["network.protocol.version"] == "2"
+    down = spans["/demo"]
+    assert down.name == "GET /demo" and down.status_code == "STATUS_CODE_ERROR"
+    assert down.attributes["error.type"] == "503"
+    other = spans["/nowhere"]
+    assert other.name == "HTTP" and other.status_code == "STATUS_CODE_UNSET"
+    assert other.attributes["http.request.method"] == "_OTHER"
+    assert other.attributes["http.request.method_original"] == "PROPFIND"
+    assert "http.route" not in other.attributes and other.attributes["http.response.status_code"] == 404
+
+
+def test_jwt_subject_is_the_end_user(start_gateway, upstream_echo, receiver, tmp_path):
+    from tests.support.idp import IdP
+    idp = IdP()
+    jwks = tmp_path / "jwks.json"
+    jwks.write_text(idp.jwks_json())
+    idp.close()
+    gw = start_gateway(config(upstream_echo.url, receiver.url, extra_route=f'''
+[route.jwt]
+issuer = "{idp.issuer}"
+audiences = ["agents"]
+jwks = {{ file = "{jwks}" }}
+'''), env=FAST_EXPORT)
+    token = idp.mint(sub="alice")
+    assert httpx.get(gw.url("/api/x"), headers={"authorization": f"Bearer {token}"}).status_code == 200
+    assert httpx.get(gw.url("/api/x")).status_code == 401
+    spans = receiver.wait_for(lambda spans: len(spans) >= 2)
+    assert spans[0].attributes["enduser.id"] == "alice"
+    assert "enduser.id" not in spans[1].attributes
+    assert spans[1].attributes["http.response.status_code"] == 401
+
+
+def closed_port() -> int:
+    s = socket.socket()
+    s.bind(("127.0.0.1", 0))
+    port = s.getsockname()[1]
+    s.close()
+    return port
+
+
+def metric_value(gw, name: str, **labels) -> float:
+    from prometheus_client.parser import text_string_to_metric_families
+    total = 0.0
+    for fam in text_string_to_metric_families(gw.metrics()):
+        for s in fam.samples:
+            if s.name == name and all(s.labels.get(k) == v for k, v in labels.items()):
+                total += s.value
+    return total
+
+
+def wait_metric(gw, name: str, minimum: float, timeout: float = 15.0, **labels) -> float:
+    deadline = time.monotonic() + timeout
+    while True:
+        v = metric_value(gw, name, **labels)
+        if v >= minimum or time.monotonic() > deadline:
+            return v
+        time.sleep(0.05)   # polling a condition with a deadline
+
+
+def test_collector_down_changes_nothing_for_clients_and_is_logged_once(start_gateway, upstream_echo):
+    gw = start_gateway(config(upstream_echo.url, f"http://127.0.0.1:{closed_port()}"),
+                       env={**FAST_EXPORT, "OTEL_EXPORTER_OTLP_TIMEOUT": "1"})
+    with httpx.Client() as c:
+        for i in range(30):
+            started = time.monotonic()
+            r = c.get(gw.url(f"/api/{i}"))
+            assert r.status_code == 200 and time.monotonic() - started < 2.0
+    assert wait_metric(gw, "agproxy_tracing_spans_dropped_total", 30, reason="export_failed") == 30
+    assert metric_value(gw, "agproxy_tracing_spans_exported_total") == 0
+    failures = [l for l in gw.logs().splitlines() if "exporting spans" in l]
+    assert len(failures) == 1, failures
+    assert "Connection refused" in failures[0] or "onnection" in failures[0]
+
+
+def test_slow_collector_fills_the_bounded_queue_and_drops_are_counted(start_gateway, upstream_echo):
+    slow = OtlpReceiver(delay=3.0).start()
+    try:
+        gw = start_gateway(config(upstream_echo.url, slow.url), env={
+            "OTEL_BSP_SCHEDULE_DELAY": "10", "OTEL_BSP_MAX_QUEUE_SIZE": "4", "OTEL_BSP_MAX_EXPORT_BATCH_SIZE": "2"})
+        with httpx.Client() as c:
+            assert c.get(gw.url("/api/first")).status_code == 200
+            slow.wait_requests(1)                 # the export thread is now stuck on the slow collector
+            started = time.monotonic()
+            for i in range(20):
+                assert c.get(gw.url(f"/api/{i}")).status_code == 200
+            assert time.monotonic() - started < 3.0   # no request waited for the collector
+        assert wait_metric(gw, "agproxy_tracing_spans_dropped_total", 16, reason="queue_full") == 16
+        gw.stop()
+        assert slow.errors == []
+    finally:
+        slow.stop()
+
+
+def test_each_worker_process_exports_its_own_spans(start_gateway, upstream_echo, receiver):
+    """workers = 2: the exporter thread starts in each forked worker (none in the supervisor)."""
+    gw = start_gateway("[gateway]\nworkers = 2\nadmin = \"127.0.0.1:{admin_port}\"\n"
+                       "access_log = \"{tmp}/workers-access.log\"\n" + config(upstream_echo.url, receiver.url),
+                       env=FAST_EXPORT)
+    for i in range(8):
+        with httpx.Client() as c:     # a new connection each: SO_REUSEPORT spreads them
+            assert c.get(gw.url(f"/api/{i}")).status_code == 200
+    spans = receiver.wait_for(lambda spans: len(spans) >= 8)
+    assert sorted(s.attributes["url.path"] for s in spans) == sorted(f"/api/{i}" for i in range(8))
