@@ -7,12 +7,10 @@ ENV PYTHONDONTWRITEBYTECODE=1 PYTHONUNBUFFERED=1 AWS_EC2_METADATA_DISABLED=false
 WORKDIR /opt/agproxy
 COPY pyproject.toml README.md ./
 COPY agproxy ./agproxy
-# opentelemetry-proto reinstalled last: xds-protos overwrites its files with an old copy
-# when pip installs it afterwards (the OTLP exporter then fails to import; see ./dev).
+# The image has no opentelemetry-proto (tracing encodes OTLP itself), so xds-protos' copy
+# of opentelemetry/proto cannot shadow it; the check imports what the gateway uses.
 RUN pip install --no-cache-dir . \
- && pip install --no-cache-dir --no-deps --force-reinstall \
-      "opentelemetry-proto==$(python -c "import importlib.metadata as m; print(m.version('opentelemetry-proto'))")" \
- && python -c "import opentelemetry.exporter.otlp.proto.http.trace_exporter, envoy.service.auth.v3.external_auth_pb2" \
+ && python -c "import agproxy.telemetry.otlp, agproxy.telemetry.tracing, envoy.service.auth.v3.external_auth_pb2" \
  && useradd --uid 10001 --no-create-home --shell /usr/sbin/nologin agproxy
 COPY conf/sidecar.toml /etc/agproxy/agproxy.toml
 

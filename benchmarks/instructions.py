@@ -18,10 +18,15 @@ printed. Under valgrind the gateway is ~50x slower: 1500 requests take ~15 s.
 
     .venv/bin/python benchmarks/instructions.py                 # h1 + h2, plain + policy
     .venv/bin/python benchmarks/instructions.py --scenarios h1-plain --requests 3000
+    .venv/bin/python benchmarks/instructions.py --tracing 1.0   # [telemetry].tracing on, sampling 1.0,
+                                                                # exporting to a local OTLP sink
 
 Scenarios: h1/h2 = the client side (h2load --h1 / h2load over h2c), plain /
 policy = the route, and h1-h2up / h2-h2up = a plain route whose upstream is the
 same nginx over HTTP/2 (h2c, `http2 = true`): the upstream HTTP/2 client.
+
+With `--tracing`, the export thread's work during the measured window is counted too
+(valgrind counts every thread of the process), so the figure is the whole cost of tracing.
 """
 
 from __future__ import annotations
@@ -93,6 +98,8 @@ def main() -> int:
     ap.add_argument("--scenarios", nargs="+", choices=list(SCENARIOS), default=list(SCENARIOS))
     ap.add_argument("--requests", type=int, default=1500)
     ap.add_argument("--warm-up", type=int, default=300)
+    ap.add_argument("--tracing", type=float, default=None, metavar="RATIO",
+                    help="turn tracing on with this sampling ratio, exporting to a local OTLP sink")
     args = ap.parse_args()
     for tool in ("valgrind", "callgrind_control", "h2load", "nginx"):
         if shutil.which(tool) is None:
@@ -104,7 +111,7 @@ def main() -> int:
     try:
         tls = keys.make_tls(workdir)
         jwt_files = keys.make_jwt(workdir)
-        free = iter(free_ports(8))
+        free = iter(free_ports(9))
         ports = proxies.Ports(next(free), next(free), next(free), agproxy_admin=next(free))
         ports.proxy["agproxy"] = {"h1": next(free)}
         up = proxies.upstream_spec(workdir, ports, tls)
@@ -112,6 +119,15 @@ def main() -> int:
         if (error := wait_ready(child, up.urls["h1"] + "/", up.ready_timeout)):
             raise SystemExit(f"upstream: {error}")
         spec = proxies.agproxy_spec(workdir, ports, tls, jwt_files, h2_upstream=True)
+        if args.tracing is not None:
+            sink_port = next(free)
+            sink = sup.start("otlp-sink", [sys.executable, str(Path(__file__).parent / "harness" / "otlp_sink.py"),
+                                           str(sink_port)], core=1)
+            if (error := wait_ready(sink, f"http://127.0.0.1:{sink_port}/", 30)):
+                raise SystemExit(f"otlp sink: {error}")
+            conf = Path(spec.argv[spec.argv.index("--config") + 1])
+            conf.write_text(conf.read_text() + f'\n[telemetry]\ntracing = {{ otlp_endpoint = '
+                            f'"http://127.0.0.1:{sink_port}", sampling = {args.tracing} }}\n')
         python = Path(proxies.agproxy_binary()).parent / "python"
         argv = ["valgrind", "--tool=callgrind", "--instr-atstart=no",
                 f"--callgrind-out-file={workdir}/callgrind.out.%p",

@@ -20,7 +20,6 @@ from agproxy.http.path import PathError
 from agproxy.proxy.exchange import Exchange
 from agproxy.proxy.filter import LocalReply
 from agproxy.telemetry.access_log import AccessLog, now_iso
-from agproxy.telemetry.tracing import Tracing, http_route, propagate
 
 log = logging.getLogger("agproxy.proxy")
 
@@ -52,8 +51,7 @@ class Gateway:
         runtime = self.runtime
         span = None
         if runtime.tracing is not None:
-            span = runtime.tracing.start_server(ex.request, ex.conn)
-            propagate(ex.request.headers, span)
+            span = runtime.tracing.start_request(ex.request, ex.conn)
         try:
             limit = runtime.gateway.max_request_body
             stream.body.limit = limit
@@ -146,11 +144,7 @@ class Gateway:
         route = ex.route.name if ex.route is not None else ""
         status = ex.status or 0
         if span is not None:
-            claims = ex.jwt_claims
-            Tracing.end_server(span, status, route=route or None,
-                               http_route=http_route(ex.route.match) if ex.route is not None else None,
-                               user=claims.get("sub") if claims else None, request_id=ex.request_id,
-                               error=ex.error)
+            runtime.tracing.end_request(span, ex)
         m = self.metrics
         if m is not None:
             m.request(route, ex.request.method, status, elapsed)
@@ -183,8 +177,8 @@ class Gateway:
             if ex.route is not None:
                 rec["backend"] = getattr(ex.route.backend, "name", "")
             if span is not None:
-                rec["trace_id"] = "%032x" % span.trace_id
-                rec["span_id"] = "%016x" % span.span_id
+                rec["trace_id"] = span.trace_id
+                rec["span_id"] = span.span_id
             if runtime.log_fields is not None:
                 runtime.log_fields.add_to(rec, ex.activation)
             al.write(rec)

@@ -3,8 +3,9 @@
 Theory of operation: `resource_attributes(environ)` builds the attributes once per
 process, in the order the specification gives precedence (later wins):
 
-1. what agproxy itself knows: `service.name = agproxy`, `service.version`, and the
-   `telemetry.sdk.*` attributes the SDK would provide;
+1. what agproxy itself knows: `service.name = agproxy`, `service.version`, and
+   `telemetry.sdk.*` (agproxy encodes its spans itself, telemetry/otlp.py, so the
+   "SDK" is agproxy: name `agproxy`, its version, language `python`);
 2. `OTEL_RESOURCE_ATTRIBUTES`: `key=value` pairs separated by commas, keys and values
    percent-decoded (`,` and `=` inside them must be encoded), surrounding whitespace
    trimmed. Any malformed pair (no `=`, an empty key, a `%` not followed by two hex
@@ -66,14 +67,6 @@ def parse_resource_attributes(value: str) -> dict[str, str]:
     return out
 
 
-def _sdk_version() -> str:
-    try:
-        from importlib.metadata import version
-        return version("opentelemetry-sdk")
-    except Exception:
-        return "unknown"
-
-
 def resource_attributes(environ: Mapping[str, str] | None = None) -> dict[str, str]:
     """The process's resource attributes (see the module docstring for precedence)."""
     env = os.environ if environ is None else environ
@@ -81,8 +74,8 @@ def resource_attributes(environ: Mapping[str, str] | None = None) -> dict[str, s
         "service.name": DEFAULT_SERVICE_NAME,
         "service.version": __version__,
         "telemetry.sdk.language": "python",
-        "telemetry.sdk.name": "opentelemetry",
-        "telemetry.sdk.version": _sdk_version(),
+        "telemetry.sdk.name": "agproxy",
+        "telemetry.sdk.version": __version__,
     }
     raw = env.get("OTEL_RESOURCE_ATTRIBUTES", "")
     if raw.strip():

@@ -5,25 +5,25 @@ and the per-request path makes no span object at all) gives `TracingSettings`; t
 runtime owns a `Tracing`, started in each serving process (after the fork: the
 supervisor never starts one) and shared across reloads with the same settings.
 
-Per request, on the event loop: `start_server(request, conn)` reads W3C `traceparent`
+Per request, on the event loop: `start_request(request, conn)` reads W3C `traceparent`
 (and `tracestate`) from the client, decides sampling (parent-based: a remote parent's
-sampled flag is followed; without one, the trace-id ratio, the same test as the SDK's
-TraceIdRatioBased), and returns a `Span`. Every span has ids, so `span.traceparent()`
-can be injected upstream and the access log can carry the trace id even when the trace
-is not sampled; only a sampled span records attributes and is queued when it ends.
-`span.child(...)` makes the child spans the exchange, policies and backends open for
-their upstream calls (`http_client_attributes`, `rpc_attributes`, ... below give the
-semantic-convention attributes).
+sampled flag is followed; without one, the trace-id ratio, the same test as the
+OpenTelemetry SDKs' TraceIdRatioBased), rewrites the request's `traceparent` to name its
+span for the upstream, and returns the `Span`. Every span has ids, so the upstream and
+the access log get the trace id even when the trace is not sampled; only a sampled span
+records attributes and is queued when it ends. `span.child(...)` makes the child spans
+the exchange, policies and backends open for their upstream calls
+(`http_client_attributes`, `rpc_attributes`, ... below give the semantic-convention
+attributes; `propagate` injects a child's `traceparent` into a call's headers).
 
-Why not the SDK's Tracer for that part: measured here, the SDK's start_span + end with
-six attributes cost ~30 us of CPU (a plain relayed request costs ~60-100 us), a slotted
-span of our own ~2 us. The SDK still does everything off the event loop: on the export
-thread each batch becomes `ReadableSpan`s with the process's `Resource`, and the SDK's
-`OTLPSpanExporter` encodes and POSTs them (honouring `OTEL_EXPORTER_OTLP_*`: headers,
-timeout, compression, certificates). The queue is bounded (`OTEL_BSP_MAX_QUEUE_SIZE`):
-a span that finds it full is dropped and counted, never waited for; an export that
-fails (collector down, slow past its timeout, 4xx/5xx) counts its spans as dropped and
-is logged at most once per `LOG_INTERVAL`, with the exporter's own last message.
+Spans are our own slotted objects, not the OpenTelemetry SDK's, and telemetry/otlp.py
+encodes and sends them: measured with callgrind, the SDK's span start + end cost ~30k
+instructions and its export path (ReadableSpan, then its protobuf encoder) ~365k per
+span, against ~240k for a whole relayed request. The export runs on one thread per
+process; the queue is bounded (`OTEL_BSP_MAX_QUEUE_SIZE`): a span that finds it full is
+dropped and counted, never waited for; an export that fails (collector down, slow past
+its timeout, an error status) counts its spans as dropped and is logged at most once per
+`LOG_INTERVAL`.
 """
 
 from __future__ import annotations
@@ -76,11 +76,8 @@ class TracingSettings:
 
 
 def _env_endpoint() -> str:
-    e = os.environ
-    if e.get("OTEL_EXPORTER_OTLP_TRACES_ENDPOINT"):
-        return e["OTEL_EXPORTER_OTLP_TRACES_ENDPOINT"]
-    base = e.get("OTEL_EXPORTER_OTLP_ENDPOINT") or "http://localhost:4318"
-    return base.rstrip("/") + "/v1/traces"
+    from agproxy.telemetry.otlp import env_endpoint
+    return env_endpoint()
 
 
 def traces_url(endpoint: str) -> str:
@@ -157,32 +154,41 @@ def read_settings(sec, environ: Mapping[str, str] | None = None) -> TracingSetti
 
 # -- W3C trace context ------------------------------------------------------------------
 
-def parse_traceparent(value: str) -> tuple[int, int, int] | None:
-    """(trace id, parent span id, flags), or None when the header is not valid W3C."""
+_ZERO_TRACE, _ZERO_SPAN = "0" * 32, "0" * 16
+
+
+def parse_traceparent(value: str) -> tuple[str, str, int] | None:
+    """(trace id, parent span id, flags), ids as lowercase hex, or None when the header is
+    not valid W3C."""
     m = _TRACEPARENT.fullmatch(value.strip(" \t"))
     if m is None:
         return None
     version, trace_id, span_id, flags, rest = m.groups()
     if version == "ff" or (version == "00" and rest is not None):
         return None
-    tid, sid = int(trace_id, 16), int(span_id, 16)
-    if not tid or not sid:
+    if trace_id == _ZERO_TRACE or span_id == _ZERO_SPAN:
         return None
-    return tid, sid, int(flags, 16)
+    return trace_id, span_id, int(flags, 16)
 
 
 class Sampler:
-    """The six standard samplers; `sample(parent_flags, trace_id)`, parent_flags None at a root."""
+    """The six standard samplers; `sample(parent_flags, trace_id)` (hex), parent_flags None
+    at a root."""
 
     __slots__ = ("parent_based", "root", "bound")
 
     def __init__(self, name: str, ratio: float = 1.0):
         self.parent_based = name.startswith("parentbased_")
-        self.root = name.removeprefix("parentbased_")
-        # The SDK's TraceIdRatioBased: sampled when the low 64 bits are below the bound.
-        self.bound = round(ratio * (1 << 64)) if self.root == "traceidratio" else 0
+        root = name.removeprefix("parentbased_")
+        # The SDKs' TraceIdRatioBased: sampled when the low 64 bits are below the bound.
+        self.bound = round(ratio * (1 << 64)) if root == "traceidratio" else 0
+        if root == "traceidratio" and self.bound > _RATIO_LIMIT:
+            root = "always_on"              # every 64-bit value is below the bound
+        elif root == "traceidratio" and self.bound == 0:
+            root = "always_off"
+        self.root = root
 
-    def sample(self, parent_flags: int | None, trace_id: int) -> bool:
+    def sample(self, parent_flags: int | None, trace_id: str) -> bool:
         if parent_flags is not None and self.parent_based:
             return bool(parent_flags & 1)
         root = self.root
@@ -190,46 +196,47 @@ class Sampler:
             return True
         if root == "always_off":
             return False
-        return (trace_id & _RATIO_LIMIT) < self.bound
+        return int(trace_id[16:], 16) < self.bound
 
 
 # -- spans --------------------------------------------------------------------------------
 
 class Span:
-    """One span. Cheap when not sampled (`attributes` is None: `set` does nothing and
-    `end` queues nothing), but it always has ids to propagate."""
+    """One span; ids are lowercase hex (as W3C and the access log write them). Cheap when
+    not sampled (`attributes` is None: `set` does nothing and `end` queues nothing), but it
+    always has ids to propagate."""
 
     __slots__ = ("_tracing", "name", "kind", "trace_id", "span_id", "parent_id", "sampled",
-                 "remote_parent", "tracestate", "start_ns", "end_ns", "attributes", "error")
+                 "remote_parent", "tracestate", "start_ns", "end_ns", "attributes", "error", "_tp")
 
-    def __init__(self, tracing: "Tracing | None", name: str, kind: str, trace_id: int, parent_id: int,
+    def __init__(self, tracing: "Tracing | None", name: str, kind: str, trace_id: str, parent_id: str,
                  sampled: bool, remote_parent: bool = False, tracestate: str | None = None,
-                 attributes: dict | None = None):
+                 attributes: dict | None = None, span_id: str | None = None):
         self._tracing = tracing
         self.name = name
         self.kind = kind
         self.trace_id = trace_id
-        self.span_id = getrandbits(64) or 1
+        self.span_id = span_id or new_span_id()
         self.parent_id = parent_id
         self.sampled = sampled
         self.remote_parent = remote_parent
         self.tracestate = tracestate
-        self.start_ns = time.time_ns()
         self.end_ns = 0
-        self.attributes = (attributes if attributes is not None else {}) if sampled else None
         self.error: str | None = None
-
-    @property
-    def trace_id_hex(self) -> str:
-        return "%032x" % self.trace_id
-
-    @property
-    def span_id_hex(self) -> str:
-        return "%016x" % self.span_id
+        self._tp: str | None = None
+        if sampled:
+            self.start_ns = time.time_ns()
+            self.attributes = attributes if attributes is not None else {}
+        else:
+            self.start_ns = 0
+            self.attributes = None
 
     def traceparent(self) -> str:
         """The W3C `traceparent` naming this span as the parent (to inject upstream)."""
-        return "00-%032x-%016x-%s" % (self.trace_id, self.span_id, "01" if self.sampled else "00")
+        tp = self._tp
+        if tp is None:
+            tp = self._tp = f"00-{self.trace_id}-{self.span_id}-{'01' if self.sampled else '00'}"
+        return tp
 
     def set(self, key: str, value: Any) -> None:
         attrs = self.attributes
@@ -244,7 +251,10 @@ class Span:
                     attrs[k] = v
 
     def child(self, name: str, kind: str = CLIENT, attributes: dict | None = None) -> "Span":
-        """A span for work this one waits on (an upstream call, a policy's remote check)."""
+        """A span for work this one waits on (an upstream call, a policy's remote check);
+        `None` values in `attributes` are left out."""
+        if attributes is not None and self.sampled:
+            attributes = {k: v for k, v in attributes.items() if v is not None}
         return Span(self._tracing, name, kind, self.trace_id, self.span_id, self.sampled,
                     tracestate=self.tracestate, attributes=attributes)
 
@@ -252,16 +262,56 @@ class Span:
         """End once (later calls do nothing); `error` sets the span's status to ERROR."""
         if self.end_ns:
             return
+        if self.attributes is None:
+            self.end_ns = 1
+            return
         self.end_ns = time.time_ns()
         if error:
             self.error = error[:256]
-        if self.attributes is not None and self._tracing is not None:
+        if self._tracing is not None:
             self._tracing.queue(self)
 
 
+_new = object.__new__
+
+
+class _Unsampled(Span):
+    """A root span that is not sampled: ids only (trace_id, span_id, _tp set per
+    instance), everything else fixed here; it records and queues nothing."""
+
+    __slots__ = ()
+    _tracing = None
+    name = ""
+    kind = SERVER
+    parent_id = ""
+    sampled = False
+    remote_parent = False
+    tracestate = None
+    start_ns = end_ns = 0
+    attributes = None
+    error = None
+
+    def end(self, error: str | None = None) -> None:
+        return None
+
+    def child(self, name: str, kind: str = CLIENT, attributes: dict | None = None) -> Span:
+        return Span(None, name, kind, self.trace_id, self.span_id, False)
+
+
+def new_span_id() -> str:
+    return (getrandbits(64) or 1).to_bytes(8, "big").hex()
+
+
+def new_ids() -> tuple[str, str]:
+    """A new trace id and span id, hex: one call to the process PRNG (reseeded in every
+    forked worker; no syscall per request)."""
+    h = (getrandbits(192) | 1).to_bytes(24, "big").hex()
+    return h[:32], h[32:]
+
+
 def propagate(headers, span: Span) -> None:
-    """Name `span` as the parent in request headers that will go upstream: `traceparent`
-    replaced; the client's `tracestate` kept only with a valid `traceparent` (W3C)."""
+    """Name `span` as the parent in request headers that will go upstream (a child span's
+    call): `traceparent` replaced; `tracestate` kept only beside a valid parent (W3C)."""
     headers.set("traceparent", span.traceparent())
     if span.tracestate is None and "tracestate" in headers:
         headers.remove("tracestate")
@@ -337,12 +387,15 @@ def mcp_attributes(method: str, tool: str | None = None, session: str | None = N
 # -- the per-process tracer ------------------------------------------------------------------
 
 class Tracing:
-    """What a runtime snapshot traces with. `start_server` is the per-request entry."""
+    """What a runtime snapshot traces with. `start_request` is the per-request entry."""
 
     def __init__(self, settings: TracingSettings, metrics: Any = None):
         self.settings = settings
         self.metrics = metrics
         self.sampler = Sampler(settings.sampler, settings.ratio)
+        root = self.sampler.root
+        self._root_sampled = True if root == "always_on" else False if root == "always_off" else None
+        self._routes: dict = {}    # route (of this runtime snapshot) -> (name, http.route)
         self._pipeline: _Pipeline | None = None
 
     # -- lifecycle (in the serving process, after the fork) ---------------------------------
@@ -360,120 +413,168 @@ class Tracing:
             pipeline.put(span)
 
     # -- the request's server span ----------------------------------------------------------
-    def start_server(self, request, conn) -> Span:
-        """A SERVER span for this request, child of the client's `traceparent` if valid."""
+    def start_request(self, request, conn) -> Span:
+        """A SERVER span for this request, child of the client's `traceparent` if valid,
+        and the request's headers made ready for the upstream: `traceparent` names this
+        span, the client's `tracestate` stays only beside a valid `traceparent` (W3C).
+
+        Written for the instruction count (benchmarks/instructions.py --tracing): the
+        headers are looked up through one dict built in C, and a root span that is not
+        sampled is an `_Unsampled` with three instance fields."""
         headers = request.headers
-        parent = None
-        tracestate = None
-        tp = headers.get("traceparent")
-        if tp is not None:
-            values = headers.get_all("traceparent")
-            parent = parse_traceparent(tp) if len(values) == 1 else None   # W3C: several = invalid
-            if parent is not None:
-                ts = headers.get_all("tracestate")
-                if ts:
-                    tracestate = ",".join(ts)[:_MAX_TRACESTATE]
-        if parent is not None:
-            trace_id, parent_id, flags = parent
-            sampled = self.sampler.sample(flags, trace_id)
+        names = dict(headers.items)
+        if "traceparent" not in names:
+            h = (getrandbits(192) | 1).to_bytes(24, "big").hex()
+            sampled = self._root_sampled
+            if sampled is None:     # the trace-id ratio, inline (Sampler.sample's test)
+                sampled = int(h[16:32], 16) < self.sampler.bound
+            if "tracestate" in names:
+                headers.remove("tracestate")
+            if not sampled:
+                span = _new(_Unsampled)
+                span.trace_id = trace_id = h[:32]
+                span.span_id = span_id = h[32:]
+                span._tp = tp = f"00-{trace_id}-{span_id}-00"
+                headers.items.append(("traceparent", tp))
+                return span
+            span = _new(Span)
+            span._tracing = self
+            span.kind = SERVER
+            span.trace_id = trace_id = h[:32]
+            span.span_id = span_id = h[32:]
+            span.parent_id = ""
+            span.sampled = True
+            span.remote_parent = False
+            span.tracestate = span.error = None
+            span.end_ns = 0
+            span._tp = tp = f"00-{trace_id}-{span_id}-01"
+            headers.items.append(("traceparent", tp))
+            span.start_ns = time.time_ns()
         else:
-            trace_id = getrandbits(128) or 1
-            parent_id = 0
-            sampled = self.sampler.sample(None, trace_id)
+            span = self._continue(headers)
+            headers.set("traceparent", span.traceparent())
+            if not span.sampled:
+                return span
         method = request.method
-        attrs = None
-        if sampled:
-            attrs = method_attributes(method)
-            attrs["url.path"] = request.path
-            attrs["url.scheme"] = request.scheme
-            attrs["network.protocol.version"] = _PROTOCOL_VERSION.get(request.protocol, request.protocol)
-            attrs["client.address"] = conn.peer_host
-            if request.authority:
-                attrs["server.address"] = request.host
-            ua = headers.get("user-agent")
-            if ua:
-                attrs["user_agent.original"] = ua[:256]
-        return Span(self, method if method in _KNOWN_METHODS else "HTTP", SERVER, trace_id, parent_id,
-                    sampled, remote_parent=parent is not None, tracestate=tracestate, attributes=attrs)
+        known = method in _KNOWN_METHODS
+        span.name = method if known else "HTTP"
+        span.attributes = attrs = {
+            "http.request.method": method if known else "_OTHER",
+            "url.path": request.path,
+            "url.scheme": request.scheme,
+            "network.protocol.version": _PROTOCOL_VERSION.get(request.protocol, request.protocol),
+            "client.address": conn.peer_host,
+        }
+        if not known:
+            attrs["http.request.method_original"] = method[:64]
+        if request.authority:
+            attrs["server.address"] = request.host
+        ua = names.get("user-agent")
+        if ua:
+            attrs["user_agent.original"] = ua[:256]
+        return span
+
+    def _continue(self, headers) -> Span:
+        parent = None
+        values = headers.get_all("traceparent")
+        if len(values) == 1:                       # W3C: several traceparent headers = invalid
+            parent = parse_traceparent(values[0])
+        if parent is None:
+            if "tracestate" in headers:
+                headers.remove("tracestate")
+            trace_id, span_id = new_ids()
+            return Span(self, "", SERVER, trace_id, "", self.sampler.sample(None, trace_id), span_id=span_id)
+        trace_id, parent_id, flags = parent
+        ts = headers.get_all("tracestate")
+        return Span(self, "", SERVER, trace_id, parent_id, self.sampler.sample(flags, trace_id),
+                    remote_parent=True, tracestate=",".join(ts)[:_MAX_TRACESTATE] if ts else None)
+
+    def end_request(self, span: Span, ex) -> None:
+        """End the request's span from what the exchange learnt (duck-typed: `status`,
+        `route`, `jwt_claims`, `request_id`, `error`)."""
+        attrs = span.attributes
+        if attrs is None:
+            return
+        status = ex.status or 0
+        attrs["http.response.status_code"] = status
+        route = ex.route
+        if route is not None:
+            names = self._routes.get(route)
+            if names is None:
+                names = self._routes[route] = (route.name, http_route(route.match))
+            attrs["agproxy.route"] = names[0]
+            if names[1]:
+                attrs["http.route"] = names[1]
+                span.name = f"{span.name} {names[1]}"
+        claims = ex.jwt_claims
+        if claims:
+            user = claims.get("sub")
+            if user:
+                attrs["enduser.id"] = str(user)[:256]
+        error = ex.error
+        failed = None
+        if status >= 500:
+            attrs["error.type"] = str(status)
+            failed = error or str(status)
+        elif error and status < 400 and status != 499:
+            attrs["error.type"] = "response_aborted"
+            failed = error
+        span.end_ns = time.time_ns()
+        if failed:
+            span.error = failed[:256]
+        pipeline = self._pipeline
+        if pipeline is not None:
+            pipeline.put(span)
 
     @staticmethod
     def end_server(span: Span, status: int, *, route: str | None = None, http_route: str | None = None,
                    user: str | None = None, request_id: str | None = None, error: str | None = None) -> None:
-        """End the request's span: status, route, the verified user; ERROR on a 5xx, or
-        when a response below 400 was cut (`error` set; 499, the client leaving, is not ours)."""
+        """End a server span: status, route, the verified user; ERROR on a 5xx, or when a
+        response below 400 was cut (`error` set; 499, the client leaving, is not ours)."""
         attrs = span.attributes
-        if attrs is not None:
-            attrs["http.response.status_code"] = status
-            if http_route:
-                attrs["http.route"] = http_route
-                span.name = f"{span.name} {http_route}"
-            if route:
-                attrs["agproxy.route"] = route
-            if user:
-                attrs["enduser.id"] = str(user)[:256]
-            if request_id:
-                attrs["agproxy.request_id"] = request_id
-            failed = None
-            if status >= 500:
-                attrs["error.type"] = str(status)
-                failed = error or str(status)
-            elif error and status < 400 and status != 499:
-                attrs["error.type"] = "response_aborted"
-                failed = error
-            span.end(failed)
-        else:
-            span.end()
+        if attrs is None:
+            return
+        attrs["http.response.status_code"] = status
+        if http_route:
+            attrs["http.route"] = http_route
+            span.name = f"{span.name} {http_route}"
+        if route:
+            attrs["agproxy.route"] = route
+        if user:
+            attrs["enduser.id"] = str(user)[:256]
+        if request_id:
+            attrs["agproxy.request_id"] = request_id
+        failed = None
+        if status >= 500:
+            attrs["error.type"] = str(status)
+            failed = error or str(status)
+        elif error and status < 400 and status != 499:
+            attrs["error.type"] = "response_aborted"
+            failed = error
+        span.end(failed)
 
 
 # -- export: a bounded queue and one thread per process -----------------------------------------
 
-class _ExporterLog(logging.Filter):
-    """Keeps the OTLP exporter's last message and stops it from being logged per batch;
-    the pipeline logs one summary per LOG_INTERVAL instead."""
-
-    def __init__(self):
-        super().__init__()
-        self.messages: list[str] = []     # of the current export: the first says why
-
-    def filter(self, record: logging.LogRecord) -> bool:
-        if len(self.messages) < 8:
-            try:
-                self.messages.append(record.getMessage())
-            except Exception:
-                self.messages.append(str(record.msg))
-        return False
-
-    @property
-    def reason(self) -> str:
-        m = self.messages
-        if not m:
-            return "unknown reason"
-        return m[0] if len(m) == 1 or m[-1] == m[0] else f"{m[0]} ... {m[-1]}"
-
-
 class _Pipeline:
     def __init__(self, settings: TracingSettings, metrics: Any):
-        from opentelemetry.exporter.otlp.proto.http.trace_exporter import OTLPSpanExporter
-        from opentelemetry.exporter.otlp.proto.http.trace_exporter import _logger as exporter_logger
-        from opentelemetry.sdk.resources import Resource
+        from agproxy import __version__
+        from agproxy.telemetry import otlp
         from agproxy.telemetry.resource import process_resource
 
         self.settings = settings
         self.metrics = metrics
-        self.resource = Resource(process_resource())
+        self.resource = otlp.encode_resource(process_resource())
+        self.scope = otlp.encode_scope(SCOPE, __version__)
         self.queue: collections.deque = collections.deque()
         self.max_queue = settings.max_queue
         self.batch_size = settings.batch_size
-        self.exporter = OTLPSpanExporter(endpoint=settings.endpoint) if settings.endpoint else OTLPSpanExporter()
-        self.endpoint = settings.endpoint or _env_endpoint()
-        self._exporter_log = _ExporterLog()
-        exporter_logger.addFilter(self._exporter_log)
-        self._filtered_logger = exporter_logger
+        self.endpoint = settings.endpoint or otlp.env_endpoint()
         self._wake = threading.Event()
-        self._stopping = False
+        self._stop = threading.Event()
+        self.sender = otlp.Sender(self.endpoint, stop=self._stop)
         self._failed_since_log = 0
         self._last_log = 0.0
-        self._dropped_full = 0
         self._deadline = 0.0
         self.users = 0
         self.thread = threading.Thread(target=self._run, name="agproxy-otlp-export", daemon=True)
@@ -483,7 +584,6 @@ class _Pipeline:
     def put(self, span: Span) -> None:
         q = self.queue
         if len(q) >= self.max_queue:
-            self._dropped_full += 1
             if self.metrics is not None:
                 self.metrics.spans_dropped.labels("queue_full").inc()
             return
@@ -493,7 +593,7 @@ class _Pipeline:
 
     # The export thread's side.
     def _run(self) -> None:
-        while not self._stopping:
+        while not self._stop.is_set():
             self._wake.wait(self.settings.schedule_delay)
             self._wake.clear()
             self._drain()
@@ -506,81 +606,44 @@ class _Pipeline:
             while q and len(batch) < self.batch_size:
                 batch.append(q.popleft())
             self._export(batch)
-            if self._stopping and self._deadline and time.monotonic() > self._deadline:
+            if self._deadline and time.monotonic() > self._deadline:
                 return
 
-
     def _export(self, batch: list[Span]) -> None:
-        from opentelemetry.sdk.trace.export import SpanExportResult
-        self._exporter_log.messages = []
+        from agproxy.telemetry import otlp
         try:
-            ok = self.exporter.export([self._readable(s) for s in batch]) is SpanExportResult.SUCCESS
-        except Exception as exc:   # the exporter should not raise; never let the thread die
-            self._exporter_log.messages.append(f"{type(exc).__name__}: {exc}")
-            ok = False
+            why = self.sender.send(otlp.encode(batch, self.resource, self.scope))
+        except Exception as exc:   # a bug must not kill the thread
+            why = f"{type(exc).__name__}: {exc}"
         m = self.metrics
-        if ok:
+        if why is None:
             if m is not None:
                 m.spans_exported.inc(len(batch))
             if self._failed_since_log and time.monotonic() - self._last_log >= LOG_INTERVAL:
-                self._log_failures(recovered=True)
+                self._log(None)
             return
         if m is not None:
             m.spans_dropped.labels("export_failed").inc(len(batch))
         self._failed_since_log += len(batch)
         if time.monotonic() - self._last_log >= LOG_INTERVAL:
-            self._log_failures()
+            self._log(why)
 
-    def _log_failures(self, recovered: bool = False) -> None:
+    def _log(self, why: str | None) -> None:
         n, self._failed_since_log = self._failed_since_log, 0
         self._last_log = time.monotonic()
-        if recovered:
+        if why is None:
             log.info("tracing: export to %s works again (%d spans lost before)", self.endpoint, n)
         else:
             log.warning("tracing: exporting spans to %s failed (%d spans lost; next report in %ds at most): %s",
-                        self.endpoint, n, int(LOG_INTERVAL), self._exporter_log.reason)
-
-    def _readable(self, s: Span):
-        from opentelemetry.sdk.trace import ReadableSpan
-        from opentelemetry.trace import SpanContext, SpanKind, Status, StatusCode, TraceFlags, TraceState
-        state = TraceState()
-        if s.tracestate:
-            try:
-                state = TraceState.from_header([s.tracestate])
-            except Exception:
-                pass
-        flags = TraceFlags(TraceFlags.SAMPLED)
-        ctx = SpanContext(s.trace_id, s.span_id, False, flags, state)
-        parent = SpanContext(s.trace_id, s.parent_id, s.remote_parent, flags, state) if s.parent_id else None
-        status = Status(StatusCode.ERROR, s.error) if s.error else Status(StatusCode.UNSET)
-        return ReadableSpan(s.name, context=ctx, parent=parent, resource=self.resource,
-                            attributes=s.attributes, kind=getattr(SpanKind, s.kind), status=status,
-                            start_time=s.start_ns, end_time=s.end_ns or time.time_ns(),
-                            instrumentation_scope=_scope())
+                        self.endpoint, n, int(LOG_INTERVAL), why)
 
     def shutdown(self, timeout: float = 5.0) -> None:
         """Export what is queued (bounded by `timeout`), then stop."""
         self._deadline = time.monotonic() + timeout
-        self._stopping = True
+        self._stop.set()
         self._wake.set()
         self.thread.join(timeout)
-        try:
-            self.exporter.shutdown()
-        except Exception:
-            pass
-        self._filtered_logger.removeFilter(self._exporter_log)
-
-
-_SCOPE = None
-
-
-def _scope():
-    global _SCOPE
-    if _SCOPE is None:
-        from opentelemetry.sdk.util.instrumentation import InstrumentationScope
-        from agproxy import __version__
-        _SCOPE = InstrumentationScope(SCOPE, __version__)
-    return _SCOPE
+        self.sender.close()
 
 
 # One pipeline per process and settings, shared by the runtime snapshots that use it, so a

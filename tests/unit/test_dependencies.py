@@ -1,11 +1,13 @@
-"""The OTLP exporter's protobuf messages and the Envoy messages live in one process.
+"""The OTLP protobuf messages and the Envoy messages live in one process.
 
 `xds-protos` ships its own, older copy of `opentelemetry/proto/*`; when pip installs it
-after `opentelemetry-proto` the newer files are overwritten and the exporter cannot be
-imported (`cannot import name 'InstrumentationScope'`). `./dev` and the Dockerfile
-reinstall `opentelemetry-proto` last. This test fails if the two conflict again, in
-either direction: the exporter must import, and Envoy's own modules that refer to the
-OpenTelemetry protos must load against the newer files.
+after `opentelemetry-proto` (a test dependency: the OTLP receiver decodes with it) the
+newer files are overwritten and the OTLP messages and the SDK's encoder cannot be
+imported (`cannot import name 'InstrumentationScope'`). `./dev` reinstalls
+`opentelemetry-proto` last; the image (Dockerfile) has no opentelemetry-proto at all.
+This test fails if the two conflict again, in either direction: the OTLP messages and
+encoder must import, and Envoy's own modules that refer to the OpenTelemetry protos must
+load against the newer files.
 """
 
 from __future__ import annotations
@@ -15,7 +17,7 @@ import sys
 
 
 def test_otlp_exporter_and_envoy_messages_round_trip_in_one_process():
-    from opentelemetry.exporter.otlp.proto.http.trace_exporter import OTLPSpanExporter  # noqa: F401
+    from opentelemetry.exporter.otlp.proto.common.trace_encoder import encode_spans  # noqa: F401
     from opentelemetry.proto.collector.trace.v1.trace_service_pb2 import ExportTraceServiceRequest
     from opentelemetry.proto.common.v1.common_pb2 import AnyValue, InstrumentationScope, KeyValue
     from opentelemetry.proto.trace.v1.trace_pb2 import ResourceSpans, ScopeSpans, Span
@@ -50,7 +52,7 @@ def test_otlp_exporter_and_envoy_messages_round_trip_in_one_process():
 def test_envoy_first_then_exporter_in_a_fresh_interpreter():
     """Import order must not matter either: Envoy's OTel-referencing modules first."""
     code = ("import envoy.config.trace.v3.trace_pb2, envoy.service.auth.v3.external_auth_pb2\n"
-            "from opentelemetry.exporter.otlp.proto.http.trace_exporter import OTLPSpanExporter\n"
+            "from opentelemetry.exporter.otlp.proto.common.trace_encoder import encode_spans\n"
             "print('ok')\n")
     out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=60)
     assert out.returncode == 0 and out.stdout.strip() == "ok", out.stderr[-2000:]

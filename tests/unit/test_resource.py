@@ -40,7 +40,7 @@ def test_service_name_precedence():
 
 def test_sdk_attributes_present_and_overridable():
     attrs = resource_attributes({"OTEL_RESOURCE_ATTRIBUTES": "service.version=9"})
-    assert attrs["telemetry.sdk.language"] == "python" and attrs["telemetry.sdk.name"] == "opentelemetry"
+    assert attrs["telemetry.sdk.language"] == "python" and attrs["telemetry.sdk.name"] == "agproxy"
     assert attrs["service.version"] == "9"
 
 

@@ -17,10 +17,10 @@ SPAN = "00f067aa0ba902b7"
 
 
 def test_parse_traceparent():
-    assert parse_traceparent(f"00-{TRACE}-{SPAN}-01") == (int(TRACE, 16), int(SPAN, 16), 1)
-    assert parse_traceparent(f" 00-{TRACE}-{SPAN}-00\t") == (int(TRACE, 16), int(SPAN, 16), 0)
+    assert parse_traceparent(f"00-{TRACE}-{SPAN}-01") == (TRACE, SPAN, 1)
+    assert parse_traceparent(f" 00-{TRACE}-{SPAN}-00\t") == (TRACE, SPAN, 0)
     # A later version may append fields; version 00 may not.
-    assert parse_traceparent(f"01-{TRACE}-{SPAN}-01-future") == (int(TRACE, 16), int(SPAN, 16), 1)
+    assert parse_traceparent(f"01-{TRACE}-{SPAN}-01-future") == (TRACE, SPAN, 1)
     for bad in (f"00-{TRACE}-{SPAN}-01-x", f"ff-{TRACE}-{SPAN}-01", f"00-{TRACE.upper()}-{SPAN}-01",
                 f"00-{'0' * 32}-{SPAN}-01", f"00-{TRACE}-{'0' * 16}-01", f"00-{TRACE}-{SPAN}", "", "garbage",
                 f"0-{TRACE}-{SPAN}-01", f"00_{TRACE}_{SPAN}_01"):
@@ -37,16 +37,18 @@ def test_ratio_sampler_decides_like_the_sdk(ratio):
     for _ in range(2000):
         tid = rng.getrandbits(128) or 1
         expected = sdk.should_sample(None, tid, "x").decision is Decision.RECORD_AND_SAMPLE
-        assert ours.sample(None, tid) is expected
+        assert ours.sample(None, "%032x" % tid) is expected
 
 
 def test_parent_based_follows_the_remote_parent():
     s = Sampler("parentbased_traceidratio", 0.0)
-    assert s.sample(1, 123) is True and s.sample(0, 123) is False and s.sample(None, 123) is False
-    assert Sampler("parentbased_always_off").sample(1, 5) is True
-    assert Sampler("parentbased_always_on").sample(0, 5) is False
-    assert Sampler("always_on").sample(0, 5) is True          # not parent based: ignores the flag
-    assert Sampler("always_off").sample(1, 5) is False
+    tid = TRACE
+    assert s.sample(1, tid) is True and s.sample(0, tid) is False and s.sample(None, tid) is False
+    assert Sampler("parentbased_always_off").sample(1, tid) is True
+    assert Sampler("parentbased_always_on").sample(0, tid) is False
+    assert Sampler("always_on").sample(0, tid) is True          # not parent based: ignores the flag
+    assert Sampler("always_off").sample(1, tid) is False
+    assert Sampler("traceidratio", 1.0).root == "always_on" and Sampler("traceidratio", 0.0).root == "always_off"
 
 
 def request(headers: list[tuple[str, str]], method: str = "GET") -> RequestHead:
@@ -67,17 +69,19 @@ class Collected(Tracing):
 
 def test_server_span_from_a_valid_parent_and_its_children():
     t = Collected()
-    span = t.start_server(request([("traceparent", f"00-{TRACE}-{SPAN}-01"), ("tracestate", "a=1"),
-                                   ("tracestate", "b=2")]), CONN)
-    assert (span.trace_id_hex, span.parent_id, span.sampled, span.remote_parent) == (TRACE, int(SPAN, 16), True, True)
+    req = request([("traceparent", f"00-{TRACE}-{SPAN}-01"), ("tracestate", "a=1"), ("tracestate", "b=2")])
+    span = t.start_request(req, CONN)
+    assert (span.trace_id, span.parent_id, span.sampled, span.remote_parent) == (TRACE, SPAN, True, True)
     assert span.tracestate == "a=1,b=2"
+    # Ready for the upstream: the gateway's span is the parent, tracestate kept as sent.
+    assert req.headers.items == [("tracestate", "a=1"), ("tracestate", "b=2"), ("traceparent", span.traceparent())]
     assert span.attributes == {"http.request.method": "GET", "url.path": "/a/b", "url.scheme": "https",
                                "network.protocol.version": "2", "client.address": "10.0.0.7",
                                "server.address": "api.example.com"}
     child = span.child("GET", attributes=http_client_attributes("echo", "GET", "http", "10.1.1.1:9000", "/x"))
     assert child.trace_id == span.trace_id and child.parent_id == span.span_id and not child.remote_parent
     assert child.attributes["server.port"] == 9000 and child.attributes["url.full"] == "http://10.1.1.1:9000/x"
-    assert child.traceparent() == f"00-{TRACE}-{child.span_id_hex}-01"
+    assert child.traceparent() == f"00-{TRACE}-{child.span_id}-01"
     child.end("connect refused")
     child.end()                                   # a second end does nothing
     Tracing.end_server(span, 502, route="r", http_route="/a/*", user="alice", error="upstream down")
@@ -88,15 +92,20 @@ def test_server_span_from_a_valid_parent_and_its_children():
 
 def test_several_traceparent_headers_are_invalid():
     t = Collected()
-    span = t.start_server(request([("traceparent", f"00-{TRACE}-{SPAN}-01"),
-                                   ("traceparent", f"00-{TRACE}-{SPAN}-01"), ("tracestate", "a=1")]), CONN)
-    assert span.trace_id_hex != TRACE and span.parent_id == 0 and span.tracestate is None
+    req = request([("traceparent", f"00-{TRACE}-{SPAN}-01"), ("traceparent", f"00-{TRACE}-{SPAN}-01"),
+                   ("tracestate", "a=1")])
+    span = t.start_request(req, CONN)
+    assert span.trace_id != TRACE and span.parent_id == "" and span.tracestate is None
+    assert req.headers.items == [("traceparent", span.traceparent())]
 
 
 def test_unsampled_span_records_nothing_but_propagates():
     t = Collected("parentbased_always_off")
-    span = t.start_server(request([]), CONN)
+    req = request([("tracestate", "orphan=1")])
+    span = t.start_request(req, CONN)
     assert span.attributes is None and not span.sampled
+    assert req.headers.items == [("traceparent", span.traceparent())]
+    assert span.traceparent() == f"00-{span.trace_id}-{span.span_id}-00"
     span.set("k", "v")
     child = span.child("x")
     assert child.attributes is None and child.traceparent().endswith("-00")
@@ -110,11 +119,11 @@ def test_unsampled_span_records_nothing_but_propagates():
 
 def test_aborted_response_is_an_error_but_a_client_leaving_is_not():
     t = Collected()
-    cut = t.start_server(request([]), CONN)
+    cut = t.start_request(request([]), CONN)
     Tracing.end_server(cut, 200, error="upstream broke mid-body")
-    gone = t.start_server(request([]), CONN)
+    gone = t.start_request(request([]), CONN)
     Tracing.end_server(gone, 499, error="client went away")
-    denied = t.start_server(request([]), CONN)
+    denied = t.start_request(request([]), CONN)
     Tracing.end_server(denied, 403, error=None)
     assert cut.error and cut.attributes["error.type"] == "response_aborted"
     assert gone.error is None and "error.type" not in gone.attributes
