@@ -14,7 +14,6 @@ import re
 import signal
 import ssl
 import time
-from pathlib import Path
 
 import httpx
 from prometheus_client.parser import text_string_to_metric_families
