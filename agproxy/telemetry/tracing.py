@@ -45,7 +45,7 @@ log = logging.getLogger("agproxy.telemetry")
 LOG_INTERVAL = 60.0          # seconds between two "export failing" log lines
 SCOPE = "agproxy"
 
-# Span kinds (the OTLP enum values: SDK SpanKind by name on the export thread).
+# Span kinds, by name (telemetry/otlp.py maps them to OTLP's enum).
 INTERNAL, SERVER, CLIENT = "INTERNAL", "SERVER", "CLIENT"
 
 _TRACEPARENT = re.compile(r"([0-9a-f]{2})-([0-9a-f]{32})-([0-9a-f]{16})-([0-9a-f]{2})(-.*)?")
