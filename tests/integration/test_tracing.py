@@ -226,14 +226,15 @@ def wait_metric(gw, name: str, minimum: float, timeout: float = 15.0, **labels) 
 
 
 def test_collector_down_changes_nothing_for_clients_and_is_logged_once(start_gateway, upstream_echo):
+    # One export per second, each given up after 1 s: the 30 spans fail in a few batches.
     gw = start_gateway(config(upstream_echo.url, f"http://127.0.0.1:{closed_port()}"),
-                       env={**FAST_EXPORT, "OTEL_EXPORTER_OTLP_TIMEOUT": "1"})
+                       env={"OTEL_BSP_SCHEDULE_DELAY": "1000", "OTEL_EXPORTER_OTLP_TIMEOUT": "1"})
     with httpx.Client() as c:
         for i in range(30):
             started = time.monotonic()
             r = c.get(gw.url(f"/api/{i}"))
             assert r.status_code == 200 and time.monotonic() - started < 2.0
-    assert wait_metric(gw, "agproxy_tracing_spans_dropped_total", 30, reason="export_failed") == 30
+    assert wait_metric(gw, "agproxy_tracing_spans_dropped_total", 30, timeout=30, reason="export_failed") == 30
     assert metric_value(gw, "agproxy_tracing_spans_exported_total") == 0
     failures = [l for l in gw.logs().splitlines() if "exporting spans" in l]
     assert len(failures) == 1, failures
