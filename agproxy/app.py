@@ -8,7 +8,7 @@ way to build a runtime snapshot from the config file, and the request handler.
 from __future__ import annotations
 
 from agproxy.proxy.build import load_runtime
-from agproxy.proxy.handler import Gateway
+from agproxy.proxy.exchange import Gateway
 from agproxy.server.supervisor import Supervisor, run_supervisor
 from agproxy.server.worker import Worker, run_worker
 

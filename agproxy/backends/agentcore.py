@@ -30,7 +30,7 @@ Two ways to authenticate:
   Credentials come from the standard chain, resolved once at startup in a thread
   and refreshed in the background; a request never fetches credentials.
 - `auth = "bearer"` (AgentCore customJWTAuthorizer): `Authorization: Bearer` with
-  the route's OBO token (`ex.facts["obo_token"]`, pattern 1) or else the caller's
+  the route's OBO token (`ex.obo_token`, pattern 1) or else the caller's
   validated token (`ex.jwt_token`); the body streams, nothing is buffered.
 
 The session id (`X-Amzn-Bedrock-AgentCore-Runtime-Session-Id`, 33–256 chars) comes
@@ -53,8 +53,7 @@ from agproxy.backends.relay import relay
 from agproxy.config.reader import Section
 from agproxy.http.messages import BodyTooLarge, Headers, text_field_value
 from agproxy.identity.aws import AwsCredentials, NoCredentials, SigV4Signer
-from agproxy.proxy.build import Backend
-from agproxy.proxy.filter import LocalReply, Provides, RouteChain
+from agproxy.proxy.contract import Backend, LocalReply, Provides, Response, RouteChain
 from agproxy.upstream.origin import Origin
 
 log = logging.getLogger("agproxy.agentcore")
@@ -133,12 +132,11 @@ class AgentCoreBackend(Backend):
                                "[route.obo] or [route.jwt] to provide the token")
 
     # -- per request ---------------------------------------------------------------------
-    async def handle(self, ex) -> None:
+    async def respond(self, ex) -> Response:
         req = ex.request
         if req.method != "POST":
-            return await self._local(ex, LocalReply.error(405, "method_not_allowed",
-                                                          "AgentCore runtimes are invoked with POST",
-                                                          [("allow", "POST")]))
+            return LocalReply.error(405, "method_not_allowed", "AgentCore runtimes are invoked with POST",
+                                    [("allow", "POST")])
         route = ex.route.name if ex.route is not None else ""
         extra = self.route_headers.get(route, frozenset()) | self.forward_headers
         headers: list[tuple[str, str]] = [("host", self.origin.authority)]
@@ -151,20 +149,16 @@ class AgentCoreBackend(Backend):
                 client_session = v
         bad = self._runtime_headers(ex, headers, client_session)
         if bad is not None:
-            return await self._local(ex, bad)
+            return bad
 
         if self.auth == "sigv4":
-            body = ex.body
-            if body is None:
-                cl = req.headers.get("content-length")
-                if cl is not None and cl.isdigit() and int(cl) > self.max_body:
-                    return await self._local(ex, self._too_large())
-                try:
-                    body = await ex.stream.body.read_all(self.max_body)
-                except BodyTooLarge:
-                    return await self._local(ex, self._too_large())
-            elif len(body) > self.max_body:
-                return await self._local(ex, self._too_large())
+            cl = req.headers.get("content-length")
+            if ex.body is None and cl is not None and cl.isdigit() and int(cl) > self.max_body:
+                return self._too_large()
+            try:
+                body = await ex.read_body(self.max_body)
+            except BodyTooLarge:
+                return self._too_large()
             try:
                 try:
                     signed = self.signer.sign("POST", self.sign_url, headers, body)
@@ -174,22 +168,21 @@ class AgentCoreBackend(Backend):
                 headers.extend(signed)
             except NoCredentials as exc:
                 log.error("agentcore %s: cannot sign: %s", self.name, exc)
-                return await self._local(ex, LocalReply.error(503, "no_credentials",
-                                                              "the gateway has no AWS credentials"))
-            await relay(ex, self.origin, "POST", self.target, Headers(headers), body, ex.route.timeout,
-                        len(body))
+                return LocalReply.error(503, "no_credentials", "the gateway has no AWS credentials")
+            length: int | None = len(body)
         else:
-            token = ex.facts.get("obo_token") or ex.jwt_token
+            token = ex.obo_token or ex.jwt_token
             if not token:
-                return await self._local(ex, LocalReply.error(401, "unauthorized", "no token to present to AgentCore",
-                                                              [("www-authenticate", "Bearer")]))
+                return LocalReply.error(401, "unauthorized", "no token to present to AgentCore",
+                                        [("www-authenticate", "Bearer")])
             headers.append(("authorization", "Bearer " + token))
-            from agproxy.backends.relay import request_body
-            body, length = request_body(ex)
+            body, length = ex.request_body()
             if length is not None and length > self.max_body:
-                return await self._local(ex, self._too_large())
-            await relay(ex, self.origin, "POST", self.target, Headers(headers), body, ex.route.timeout, length)
-        self._count(ex.status)
+                return self._too_large()
+        # Counted by the status the client gets (an upstream failure counts as its 502/504).
+        ex.on_done(self._count_done)
+        return await relay(ex, self.origin, "POST", self.target, Headers(headers), body, ex.route.timeout,
+                           length, backend=self.name)
 
     def _runtime_headers(self, ex, headers: list, client_session: str | None) -> LocalReply | None:
         from agproxy.cel import CelEvalError
@@ -218,8 +211,9 @@ class AgentCoreBackend(Backend):
         return LocalReply.error(413, "payload_too_large",
                                 f"the request body exceeds {self.max_body} bytes (this AgentCore backend's limit)")
 
-    async def _local(self, ex, r: LocalReply) -> None:
-        await ex.reply(r.status, r.headers, r.body)
+    def _count_done(self, ex) -> None:
+        if ex.status != 499:     # the client left before any answer: nothing to count
+            self._count(ex.status)
 
     def _count(self, status: int) -> None:
         self.responses[status] = self.responses.get(status, 0) + 1

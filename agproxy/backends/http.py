@@ -5,9 +5,10 @@ from __future__ import annotations
 import logging
 import os
 
-from agproxy.backends.relay import relay, request_body, upstream_request_headers
+from agproxy.backends.relay import relay, upstream_request_headers
 from agproxy.config.reader import Section
-from agproxy.proxy.build import Backend, BuildContext
+from agproxy.proxy.build import BuildContext
+from agproxy.proxy.contract import Backend, Response
 from agproxy.upstream.origin import Origin
 
 log = logging.getLogger("agproxy.config")
@@ -23,12 +24,13 @@ class HttpBackend(Backend):
         self.origin = origin
         self.base = origin.base_path
 
-    async def handle(self, ex) -> None:
+    async def respond(self, ex) -> Response:
         o = self.origin
         headers = upstream_request_headers(ex, o.authority, te_trailers=o.http2)
-        body, length = request_body(ex)
+        body, length = ex.request_body()
         target = self.base + ex.request.target if self.base else ex.request.target
-        await relay(ex, o, ex.request.method, target, headers, body, ex.route.timeout, length)
+        return await relay(ex, o, ex.request.method, target, headers, body, ex.route.timeout, length,
+                           backend=self.name)
 
     def describe(self) -> dict:
         return {"type": self.kind, "url": self.url, "http2": self.origin.http2,

@@ -4,7 +4,8 @@ from __future__ import annotations
 
 from agproxy.config.reader import Section
 from agproxy.http.messages import Headers
-from agproxy.proxy.build import Backend, BuildContext
+from agproxy.proxy.build import BuildContext
+from agproxy.proxy.contract import Backend, Response
 
 TYPE = "static"
 
@@ -17,8 +18,8 @@ class StaticBackend(Backend):
         self.body = body
         self.headers = headers
 
-    async def handle(self, ex) -> None:
-        await ex.reply(self.status, Headers(self.headers), self.body)
+    async def respond(self, ex) -> Response:
+        return Response(self.status, Headers(self.headers), self.body)
 
     def describe(self) -> dict:
         return {"type": self.kind, "status": self.status}

@@ -43,7 +43,8 @@ from agproxy.identity.actor import ActorCredential, ClientRegistry, read_secret
 from agproxy.identity.minting import KeyError_, KeySet, load_private_key, make_signing_key
 from agproxy.identity.token_exchange import (GRANT_TYPE, RESERVED, ClaimPolicy, ExchangeError,
                                              ExchangeRequest, TokenExchangeService)
-from agproxy.proxy.build import Backend, BuildContext
+from agproxy.proxy.build import BuildContext
+from agproxy.proxy.contract import Backend, Response
 from agproxy.proxy.route import Match
 
 log = logging.getLogger("agproxy.token_exchange")
@@ -91,36 +92,36 @@ class TokenServiceBackend(Backend):
                 "as-metadata": self.as_metadata_path, "jwks": self.jwks_path}
 
     # -- per request -------------------------------------------------------------------
-    async def handle(self, ex) -> None:
+    async def respond(self, ex) -> Response:
         path = ex.request.path
         method = ex.request.method
         if path in (self.discovery_path, self.as_metadata_path, self.jwks_path):
             if method not in ("GET", "HEAD"):
-                return await ex.reply(405, Headers([("allow", "GET, HEAD")]), b"")
+                return Response(405, Headers([("allow", "GET, HEAD")]), b"")
             body = self.service.keys.jwks_bytes() if path == self.jwks_path else self.discovery_doc
             h = Headers([("content-type", "application/json"), ("cache-control", "public, max-age=300")])
-            return await ex.reply(200, h, body)
+            return Response(200, h, body)
         if method != "POST":
-            return await ex.reply(405, Headers([("allow", "POST")]), b"")
+            return Response(405, Headers([("allow", "POST")]), b"")
         ctype = (ex.request.headers.get("content-type") or "").split(";")[0].strip().lower()
         if ctype != "application/x-www-form-urlencoded":
             err = ExchangeError("invalid_request", "the body must be application/x-www-form-urlencoded")
-            return await ex.reply(400, Headers(list(_NO_STORE)), error_body(err))
+            return Response(400, Headers(list(_NO_STORE)), error_body(err))
         try:
-            raw = ex.body if ex.body is not None else await ex.stream.body.read_all(MAX_FORM_BYTES)
+            raw = await ex.read_body(MAX_FORM_BYTES)
         except BodyTooLarge:
             err = ExchangeError("invalid_request", "request too large")
-            return await ex.reply(413, Headers(list(_NO_STORE)), error_body(err))
+            return Response(413, Headers(list(_NO_STORE)), error_body(err))
         try:
             form = parse_qsl(raw.decode("utf-8"), keep_blank_values=True, strict_parsing=False)
         except UnicodeDecodeError:
             err = ExchangeError("invalid_request", "the body is not UTF-8")
-            return await ex.reply(400, Headers(list(_NO_STORE)), error_body(err))
+            return Response(400, Headers(list(_NO_STORE)), error_body(err))
         status, body = await self.handle_token_request(form, ex.request.headers.get("authorization"))
         h = Headers(list(_NO_STORE))
         if status == 401:
             h.add("www-authenticate", 'Basic realm="token_exchange"')
-        await ex.reply(status, h, body)
+        return Response(status, h, body)
 
     async def handle_token_request(self, form: list[tuple[str, str]],
                                    authorization: str | None) -> tuple[int, bytes]:

@@ -2,7 +2,7 @@
 
 Theory of operation: pattern 2 (JWT pass-through with SigV4) sends the caller's
 validated JWT (`token = "subject"`, i.e. `ex.jwt_token` from `[route.jwt]`) or the
-exchanged one (`token = "obo"`, `ex.facts["obo_token"]` from `[route.obo]`) to the
+exchanged one (`token = "obo"`, `ex.obo_token` from `[route.obo]`) to the
 agent in a custom header, while the request itself is SigV4-signed. Whatever the
 client sent under that header name is removed first (a client must never choose
 what the gateway asserts). AgentCore caps custom header values at 4 KB
@@ -42,7 +42,7 @@ class ForwardTokenFilter(Filter):
     def on_request(self, ex):
         headers = ex.request.headers
         headers.remove(self.header)
-        value = ex.jwt_token if self.token == "subject" else ex.facts.get("obo_token")
+        value = ex.jwt_token if self.token == "subject" else ex.obo_token
         if not value:
             what = "validated caller token" if self.token == "subject" else "exchanged (OBO) token"
             return LocalReply.error(401, "unauthorized", f"no {what} to forward",

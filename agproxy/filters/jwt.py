@@ -27,7 +27,7 @@ before any parsing.
 
 On success: `ex.jwt_claims` (read-only dict shared with the verified cache),
 `ex.jwt_token` (the raw token, for OBO and forward_token), and
-`ex.facts["jwt_provider"]` (provider name) are set, and the credential is
+`ex.jwt_provider` (provider name) are set, and the credential is
 removed from the request (the header, the query parameter, or the cookie)
 unless `forward = true`.
 
@@ -214,7 +214,7 @@ class JwtFilter(Filter):
                     return self._fail(ex, JwtError(f"missing required claim '{name}'"))
         ex.jwt_claims = claims
         ex.jwt_token = token
-        ex.facts["jwt_provider"] = provider.name
+        ex.jwt_provider = provider.name
         if not self.forward:
             loc.strip(ex.request)
         return None

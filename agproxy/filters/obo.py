@@ -12,7 +12,7 @@ expiry. A rotated actor token file gives a new cache key, so new tokens name the
 new credential. Concurrent misses for one key share a single exchange.
 
 On a cache hit the filter is synchronous (no task, no await): a dict lookup and a
-header rewrite. It stores the token in `ex.facts["obo_token"]` (for
+header rewrite. It stores the token in `ex.obo_token` (for
 `[route.forward_token] token = "obo"` and AgentCore's bearer mode) and replaces the
 request's `Authorization` with `Bearer <obo token>` so a plain HTTP backend
 receives it too.
@@ -134,7 +134,7 @@ class OboFilter(Filter):
 
     @staticmethod
     def _apply(ex, token: str) -> None:
-        ex.facts["obo_token"] = token
+        ex.obo_token = token
         ex.request.headers.set("authorization", "Bearer " + token)
 
     @staticmethod

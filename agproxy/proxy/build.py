@@ -20,25 +20,8 @@ from typing import Any, Awaitable, Callable
 from agproxy.config.model import Config
 from agproxy.config.reader import ConfigError, Problems, Section, did_you_mean
 from agproxy.proxy import registry
-from agproxy.proxy.filter import Filter, RouteChain
+from agproxy.proxy.contract import Backend, Filter, RouteChain
 from agproxy.proxy.route import Match, Route, Router
-
-
-class Backend:
-    """What a route points at. `handle` answers the exchange (through ex.send_*)."""
-
-    name = ""
-    kind = ""
-
-    async def handle(self, ex) -> None:  # pragma: no cover - interface
-        raise NotImplementedError
-
-    def describe(self) -> dict:
-        return {"type": self.kind}
-
-    def check_route(self, chain: RouteChain) -> None:
-        """At load, once per route pointing here, with the route's built filters."""
-        return None
 
 
 class BuildContext:

@@ -1,24 +1,58 @@
-"""One request's journey through the gateway.
+"""One request's journey through the gateway, read top to bottom in `Gateway.handle`.
 
-Theory of operation: the server adapter hands the proxy a `ServerStream`; the
-`Exchange` wraps it with what the gateway learns along the way (the route, the
-verified JWT, facts filters leave for each other, the CEL activation) and with the
-accounting the access log and metrics need (status, bytes, upstream, timings).
-Backends answer through `ex.send_head / send_data / end`, so response-phase
-filters and byte counts are applied in one place whatever the backend is.
+Theory of operation: the protocol adapters call `Gateway.handle(stream)` for every
+request. It takes the current runtime snapshot once (a reload swaps
+`gateway.runtime`; requests in flight keep theirs) and wraps the stream in an
+`Exchange`, which carries what the gateway learns on the way (typed facts: the
+verified identity, the exchanged token, the MCP and LLM calls, the upstream
+attempts) and the CEL activation. Then, in this order:
+
+1. match a route on the normalised path (an invalid path → 400, no route → 404,
+   a body over `max_request_body` → 413);
+2. request filters (proxy/contract.py): each may edit the request, learn facts,
+   or answer locally; the body is buffered only before the first filter that
+   declared a `body_limit`;
+3. the backend returns a Response, or raises: `UpstreamError` becomes 502/504
+   here and nowhere else. Nothing has reached the client yet, so a backend may
+   look at an answer and try elsewhere first;
+4. response filters (reverse order) may edit the head and return body hooks;
+5. body hooks (proxy/body.py) are chained; if one may change bytes,
+   `content-length` goes and the adapter re-frames;
+6. commit: the head, the body (bytes in memory, or streamed chunk by chunk with
+   backpressure), the trailers;
+7. completion hooks (`ex.on_done`) run once, after the last byte, the abort or
+   the local reply;
+8. one access-log line and one metrics sample.
+
+A route without filters, hooks or completion hooks pays for none of it: the
+request phase, the hook chain and the completion list are skipped by one test
+each, and the streaming loop is the plain read → write loop.
 """
 
 from __future__ import annotations
 
+import asyncio
+import logging
 import time
 from random import getrandbits
 from typing import TYPE_CHECKING, Any, Callable
 
 from agproxy import cel
-from agproxy.http.messages import ConnInfo, Headers, RequestHead, ResponseHead, ServerStream
+from agproxy.http.messages import BodyAborted, BodyReader, BodyTooLarge, ConnInfo, RequestHead, ServerStream
+from agproxy.http.path import PathError
+from agproxy.proxy.body import HookChain, content_coding
+from agproxy.proxy.contract import LocalReply, Response
+from agproxy.proxy.facts import Attempt
+from agproxy.telemetry.access_log import AccessLog, now_iso
+from agproxy.upstream.errors import UpstreamError
 
 if TYPE_CHECKING:
+    from agproxy.proxy.facts import LlmCall, McpCall
     from agproxy.proxy.route import Route
+
+log = logging.getLogger("agproxy.proxy")
+
+_NOT_FOUND = LocalReply.error(404, "no_route", "no route matches this request")
 
 
 def new_request_id() -> str:
@@ -27,10 +61,30 @@ def new_request_id() -> str:
     return "%032x" % getrandbits(128)
 
 
+def _ms(seconds: float) -> float:
+    # Milliseconds to the microsecond. Not round(x, 3): that formats the float
+    # through snprintf and cost ~3k instructions per request (callgrind).
+    return int(seconds * 1_000_000) / 1000
+
+
+def _too_large(limit: int) -> LocalReply:
+    return LocalReply.error(413, "payload_too_large", f"the request body exceeds {limit} bytes")
+
+
 class Exchange:
+    """One request and what the gateway learns about it.
+
+    Facts (typed slots; None until a policy sets them): `jwt_claims`, `jwt_token`,
+    `jwt_provider` (the verified caller, set by authentication), `obo_token` (the
+    token minted for the upstream), `mcp` / `llm` (proxy/facts.py), `attempts`
+    (the upstream calls, in order). Filters and backends use the methods below,
+    never `stream`.
+    """
+
     __slots__ = ("stream", "request", "conn", "route", "request_id", "start", "jwt_claims",
-                 "jwt_token", "facts", "body", "status", "bytes_in", "bytes_out", "upstream",
-                 "_activation", "error", "response_filters", "upstream_start", "upstream_time")
+                 "jwt_token", "jwt_provider", "obo_token", "mcp", "llm", "attempts", "body",
+                 "response", "status", "bytes_out", "error", "log_fields", "_activation",
+                 "_cel_extra", "_done")
 
     def __init__(self, stream: ServerStream):
         self.stream = stream
@@ -40,19 +94,75 @@ class Exchange:
         self.start = time.monotonic()
         rid = self.request.headers.get("x-request-id")
         self.request_id = rid if rid and len(rid) <= 128 and rid.isprintable() else new_request_id()
-        self.jwt_claims: dict | None = None   # verified claims (set by authentication filters)
-        self.jwt_token: str | None = None     # the validated caller credential
-        self.facts: dict[str, Any] = {}       # what filters leave for later filters/backends
-        self.body: bytes | None = None        # set when a filter asked for the buffered body
+        self.jwt_claims: dict | None = None
+        self.jwt_token: str | None = None
+        self.jwt_provider: str | None = None
+        self.obo_token: str | None = None
+        self.mcp: "McpCall | None" = None
+        self.llm: "LlmCall | None" = None
+        self.attempts: list[Attempt] | None = None
+        self.body: bytes | None = None          # the buffered request body, once read
+        self.response: Response | None = None   # what is being committed
         self.status = 0
-        self.bytes_in = 0
         self.bytes_out = 0
-        self.upstream: str | None = None
-        self._activation = None
         self.error: str | None = None
-        self.response_filters: tuple = ()
-        self.upstream_start = 0.0
-        self.upstream_time: float | None = None
+        self.log_fields: dict[str, Any] | None = None
+        self._activation = None
+        self._cel_extra: dict[str, Callable[[], object]] | None = None
+        self._done: list[Callable[["Exchange"], None]] | None = None
+
+    # -- the request body -------------------------------------------------------------
+    async def read_body(self, limit: int) -> bytes:
+        """The whole request body, buffered once into `ex.body` (later readers get the
+        same bytes); BodyTooLarge past `limit`."""
+        body = self.body
+        if body is None:
+            body = self.body = await self.stream.body.read_all(limit)
+        elif len(body) > limit:
+            raise BodyTooLarge(f"request body exceeds {limit} bytes")
+        return body
+
+    def request_body(self) -> tuple[bytes | BodyReader | None, int | None]:
+        """What to send upstream: the buffered bytes, the live stream, or nothing;
+        and its length when known."""
+        if self.body is not None:
+            return self.body, len(self.body)
+        body = self.stream.body
+        if body.error is not None:
+            raise body.error        # e.g. BodyTooLarge: the exchange answers 413
+        if body.at_eof:
+            return None, None
+        if body.complete:
+            # Everything already arrived with the head: send it in the same write.
+            data = body.take_buffered()
+            return data, len(data)
+        length = self.request.headers.get("content-length")
+        return body, int(length) if length and length.isdigit() else None
+
+    # -- facts and hooks ----------------------------------------------------------------
+    def attempt(self, backend: str, upstream: str, provider: str | None = None) -> Attempt:
+        """Record the start of an upstream call (accounting reads the list)."""
+        a = Attempt(backend, upstream, provider)
+        if self.attempts is None:
+            self.attempts = [a]
+        else:
+            self.attempts.append(a)
+        return a
+
+    def on_done(self, hook: Callable[["Exchange"], None]) -> None:
+        """Run `hook(ex)` once when the exchange is over (last byte sent, aborted, or
+        answered locally), before accounting. Synchronous; exceptions are logged."""
+        if self._done is None:
+            self._done = [hook]
+        else:
+            self._done.append(hook)
+
+    def log(self, key: str, value: Any) -> None:
+        """An access-log field of a module's own (a fixed key; a bounded value)."""
+        if self.log_fields is None:
+            self.log_fields = {key: value}
+        else:
+            self.log_fields[key] = value
 
     # -- CEL ------------------------------------------------------------------------
     @property
@@ -65,7 +175,7 @@ class Exchange:
                 "source": self._cel_source,
                 "jwt": self._cel_jwt,
             }
-            extra = self.facts.get("cel")
+            extra = self._cel_extra
             if extra:
                 providers.update(extra)
             act = self._activation = cel.Activation(providers)
@@ -73,7 +183,9 @@ class Exchange:
 
     def add_cel_variable(self, name: str, provider: Callable[[], object]) -> None:
         """Filters that learn something CEL may use (mcp, llm, response) register it here."""
-        self.facts.setdefault("cel", {})[name] = provider
+        if self._cel_extra is None:
+            self._cel_extra = {}
+        self._cel_extra[name] = provider
         if self._activation is not None:
             self._activation.set_provider(name, provider)
 
@@ -97,32 +209,6 @@ class Exchange:
     def _cel_jwt(self) -> dict:
         return self.jwt_claims or {}
 
-    # -- answering --------------------------------------------------------------------
-    def send_head(self, status: int, headers: Headers) -> None:
-        head = ResponseHead(status, headers)
-        for f in self.response_filters:
-            f.on_response(self, head)
-        self.status = head.status
-        self.stream.send_head(head.status, head.headers)
-
-    async def send_data(self, data: bytes) -> None:
-        self.bytes_out += len(data)
-        await self.stream.send_data(data)
-
-    async def end(self, trailers: Headers | None = None) -> None:
-        await self.stream.end(trailers)
-
-    async def reply(self, status: int, headers: Headers, body: bytes) -> None:
-        """A complete local response (the gateway's own answer)."""
-        if body:
-            headers.set("content-length", str(len(body)))
-        else:
-            headers.set("content-length", "0")
-        self.send_head(status, headers)
-        if body and self.request.method != "HEAD":
-            await self.send_data(body)
-        await self.end()
-
 
 def _parse_query(query: str) -> dict[str, str]:
     if not query:
@@ -132,3 +218,293 @@ def _parse_query(query: str) -> dict[str, str]:
     for k, v in parse_qsl(query, keep_blank_values=True):
         out.setdefault(k, v)
     return out
+
+
+class Gateway:
+    def __init__(self, runtime, metrics, access_log: AccessLog):
+        self.runtime = runtime
+        self.metrics = metrics
+        self.access_log = access_log
+
+    async def handle(self, stream: ServerStream) -> None:
+        ex = Exchange(stream)
+        runtime = self.runtime
+        try:
+            # 1. Match. The gateway-wide body limit is checked first (bytes may have
+            #    arrived before this task ran: `received` counts them too).
+            limit = runtime.gateway.max_request_body
+            stream.body.limit = limit
+            declared = ex.request.headers.get("content-length")
+            route = ex.route = runtime.router.route(ex.request, ex.conn.listener)   # normalises the path
+            if stream.body.received > limit or (
+                    declared is not None and declared.isdigit() and int(declared) > limit):
+                return await self._commit(ex, _too_large(limit), ())
+            if route is None:
+                return await self._commit(ex, _NOT_FOUND, ())
+            # 2. Request filters: each may edit the request, learn facts, or answer.
+            resp = await _request_phase(ex, route) if route.filters else None
+            # 3. The backend's response; nothing has reached the client yet.
+            if resp is None:
+                resp = await self._call_backend(ex, route)
+            # 4-6. Response filters and body hooks, then commit.
+            await self._commit(ex, resp, route.response_filters)
+        except asyncio.CancelledError:
+            ex.error = ex.error or "client went away"
+            if ex.status == 0:
+                ex.status = 499
+            raise
+        except PathError as exc:
+            ex.error = f"invalid path: {exc}"
+            await self._commit(ex, LocalReply.error(400, "invalid_path", str(exc)), ())
+        except BodyTooLarge:
+            ex.error = "request body too large"
+            if not stream.head_sent:
+                await self._commit(ex, _too_large(stream.body.limit or 0), ())
+            else:
+                stream.abort()
+        except BodyAborted as exc:
+            ex.error = f"request body aborted: {exc}"
+            if ex.status == 0:
+                ex.status = 499
+            stream.abort()
+        except (ConnectionError, OSError) as exc:
+            ex.error = f"client went away: {exc}"
+            if ex.status == 0:
+                ex.status = 499
+        except Exception as exc:
+            log.exception("request %s failed", ex.request_id)
+            ex.error = f"internal error: {type(exc).__name__}"
+            if ex.response is not None:
+                ex.response.discard()
+            if not stream.head_sent:
+                try:
+                    await self._commit(ex, LocalReply.error(500, "internal_error",
+                                                            "the gateway failed to handle this request"), ())
+                except Exception:
+                    stream.abort()
+            else:
+                stream.abort()
+        finally:
+            # 7. Completion hooks, then 8. accounting.
+            if ex._done is not None:
+                _run_done(ex)
+            self._account(ex)
+            # The activation's providers are bound methods of ex: drop the cycle so
+            # the request is freed by reference counting, not by the cyclic GC.
+            ex._activation = None
+
+    async def _call_backend(self, ex: Exchange, route: "Route") -> Response:
+        """The one place upstream failures become statuses."""
+        if route.reads_response_body:
+            # Body hooks read the body as sent: ask for it unencoded (proxy/body.py).
+            ex.request.headers.set("accept-encoding", "identity")
+        try:
+            return await route.backend.respond(ex)
+        except UpstreamError as exc:
+            ex.error = str(exc)
+            failed = ex.stream.body.error
+            if type(failed) is BodyTooLarge:   # the upload broke the call, not the upstream
+                return LocalReply.error(413, "payload_too_large", str(failed))
+            if exc.kind == "timeout":
+                return LocalReply.error(504, "upstream_timeout", "the upstream did not answer in time")
+            return LocalReply.error(502, "upstream_unavailable", "the upstream could not be reached")
+
+    async def _commit(self, ex: Exchange, resp: Response, filters: tuple) -> None:
+        stream = ex.stream
+        body = resp.body
+        in_memory = type(body) is bytes
+        if in_memory:
+            if type(resp) is LocalReply:   # maybe a shared constant: commit a copy
+                resp = Response(resp.status, resp.headers.copy(), body)
+            resp.headers.set("content-length", str(len(body)))
+        ex.response = resp
+        # 4. Response filters: edit the head, maybe return body hooks.
+        hooks = None
+        for f in filters:
+            hook = f.on_response(ex, resp)
+            if hook is not None:
+                if hooks is None:
+                    hooks = [hook]
+                else:
+                    hooks.append(hook)
+        # 5. Body hooks.
+        chain = None
+        if hooks is not None:
+            coding = content_coding(resp.headers)
+            if coding is not None:
+                resp.discard()
+                ex.error = f"upstream sent content-encoding {coding[:32]!r} to a body hook"
+                return await self._commit(ex, LocalReply.error(
+                    502, "upstream_encoding", "the upstream answered with a content coding the route cannot read"),
+                    ())
+            chain = HookChain(hooks)
+            if in_memory:
+                body = (chain.feed(body) if body else b"") + chain.end()
+                if chain.transforms:
+                    resp.headers.set("content-length", str(len(body)))
+                chain = None
+            elif chain.transforms:
+                resp.headers.remove("content-length")
+        # 6. Commit.
+        ex.status = resp.status
+        stream.send_head(resp.status, resp.headers)
+        if in_memory:
+            if body and ex.request.method != "HEAD":
+                ex.bytes_out += len(body)
+                await stream.send_data(body)
+            await stream.end()
+        elif chain is None:
+            await _stream_body(ex, resp)
+        else:
+            await _stream_hooked(ex, resp, chain)
+
+    def _account(self, ex: Exchange) -> None:
+        elapsed = time.monotonic() - ex.start
+        route = ex.route.name if ex.route is not None else ""
+        status = ex.status or 0
+        attempts = ex.attempts
+        m = self.metrics
+        if m is not None:
+            m.request(route, ex.request.method, status, elapsed)
+            if attempts is not None:
+                for a in attempts:
+                    if a.seconds is not None:
+                        m.upstream(a.backend, a.seconds)
+        al = self.access_log
+        if al.enabled:
+            req = ex.request
+            last = attempts[-1] if attempts is not None else None
+            rec = {
+                "time": now_iso(),
+                "route": route,
+                "method": req.method,
+                "path": req.path,
+                "status": status,
+                "duration_ms": _ms(elapsed),
+                "bytes_in": ex.stream.body.received,
+                "bytes_out": ex.bytes_out,
+                "upstream": last.upstream if last is not None else None,
+                "request_id": ex.request_id,
+                "protocol": req.protocol,
+                "tls": ex.conn.tls,
+                "client": ex.conn.peer_host,
+            }
+            if last is not None and last.seconds is not None:
+                rec["upstream_ms"] = _ms(last.seconds)
+            if ex.error:
+                rec["error"] = ex.error
+            if ex.jwt_claims and "sub" in ex.jwt_claims:
+                rec["user"] = ex.jwt_claims["sub"]
+            if ex.log_fields:
+                rec = {**ex.log_fields, **rec}   # a module's field never hides a core one
+            al.write(rec)
+
+
+async def _request_phase(ex: Exchange, route: "Route") -> Response | None:
+    """Run the route's request filters; the first answer stops the chain. Synchronous
+    filters cost no task: only an awaitable result is awaited."""
+    for f in route.head_filters:
+        result = f.on_request(ex)
+        if result is None:
+            continue
+        if not isinstance(result, Response):
+            result = await result
+            if result is None:
+                continue
+        return result
+    filters = route.body_filters
+    if filters:
+        limit = route.body_limit
+        declared = ex.request.headers.get("content-length")
+        if declared is not None and declared.isdigit() and int(declared) > limit:
+            return _too_large(limit)
+        try:
+            await ex.read_body(limit)
+        except BodyTooLarge as exc:
+            return LocalReply.error(413, "payload_too_large", str(exc))
+        for f in filters:
+            result = f.on_request(ex)
+            if result is None:
+                continue
+            if not isinstance(result, Response):
+                result = await result
+                if result is None:
+                    continue
+            return result
+    return None
+
+
+async def _stream_body(ex: Exchange, resp: Response) -> None:
+    """The relay loop: each chunk as it arrives, awaiting the client's drain, so a
+    slow client slows the upstream and no whole stream is ever buffered."""
+    stream = ex.stream
+    reader = resp.body
+    send = stream.send_data
+    try:
+        while True:
+            chunk = await reader.read()
+            if not chunk:
+                break
+            ex.bytes_out += len(chunk)
+            await send(chunk)
+    except BodyAborted as exc:
+        ex.error = f"upstream broke mid-body: {exc}"
+        stream.abort()       # never a truncated response that looks complete
+        return
+    except (ConnectionError, OSError) as exc:
+        resp.discard()
+        ex.error = f"client went away: {exc}"
+        return
+    except asyncio.CancelledError:
+        resp.discard()
+        raise
+    await stream.end(reader.trailers)
+
+
+async def _stream_hooked(ex: Exchange, resp: Response, chain: HookChain) -> None:
+    """The relay loop through body hooks (see _stream_body)."""
+    stream = ex.stream
+    reader = resp.body
+    send = stream.send_data
+    try:
+        while True:
+            chunk = await reader.read()
+            if not chunk:
+                break
+            data = chain.feed(chunk)
+            if data:
+                ex.bytes_out += len(data)
+                await send(data)
+        data = chain.end()
+        if data:
+            ex.bytes_out += len(data)
+            await send(data)
+    except BodyAborted as exc:
+        ex.error = f"upstream broke mid-body: {exc}"
+        stream.abort()
+        return
+    except (ConnectionError, OSError) as exc:
+        resp.discard()
+        ex.error = f"client went away: {exc}"
+        return
+    except asyncio.CancelledError:
+        resp.discard()
+        raise
+    except Exception as exc:
+        # A hook failed (an SSE event over its bound, a bug): what it would have sent
+        # cannot be trusted, and the client must not take the cut for the end.
+        log.warning("request %s: body hook failed: %s: %s", ex.request_id, type(exc).__name__, exc)
+        ex.error = f"body hook failed: {type(exc).__name__}"
+        resp.discard()
+        stream.abort()
+        return
+    await stream.end(reader.trailers)
+
+
+def _run_done(ex: Exchange) -> None:
+    hooks, ex._done = ex._done, None
+    for hook in hooks:
+        try:
+            hook(ex)
+        except Exception:
+            log.exception("request %s: completion hook failed", ex.request_id)

@@ -9,13 +9,11 @@ route; no route → the gateway's own 404. Routes match the normalised path
 from __future__ import annotations
 
 import re
-from typing import TYPE_CHECKING, Any
+from typing import Any
 
 from agproxy.http.messages import RequestHead
 from agproxy.http.path import PathError, merge_only, normalize, routing_view
-
-if TYPE_CHECKING:
-    from agproxy.proxy.filter import Filter
+from agproxy.proxy.contract import Filter
 
 
 class Match:
@@ -75,11 +73,20 @@ def _prefix_match(path: str, prefix: str) -> bool:
 
 
 class Route:
-    __slots__ = ("name", "listener", "match", "backend", "timeout", "filters",
-                 "response_filters", "body_limit", "index")
+    """A matched route's plan, computed once at load so the exchange only reads it.
+
+    The request phase runs `head_filters`, then buffers the body (up to
+    `body_limit`) and runs `body_filters` (from the first filter that declares a
+    `body_limit` on: stages are ordered, so authentication has run by then).
+    `response_filters` are the filters with a response phase, in reverse order;
+    `reads_response_body` means one of them may return a body hook.
+    """
+
+    __slots__ = ("name", "listener", "match", "backend", "timeout", "filters", "head_filters",
+                 "body_filters", "response_filters", "body_limit", "reads_response_body", "index")
 
     def __init__(self, name: str, index: int, listener: str | None, match: Match, backend: Any,
-                 timeout: float, filters: list["Filter"]):
+                 timeout: float, filters: list[Filter]):
         self.name = name
         self.index = index
         self.listener = listener
@@ -87,15 +94,14 @@ class Route:
         self.backend = backend
         self.timeout = timeout
         self.filters = tuple(filters)
-        self.response_filters = tuple(f for f in reversed(filters)
-                                      if type(f).on_response is not _base_on_response())
-        limits = [f.body_limit for f in filters if f.body_limit is not None]
+        first = next((i for i, f in enumerate(filters) if f.body_limit is not None), len(filters))
+        self.head_filters = tuple(filters[:first])
+        self.body_filters = tuple(filters[first:])
+        limits = [f.body_limit for f in self.body_filters if f.body_limit is not None]
         self.body_limit = max(limits) if limits else None
-
-
-def _base_on_response():
-    from agproxy.proxy.filter import Filter
-    return Filter.on_response
+        self.response_filters = tuple(f for f in reversed(filters)
+                                      if type(f).on_response is not Filter.on_response)
+        self.reads_response_body = any(f.reads_response_body for f in self.response_filters)
 
 
 # Paths seen to need no normalisation (a property of the string alone, so one set

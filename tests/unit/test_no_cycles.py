@@ -29,7 +29,7 @@ from agproxy.http.h1 import H1Connection, Limits
 from agproxy.http.h2 import H2Connection
 from agproxy.http.messages import ConnInfo
 from agproxy.proxy.build import load_runtime
-from agproxy.proxy.handler import Gateway
+from agproxy.proxy.exchange import Gateway
 from agproxy.telemetry.access_log import AccessLog
 
 CONFIG = """

@@ -25,7 +25,7 @@ def world():
 class FakeEx:
     def __init__(self, token: str | None):
         self.jwt_token = token
-        self.facts: dict = {}
+        self.obo_token: str | None = None
         self.request = type("R", (), {})()
         self.request.headers = Headers([("authorization", f"Bearer {token}")] if token else [])
 
@@ -50,18 +50,18 @@ def test_obo_filter_caches_and_follows_rotation(world, tmp_path):
     try:
         ex1 = FakeEx(subject)
         assert _resolve(f.on_request(ex1)) is None
-        tok1 = ex1.facts["obo_token"]
+        tok1 = ex1.obo_token
         assert ex1.request.headers.get("authorization") == "Bearer " + tok1
         ex2 = FakeEx(subject)
         assert f.on_request(ex2) is None                      # cache hit: synchronous
-        assert ex2.facts["obo_token"] == tok1 and f.hits == 1
+        assert ex2.obo_token == tok1 and f.hits == 1
         # rotate the actor token file (atomic rename, as kubelet does)
         new = tmp_path / "agent-token.new"
         new.write_text(k8s_token(k8s, jti="second"))
         os.replace(new, path)
         ex3 = FakeEx(subject)
         assert _resolve(f.on_request(ex3)) is None
-        assert ex3.facts["obo_token"] != tok1 and actor.reloads == 2
+        assert ex3.obo_token != tok1 and actor.reloads == 2
         # refusals
         r = _resolve(f.on_request(FakeEx(user_token(idp, exp=int(time.time()) - 100))))
         assert r.status == 401
@@ -87,7 +87,7 @@ def test_obo_filter_coalesces_concurrent_misses(world, tmp_path):
         return await asyncio.gather(*[f.on_request(ex) for ex in exs])
 
     assert asyncio.run(go()) == [None] * 5
-    assert svc.issued == 1 and len({ex.facts["obo_token"] for ex in exs}) == 1
+    assert svc.issued == 1 and len({ex.obo_token for ex in exs}) == 1
 
 
 def test_obo_filter_actor_not_trusted(world, tmp_path):

@@ -1,7 +1,7 @@
 """Policy semantics: [route.jwt], authorization, transform, claims_to_headers.
 
 Configs go through the real loader (agproxy.config.model.parse + build_runtime), and
-requests through the route's real filter chain, as proxy/handler.py runs it.
+requests through the route's real filter chain, as proxy/exchange.py runs it.
 """
 
 from __future__ import annotations
@@ -59,7 +59,7 @@ class _Stream:
 
 
 def request(rt, target: str = "/", headers: list | None = None, method: str = "GET"):
-    """Run the request phase of the first route as proxy/handler.py does: synchronously
+    """Run the request phase of the first route as proxy/exchange.py does: synchronously
     while filters answer None/LocalReply, awaiting only when one returns an awaitable.
     Returns (exchange, reply or None)."""
     ex = Exchange(_Stream(method, target, list(headers or [])))
@@ -134,7 +134,7 @@ def test_valid_token_sets_claims_and_strips_credential(idp):
     ex, reply = request(rt, headers=bearer(token) + [("x-other", "1")])
     assert reply is None
     assert ex.jwt_claims["sub"] == "alice" and ex.jwt_token == token
-    assert ex.facts["jwt_provider"] == "route[0].jwt"
+    assert ex.jwt_provider == "route[0].jwt"
     assert "authorization" not in ex.request.headers
     assert ex.request.headers.get("x-other") == "1"
     # the scheme is case-insensitive
@@ -269,7 +269,7 @@ jwks = {{ inline = '{other.jwks_json()}' }}
         rt = runtime(text)
         ex, reply = request(rt, headers=bearer(other.mint(aud="other-aud", sub="bob")))
         assert reply is None and ex.jwt_claims["sub"] == "bob"
-        assert ex.facts["jwt_provider"] == "route[0].jwt.providers[1]"
+        assert ex.jwt_provider == "route[0].jwt.providers[1]"
         ex, reply = request(rt, headers=bearer(idp.mint()))
         assert reply is None and ex.jwt_claims["sub"] == "alice"
         # right issuer, wrong key (signed by the other IdP)
@@ -301,7 +301,7 @@ required_claims = ["tenant"]
     rt = runtime(text)
     assert rt.ctx.jwt_providers["idp"].issuer == idp.issuer
     ex, reply = request(rt, headers=bearer(idp.mint(tenant="t1")))
-    assert reply is None and ex.facts["jwt_provider"] == "idp"
+    assert reply is None and ex.jwt_provider == "idp"
     _, reply = request(rt, headers=bearer(idp.mint()))
     assert reply.status == 401 and "tenant" in body(reply)["message"]
 
