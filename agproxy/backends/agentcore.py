@@ -182,7 +182,7 @@ class AgentCoreBackend(Backend):
         # Counted by the status the client gets (an upstream failure counts as its 502/504).
         ex.on_done(self._count_done)
         return await relay(ex, self.origin, "POST", self.target, Headers(headers), body, ex.route.timeout,
-                           length, backend=self.name)
+                           length, self.name)
 
     def _runtime_headers(self, ex, headers: list, client_session: str | None) -> LocalReply | None:
         from agproxy.cel import CelEvalError

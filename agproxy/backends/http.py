@@ -26,11 +26,11 @@ class HttpBackend(Backend):
 
     async def respond(self, ex) -> Response:
         o = self.origin
-        headers = upstream_request_headers(ex, o.authority, te_trailers=o.http2)
+        headers = upstream_request_headers(ex, o.authority, o.http2)   # (positional: cheaper)
         body, length = ex.request_body()
         target = self.base + ex.request.target if self.base else ex.request.target
         return await relay(ex, o, ex.request.method, target, headers, body, ex.route.timeout, length,
-                           backend=self.name)
+                           self.name)
 
     def describe(self) -> dict:
         return {"type": self.kind, "url": self.url, "http2": self.origin.http2,

@@ -55,18 +55,6 @@ log = logging.getLogger("agproxy.proxy")
 _NOT_FOUND = LocalReply.error(404, "no_route", "no route matches this request")
 
 
-def new_request_id() -> str:
-    # 128 random bits from the process PRNG (reseeded in every forked worker):
-    # unique enough for correlation, and no getrandom() syscall per request.
-    return "%032x" % getrandbits(128)
-
-
-def _ms(seconds: float) -> float:
-    # Milliseconds to the microsecond. Not round(x, 3): that formats the float
-    # through snprintf and cost ~3k instructions per request (callgrind).
-    return int(seconds * 1_000_000) / 1000
-
-
 def _too_large(limit: int) -> LocalReply:
     return LocalReply.error(413, "payload_too_large", f"the request body exceeds {limit} bytes")
 
@@ -82,25 +70,29 @@ class Exchange:
     """
 
     __slots__ = ("stream", "request", "conn", "route", "request_id", "start", "jwt_claims",
-                 "jwt_token", "jwt_provider", "obo_token", "mcp", "llm", "attempts", "body",
+                 "jwt_token", "jwt_provider", "obo_token", "mcp", "llm", "_attempts", "body",
                  "response", "status", "bytes_out", "error", "log_fields", "_activation",
                  "_cel_extra", "_done")
 
     def __init__(self, stream: ServerStream):
         self.stream = stream
-        self.request: RequestHead = stream.request
+        request: RequestHead = stream.request
+        self.request = request
         self.conn: ConnInfo = stream.conn
         self.route: "Route | None" = None
         self.start = time.monotonic()
-        rid = self.request.headers.get("x-request-id")
-        self.request_id = rid if rid and len(rid) <= 128 and rid.isprintable() else new_request_id()
+        rid = request.headers.get("x-request-id")
+        # Else 128 random bits from the process PRNG (reseeded in every forked worker):
+        # unique enough for correlation, and no getrandom() syscall per request.
+        self.request_id = rid if rid and len(rid) <= 128 and rid.isprintable() else \
+            "%032x" % getrandbits(128)
         self.jwt_claims: dict | None = None
         self.jwt_token: str | None = None
         self.jwt_provider: str | None = None
         self.obo_token: str | None = None
         self.mcp: "McpCall | None" = None
         self.llm: "LlmCall | None" = None
-        self.attempts: list[Attempt] | None = None
+        self._attempts: tuple[tuple, ...] | None = None   # Attempt fields, as plain tuples
         self.body: bytes | None = None          # the buffered request body, once read
         self.response: Response | None = None   # what is being committed
         self.status = 0
@@ -140,14 +132,18 @@ class Exchange:
         return body, int(length) if length and length.isdigit() else None
 
     # -- facts and hooks ----------------------------------------------------------------
-    def attempt(self, backend: str, upstream: str, provider: str | None = None) -> Attempt:
-        """Record the start of an upstream call (accounting reads the list)."""
-        a = Attempt(backend, upstream, provider)
-        if self.attempts is None:
-            self.attempts = [a]
-        else:
-            self.attempts.append(a)
-        return a
+    def add_attempt(self, backend: str, upstream: str, provider: str | None, start: float,
+                    status: int, seconds: float, error: str | None = None) -> None:
+        """Record an upstream call (proxy/facts.py Attempt: the fields, in order)."""
+        rec = (backend, upstream, provider, start, status, seconds, error)
+        # A tuple of records: one attempt is the common case, and a 1-tuple costs
+        # less to make and free than a list.
+        self._attempts = (rec,) if self._attempts is None else self._attempts + (rec,)
+
+    @property
+    def attempts(self) -> list[Attempt]:
+        """The upstream calls so far, in order (the last one's answer is what is sent)."""
+        return [Attempt(*rec) for rec in self._attempts] if self._attempts else []
 
     def on_done(self, hook: Callable[["Exchange"], None]) -> None:
         """Run `hook(ex)` once when the exchange is over (last byte sent, aborted, or
@@ -245,7 +241,13 @@ class Gateway:
             resp = await _request_phase(ex, route) if route.filters else None
             # 3. The backend's response; nothing has reached the client yet.
             if resp is None:
-                resp = await self._call_backend(ex, route)
+                if route.reads_response_body:
+                    # Body hooks read the body as sent: ask for it unencoded (proxy/body.py).
+                    ex.request.headers.set("accept-encoding", "identity")
+                try:
+                    resp = await route.backend.respond(ex)
+                except UpstreamError as exc:
+                    resp = _upstream_failed(ex, exc)
             # 4-6. Response filters and body hooks, then commit.
             await self._commit(ex, resp, route.response_filters)
         except asyncio.CancelledError:
@@ -293,22 +295,6 @@ class Gateway:
             # the request is freed by reference counting, not by the cyclic GC.
             ex._activation = None
 
-    async def _call_backend(self, ex: Exchange, route: "Route") -> Response:
-        """The one place upstream failures become statuses."""
-        if route.reads_response_body:
-            # Body hooks read the body as sent: ask for it unencoded (proxy/body.py).
-            ex.request.headers.set("accept-encoding", "identity")
-        try:
-            return await route.backend.respond(ex)
-        except UpstreamError as exc:
-            ex.error = str(exc)
-            failed = ex.stream.body.error
-            if type(failed) is BodyTooLarge:   # the upload broke the call, not the upstream
-                return LocalReply.error(413, "payload_too_large", str(failed))
-            if exc.kind == "timeout":
-                return LocalReply.error(504, "upstream_timeout", "the upstream did not answer in time")
-            return LocalReply.error(502, "upstream_unavailable", "the upstream could not be reached")
-
     async def _commit(self, ex: Exchange, resp: Response, filters: tuple) -> None:
         stream = ex.stream
         body = resp.body
@@ -318,33 +304,16 @@ class Gateway:
                 resp = Response(resp.status, resp.headers.copy(), body)
             resp.headers.set("content-length", str(len(body)))
         ex.response = resp
-        # 4. Response filters: edit the head, maybe return body hooks.
-        hooks = None
-        for f in filters:
-            hook = f.on_response(ex, resp)
-            if hook is not None:
-                if hooks is None:
-                    hooks = [hook]
-                else:
-                    hooks.append(hook)
-        # 5. Body hooks.
-        chain = None
-        if hooks is not None:
-            coding = content_coding(resp.headers)
-            if coding is not None:
-                resp.discard()
-                ex.error = f"upstream sent content-encoding {coding[:32]!r} to a body hook"
-                return await self._commit(ex, LocalReply.error(
-                    502, "upstream_encoding", "the upstream answered with a content coding the route cannot read"),
-                    ())
-            chain = HookChain(hooks)
+        # 4-5. Response filters (they may edit the head and return body hooks).
+        chain = _response_phase(ex, resp, filters, in_memory) if filters else None
+        if chain is not None:
+            if type(chain) is LocalReply:      # hooks cannot read this response
+                return await self._commit(ex, chain, ())
             if in_memory:
                 body = (chain.feed(body) if body else b"") + chain.end()
                 if chain.transforms:
                     resp.headers.set("content-length", str(len(body)))
                 chain = None
-            elif chain.transforms:
-                resp.headers.remove("content-length")
         # 6. Commit.
         ex.status = resp.status
         stream.send_head(resp.status, resp.headers)
@@ -353,44 +322,66 @@ class Gateway:
                 ex.bytes_out += len(body)
                 await stream.send_data(body)
             await stream.end()
-        elif chain is None:
-            await _stream_body(ex, resp)
-        else:
-            await _stream_hooked(ex, resp, chain)
+            return
+        if chain is not None:
+            return await _stream_hooked(ex, resp, chain)
+        # The relay loop: each chunk as it arrives, awaiting the client's drain, so a
+        # slow client slows the upstream and no whole stream is ever buffered.
+        reader = body
+        try:
+            while True:
+                chunk = await reader.read()
+                if not chunk:
+                    break
+                ex.bytes_out += len(chunk)
+                await stream.send_data(chunk)
+        except BodyAborted as exc:
+            ex.error = f"upstream broke mid-body: {exc}"
+            stream.abort()       # never a truncated response that looks complete
+            return
+        except (ConnectionError, OSError) as exc:
+            resp.discard()
+            ex.error = f"client went away: {exc}"
+            return
+        except asyncio.CancelledError:
+            resp.discard()
+            raise
+        await stream.end(reader.trailers)
 
     def _account(self, ex: Exchange) -> None:
         elapsed = time.monotonic() - ex.start
         route = ex.route.name if ex.route is not None else ""
         status = ex.status or 0
-        attempts = ex.attempts
+        attempts = ex._attempts
         m = self.metrics
         if m is not None:
             m.request(route, ex.request.method, status, elapsed)
             if attempts is not None:
-                for a in attempts:
-                    if a.seconds is not None:
-                        m.upstream(a.backend, a.seconds)
+                for a in attempts:     # Attempt fields: 0 backend, 5 seconds
+                    m.upstream(a[0], a[5])
         al = self.access_log
         if al.enabled:
             req = ex.request
-            last = attempts[-1] if attempts is not None else None
+            last = attempts[-1] if attempts is not None else None   # 1 upstream, 5 seconds
             rec = {
                 "time": now_iso(),
                 "route": route,
                 "method": req.method,
                 "path": req.path,
                 "status": status,
-                "duration_ms": _ms(elapsed),
+                # Milliseconds to the microsecond, inline. Not round(x, 3): that formats
+                # the float through snprintf and cost ~3k instructions (callgrind).
+                "duration_ms": int(elapsed * 1_000_000) / 1000,
                 "bytes_in": ex.stream.body.received,
                 "bytes_out": ex.bytes_out,
-                "upstream": last.upstream if last is not None else None,
+                "upstream": last[1] if last is not None else None,
                 "request_id": ex.request_id,
                 "protocol": req.protocol,
                 "tls": ex.conn.tls,
                 "client": ex.conn.peer_host,
             }
-            if last is not None and last.seconds is not None:
-                rec["upstream_ms"] = _ms(last.seconds)
+            if last is not None:
+                rec["upstream_ms"] = int(last[5] * 1_000_000) / 1000
             if ex.error:
                 rec["error"] = ex.error
             if ex.jwt_claims and "sub" in ex.jwt_claims:
@@ -434,35 +425,33 @@ async def _request_phase(ex: Exchange, route: "Route") -> Response | None:
     return None
 
 
-async def _stream_body(ex: Exchange, resp: Response) -> None:
-    """The relay loop: each chunk as it arrives, awaiting the client's drain, so a
-    slow client slows the upstream and no whole stream is ever buffered."""
-    stream = ex.stream
-    reader = resp.body
-    send = stream.send_data
-    try:
-        while True:
-            chunk = await reader.read()
-            if not chunk:
-                break
-            ex.bytes_out += len(chunk)
-            await send(chunk)
-    except BodyAborted as exc:
-        ex.error = f"upstream broke mid-body: {exc}"
-        stream.abort()       # never a truncated response that looks complete
-        return
-    except (ConnectionError, OSError) as exc:
+def _response_phase(ex: Exchange, resp: Response, filters: tuple, in_memory: bool) -> HookChain | LocalReply | None:
+    """Run the response filters; chain the body hooks they return (None: no hook).
+    A LocalReply instead when hooks would have to read an encoded body."""
+    hooks = None
+    for f in filters:
+        hook = f.on_response(ex, resp)
+        if hook is not None:
+            if hooks is None:
+                hooks = [hook]
+            else:
+                hooks.append(hook)
+    if hooks is None:
+        return None
+    coding = content_coding(resp.headers)
+    if coding is not None:
         resp.discard()
-        ex.error = f"client went away: {exc}"
-        return
-    except asyncio.CancelledError:
-        resp.discard()
-        raise
-    await stream.end(reader.trailers)
+        ex.error = f"upstream sent content-encoding {coding[:32]!r} to a body hook"
+        return LocalReply.error(502, "upstream_encoding",
+                                "the upstream answered with a content coding the route cannot read")
+    chain = HookChain(hooks)
+    if chain.transforms and not in_memory:
+        resp.headers.remove("content-length")   # the adapter re-frames
+    return chain
 
 
 async def _stream_hooked(ex: Exchange, resp: Response, chain: HookChain) -> None:
-    """The relay loop through body hooks (see _stream_body)."""
+    """The relay loop of Gateway._commit, through body hooks."""
     stream = ex.stream
     reader = resp.body
     send = stream.send_data
@@ -499,6 +488,17 @@ async def _stream_hooked(ex: Exchange, resp: Response, chain: HookChain) -> None
         stream.abort()
         return
     await stream.end(reader.trailers)
+
+
+def _upstream_failed(ex: Exchange, exc: UpstreamError) -> LocalReply:
+    """The one place an upstream failure becomes a status."""
+    ex.error = str(exc)
+    failed = ex.stream.body.error
+    if type(failed) is BodyTooLarge:   # the upload broke the call, not the upstream
+        return LocalReply.error(413, "payload_too_large", str(failed))
+    if exc.kind == "timeout":
+        return LocalReply.error(504, "upstream_timeout", "the upstream did not answer in time")
+    return LocalReply.error(502, "upstream_unavailable", "the upstream could not be reached")
 
 
 def _run_done(ex: Exchange) -> None:
