@@ -2,7 +2,7 @@
 
 Theory of operation: each module's `build(sec, ctx)` validates its section (every
 CEL expression compiled here, errors reported with their TOML path) and returns a
-`Filter` (proxy/filter.py) or None when the section asks for nothing. This package
+`Filter` (proxy/contract.py) or None when the section asks for nothing. This package
 module holds the helpers every policy shares: compiling CEL with a path, the
 rate-limited "expression failed" log line, and header name / value checks (a value
 computed from a claim must never smuggle a CR/LF into the request head).

@@ -31,7 +31,7 @@ from typing import Any
 from agproxy.cel import ExpressionGroup
 from agproxy.config.reader import Section
 from agproxy.filters import compile_cel, eval_errors
-from agproxy.proxy.filter import Filter, FilterResult, LocalReply
+from agproxy.proxy.contract import Filter, FilterResult, LocalReply
 from agproxy.proxy.registry import AUTHORIZATION
 
 KEY = "authorization"

@@ -41,7 +41,7 @@ from agproxy.config.reader import Section
 from agproxy.filters import check_header_name, compile_cel, eval_errors, header_value_ok
 from agproxy.filters.transform import key_path
 from agproxy.http.messages import text_field_value
-from agproxy.proxy.filter import Filter, FilterResult, LocalReply
+from agproxy.proxy.contract import Filter, FilterResult, LocalReply
 from agproxy.proxy.registry import TRANSFORMATION
 
 KEY = "claims_to_headers"

@@ -18,7 +18,7 @@ from __future__ import annotations
 from typing import Any
 
 from agproxy.config.reader import Section
-from agproxy.proxy.filter import Filter, LocalReply, Provides, RouteChain
+from agproxy.proxy.contract import Filter, LocalReply, Provides, RouteChain
 from agproxy.proxy.registry import TOKEN
 
 KEY = "forward_token"

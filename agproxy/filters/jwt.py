@@ -49,7 +49,7 @@ from agproxy.config.reader import Section, did_you_mean
 from agproxy.identity.jwt_verify import MAX_TOKEN_BYTES, JwtError
 from agproxy.identity.providers import (JwtProvider, ProviderGroup, check_algorithms,
                                         provider_from_section)
-from agproxy.proxy.filter import Filter, FilterResult, LocalReply, Provides
+from agproxy.proxy.contract import Filter, FilterResult, LocalReply, Provides
 from agproxy.proxy.registry import AUTHENTICATION
 
 KEY = "jwt"

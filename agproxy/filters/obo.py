@@ -33,7 +33,7 @@ from typing import Any
 from agproxy.config.reader import Section
 from agproxy.identity.actor import ActorError, ActorSource, build_actor_source
 from agproxy.identity.token_exchange import ClaimPolicy, ExchangeError, ExchangeRequest, Issued
-from agproxy.proxy.filter import Filter, LocalReply, Provides
+from agproxy.proxy.contract import Filter, LocalReply, Provides
 from agproxy.proxy.registry import TOKEN
 
 KEY = "obo"

@@ -39,15 +39,14 @@ the policy modules (proxy/registry.py).
 from __future__ import annotations
 
 import enum
-from typing import TYPE_CHECKING, Any, Awaitable, Iterable, Union
+from typing import Any, Awaitable, Iterable, Union
 
 import orjson
 
 from agproxy.http.messages import Headers
 
-if TYPE_CHECKING:
-    from agproxy.proxy.exchange import Exchange
-
+# The `ex` every method receives is a proxy.exchange.Exchange; it is typed `Any`
+# here because this module imports nothing of proxy/, not even for annotations.
 
 class Provides(enum.Enum):
     """What a filter establishes on the Exchange for the filters and the backend after it."""
@@ -131,10 +130,10 @@ class Filter:
     body_limit: int | None = None     # bytes of request body this filter reads (ex.body)
     reads_response_body = False       # on_response may return a BodyHook
 
-    def on_request(self, ex: "Exchange") -> FilterResult:
+    def on_request(self, ex: Any) -> FilterResult:
         return None
 
-    def on_response(self, ex: "Exchange", resp: Response) -> BodyHook | None:
+    def on_response(self, ex: Any, resp: Response) -> BodyHook | None:
         return None
 
     def describe(self) -> dict:
@@ -181,7 +180,7 @@ class Backend:
     name = ""
     kind = ""
 
-    async def respond(self, ex: "Exchange") -> Response:  # pragma: no cover - interface
+    async def respond(self, ex: Any) -> Response:  # pragma: no cover - interface
         raise NotImplementedError
 
     def describe(self) -> dict:

@@ -13,7 +13,7 @@ from agproxy.filters.forward_token import ForwardTokenFilter
 from agproxy.filters.obo import OboFilter
 from agproxy.http.messages import Headers
 from agproxy.identity.actor import TokenFileActor
-from agproxy.proxy.filter import LocalReply
+from agproxy.proxy.contract import LocalReply
 from tests.support.tokens import AGENT_SA, POLICY, k8s_token, make_world, service, user_token
 
 

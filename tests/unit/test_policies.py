@@ -19,7 +19,7 @@ from agproxy.config.reader import ConfigError
 from agproxy.http.messages import ConnInfo, Headers, RequestHead, ResponseHead
 from agproxy.proxy.build import build_runtime
 from agproxy.proxy.exchange import Exchange
-from agproxy.proxy.filter import LocalReply
+from agproxy.proxy.contract import LocalReply
 from tests.support.idp import IdP, hs256_with_public_key, unsigned_token
 
 BASE = """
