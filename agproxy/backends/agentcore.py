@@ -75,24 +75,12 @@ NEVER_FORWARD = frozenset({"host", "authorization", "content-length", "transfer-
                            "x-amz-security-token", "x-amz-content-sha256"})
 ARN_RE = re.compile(r"^arn:(aws|aws-cn|aws-us-gov):bedrock-agentcore:([a-z0-9-]+):(\d{12}):runtime/([A-Za-z0-9_.-]+)$")
 
-_counters: dict[int, Any] = {}
-
-
 def _response_counter(metrics: Any):
-    reg = getattr(metrics, "registry", None)
-    if reg is None:
+    if metrics is None:
         return None
-    c = _counters.get(id(reg))
-    if c is None:
-        try:
-            from prometheus_client import Counter
-            c = Counter(f"{getattr(metrics, 'prefix', 'agproxy')}_agentcore_responses",
-                        "AgentCore InvokeAgentRuntime responses by backend and status",
-                        ["backend", "status"], registry=reg)
-        except Exception:   # already registered by another build of the same registry
-            return None
-        _counters[id(reg)] = c
-    return c
+    from prometheus_client import Counter
+    return metrics.family(Counter, "agentcore_responses",
+                          "AgentCore InvokeAgentRuntime responses by backend and status", ["backend", "status"])
 
 
 class AgentCoreBackend(Backend):

@@ -78,6 +78,7 @@ class Metrics:
         self._duration: dict[str, list] = {}         # route -> histogram
         self._upstream: dict[str, list] = {}         # backend -> histogram
         self._flush_scheduled = False
+        self._families: dict[str, object] = {}
         if self.multiprocess:
             self.requests = Counter(f"{p}_requests", _REQUESTS_HELP, ["route", "method", "status"], registry=r)
             self.duration = Histogram(f"{p}_request_duration_seconds", _DURATION_HELP,
@@ -107,6 +108,19 @@ class Metrics:
                                      ["reason"], registry=r)
         if not self.multiprocess:
             r.register(_TargetInfo(self.target_info))
+
+    def family(self, kind, name: str, documentation: str, labels: list[str], **kw):
+        """A metric family of a module's own (an AgentCore response counter, LLM token
+        usage): `kind` is prometheus-client's Counter, Histogram or Gauge, `name` gets
+        the prefix. Made once per name, so a config reload that builds the module
+        again gets the same family; in multiprocess mode prometheus-client aggregates
+        it as it does the others. Modules record into it from their own hooks (a
+        completion hook, `ex.on_done`), never through the exchange's accounting."""
+        full = f"{self.prefix}_{name}"
+        fam = self._families.get(full)
+        if fam is None:
+            fam = self._families[full] = kind(full, documentation, labels, registry=self.registry, **kw)
+        return fam
 
     # -- the data path ------------------------------------------------------------------
     def request(self, route: str, method: str, status: int, seconds: float) -> None:
