@@ -38,7 +38,8 @@ from random import getrandbits
 from typing import TYPE_CHECKING, Any, Callable
 
 from agproxy import cel
-from agproxy.http.messages import BodyAborted, BodyReader, BodyTooLarge, ConnInfo, RequestHead, ServerStream
+from agproxy.http.messages import (BodyAborted, BodyMalformed, BodyReader, BodyTooLarge, ConnInfo, RequestHead,
+                                   ServerStream)
 from agproxy.http.path import PathError
 from agproxy.proxy.body import HookChain, content_coding
 from agproxy.proxy.contract import LocalReply, Response
@@ -57,6 +58,10 @@ _NOT_FOUND = LocalReply.error(404, "no_route", "no route matches this request")
 
 def _too_large(limit: int) -> LocalReply:
     return LocalReply.error(413, "payload_too_large", f"the request body exceeds {limit} bytes")
+
+
+def _malformed(exc: BodyMalformed) -> LocalReply:
+    return LocalReply.error(400, "bad_request", f"malformed request body: {exc}")
 
 
 class Exchange:
@@ -250,8 +255,8 @@ class Gateway:
                     resp = _upstream_failed(ex, exc)
             # 4-6. Response filters and body hooks, then commit.
             await self._commit(ex, resp, route.response_filters)
-        except asyncio.CancelledError:
-            ex.error = ex.error or "client went away"
+        except asyncio.CancelledError as exc:
+            ex.error = ex.error or str(exc) or "client went away"   # (the adapter may say why)
             if ex.status == 0:
                 ex.status = 499
             raise
@@ -262,6 +267,12 @@ class Gateway:
             ex.error = "request body too large"
             if not stream.head_sent:
                 await self._commit(ex, _too_large(stream.body.limit or 0), ())
+            else:
+                stream.abort()
+        except BodyMalformed as exc:
+            ex.error = f"malformed request body: {exc}"
+            if not stream.head_sent:
+                await self._commit(ex, _malformed(exc), ())
             else:
                 stream.abort()
         except BodyAborted as exc:
@@ -343,7 +354,11 @@ class Gateway:
             resp.discard()
             ex.error = f"client went away: {exc}"
             return
-        except asyncio.CancelledError:
+        except BaseException:
+            # Cancelled (the client left or reset the stream, a stream deadline) or
+            # failed: the upstream response is abandoned, so the upstream call must end
+            # too (its connection must not wait for a reader, the generation behind a
+            # stream must not go on).
             resp.discard()
             raise
         await stream.end(reader.trailers)
@@ -496,6 +511,9 @@ def _upstream_failed(ex: Exchange, exc: UpstreamError) -> LocalReply:
     failed = ex.stream.body.error
     if type(failed) is BodyTooLarge:   # the upload broke the call, not the upstream
         return LocalReply.error(413, "payload_too_large", str(failed))
+    if type(failed) is BodyMalformed:  # the upstream request was aborted for it
+        ex.error = f"malformed request body: {failed}"
+        return _malformed(failed)
     if exc.kind == "timeout":
         return LocalReply.error(504, "upstream_timeout", "the upstream did not answer in time")
     return LocalReply.error(502, "upstream_unavailable", "the upstream could not be reached")

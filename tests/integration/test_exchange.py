@@ -13,6 +13,8 @@ import asyncio
 import gzip
 import hashlib
 import json
+import socket
+import struct
 
 import h2.config
 import h2.connection
@@ -462,6 +464,9 @@ async def h1_leave_after_first_event(port: int) -> None:
         data = await asyncio.wait_for(reader.read(65536), 5)
         assert data, got
         got += data
+    # Gone, not half-closed: a FIN alone still lets the gateway answer (RFC 9112 §9.6),
+    # a reset says nobody reads.
+    writer.get_extra_info("socket").setsockopt(socket.SOL_SOCKET, socket.SO_LINGER, struct.pack("ii", 1, 0))
     writer.close()
 
 
