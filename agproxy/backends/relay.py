@@ -3,7 +3,8 @@
 Theory of operation: `upstream_request_headers` decides what the upstream sees
 (hop-by-hop headers gone, X-Forwarded-* and the request id added, Host set to the
 upstream's authority); `relay` sends through the pool, records the call as an
-attempt on the exchange, and returns the upstream's response head with its body
+attempt on the exchange, drops the response's hop-by-hop headers and those its
+Connection header names (`nominated_drop`), and returns the response head with its body
 still streaming (proxy/contract.py Response; the exchange commits it, copying
 chunks as they arrive with backpressure). A failure before the head raises
 `UpstreamError` (the exchange answers 502/504); the caller may instead catch it
@@ -27,6 +28,22 @@ log = logging.getLogger("agproxy.proxy")
 _DROP_REQUEST = HOP_BY_HOP | {"host", "content-length", "expect", "x-forwarded-host",
                               "x-forwarded-proto", "x-request-id"}
 _DROP_RESPONSE = HOP_BY_HOP | {"content-length"}
+
+
+_NOMINATING: dict[str, frozenset[str]] = {}
+
+
+def nominated_drop(connection: str) -> frozenset[str]:
+    """Response headers not relayed when the upstream sent `Connection: <connection>`:
+    the hop-by-hop ones and those it names (RFC 9110 §7.6.1). Upstreams repeat one
+    value (`keep-alive`) on every response: the set is kept per value (a bounded
+    table), not rebuilt per response."""
+    drop = _NOMINATING.get(connection)
+    if drop is None:
+        drop = _DROP_RESPONSE | {t.strip().lower() for t in connection.split(",")}
+        if len(_NOMINATING) < 256:
+            _NOMINATING[connection] = drop
+    return drop
 
 
 def upstream_request_headers(ex, authority: str, te_trailers: bool = False) -> Headers:
@@ -71,8 +88,16 @@ async def relay(ex, origin: Origin, method: str, target: str, headers: Headers,
         raise
     ex.add_attempt(backend, origin.authority, provider, start, resp.status, time.monotonic() - start)
 
-    out = Headers([(k, v) for k, v in resp.headers.items if k not in _DROP_RESPONSE])
-    cl = resp.headers.get("content-length")
+    items = resp.headers.items
+    cl = connection = None
+    for k, v in items:      # one pass for both (this runs per response)
+        if k == "content-length":
+            if cl is None:
+                cl = v
+        elif k == "connection":
+            connection = v if connection is None else f"{connection},{v}"
+    drop = _DROP_RESPONSE if connection is None else nominated_drop(connection)
+    out = Headers([(k, v) for k, v in items if k not in drop])
     if cl is not None:
         out.items.append(("content-length", cl))
     return Response(resp.status, out, resp.body, resp)

@@ -22,7 +22,7 @@ attempts) and the CEL activation. Then, in this order:
    backpressure), the trailers;
 7. completion hooks (`ex.on_done`) run once, after the last byte, the abort or
    the local reply;
-8. one access-log line and one metrics sample.
+8. the trace span ends, one access-log line and one metrics sample.
 
 A route without filters, hooks or completion hooks pays for none of it: the
 request phase, the hook chain and the completion list are skipped by one test
@@ -76,7 +76,7 @@ class Exchange:
 
     __slots__ = ("stream", "request", "conn", "route", "request_id", "start", "jwt_claims",
                  "jwt_token", "jwt_provider", "obo_token", "mcp", "llm", "_attempts", "body",
-                 "response", "status", "bytes_out", "error", "log_fields", "_activation",
+                 "response", "status", "bytes_out", "error", "log_extra", "span", "_activation",
                  "_cel_extra", "_done")
 
     def __init__(self, stream: ServerStream):
@@ -103,7 +103,8 @@ class Exchange:
         self.status = 0
         self.bytes_out = 0
         self.error: str | None = None
-        self.log_fields: dict[str, Any] | None = None
+        self.log_extra: dict[str, Any] | None = None   # ex.log(): a module's access-log fields
+        self.span = None                        # telemetry.tracing.Span when tracing is on
         self._activation = None
         self._cel_extra: dict[str, Callable[[], object]] | None = None
         self._done: list[Callable[["Exchange"], None]] | None = None
@@ -160,10 +161,10 @@ class Exchange:
 
     def log(self, key: str, value: Any) -> None:
         """An access-log field of a module's own (a fixed key; a bounded value)."""
-        if self.log_fields is None:
-            self.log_fields = {key: value}
+        if self.log_extra is None:
+            self.log_extra = {key: value}
         else:
-            self.log_fields[key] = value
+            self.log_extra[key] = value
 
     # -- CEL ------------------------------------------------------------------------
     @property
@@ -230,6 +231,8 @@ class Gateway:
     async def handle(self, stream: ServerStream) -> None:
         ex = Exchange(stream)
         runtime = self.runtime
+        if runtime.tracing is not None:
+            ex.span = runtime.tracing.start_request(ex.request, ex.conn)
         try:
             # 1. Match. The gateway-wide body limit is checked first (bytes may have
             #    arrived before this task ran: `received` counts them too).
@@ -301,7 +304,7 @@ class Gateway:
             # 7. Completion hooks, then 8. accounting.
             if ex._done is not None:
                 _run_done(ex)
-            self._account(ex)
+            self._account(ex, runtime)
             # The activation's providers are bound methods of ex: drop the cycle so
             # the request is freed by reference counting, not by the cyclic GC.
             ex._activation = None
@@ -363,11 +366,14 @@ class Gateway:
             raise
         await stream.end(reader.trailers)
 
-    def _account(self, ex: Exchange) -> None:
+    def _account(self, ex: Exchange, runtime) -> None:
         elapsed = time.monotonic() - ex.start
         route = ex.route.name if ex.route is not None else ""
         status = ex.status or 0
         attempts = ex._attempts
+        span = ex.span
+        if span is not None:
+            runtime.tracing.end_request(span, ex)
         m = self.metrics
         if m is not None:
             m.request(route, ex.request.method, status, elapsed)
@@ -401,8 +407,15 @@ class Gateway:
                 rec["error"] = ex.error
             if ex.jwt_claims and "sub" in ex.jwt_claims:
                 rec["user"] = ex.jwt_claims["sub"]
-            if ex.log_fields:
-                rec = {**ex.log_fields, **rec}   # a module's field never hides a core one
+            if ex.route is not None:
+                rec["backend"] = getattr(ex.route.backend, "name", "")
+            if span is not None:
+                rec["trace_id"] = span.trace_id
+                rec["span_id"] = span.span_id
+            if runtime.log_fields is not None:     # [telemetry].access_log_fields (CEL)
+                runtime.log_fields.add_to(rec, ex.activation)
+            if ex.log_extra:
+                rec = {**ex.log_extra, **rec}   # a module's field never hides a core one
             al.write(rec)
 
 
