@@ -130,7 +130,7 @@ def test_event_stream_frames_decode_with_botocore_buffer(fake):
         msgs.extend(buf)
     assert [m.headers[":event-type"] for m in msgs] == ["messageStart", "messageStop"]
     assert json.loads(msgs[1].payload)["stopReason"] == "end_turn"
-    assert req.header("authorization").startswith("AWS4-HMAC-SHA256 Credential=AKIDLLMFAKETEST00001/")
+    assert fake.requests[-1].header("authorization").startswith("AWS4-HMAC-SHA256 Credential=AKIDLLMFAKETEST00001/")
 
 
 @pytest.mark.parametrize("fake", ["openai", "anthropic", "bedrock"], indirect=True)
