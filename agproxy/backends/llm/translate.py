@@ -1,0 +1,252 @@
+"""What a client API and a provider kind need of each other, for one request.
+
+Theory of operation: `parse_client(api, raw)` reads the client's body once
+(`ClientRequest`); for each provider tried, `provider_request` gives the path and
+the body to send, `client_reply` turns a provider's JSON answer into the client's
+API, and `StreamTranslator` does the same for a stream, chunk by chunk.
+
+When the client's API and the provider's wire format are the same (an OpenAI
+client and an `openai` / `openai_compatible` provider, an Anthropic client and an
+`anthropic` provider) nothing is translated: the body goes out with its `model`
+replaced, and the stream's bytes pass on unchanged while the translator reads
+only the events that can carry usage (a substring test picks them; the others
+are not parsed). The one edit: an OpenAI stream is requested with
+`stream_options.include_usage` so that the gateway learns the usage, and when the
+client did not ask for it the extra chunk (`choices: []`) is dropped from what
+the client sees.
+
+Otherwise the request is parsed into a `Chat` (backends/llm/chat.py) and written
+in the provider's format, and the answer or each stream event is decoded into
+the neutral form and encoded in the client's. A stream that ends without the
+provider's end marker, or breaks, is finished with an error event in the client's
+format (`fail`), so an SDK raises instead of taking a cut stream for a whole one.
+"""
+
+from __future__ import annotations
+
+from typing import Any
+
+import orjson
+
+from agproxy.backends.llm import anthropic, bedrock, openai
+from agproxy.backends.llm.chat import BadRequest, Chat, ProviderError, Reply
+from agproxy.backends.llm.usage import Usage
+from agproxy.http.sse import SseSplitter, parse as parse_sse
+
+CLIENT_APIS = ("openai", "anthropic")
+WIRE = {"openai": "openai", "openai_compatible": "openai", "anthropic": "anthropic", "bedrock": "bedrock"}
+PATHS = {"openai": "/v1/chat/completions", "anthropic": "/v1/messages"}
+
+
+class ClientRequest:
+    """A client's request, parsed once; `chat()` translates it lazily (only when a
+    provider of another format is tried)."""
+
+    __slots__ = ("api", "body", "model", "stream", "include_usage", "_chat")
+
+    def __init__(self, api: str, body: dict, model: str):
+        self.api = api
+        self.body = body
+        self.model = model
+        self.stream = bool(body.get("stream"))
+        so = body.get("stream_options")
+        self.include_usage = bool(isinstance(so, dict) and so.get("include_usage"))
+        self._chat: Chat | None = None
+
+    def chat(self) -> Chat:
+        ch = self._chat
+        if ch is None:
+            ch = self._chat = (openai.parse_request(self.body) if self.api == "openai"
+                               else anthropic.parse_request(self.body))
+        return ch
+
+
+def parse_client(api: str, raw: bytes) -> ClientRequest:
+    try:
+        body = orjson.loads(raw)
+    except orjson.JSONDecodeError:
+        raise BadRequest("the request body is not valid JSON") from None
+    model = openai.check_request(body) if api == "openai" else anthropic.check_request(body)
+    return ClientRequest(api, body, model)
+
+
+def provider_request(req: ClientRequest, kind: str, model: str) -> tuple[str, bytes]:
+    """(path under the provider's base, JSON body) for `model` on a provider of `kind`."""
+    wire = WIRE[kind]
+    if wire == req.api:
+        body = dict(req.body)
+        body["model"] = model
+        if wire == "openai" and req.stream and not req.include_usage:
+            so = body.get("stream_options")
+            body["stream_options"] = {**(so if isinstance(so, dict) else {}), "include_usage": True}
+        return PATHS[wire], orjson.dumps(body)
+    ch = req.chat()
+    if wire == "openai":
+        return PATHS["openai"], orjson.dumps(openai.render_request(ch, model, compatible=kind == "openai_compatible"))
+    if wire == "anthropic":
+        return PATHS["anthropic"], orjson.dumps(anthropic.render_request(ch, model))
+    path, body = bedrock.render_request(ch, model)
+    return path, orjson.dumps(body)
+
+
+def parse_provider_reply(kind: str, data: bytes, model: str) -> tuple[Any, Reply]:
+    """A provider's JSON answer: (the parsed body, the neutral Reply); ProviderError
+    when it is not valid JSON of that API."""
+    try:
+        body = orjson.loads(data)
+    except orjson.JSONDecodeError:
+        raise ProviderError("the provider's answer is not JSON") from None
+    wire = WIRE[kind]
+    if wire == "openai":
+        return body, openai.parse_response(body)
+    if wire == "anthropic":
+        return body, anthropic.parse_response(body)
+    return body, bedrock.parse_response(body, model)
+
+
+def client_reply(req: ClientRequest, kind: str, body: Any, reply: Reply) -> bytes:
+    """The answer as the client's API writes it (the provider's own bytes when the
+    formats match: only re-serialised, never re-shaped)."""
+    if WIRE[kind] == req.api:
+        return orjson.dumps(body)
+    if req.api == "openai":
+        return orjson.dumps(openai.render_response(reply))
+    return orjson.dumps(anthropic.render_response(reply))
+
+
+def error_reply(api: str, kind: str, message: str) -> bytes:
+    """A gateway error in the client's API (kind: invalid_request, not_found,
+    too_large, unavailable, upstream, rate_limit, auth)."""
+    body = openai.error_body(kind, message) if api == "openai" else anthropic.error_body(kind, message)
+    return orjson.dumps(body)
+
+
+def provider_error(kind: str, body: Any, error_type: str | None = None) -> tuple[str, str] | None:
+    """(type, message) of a provider's JSON error body."""
+    wire = WIRE[kind]
+    if wire == "openai":
+        return openai.error_message(body)
+    if wire == "anthropic":
+        return anthropic.error_message(body)
+    return bedrock.error_message(body, error_type)
+
+
+class StreamTranslator:
+    """A provider's stream → the client's, one chunk at a time (synchronous, no I/O).
+
+    `feed(chunk)` returns the bytes for the client, `end()` the last ones when the
+    provider's stream ended cleanly, `fail(why)` an error event when it did not.
+    Afterwards: `usage`, `response_model`, `complete` (the provider's end marker
+    was seen), `first_token` (True once content arrived; the caller times it).
+    """
+
+    __slots__ = ("api", "wire", "passthrough", "drop_usage_chunk", "usage", "response_model", "complete",
+                 "first_token", "error", "_split", "_decoder", "_encoder", "_bedrock")
+
+    def __init__(self, req: ClientRequest, kind: str, model: str):
+        self.api = req.api
+        self.wire = WIRE[kind]
+        self.passthrough = self.wire == req.api
+        self.drop_usage_chunk = self.passthrough and self.wire == "openai" and not req.include_usage
+        self.usage: Usage | None = None
+        self.response_model = model
+        self.complete = False
+        self.first_token = False
+        self.error: str | None = None
+        self._bedrock = self.wire == "bedrock"
+        self._split = None if self._bedrock else SseSplitter()
+        if self.wire == "openai":
+            self._decoder = openai.Decoder()
+        elif self.wire == "anthropic":
+            self._decoder = anthropic.Decoder()
+        else:
+            self._decoder = bedrock.Decoder(model)
+        if self.passthrough:
+            self._encoder = None
+        elif req.api == "openai":
+            self._encoder = openai.Encoder(model, req.include_usage)
+        else:
+            self._encoder = anthropic.Encoder(model)
+
+    def _note(self, events: list[tuple]) -> None:
+        for ev in events:
+            k = ev[0]
+            if k == "usage":
+                self.usage = ev[1]
+            elif k == "text" or k == "tool":
+                self.first_token = True
+            elif k == "start":
+                if ev[2]:
+                    self.response_model = ev[2]
+            elif k == "done":
+                self.complete = True
+            elif k == "error":
+                self.error = f"{ev[1]}: {ev[2]}"[:200]
+
+    def feed(self, chunk: bytes) -> bytes:
+        if self._bedrock:
+            events = self._decoder.feed(chunk)
+            self._note(events)
+            return self._encode(events)
+        raws = self._split.feed(chunk)
+        if self.passthrough:
+            return self._observe(raws)
+        out = []
+        for raw in raws:
+            ev = parse_sse(raw)
+            if ev is None:
+                continue
+            events = self._decoder.feed(ev.data)
+            self._note(events)
+            out.append(self._encode(events))
+        return b"".join(out)
+
+    def _observe(self, raws: list[bytes]) -> bytes:
+        """Pass-through: parse only the events that can carry what we need."""
+        keep = []
+        drop = False
+        for raw in raws:
+            if self.wire == "openai":
+                interesting = not self.first_token or b'"usage":{' in raw or b"[DONE]" in raw or b'"error"' in raw
+            else:
+                interesting = b"message_" in raw[:40] or b"error" in raw[:40] or not self.first_token
+            if interesting:
+                ev = parse_sse(raw)
+                if ev is not None:
+                    events = self._decoder.feed(ev.data)
+                    self._note(events)
+                    if self.drop_usage_chunk and any(e[0] == "usage" for e in events) and b'"choices":[]' in raw:
+                        drop = True
+                        continue
+            keep.append(raw)
+        if not drop and len(keep) == len(raws):
+            return b"".join(raws)
+        return b"".join(keep)
+
+    def _encode(self, events: list[tuple]) -> bytes:
+        enc = self._encoder
+        if enc is None or not events:
+            return b""
+        return b"".join(enc.feed(ev) for ev in events if ev[0] != "done")
+
+    def end(self) -> bytes:
+        """The provider's stream ended (EOF). Its remainder, then the client's ending;
+        an error event instead when the provider's end marker never came."""
+        out = b""
+        if self._bedrock:
+            events = self._decoder.end()
+            self._note(events)
+        else:
+            self._split.end()      # an unterminated last event: a client discards it too
+        if not self.complete:
+            return out + self.fail("the provider's stream ended before its end marker")
+        if self._encoder is not None:
+            out += self._encoder.finish()
+        return out
+
+    def fail(self, why: str) -> bytes:
+        """An error event in the client's API: the stream broke after it began."""
+        self.error = self.error or why
+        if self.api == "openai":
+            return b"data: " + orjson.dumps(openai.error_body("upstream", why)) + b"\n\n"
+        return (b"event: error\ndata: " + orjson.dumps(anthropic.error_body("upstream", why)) + b"\n\n")
