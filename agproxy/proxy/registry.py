@@ -57,7 +57,7 @@ BACKEND_MODULES = {
     "agentcore": "agproxy.backends.agentcore",
     "mcp": "agproxy.backends.mcp",
     "openapi_mcp": "agproxy.backends.openapi_mcp",
-    "llm_group": "agproxy.backends.llm_group",
+    "llm_group": "agproxy.backends.llm.group",
 }
 
 def policy_keys() -> tuple[str, ...]:
