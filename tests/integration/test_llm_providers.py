@@ -16,6 +16,7 @@ from agproxy.backends.llm.providers import Provider, build_provider
 from agproxy.backends.llm.usage import Usage
 from agproxy.config.reader import Problems, Section
 from agproxy.identity.aws import AwsCredentials
+from agproxy.upstream.errors import UpstreamError
 from agproxy.upstream.origin import Origin
 from agproxy.upstream.pool import get_pool
 from tests.support.llm_fakes import ANTHROPIC_KEY, AWS_ACCESS_KEY, AWS_SECRET_KEY, OPENAI_KEY, FakeProvider, Usage as FU
@@ -110,6 +111,7 @@ def test_model_mapping():
 class _Ctx:
     def __init__(self):
         self.started = []
+        self.readiness = {}
 
     def path(self, p):
         return p
@@ -121,7 +123,7 @@ class _Ctx:
         pass
 
     def add_readiness(self, name, fn):
-        pass
+        self.readiness[name] = fn
 
 
 def test_config_keys_and_secrets(monkeypatch):
@@ -133,13 +135,17 @@ def test_config_keys_and_secrets(monkeypatch):
     assert "sk-secret-value-1" not in json.dumps(p.describe())
     problems = Problems()
     monkeypatch.delenv("T_MISSING", raising=False)
-    build_provider(Section("backend.llm.provider[1]", {"name": "b", "kind": "anthropic", "api_key_env": "T_MISSING",
-                                                       "region": "us-east-1"}, problems), _Ctx(), {})
+    ctx = _Ctx()
+    b = build_provider(Section("backend.llm.provider[1]", {"name": "b", "kind": "anthropic", "api_key_env": "T_MISSING",
+                                                           "region": "us-east-1"}, problems), ctx, {})
+    # A missing secret is not a config problem: the gateway is not ready, the provider unusable.
+    assert ctx.readiness["llm_api_key[b]"]() == "environment variable T_MISSING is not set"
+    with pytest.raises(UpstreamError):
+        b.headers("/v1/messages", b"{}", False)
     build_provider(Section("backend.llm.provider[2]", {"name": "c", "kind": "openai"}, problems), _Ctx(), {})
     build_provider(Section("backend.llm.provider[3]", {"name": "d", "kind": "bedrock"}, problems), _Ctx(), {})
     build_provider(Section("backend.llm.provider[4]", {"name": "e", "kind": "gemini"}, problems), _Ctx(), {})
     text = "\n".join(problems.items)
-    assert "backend.llm.provider[1].api_key_env: environment variable T_MISSING is not set" in text
     assert "backend.llm.provider[1].region: only with kind = \"bedrock\"" in text
     assert "backend.llm.provider[2].api_key_env: required" in text
     assert "backend.llm.provider[3].region: required" in text

@@ -37,8 +37,9 @@ connection drops mid-body). A stream that loses its reader mid-way sets
 Every request is kept in `fake.requests` (`Seen`: method, target, headers, body,
 json); `wait_requests(n)` waits for n with a deadline.
 
-CLI (the demo of conf/llm-failover.toml):
-    python -m tests.support.llm_fakes --openai 9501 --anthropic 9502 --bedrock 9503
+CLI (the demo of conf/llm-failover.toml; `--fail openai` makes the primary answer 503):
+    python -m tests.support.llm_fakes --openai 9501 --anthropic 9502 --bedrock 9503 \
+        --fail openai --run-gateway conf/llm-failover.toml
 """
 
 from __future__ import annotations
@@ -706,12 +707,21 @@ _ERROR_MESSAGES = {429: "Rate limit reached, please try again later.", 503: "The
                    529: "Overloaded", 500: "The server had an error while processing your request."}
 
 
+DEMO_ENV = {"LLM_DEMO_OPENAI_KEY": OPENAI_KEY, "LLM_DEMO_ANTHROPIC_KEY": ANTHROPIC_KEY,
+            "AWS_ACCESS_KEY_ID": AWS_ACCESS_KEY, "AWS_SECRET_ACCESS_KEY": AWS_SECRET_KEY,
+            "AWS_CONFIG_FILE": "/dev/null", "AWS_SHARED_CREDENTIALS_FILE": "/dev/null",
+            "AWS_EC2_METADATA_DISABLED": "true"}
+
+
 def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__.split("\n")[0])
     ap.add_argument("--openai", type=int, default=None, help="port of a fake OpenAI")
     ap.add_argument("--anthropic", type=int, default=None, help="port of a fake Anthropic")
     ap.add_argument("--bedrock", type=int, default=None, help="port of a fake Bedrock")
     ap.add_argument("--fail", default="", help="comma-separated kinds that answer 503 to every request")
+    ap.add_argument("--run-gateway", metavar="CONFIG", default=None,
+                    help="then run `agproxy run --config CONFIG` with the fakes' keys and AWS test credentials "
+                         "in its environment; stop everything when it exits (Ctrl-C)")
     args = ap.parse_args()
     fakes = []
     for kind in ("openai", "anthropic", "bedrock"):
@@ -730,8 +740,18 @@ def main() -> None:
         fakes.append(f.start())
         print(f"fake {kind} on {f.url}", flush=True)
     try:
-        threading.Event().wait()
+        if args.run_gateway:
+            import os
+            import subprocess
+            import sys
+            exe = os.path.join(os.path.dirname(sys.executable), "agproxy")
+            cmd = [exe] if os.path.exists(exe) else [sys.executable, "-m", "agproxy.cli"]
+            subprocess.run(cmd + ["run", "--config", args.run_gateway], env={**os.environ, **DEMO_ENV})
+        else:
+            threading.Event().wait()
     except KeyboardInterrupt:
+        pass
+    finally:
         for f in fakes:
             f.stop()
 

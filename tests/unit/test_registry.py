@@ -115,14 +115,24 @@ url = "http://127.0.0.1:8000/mcp"
 [backend.petstore]
 type = "openapi_mcp"
 spec_file = "petstore.yaml"
-
-[backend.llm]
-type = "llm_group"
 """) == [
         "backend.tools.type: backend type 'mcp' is not supported in this version",
         "backend.petstore.type: backend type 'openapi_mcp' is not supported in this version",
-        "backend.llm.type: backend type 'llm_group' is not supported in this version",
     ]
+
+
+def test_llm_group_is_built_and_checked_at_load():
+    found = problems("""
+[backend.llm]
+type = "llm_group"
+health = "response.code >"
+eviction = { duration = "1m", max_duration = "10s" }
+""")
+    assert found[:2] == [
+        "backend.llm.eviction.max_duration: must be at least duration",
+        "backend.llm.provider: an llm_group needs at least one [[backend.NAME.provider]]",
+    ]
+    assert found[2].startswith("backend.llm.health: invalid CEL expression 'response.code >'") and len(found) == 3
 
 
 def test_unknown_policy_key_and_backend_type():
@@ -189,7 +199,7 @@ def test_registry_modules_declare_their_key_and_stage():
     assert len(set(stages.values())) == len(stages)
     for kind, modname in registry.BACKEND_MODULES.items():
         if importlib.util.find_spec(modname) is None:
-            assert kind in ("mcp", "openapi_mcp", "llm_group")
+            assert kind in ("mcp", "openapi_mcp")
             continue
         mod = importlib.import_module(modname)
         assert mod.TYPE == kind and callable(mod.build)

@@ -16,9 +16,11 @@ provider's key is the gateway's secret):
   botocore's chain, resolved at startup, refreshed in the background).
 
 A `url` with a path is a prefix (`https://host/openai` → `/openai/v1/...`). API
-keys are read from the environment at load (a missing variable is a config
-error, never a per-request surprise) and appear nowhere else: not in /config,
-not in logs, never in an answer.
+keys are read from the environment at load and appear nowhere else: not in
+/config, not in logs, never in an answer. A variable that is not set leaves the
+gateway not ready (/readyz names it) and the provider unusable (every attempt
+fails as a connect error, so the group fails over); `agproxy validate` does not
+need the secrets.
 
 Requests go through the gateway's upstream pool (`upstream/pool.py`): pooled
 keep-alive HTTP/1.1, or HTTP/2 with `http2 = true`; the body is in memory (kept
@@ -82,6 +84,8 @@ class Provider:
         h = [("host", self.origin.authority), ("content-type", "application/json"),
              ("accept", _ACCEPT_STREAM[self.kind] if stream else "application/json")]
         kind = self.kind
+        if self.api_key_env is not None and not self._api_key:
+            raise UpstreamError("connect", f"provider {self.name}: environment variable {self.api_key_env} is not set")
         if kind == "anthropic":
             h.append(("x-api-key", self._api_key or ""))
             h.append(("anthropic-version", self.anthropic_version))
@@ -154,7 +158,10 @@ def build_provider(sec: Any, ctx: Any, credentials_cache: dict) -> Provider | No
         elif key_env is not None:
             key = os.environ.get(key_env)
             if not key:
-                sec.error("api_key_env", f"environment variable {key_env} is not set")
+                # A secret of the running process, not of the config: `validate` passes
+                # without it; a gateway started without it is not ready, and the provider
+                # is never sent a request without its key.
+                ctx.add_readiness(f"llm_api_key[{name}]", lambda v=key_env: f"environment variable {v} is not set")
         for k, v in (("region", region), ("aws_profile", profile), ("aws_role_arn", role_arn)):
             if v is not None:
                 sec.error(k, 'only with kind = "bedrock"')
