@@ -121,6 +121,8 @@ class ToolServer:
                 result = await self._request(msg, version, modern, call)
                 answers.append({"jsonrpc": "2.0", "id": msg.id, "result": result})
             except RpcError as exc:
+                if exc.id is None:
+                    exc.id = msg.id
                 if not parsed.batch:
                     return _json(exc.status if modern else 200, exc.body())
                 answers.append(orjson.loads(exc.body()))

@@ -55,8 +55,8 @@ BACKEND_MODULES = {
     "http": "agproxy.backends.http",
     "static": "agproxy.backends.static",
     "agentcore": "agproxy.backends.agentcore",
-    "mcp": "agproxy.backends.mcp",
-    "openapi_mcp": "agproxy.backends.openapi_mcp",
+    "mcp": "agproxy.backends.mcp.proxy",
+    "openapi_mcp": "agproxy.backends.mcp.openapi",
     "llm_group": "agproxy.backends.llm_group",
 }
 

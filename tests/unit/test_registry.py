@@ -112,15 +112,10 @@ def test_planned_backend_types_are_refused_with_their_path():
 type = "mcp"
 url = "http://127.0.0.1:8000/mcp"
 
-[backend.petstore]
-type = "openapi_mcp"
-spec_file = "petstore.yaml"
-
 [backend.llm]
 type = "llm_group"
 """) == [
         "backend.tools.type: backend type 'mcp' is not supported in this version",
-        "backend.petstore.type: backend type 'openapi_mcp' is not supported in this version",
         "backend.llm.type: backend type 'llm_group' is not supported in this version",
     ]
 
