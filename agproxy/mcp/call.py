@@ -192,3 +192,56 @@ def _mismatch(message: str, rid: Any) -> RpcError:
 
 __all__ = ["McpCall", "check_headers", "decode_header_value", "item_call", "is_modern", "NAME_PARAM",
            "LISTS", "NOTIFICATION", "REQUEST", "RESPONSE"]
+
+
+class McpRequest:
+    """One HTTP request to an MCP endpoint: its parsed body (or the error to answer
+    with), the calls in it, the protocol version and session headers.
+
+    `method`, `id`, `tool`, `session` and `cel()` describe the first call (the only
+    one, except in a batch): the typed `ex.mcp` fact the access log and CEL read."""
+
+    __slots__ = ("body", "error", "calls", "version", "session")
+
+    def __init__(self, body: Body | None, error: RpcError | None, calls: list[McpCall],
+                 version: str | None, session: str | None):
+        self.body = body
+        self.error = error
+        self.calls = calls
+        self.version = version
+        self.session = session
+
+    @classmethod
+    def parse(cls, headers: Any, raw: bytes) -> "McpRequest":
+        from agproxy.mcp.jsonrpc import parse
+        version = headers.get(PROTOCOL_VERSION_HEADER)
+        session = headers.get(SESSION_HEADER)
+        try:
+            body = parse(raw)
+        except RpcError as exc:
+            return cls(None, exc, [], version, session)
+        calls = [McpCall.of(m, session, version) for m in body.messages]
+        return cls(body, check_headers(body, headers), calls, version, session)
+
+    @property
+    def first(self) -> McpCall | None:
+        return self.calls[0] if self.calls else None
+
+    @property
+    def method(self) -> str | None:
+        return self.calls[0].method if self.calls else None
+
+    @property
+    def id(self) -> Any:
+        return self.calls[0].id if self.calls else None
+
+    @property
+    def tool(self) -> str | None:
+        return self.calls[0].tool if self.calls else None
+
+    def cel(self) -> dict:
+        c = self.first
+        out = c.cel() if c is not None else {"method": "", "id": ""}
+        if self.session and "session" not in out:
+            out["session"] = self.session
+        return out

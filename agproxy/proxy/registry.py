@@ -45,8 +45,6 @@ POLICY_MODULES = {
 }
 
 PLANNED_STAGES = {
-    "mcp_auth": AUTHENTICATION + 1,
-    "mcp_authorization": AUTHORIZATION + 1,
     "rate_limit": RATE_LIMITING,
     "ext_authz": EXT_AUTH,
 }

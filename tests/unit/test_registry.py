@@ -93,14 +93,7 @@ capacity = 100
 protocol = "grpc"
 address = "127.0.0.1:9191"
 
-[route.mcp_auth]
-issuer = "https://idp.example.com"
-
-[route.mcp_authorization]
-rules = ['mcp.tool.name.startsWith("read_")']
 """) == [
-        "route[0].mcp_auth: not supported in this version",
-        "route[0].mcp_authorization: not supported in this version",
         "route[0].rate_limit: not supported in this version",
         "route[0].ext_authz: not supported in this version",
     ]
