@@ -57,6 +57,10 @@ STAGE = AUTHORIZATION + 1
 
 log = logging.getLogger("agproxy.policy")
 
+import importlib.util
+
+_HOOKS = importlib.util.find_spec("agproxy.http.sse") is not None   # response body hooks (issue 9)
+
 DENIED = -32003          # implementation-defined band (-32000..-32019): a policy refused the call
 DEFAULT_MAX_MESSAGE = 4 * 1024 * 1024
 DEFAULT_MAX_LIST = 16 * 1024 * 1024
@@ -173,7 +177,7 @@ class McpAuthorizationFilter(Filter):
 
     # -- response phase (list filtering) -------------------------------------------------
     def on_response(self, ex: Any, resp: Any) -> Any:
-        if ex.request.method != "POST" or getattr(resp, "status", 0) != 200:
+        if not _HOOKS or ex.request.method != "POST" or getattr(resp, "status", 0) != 200:
             return None
         req = mcp_request(ex)
         lists = {_key(c.id): c.method for c in req.calls if c.kind == REQUEST and c.method in LISTS}
