@@ -106,7 +106,7 @@ class ToolServer:
             if version is not None and version not in KNOWN_VERSIONS:
                 raise RpcError(UNSUPPORTED_PROTOCOL_VERSION, f"Unsupported protocol version {version[:40]!r}",
                                next((m.id for m in parsed.requests), None),
-                               {"supported": list(KNOWN_VERSIONS), "requested": version[:40]}, status=400)
+                               {"supported": list(MODERN_VERSIONS), "requested": version[:40]}, status=400)
             if modern and parsed.batch:
                 raise RpcError(INVALID_REQUEST, "Invalid Request: batches are not part of 2026-07-28")
         except RpcError as exc:
@@ -154,7 +154,9 @@ class ToolServer:
                 out["instructions"] = self.instructions
             return out
         if method == "ping":
-            return self._stamp({"resultType": "complete"}) if modern else {}
+            if modern:      # removed in 2026-07-28
+                raise RpcError(METHOD_NOT_FOUND, "ping is not part of 2026-07-28", msg.id)
+            return {}
         if method == "tools/list":
             return self._list(msg, params, modern)
         if method == "tools/call":

@@ -61,7 +61,8 @@ def test_modern_discover_list_call_ping():
     assert doc["result"]["cacheScope"] == "public" and doc["result"]["ttlMs"] == 0
     s, doc, _ = modern("tools/call", {"name": "getPet", "arguments": {"petId": 4}}, mcp_name="getPet")
     assert doc["result"]["resultType"] == "complete" and doc["result"]["content"][0]["text"].endswith(MODERN)
-    assert modern("ping")[1]["result"]["resultType"] == "complete"
+    s, doc, _ = modern("ping")              # removed in 2026-07-28
+    assert s == 404 and doc["error"]["code"] == -32601
 
 
 def test_modern_errors_have_http_status():

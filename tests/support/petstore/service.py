@@ -81,6 +81,14 @@ class PetstoreService:
                 "body": req["body"].decode("latin-1")}).encode()
         if len(segs) == 2 and segs[0] == "fail":
             return int(segs[1]), "text/plain", b"failed on purpose"
+        if segs == ["conformance", "simple-text"]:
+            return 200, "text/plain", b"This is a simple text response for testing."
+        if segs == ["conformance", "image"]:
+            return 200, "image/png", PNG
+        if segs == ["conformance", "audio"]:
+            return 200, "audio/wav", b"RIFF\x24\x00\x00\x00WAVEfmt "
+        if segs == ["conformance", "error"]:
+            return 500, "text/plain", b"This tool intentionally returns an error for testing"
         if segs == ["store", "inventory"]:
             return 200, "application/json", b'{"available": 1, "sold": 1}'
         return 404, "text/plain", b"not found"
