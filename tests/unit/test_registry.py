@@ -101,14 +101,9 @@ address = "127.0.0.1:9191"
 
 def test_planned_backend_types_are_refused_with_their_path():
     assert problems("""
-[backend.tools]
-type = "mcp"
-url = "http://127.0.0.1:8000/mcp"
-
 [backend.llm]
 type = "llm_group"
 """) == [
-        "backend.tools.type: backend type 'mcp' is not supported in this version",
         "backend.llm.type: backend type 'llm_group' is not supported in this version",
     ]
 
