@@ -5,6 +5,7 @@ against an SDK-built MCPServer (streamable HTTP, SSE answers, sessions), with
 from __future__ import annotations
 
 import asyncio
+import json
 
 import httpx
 import pytest
@@ -131,3 +132,76 @@ def test_sessions_headers_and_bad_input(world):
         assert r.status_code == 200
         r = c.post(base, json={**call, "id": 5}, headers=h)
         assert r.status_code == 404          # the session ended upstream
+
+
+class DyingSseServer:
+    """An MCP server that answers a POST with an SSE head and one event, then dies
+    (closes the connection without ending the chunked body)."""
+
+    def __init__(self):
+        import socket
+        import threading
+        self.sock = socket.socket()
+        self.sock.bind(("127.0.0.1", 0))
+        self.sock.listen(8)
+        self.url = f"http://127.0.0.1:{self.sock.getsockname()[1]}/mcp"
+        threading.Thread(target=self._run, daemon=True).start()
+
+    def _run(self):
+        while True:
+            try:
+                conn, _ = self.sock.accept()
+            except OSError:
+                return
+            data = b""
+            while b"\r\n\r\n" not in data:
+                chunk = conn.recv(65536)
+                if not chunk:
+                    break
+                data += chunk
+            event = b'event: message\ndata: {"jsonrpc":"2.0","method":"notifications/progress","params":{}}\n\n'
+            conn.sendall(b"HTTP/1.1 200 OK\r\ncontent-type: text/event-stream\r\ntransfer-encoding: chunked\r\n\r\n"
+                         + b"%x\r\n%s\r\n" % (len(event), event))
+            conn.close()
+
+    def close(self):
+        self.sock.close()
+
+
+def test_upstream_dying_mid_sse_breaks_only_that_stream(tmp_path):
+    dying = DyingSseServer()
+    healthy = McpTestServer(json_response=True)
+    gw = GatewayProcess(f"""
+[[route]]
+name = "dying"
+match = {{ path = "/dying/mcp" }}
+backend = "dying"
+
+[[route]]
+name = "healthy"
+match = {{ path = "/mcp" }}
+backend = "healthy"
+
+[backend.dying]
+type = "mcp"
+url = "{dying.url}"
+
+[backend.healthy]
+type = "mcp"
+url = "{healthy.url}"
+""", tmp_path)
+    try:
+        with httpx.Client(timeout=10) as c:
+            with pytest.raises(httpx.RemoteProtocolError):
+                with c.stream("POST", gw_url(gw, "/dying/mcp"), json=INIT, headers=HDR) as s:
+                    assert s.status_code == 200
+                    for _ in s.iter_raw():
+                        pass     # the event arrives, then the cut: never a clean end
+            r = c.post(gw_url(gw), json=INIT, headers=HDR)
+            assert r.status_code == 200 and r.json()["result"]["serverInfo"]["name"] == "test-tools"
+    finally:
+        gw.stop()
+        lines = [json.loads(x) for x in gw.access_log_path.read_text().splitlines()]
+        assert [x["route"] for x in lines if "upstream broke mid-body" in x.get("error", "")] == ["dying"]
+        dying.close()
+        healthy.close()
