@@ -85,3 +85,14 @@ class McpTestServer:
     def close(self) -> None:
         self.server.should_exit = True
         self.thread.join(10)
+
+
+if __name__ == "__main__":      # python -m tests.support.mcp_server [--port 8000]
+    import argparse
+
+    p = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    p.add_argument("--port", type=int, default=8000)
+    p.add_argument("--json", action="store_true", help="answer JSON instead of SSE")
+    a = p.parse_args()
+    app = build_server([]).streamable_http_app(json_response=a.json)
+    uvicorn.run(app, host="127.0.0.1", port=a.port, log_level="warning")

@@ -21,10 +21,10 @@ PNG = b"\x89PNG\r\n\x1a\n" + b"\x00" * 8
 
 
 class PetstoreService:
-    def __init__(self) -> None:
+    def __init__(self, port: int = 0) -> None:
         self.sock = socket.socket()
         self.sock.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
-        self.sock.bind(("127.0.0.1", 0))
+        self.sock.bind(("127.0.0.1", port))
         self.sock.listen(64)
         self.port = self.sock.getsockname()[1]
         self.url = f"http://127.0.0.1:{self.port}"
@@ -152,3 +152,15 @@ class PetstoreService:
                     if ctype:
                         head += f"content-type: {ctype}\r\n"
                     conn.sendall(head.encode() + b"\r\n" + body)
+
+
+
+if __name__ == "__main__":      # python -m tests.support.petstore.service [--port 9100]
+    import argparse
+
+    p = argparse.ArgumentParser(description="the petstore REST API of openapi.yaml")
+    p.add_argument("--port", type=int, default=9100)
+    a = p.parse_args()
+    svc = PetstoreService(a.port)
+    print(f"petstore API on {svc.url}/api", flush=True)
+    threading.Event().wait()
