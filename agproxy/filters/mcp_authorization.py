@@ -324,10 +324,26 @@ def build(sec: Section, ctx: Any) -> McpAuthorizationFilter | None:
         if isinstance(rules_raw, list) and not rules_raw:
             sec.error("rules", "at least one rule is required")
         return None
-    counter = None
-    metrics = getattr(ctx, "metrics", None)
+    return McpAuthorizationFilter(Rules(authz), sec.path, max_message, max_list,
+                                  _denied_counter(getattr(ctx, "metrics", None)))
+
+
+_counters: dict[int, Any] = {}
+
+
+def _denied_counter(metrics: Any) -> Any:
+    """`<prefix>_mcp_denied_total{route, method}`: made once per registry (a reload builds
+    the filter again and gets the same counter). `method` is one of the three methods
+    rules decide (a fixed set), `route` a config name."""
     family = getattr(metrics, "family", None)
+    from prometheus_client import Counter
     if family is not None:
-        from prometheus_client import Counter
-        counter = family(Counter, "mcp_denied", _DENIED_HELP, ["route", "method"])
-    return McpAuthorizationFilter(Rules(authz), sec.path, max_message, max_list, counter)
+        return family(Counter, "mcp_denied", _DENIED_HELP, ["route", "method"])
+    reg = getattr(metrics, "registry", None)
+    if reg is None:
+        return None
+    c = _counters.get(id(reg))
+    if c is None:
+        c = _counters[id(reg)] = Counter(f"{getattr(metrics, 'prefix', 'agproxy')}_mcp_denied", _DENIED_HELP,
+                                         ["route", "method"], registry=reg)
+    return c

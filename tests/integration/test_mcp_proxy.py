@@ -51,6 +51,15 @@ def gw_url(gw, path="/mcp"):
     return f"http://127.0.0.1:{gw.port}{path}"
 
 
+def denied_count(gw, method: str) -> float:
+    """agproxy_mcp_denied_total{route="tools", method} from /metrics (0 before the first)."""
+    for line in gw.metrics().splitlines():
+        if line.startswith("agproxy_mcp_denied_total{") and f'method="{method}"' in line \
+                and 'route="tools"' in line:
+            return float(line.rsplit(" ", 1)[1])
+    return 0.0
+
+
 async def _err(aw):
     try:
         await aw
@@ -63,6 +72,7 @@ async def _err(aw):
 def test_sdk_client_through_the_gateway(world, mode, version):
     gw, server = world
     n = len(server.calls)
+    calls_before, reads_before = denied_count(gw, "tools/call"), denied_count(gw, "resources/read")
 
     async def go():
         async with Client(gw_url(gw), mode=mode) as c:
@@ -94,8 +104,10 @@ def test_sdk_client_through_the_gateway(world, mode, version):
     assert prompt.messages[0].content.text == "Hello Ann"
     assert readme.contents[0].text == "read me"
     assert secret.code == -32003
-    # Denied calls never reached the server.
+    # Denied calls never reached the server, and are counted.
     assert server.calls[n:] == [("read_file", "/etc/motd"), ("query", "reporting"), ("slow_count", 3)]
+    assert denied_count(gw, "tools/call") - calls_before == 2
+    assert denied_count(gw, "resources/read") - reads_before == 1
 
 
 HDR = {"content-type": "application/json", "accept": "application/json, text/event-stream"}
