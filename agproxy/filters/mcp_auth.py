@@ -40,7 +40,7 @@ from typing import Any
 
 from agproxy.config.reader import Section
 from agproxy.mcp.resource import ProtectedResource, TrustedProxies, audience_matches, token_scopes
-from agproxy.proxy.filter import Filter, FilterResult, LocalReply, Provides
+from agproxy.proxy.contract import Filter, FilterResult, LocalReply, Provides
 from agproxy.proxy.registry import AUTHENTICATION
 
 KEY = "mcp_auth"

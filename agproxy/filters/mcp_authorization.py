@@ -46,20 +46,17 @@ import orjson
 
 from agproxy.config.reader import Section
 from agproxy.filters import eval_errors
+from agproxy.http.sse import SseSplitter, format_event, parse
 from agproxy.filters.mcp_common import batch_reply, error_reply, jsonrpc_reply, mcp_request
 from agproxy.mcp.call import LISTS, McpCall, item_call
 from agproxy.mcp.jsonrpc import INTERNAL_ERROR, REQUEST, RESPONSE, error_body
-from agproxy.proxy.filter import Filter, FilterResult
+from agproxy.proxy.contract import Filter, FilterResult
 from agproxy.proxy.registry import AUTHORIZATION
 
 KEY = "mcp_authorization"
 STAGE = AUTHORIZATION + 1
 
 log = logging.getLogger("agproxy.policy")
-
-import importlib.util
-
-_HOOKS = importlib.util.find_spec("agproxy.http.sse") is not None   # response body hooks (issue 9)
 
 DENIED = -32003          # implementation-defined band (-32000..-32019): a policy refused the call
 DEFAULT_MAX_MESSAGE = 4 * 1024 * 1024
@@ -177,7 +174,7 @@ class McpAuthorizationFilter(Filter):
 
     # -- response phase (list filtering) -------------------------------------------------
     def on_response(self, ex: Any, resp: Any) -> Any:
-        if not _HOOKS or ex.request.method != "POST" or getattr(resp, "status", 0) != 200:
+        if ex.request.method != "POST" or getattr(resp, "status", 0) != 200:
             return None
         req = mcp_request(ex)
         lists = {_key(c.id): c.method for c in req.calls if c.kind == REQUEST and c.method in LISTS}
@@ -283,7 +280,6 @@ class _SseListHook:
         self.f = f
         self.ex = ex
         self.lists = lists
-        from agproxy.http.sse import SseSplitter   # (with the exchange's body hooks)
         self.splitter = SseSplitter()
 
     def feed(self, chunk: bytes) -> bytes:
@@ -297,7 +293,6 @@ class _SseListHook:
         return self._event(rest) if rest else b""
 
     def _event(self, raw: bytes) -> bytes:
-        from agproxy.http.sse import format_event, parse
         ev = parse(raw)
         if ev is None or ev.type != "message":
             return raw

@@ -12,7 +12,7 @@ import orjson
 
 from agproxy.mcp.call import McpRequest
 from agproxy.mcp.jsonrpc import RpcError
-from agproxy.proxy.filter import LocalReply
+from agproxy.proxy.contract import LocalReply
 
 SSE = "text/event-stream"
 
@@ -28,18 +28,12 @@ def mcp_request(ex: Any) -> McpRequest:
 
 
 def _get(ex: Any) -> McpRequest | None:
-    try:
-        got = ex.mcp
-    except AttributeError:
-        got = ex.facts.get("mcp")
+    got = ex.mcp
     return got if isinstance(got, McpRequest) else None
 
 
 def _set(ex: Any, req: McpRequest) -> None:
-    try:
-        ex.mcp = req
-    except AttributeError:
-        ex.facts["mcp"] = req
+    ex.mcp = req
 
 
 def wants_sse_only(ex: Any) -> bool:

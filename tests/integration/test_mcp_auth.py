@@ -118,7 +118,10 @@ def test_oauth_flow_then_rules_on_tools_and_arguments(world, mode):
     # The SDK got the 401, read the metadata, and asked for a token for exactly this resource.
     req = auth.token_requests[before_tokens]
     assert req["resource"] == mcp_url(gw) and req["scope"] == "tools:read tools:write"   # the challenge's
-    assert "deletePet" in names          # list filtering comes with the response body hooks
+    # The list is filtered to what alice may call; listPets stays (its rule reads the
+    # arguments, which only the call has).
+    assert "deletePet" not in names and "deleteUser" not in names
+    assert "listPets" in names and "getPet" in names and len(names) == 23
     assert pet.structured_content["name"] == "rex"
     assert denied.code == -32003 and "deletePet" in denied.message
     assert sold.code == -32003
@@ -136,8 +139,10 @@ def test_admin_may_delete(world):
     api.pets.setdefault(7, {"id": 7, "name": "gone", "status": "sold"})
 
     async def fn(client):
-        return await client.call_tool("deletePet", {"petId": 7, "X-Api-Reason": "cleanup"})
-    res = asyncio.run(sdk_session(gw, auth, "root", "r-secret", "auto", fn))
+        names = [t.name for t in (await client.list_tools()).tools]
+        return names, await client.call_tool("deletePet", {"petId": 7, "X-Api-Reason": "cleanup"})
+    names, res = asyncio.run(sdk_session(gw, auth, "root", "r-secret", "auto", fn))
+    assert len(names) == 25 and "deletePet" in names
     assert res.is_error is not True and 7 not in api.pets
 
 

@@ -12,7 +12,7 @@ from __future__ import annotations
 from typing import Any
 
 from agproxy.http.messages import Headers
-from agproxy.proxy.build import Backend
+from agproxy.proxy.contract import Backend, Response
 
 _CORS = [("access-control-allow-origin", "*"), ("access-control-allow-methods", "GET, HEAD, OPTIONS"),
          ("access-control-allow-headers", "mcp-protocol-version, authorization")]
@@ -35,9 +35,9 @@ class MetadataBackend(Backend):
         return 200, Headers([("content-type", "application/json"), ("cache-control", "max-age=300"),
                              *_CORS]), doc
 
-    async def handle(self, ex) -> None:
+    async def respond(self, ex) -> Response:
         status, headers, body = self.answer(ex)
-        await ex.reply(status, headers, body)
+        return Response(status, headers, body)
 
     def describe(self) -> dict:
         return {"type": self.kind, "paths": list(self.auth.resource.metadata_paths)}

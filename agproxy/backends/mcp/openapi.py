@@ -31,7 +31,8 @@ from agproxy.http.messages import BodyTooLarge, Headers
 from agproxy.mcp.jsonrpc import INVALID_PARAMS, RpcError, error_body
 from agproxy.mcp.openapi import ArgumentError, SpecError, ToolSet, UnknownOperation, build_request, tool_result
 from agproxy.mcp.server import ToolServer
-from agproxy.proxy.build import Backend, BuildContext
+from agproxy.proxy.build import BuildContext
+from agproxy.proxy.contract import Backend, Response
 from agproxy.upstream.deadline import within
 from agproxy.upstream.errors import UpstreamError
 from agproxy.upstream.origin import Origin
@@ -70,7 +71,7 @@ class OpenApiMcpBackend(Backend):
         body = b""
         if req.method == "POST":
             try:
-                body = await _read_body(ex, self.max_message_bytes)
+                body = await ex.read_body(self.max_message_bytes)
             except BodyTooLarge:
                 ex.error = "mcp: message too large"
                 return 413, Headers([("content-type", "application/json")]), error_body(
@@ -82,9 +83,9 @@ class OpenApiMcpBackend(Backend):
         ans = await self.server.handle(req.method, req.headers, body, call)
         return ans.status, Headers(ans.headers), ans.body
 
-    async def handle(self, ex) -> None:
+    async def respond(self, ex) -> Response:
         status, headers, body = await self.answer(ex)
-        await ex.reply(status, headers, body)
+        return Response(status, headers, body)
 
     async def _call(self, ex, tool, arguments: dict, version: str) -> dict:
         modern = version == "2026-07-28"
@@ -111,27 +112,31 @@ class OpenApiMcpBackend(Backend):
             headers.set(self.api_key[0], self.api_key[1])
         headers.add("x-forwarded-for", ex.conn.peer_host)
         headers.add("x-request-id", ex.request_id)
-        ex.upstream = o.authority
         start = time.monotonic()
         resp = None
+        status, failure = 0, None
         try:
             resp = await get_pool().request(o, rest.method, rest.target, headers, rest.body,
                                             timeout=self.timeout, body_length=len(rest.body) if rest.body else None)
+            status = resp.status
             data = await within(self.timeout or 60.0, _read_capped(resp, self.max_response_bytes))
         except UpstreamError as exc:
+            failure = str(exc)
             ex.error = f"openapi_mcp {tool.name}: {exc}"
             what = "did not answer in time" if exc.kind == "timeout" else "could not be reached"
             return _error_result(f"the API {what} ({rest.method} {tool.path})", modern)
         except TimeoutError:
+            failure = "response body timed out"
             if resp is not None:
                 resp.abort()
             ex.error = f"openapi_mcp {tool.name}: response body timed out"
             return _error_result(f"the API did not finish its answer in time ({rest.method} {tool.path})", modern)
         except _TooLarge:
+            failure = "response too large"
             ex.error = f"openapi_mcp {tool.name}: response over {self.max_response_bytes} bytes"
             return _error_result(f"the API's answer exceeds {self.max_response_bytes} bytes", modern)
         finally:
-            ex.upstream_time = time.monotonic() - start
+            ex.add_attempt(self.name, o.authority, None, start, status, time.monotonic() - start, failure)
         return tool_result(resp.status, resp.headers.items, data, modern)
 
     def describe(self) -> dict:
@@ -165,23 +170,8 @@ def _error_result(text: str, modern: bool) -> dict:
     return out
 
 
-async def _read_body(ex, limit: int) -> bytes:
-    reader = getattr(ex, "read_body", None)
-    if reader is not None:
-        return await reader(limit)
-    if ex.body is not None:
-        if len(ex.body) > limit:
-            raise BodyTooLarge(f"request body exceeds {limit} bytes")
-        return ex.body
-    ex.body = await ex.stream.body.read_all(limit)
-    return ex.body
-
-
 def _obo_token(ex) -> str | None:
-    token = getattr(ex, "obo_token", None)
-    if token is None and hasattr(ex, "facts"):
-        token = ex.facts.get("obo_token")
-    return token
+    return ex.obo_token
 
 
 # ---------------------------------------------------------------------------------

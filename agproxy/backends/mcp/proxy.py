@@ -32,8 +32,9 @@ from agproxy.config.reader import Section
 from agproxy.filters.mcp_common import error_reply, mcp_request
 from agproxy.http.messages import BodyTooLarge, Headers
 from agproxy.mcp.jsonrpc import INVALID_REQUEST, RpcError
-from agproxy.proxy.build import Backend, BuildContext
-from agproxy.proxy.filter import LocalReply
+from agproxy.backends.relay import relay, upstream_request_headers
+from agproxy.proxy.build import BuildContext
+from agproxy.proxy.contract import Backend, LocalReply, Response
 from agproxy.upstream.origin import Origin
 
 log = logging.getLogger("agproxy.mcp")
@@ -69,7 +70,7 @@ class McpProxyBackend(Backend):
         if ex.request.method != "POST":
             return None
         try:
-            await _read_body(ex, self.max_message)
+            await ex.read_body(self.max_message)
         except BodyTooLarge:
             ex.error = "mcp: message too large"
             return error_reply(ex, RpcError(INVALID_REQUEST, f"Invalid Request: the message exceeds "
@@ -81,9 +82,8 @@ class McpProxyBackend(Backend):
         return None
 
     def _upstream(self, ex) -> tuple[Headers, str]:
-        from agproxy.backends.relay import upstream_request_headers
         o = self.origin
-        headers = upstream_request_headers(ex, o.authority, te_trailers=o.http2)
+        headers = upstream_request_headers(ex, o.authority, o.http2)
         target = ex.request.target
         if not self.base:
             return headers, target
@@ -91,32 +91,19 @@ class McpProxyBackend(Backend):
         _, sep, query = target.partition("?")
         return headers, self.base + (sep + query if sep else "")
 
-    # -- the main branch's backend shape: answer through the exchange ------------------
-    async def handle(self, ex) -> None:
-        from agproxy.backends.relay import relay, request_body
+    async def respond(self, ex) -> Response:
         reply = await self._prepare(ex)
         if reply is not None:
-            return await ex.reply(reply.status, reply.headers.copy(), reply.body)
+            return reply
         headers, target = self._upstream(ex)
-        body, length = request_body(ex)
-        await relay(ex, self.origin, ex.request.method, target, headers, body, ex.route.timeout, length)
+        body, length = ex.request_body()
+        return await relay(ex, self.origin, ex.request.method, target, headers, body, ex.route.timeout, length,
+                           self.name)
 
     def describe(self) -> dict:
         return {"type": self.kind, "url": self.url, "http2": self.origin.http2,
                 "max_message_bytes": self.max_message,
                 "mcp_auth": self.auth.describe() if self.auth is not None else None}
-
-
-async def _read_body(ex, limit: int) -> bytes:
-    reader = getattr(ex, "read_body", None)
-    if reader is not None:
-        return await reader(limit)
-    if ex.body is not None:
-        if len(ex.body) > limit:
-            raise BodyTooLarge(f"request body exceeds {limit} bytes")
-        return ex.body
-    ex.body = await ex.stream.body.read_all(limit)
-    return ex.body
 
 
 def build(name: str, sec: Section, ctx: BuildContext) -> McpProxyBackend | None:
