@@ -144,6 +144,16 @@ def test_sessions_headers_and_bad_input(world):
         r = c.post(base, json={**call, "id": 4}, headers=h)
         assert r.status_code == 200 and r.headers["content-type"].startswith("text/event-stream")
         assert '"contents of x"' in r.text and '"id":4' in r.text
+        # The server's GET stream: its head reaches the client at once, before any event
+        # (an event stream's first event may be long in coming).
+        with c.stream("GET", base, headers={"accept": "text/event-stream", "mcp-session-id": sid,
+                                            "mcp-protocol-version": "2025-06-18"}, timeout=3) as s:
+            assert s.status_code == 200 and s.headers["content-type"].startswith("text/event-stream")
+        with httpx.Client(http1=False, http2=True, timeout=3) as h2:       # h2c prior knowledge
+            sid2 = h2.post(base, json=INIT, headers=HDR).headers["mcp-session-id"]   # one GET per session
+            with h2.stream("GET", base, headers={"accept": "text/event-stream", "mcp-session-id": sid2,
+                                                 "mcp-protocol-version": "2025-06-18"}) as s:
+                assert s.http_version == "HTTP/2" and s.status_code == 200
         r = c.delete(base, headers={"mcp-session-id": sid, "mcp-protocol-version": "2025-06-18"})
         assert r.status_code == 200
         r = c.post(base, json={**call, "id": 5}, headers=h)
