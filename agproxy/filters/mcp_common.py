@@ -24,6 +24,12 @@ def mcp_request(ex: Any) -> McpRequest:
         req = McpRequest.parse(ex.request.headers, ex.body or b"")
         _set(ex, req)
         ex.add_cel_variable("mcp", req.cel)
+        first = req.first
+        if first is not None and first.method:
+            # Access-log fields (client text: bounded)
+            ex.log("mcp_method", first.method[:64])
+            if first.name:
+                ex.log("mcp_name", first.name[:128])
     return req
 
 

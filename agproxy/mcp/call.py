@@ -35,7 +35,7 @@ import binascii
 import re
 from typing import Any
 
-from agproxy.mcp.jsonrpc import HEADER_MISMATCH, NOTIFICATION, REQUEST, RESPONSE, Body, Message, RpcError
+from agproxy.mcp.jsonrpc import HEADER_MISMATCH, NOTIFICATION, REQUEST, RESPONSE, Body, Message, RpcError, parse
 
 PROTOCOL_VERSION_HEADER = "mcp-protocol-version"
 METHOD_HEADER = "mcp-method"
@@ -148,13 +148,30 @@ def is_modern(version: str | None) -> bool:
     return version in MODERN_VERSIONS
 
 
-def check_headers(body: Body, headers: Any) -> RpcError | None:
+_ROUTING = {METHOD_HEADER: 0, NAME_HEADER: 1, PROTOCOL_VERSION_HEADER: 2, SESSION_HEADER: 3}
+_NONE: tuple = ()
+
+
+def routing_headers(headers: Any) -> list:
+    """[Mcp-Method values, Mcp-Name values, MCP-Protocol-Version values, Mcp-Session-Id
+    values] in one pass over the headers (four get_all scans cost ~1 µs more per request)."""
+    found: list = [_NONE, _NONE, _NONE, _NONE]
+    get = _ROUTING.get
+    for k, v in headers.items:
+        i = get(k)
+        if i is not None:
+            found[i] = found[i] + (v,)
+    return found
+
+
+def check_headers(body: Body, headers: Any, routing: list | None = None) -> RpcError | None:
     """The -32020 error when the routing headers disagree with the body, else None.
 
-    `headers` is an agproxy Headers (lowercase names, repeats kept)."""
-    methods = headers.get_all(METHOD_HEADER)
-    names = headers.get_all(NAME_HEADER)
-    versions = headers.get_all(PROTOCOL_VERSION_HEADER)
+    `headers` is an agproxy Headers (lowercase names, repeats kept); `routing` what
+    routing_headers() found in them, when the caller has it already."""
+    methods, names, versions, _ = routing if routing is not None else routing_headers(headers)
+    if not methods and not names and not versions:
+        return None             # the handshake era's usual request: nothing to agree with
     first = next((m.id for m in body.messages if m.kind == REQUEST), None)
     for what, values in (("Mcp-Method", methods), ("Mcp-Name", names), ("MCP-Protocol-Version", versions)):
         if len(values) > 1:
@@ -213,15 +230,15 @@ class McpRequest:
 
     @classmethod
     def parse(cls, headers: Any, raw: bytes) -> "McpRequest":
-        from agproxy.mcp.jsonrpc import parse
-        version = headers.get(PROTOCOL_VERSION_HEADER)
-        session = headers.get(SESSION_HEADER)
+        routing = routing_headers(headers)
+        version = routing[2][0] if routing[2] else None
+        session = routing[3][0] if routing[3] else None
         try:
             body = parse(raw)
         except RpcError as exc:
             return cls(None, exc, [], version, session)
         calls = [McpCall.of(m, session, version) for m in body.messages]
-        return cls(body, check_headers(body, headers), calls, version, session)
+        return cls(body, check_headers(body, headers, routing), calls, version, session)
 
     @property
     def first(self) -> McpCall | None:

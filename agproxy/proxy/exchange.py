@@ -48,7 +48,8 @@ from agproxy.telemetry.access_log import AccessLog, now_iso
 from agproxy.upstream.errors import UpstreamError
 
 if TYPE_CHECKING:
-    from agproxy.proxy.facts import LlmCall, McpCall
+    from agproxy.mcp.call import McpRequest
+    from agproxy.proxy.facts import LlmCall
     from agproxy.proxy.route import Route
 
 log = logging.getLogger("agproxy.proxy")
@@ -95,7 +96,7 @@ class Exchange:
         self.jwt_token: str | None = None
         self.jwt_provider: str | None = None
         self.obo_token: str | None = None
-        self.mcp: "McpCall | None" = None
+        self.mcp: "McpRequest | None" = None
         self.llm: "LlmCall | None" = None
         self._attempts: tuple[tuple, ...] | None = None   # Attempt fields, as plain tuples
         self.body: bytes | None = None          # the buffered request body, once read
