@@ -338,11 +338,9 @@ class Gateway:
                 await stream.send_data(body)
             await stream.end()
             return
-        # The adapters hold a head until the first body bytes (one write for both). An
-        # event stream's first event may be long in coming (an MCP server's GET stream
-        # has none until it notifies): its head goes now, so the client sees the 200.
-        ctype = resp.headers.get("content-type")
-        if ctype is not None and ctype.startswith("text/event-stream"):
+        # The adapters hold a head until the first body bytes (one write for both); a
+        # response that says so (an MCP event stream) has its head sent now.
+        if resp.flush_head:
             await stream.send_data(b"")
         if chain is not None:
             return await _stream_hooked(ex, resp, chain)

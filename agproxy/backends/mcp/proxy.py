@@ -97,13 +97,24 @@ class McpProxyBackend(Backend):
             return reply
         headers, target = self._upstream(ex)
         body, length = ex.request_body()
-        return await relay(ex, self.origin, ex.request.method, target, headers, body, ex.route.timeout, length,
+        resp = await relay(ex, self.origin, ex.request.method, target, headers, body, ex.route.timeout, length,
                            self.name)
+        ctype = resp.headers.get("content-type")
+        if ctype is not None and ctype.startswith("text/event-stream"):
+            # An event stream's first event may be long in coming (a GET stream has none
+            # until the server notifies): the client gets the 200 now.
+            return EventStream(resp.status, resp.headers, resp.body, resp.source)
+        return resp
 
     def describe(self) -> dict:
         return {"type": self.kind, "url": self.url, "http2": self.origin.http2,
                 "max_message_bytes": self.max_message,
                 "mcp_auth": self.auth.describe() if self.auth is not None else None}
+
+
+class EventStream(Response):
+    __slots__ = ()
+    flush_head = True
 
 
 def build(name: str, sec: Section, ctx: BuildContext) -> McpProxyBackend | None:
