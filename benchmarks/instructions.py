@@ -23,7 +23,13 @@ printed. Under valgrind the gateway is ~50x slower: 1500 requests take ~15 s.
 
 Scenarios: h1/h2 = the client side (h2load --h1 / h2load over h2c), plain /
 policy = the route, and h1-h2up / h2-h2up = a plain route whose upstream is the
-same nginx over HTTP/2 (h2c, `http2 = true`): the upstream HTTP/2 client.
+same nginx over HTTP/2 (h2c, `http2 = true`): the upstream HTTP/2 client. The MCP
+scenarios POST one `tools/call` (harness/proxies.py MCP_CALL): h1-post to the plain
+route (the baseline: a relayed POST of the same bytes), h1-mcp through an `mcp`
+backend to the nginx (body parsed and checked, forwarded as it came), h1-mcp-policy the
+same with mcp_auth + 3 mcp_authorization rules + claims_to_headers, h1-openapi-mcp
+to an `openapi_mcp` backend whose tool is a GET of the nginx (the gateway is the MCP
+server: validation, the REST call, the tool result).
 
 With `--tracing`, the export thread's work during the measured window is counted too
 (valgrind counts every thread of the process), so the figure is the whole cost of tracing.
@@ -44,8 +50,10 @@ sys.path.insert(0, str(Path(__file__).resolve().parent))
 from harness import keys, proxies  # noqa: E402
 from harness.procs import Supervisor, free_ports, wait_ready  # noqa: E402
 
+MCP_HEADERS = {"content-type": "application/json", "accept": "application/json, text/event-stream"}
+
 SCENARIOS = {
-    # name: (h2load flags, path, needs the token)
+    # name: (h2load flags, path, needs the token); an MCP scenario POSTs proxies.MCP_CALL
     "h1-plain": (["--h1", "-c", "16", "-m", "1"], "/", False),
     "h1-policy": (["--h1", "-c", "16", "-m", "1"], proxies.POLICY_PREFIX, True),
     "h2-plain": (["-c", "16", "-m", "10"], "/", False),
@@ -53,7 +61,12 @@ SCENARIOS = {
     # the same nginx as the upstream, but over HTTP/2 (h2c): the upstream HTTP/2 client
     "h1-h2up": (["--h1", "-c", "16", "-m", "1"], proxies.H2_UPSTREAM_PREFIX + "/", False),
     "h2-h2up": (["-c", "16", "-m", "10"], proxies.H2_UPSTREAM_PREFIX + "/", False),
+    "h1-post": (["--h1", "-c", "16", "-m", "1"], "/", False),     # the same POST to the plain route
+    "h1-mcp": (["--h1", "-c", "16", "-m", "1"], proxies.MCP_PREFIX, False),
+    "h1-mcp-policy": (["--h1", "-c", "16", "-m", "1"], proxies.MCP_POLICY_PREFIX, True),
+    "h1-openapi-mcp": (["--h1", "-c", "16", "-m", "1"], proxies.OPENAPI_MCP_PREFIX, False),
 }
+MCP_SCENARIOS = {"h1-post", "h1-mcp", "h1-mcp-policy", "h1-openapi-mcp"}
 
 
 def callgrind_control(*args: str) -> None:
@@ -69,7 +82,7 @@ def h2load(flags: list[str], url: str, headers: dict, n: int) -> None:
         raise SystemExit(f"h2load did not succeed: {out[-400:]}")
 
 
-def measure(pid: int, workdir: Path, flags, url, headers, n: int, warm_up: int) -> float:
+def measure(pid: int, workdir: Path, flags, url, headers, n: int, warm_up: int, keep_as: str = "") -> float:
     h2load(flags, url, headers, warm_up)
     callgrind_control("--zero", str(pid))
     callgrind_control("--instr=on", str(pid))
@@ -89,7 +102,10 @@ def measure(pid: int, workdir: Path, flags, url, headers, n: int, warm_up: int) 
             raise SystemExit("callgrind did not write a dump")
         time.sleep(0.2)
     total = next(int(line.split()[1]) for line in text.splitlines() if line.startswith("totals:"))
-    dump.unlink()
+    if keep_as:
+        dump.rename(workdir / f"callgrind.{keep_as}")
+    else:
+        dump.unlink()
     return total / n
 
 
@@ -100,6 +116,8 @@ def main() -> int:
     ap.add_argument("--warm-up", type=int, default=300)
     ap.add_argument("--tracing", type=float, default=None, metavar="RATIO",
                     help="turn tracing on with this sampling ratio, exporting to a local OTLP sink")
+    ap.add_argument("--keep", action="store_true",
+                    help="keep the work folder (its callgrind.out.* dumps, for callgrind_annotate)")
     args = ap.parse_args()
     for tool in ("valgrind", "callgrind_control", "h2load", "nginx"):
         if shutil.which(tool) is None:
@@ -118,7 +136,9 @@ def main() -> int:
         child = sup.start(up.name, up.argv, core=1)
         if (error := wait_ready(child, up.urls["h1"] + "/", up.ready_timeout)):
             raise SystemExit(f"upstream: {error}")
-        spec = proxies.agproxy_spec(workdir, ports, tls, jwt_files, h2_upstream=True)
+        spec = proxies.agproxy_spec(workdir, ports, tls, jwt_files, h2_upstream=True, mcp=True)
+        call = workdir / "mcp-call.json"
+        call.write_bytes(proxies.MCP_CALL)
         if args.tracing is not None:
             sink_port = next(free)
             sink = sup.start("otlp-sink", [sys.executable, str(Path(__file__).parent / "harness" / "otlp_sink.py"),
@@ -139,16 +159,28 @@ def main() -> int:
         results = {}
         for name in args.scenarios:
             flags, path, needs_token = SCENARIOS[name]
+            headers = dict(token) if needs_token else {}
+            if name in MCP_SCENARIOS:
+                flags = [*flags, "-d", str(call)]
+                headers.update(MCP_HEADERS)
             results[name] = measure(gw.popen.pid, workdir, flags, spec.urls["h1"] + path,
-                                    token if needs_token else {}, args.requests, args.warm_up)
+                                    headers, args.requests, args.warm_up, name if args.keep else "")
             print(f"{name:10s} {results[name]:10,.0f} instructions/request", flush=True)
+        post = results.get("h1-post")
+        for name in sorted((MCP_SCENARIOS - {"h1-post"}) & results.keys()):
+            if post:
+                print(f"{name} ÷ h1-post (instructions; the req/s ratio if CPU were all): "
+                      f"{post / results[name]:.3f}")
         for proto in ("h1", "h2"):
             plain, policy = results.get(f"{proto}-plain"), results.get(f"{proto}-policy")
             if plain and policy:
                 print(f"{proto} plain ÷ policy (the req/s ratio if CPU were all): {plain / policy:.3f}")
     finally:
         sup.stop_all()
-        shutil.rmtree(workdir, ignore_errors=True)
+        if args.keep:
+            print(f"kept {workdir}")
+        else:
+            shutil.rmtree(workdir, ignore_errors=True)
     return 0
 
 

@@ -60,6 +60,11 @@ class Response:
 
     __slots__ = ("status", "headers", "body", "source")
 
+    # True: commit sends the head at once instead of with the first body bytes (a stream
+    # whose first bytes may be long in coming: an MCP server's GET stream). A class
+    # attribute, so the common response pays one lookup, not a header scan.
+    flush_head = False
+
     def __init__(self, status: int, headers: Headers, body: Any = b"", source: Any = None):
         self.status = status
         self.headers = headers

@@ -48,7 +48,8 @@ from agproxy.telemetry.access_log import AccessLog, now_iso
 from agproxy.upstream.errors import UpstreamError
 
 if TYPE_CHECKING:
-    from agproxy.proxy.facts import LlmCall, McpCall
+    from agproxy.mcp.call import McpRequest
+    from agproxy.proxy.facts import LlmCall
     from agproxy.proxy.route import Route
 
 log = logging.getLogger("agproxy.proxy")
@@ -95,7 +96,7 @@ class Exchange:
         self.jwt_token: str | None = None
         self.jwt_provider: str | None = None
         self.obo_token: str | None = None
-        self.mcp: "McpCall | None" = None
+        self.mcp: "McpRequest | None" = None
         self.llm: "LlmCall | None" = None
         self._attempts: tuple[tuple, ...] | None = None   # Attempt fields, as plain tuples
         self.body: bytes | None = None          # the buffered request body, once read
@@ -337,6 +338,10 @@ class Gateway:
                 await stream.send_data(body)
             await stream.end()
             return
+        # The adapters hold a head until the first body bytes (one write for both); a
+        # response that says so (an MCP event stream) has its head sent now.
+        if resp.flush_head:
+            await stream.send_data(b"")
         if chain is not None:
             return await _stream_hooked(ex, resp, chain)
         # The relay loop: each chunk as it arrives, awaiting the client's drain, so a

@@ -1,7 +1,8 @@
 """Typed facts an exchange collects: what policies and backends learn about a request.
 
-Theory of operation: the Exchange holds these in typed slots (`ex.mcp`,
-`ex.llm`, and `ex.attempts`; the verified identity is `ex.jwt_claims` / `ex.jwt_token` /
+Theory of operation: the Exchange holds these in typed slots (`ex.mcp`, an
+`agproxy.mcp.call.McpRequest`: the parsed JSON-RPC body and its calls, set by the MCP
+policies and backends; `ex.llm`, and `ex.attempts`; the verified identity is `ex.jwt_claims` / `ex.jwt_token` /
 `ex.jwt_provider`, the exchanged token `ex.obo_token`) instead of a string-keyed
 dict, so a reader finds who writes a fact by its name and a typo is an
 AttributeError, not a silent miss. A module that fills `ex.mcp` or `ex.llm` also
@@ -33,21 +34,6 @@ class Attempt(NamedTuple):
     status: int                 # the upstream's status, 0 if no head arrived
     seconds: float              # time to the response head, or to the failure
     error: str | None           # why it failed, or None
-
-
-class McpCall:
-    """The MCP JSON-RPC call of a request (filled by the MCP policies and backends)."""
-
-    __slots__ = ("method", "id", "tool", "session")
-
-    def __init__(self, method: str, id: object = None, tool: str | None = None, session: str | None = None):
-        self.method = method
-        self.id = id
-        self.tool = tool
-        self.session = session
-
-    def cel(self) -> dict:
-        return {"method": self.method, "tool": {"name": self.tool or ""}, "session": self.session or ""}
 
 
 class LlmCall:

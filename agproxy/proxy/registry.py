@@ -45,8 +45,6 @@ POLICY_MODULES = {
 }
 
 PLANNED_STAGES = {
-    "mcp_auth": AUTHENTICATION + 1,
-    "mcp_authorization": AUTHORIZATION + 1,
     "rate_limit": RATE_LIMITING,
     "ext_authz": EXT_AUTH,
 }
@@ -55,8 +53,8 @@ BACKEND_MODULES = {
     "http": "agproxy.backends.http",
     "static": "agproxy.backends.static",
     "agentcore": "agproxy.backends.agentcore",
-    "mcp": "agproxy.backends.mcp",
-    "openapi_mcp": "agproxy.backends.openapi_mcp",
+    "mcp": "agproxy.backends.mcp.proxy",
+    "openapi_mcp": "agproxy.backends.mcp.openapi",
     "llm_group": "agproxy.backends.llm.group",
 }
 

@@ -18,6 +18,7 @@ FORBIDDEN = {
     "upstream": {"filters", "backends", "proxy"},
     "identity": {"proxy", "backends", "filters", "server"},
     "filters": {"server"},
+    "mcp": {"proxy", "filters", "backends", "server", "upstream"},   # a protocol library
     "backends": {"server"},
 }
 

@@ -93,32 +93,18 @@ capacity = 100
 protocol = "grpc"
 address = "127.0.0.1:9191"
 
-[route.mcp_auth]
-issuer = "https://idp.example.com"
-
-[route.mcp_authorization]
-rules = ['mcp.tool.name.startsWith("read_")']
 """) == [
-        "route[0].mcp_auth: not supported in this version",
-        "route[0].mcp_authorization: not supported in this version",
         "route[0].rate_limit: not supported in this version",
         "route[0].ext_authz: not supported in this version",
     ]
 
 
-def test_planned_backend_types_are_refused_with_their_path():
-    assert problems("""
-[backend.tools]
-type = "mcp"
-url = "http://127.0.0.1:8000/mcp"
-
-[backend.petstore]
-type = "openapi_mcp"
-spec_file = "petstore.yaml"
-""") == [
-        "backend.tools.type: backend type 'mcp' is not supported in this version",
-        "backend.petstore.type: backend type 'openapi_mcp' is not supported in this version",
-    ]
+def test_every_backend_type_of_the_registry_is_built():
+    # No backend type is planned any more: each name maps to a module that declares it.
+    from agproxy.proxy import registry
+    for kind in registry.BACKEND_MODULES:
+        module = registry.backend(kind)
+        assert module is not None and module.TYPE == kind, kind
 
 
 def test_llm_group_is_built_and_checked_at_load():

@@ -1,0 +1,212 @@
+"""`[route.mcp_auth]` + `[route.mcp_authorization]` + `[route.claims_to_headers]` on one route,
+through the real gateway, with the official `mcp` SDK client's OAuth flow (client
+credentials against tests/support/oauth_as.py) and raw HTTP for the exact challenges."""
+
+from __future__ import annotations
+
+import asyncio
+import json
+import os
+
+import httpx
+import httpx2
+import pytest
+from mcp import Client
+from mcp.client.auth.extensions.client_credentials import ClientCredentialsOAuthProvider
+from mcp.client.streamable_http import streamable_http_client
+
+from tests.support.gateway import GatewayProcess
+from tests.support.oauth_as import AuthorizationServer
+from tests.support.petstore.service import PetstoreService
+
+SPEC = os.path.abspath(os.path.join(os.path.dirname(__file__), "..", "support", "petstore", "openapi.yaml"))
+
+CONFIG = """
+[[route]]
+name = "pets"
+match = {{ path = "/mcp" }}
+backend = "petstore"
+
+[route.mcp_auth]
+issuer = "{issuer}"
+jwks = {{ url = "{issuer}/jwks.json" }}
+resource_metadata = {{ scopes_supported = ["tools:read", "tools:write"], resource_name = "Petstore" }}
+
+[route.mcp_authorization]
+rules = [
+  {{ deny = 'mcp.method == "tools/call" && mcp.tool.name.startsWith("delete") && !("admin" in jwt.groups)' }},
+  {{ require = 'mcp.method != "tools/call" || mcp.tool.name != "listPets" || mcp.tool.arguments.status == "available"' }},
+]
+
+[route.claims_to_headers]
+"x-user" = "jwt.sub"
+
+[[route]]
+name = "scoped"
+match = {{ path = "/scoped/mcp" }}
+backend = "petstore"
+
+[route.mcp_auth]
+issuer = "{issuer}"
+jwks = {{ url = "{issuer}/jwks.json" }}
+required_scopes = ["tools:write"]
+
+[backend.petstore]
+type = "openapi_mcp"
+spec_file = "{spec}"
+base_url = "{api}/api"
+"""
+
+
+class MemoryStorage:
+    def __init__(self):
+        self.tokens = None
+        self.client = None
+
+    async def get_tokens(self):
+        return self.tokens
+
+    async def set_tokens(self, tokens):
+        self.tokens = tokens
+
+    async def get_client_info(self):
+        return self.client
+
+    async def set_client_info(self, info):
+        self.client = info
+
+
+@pytest.fixture(scope="module")
+def world(tmp_path_factory):
+    auth = AuthorizationServer({"alice": {"secret": "a-secret", "claims": {"groups": ["staff"]}},
+                                "root": {"secret": "r-secret", "claims": {"groups": ["admin"]}}})
+    api = PetstoreService()
+    gw = GatewayProcess(CONFIG.format(issuer=auth.issuer, spec=SPEC, api=api.url),
+                        tmp_path_factory.mktemp("mcp-auth"))
+    yield gw, api, auth
+    gw.stop()
+    api.close()
+    auth.close()
+
+
+def mcp_url(gw, path="/mcp") -> str:
+    return f"http://127.0.0.1:{gw.port}{path}"
+
+
+async def sdk_session(gw, auth, client_id, secret, mode, fn, scope="tools:read"):
+    provider = ClientCredentialsOAuthProvider(server_url=mcp_url(gw), storage=MemoryStorage(), client_id=client_id,
+                                              client_secret=secret, scope=scope, issuer=auth.issuer)
+    async with httpx2.AsyncClient(auth=provider, timeout=10) as http:
+        async with Client(streamable_http_client(mcp_url(gw), http_client=http), mode=mode) as client:
+            return await fn(client)
+
+
+@pytest.mark.parametrize("mode", ["auto", "legacy"])
+def test_oauth_flow_then_rules_on_tools_and_arguments(world, mode):
+    gw, api, auth = world
+    before_api, before_tokens = len(api.seen), len(auth.token_requests)
+
+    async def fn(client):
+        names = [t.name for t in (await client.list_tools()).tools]
+        pet = await client.call_tool("getPet", {"petId": 1})
+        denied = await _error_of(client.call_tool("deletePet", {"petId": 2, "X-Api-Reason": "x"}))
+        sold = await _error_of(client.call_tool("listPets", {"status": "sold"}))
+        available = await client.call_tool("listPets", {"status": "available"})
+        return names, pet, denied, sold, available
+
+    names, pet, denied, sold, available = asyncio.run(sdk_session(gw, auth, "alice", "a-secret", mode, fn))
+    # The SDK got the 401, read the metadata, and asked for a token for exactly this resource.
+    req = auth.token_requests[before_tokens]
+    assert req["resource"] == mcp_url(gw) and req["scope"] == "tools:read tools:write"   # the challenge's
+    # The list is filtered to what alice may call; listPets stays (its rule reads the
+    # arguments, which only the call has).
+    assert "deletePet" not in names and "deleteUser" not in names
+    assert "listPets" in names and "getPet" in names and len(names) == 23
+    assert pet.structured_content["name"] == "rex"
+    assert denied.code == -32003 and "deletePet" in denied.message
+    assert sold.code == -32003
+    assert [p["status"] for p in json.loads(available.content[0].text)] == ["available"]
+    seen = api.wait_for(before_api + 2)[before_api:]
+    assert [(r["method"], r["target"]) for r in seen] == [("GET", "/api/pets/1"), ("GET", "/api/pets?status=available")]
+    for r in seen:
+        h = dict(r["headers"])
+        assert h["x-user"] == "alice"          # claims_to_headers reached the REST API
+        assert "authorization" not in h        # the caller's token did not
+
+
+def test_admin_may_delete(world):
+    gw, api, auth = world
+    api.pets.setdefault(7, {"id": 7, "name": "gone", "status": "sold"})
+
+    async def fn(client):
+        names = [t.name for t in (await client.list_tools()).tools]
+        return names, await client.call_tool("deletePet", {"petId": 7, "X-Api-Reason": "cleanup"})
+    names, res = asyncio.run(sdk_session(gw, auth, "root", "r-secret", "auto", fn))
+    assert len(names) == 25 and "deletePet" in names
+    assert res.is_error is not True and 7 not in api.pets
+
+
+async def _error_of(awaitable):
+    try:
+        await awaitable
+    except Exception as exc:
+        return exc
+    raise AssertionError("expected a JSON-RPC error")
+
+
+HDR = {"content-type": "application/json", "accept": "application/json, text/event-stream"}
+CALL = {"jsonrpc": "2.0", "id": "c-1", "method": "tools/call", "params": {"name": "deletePet",
+                                                                         "arguments": {"petId": 1, "X-Api-Reason": "x"}}}
+
+
+def test_challenges_and_metadata_exactly(world):
+    gw, api, auth = world
+    base = mcp_url(gw)
+    meta = f"http://127.0.0.1:{gw.port}/.well-known/oauth-protected-resource/mcp"
+    with httpx.Client(timeout=5) as c:
+        r = c.post(base, json=CALL, headers=HDR)
+        assert r.status_code == 401
+        assert r.headers["www-authenticate"] == f'Bearer resource_metadata="{meta}", scope="tools:read tools:write"'
+        doc = c.get(meta).json()
+        assert doc == {"resource_name": "Petstore", "resource": base, "authorization_servers": [auth.issuer],
+                       "bearer_methods_supported": ["header"], "scopes_supported": ["tools:read", "tools:write"]}
+        assert c.get(f"http://127.0.0.1:{gw.port}/.well-known/oauth-protected-resource").json() == doc
+        # A token minted for another MCP server is refused (RFC 8707).
+        other = auth.mint(sub="alice", aud="http://other.example/mcp", groups=["admin"])
+        r = c.post(base, json=CALL, headers={**HDR, "authorization": f"Bearer {other}"})
+        assert r.status_code == 401 and 'error="invalid_token"' in r.headers["www-authenticate"]
+        assert f'resource_metadata="{meta}"' in r.headers["www-authenticate"]
+        r = c.post(base, json=CALL, headers={**HDR, "authorization": "Bearer not.a.jwt"})
+        assert r.status_code == 401 and 'error="invalid_token"' in r.headers["www-authenticate"]
+        # A denied call: HTTP 200, the request's id, never reaches the API.
+        before = len(api.seen)
+        bob = auth.mint(sub="bob", aud=base, groups=["staff"])
+        r = c.post(base, json=CALL, headers={**HDR, "authorization": f"Bearer {bob}"})
+        assert r.status_code == 200 and r.json() == {"jsonrpc": "2.0", "id": "c-1", "error": {
+            "code": -32003, "message": "the gateway's policy does not allow this tool: deletePet"}}
+        # A header that lies about the body fails that request only.
+        r = c.post(base, json={**CALL, "params": {"name": "getPet", "arguments": {"petId": 1}}},
+                   headers={**HDR, "authorization": f"Bearer {bob}", "mcp-method": "tools/call", "mcp-name": "x"})
+        assert r.status_code == 400 and r.json()["error"]["code"] == -32020
+        r = c.post(base, content=b"garbage", headers={**HDR, "authorization": f"Bearer {bob}"})
+        assert r.status_code == 400 and r.json()["error"]["code"] == -32700
+        r = c.post(base, json={**CALL, "params": {"name": "getPet", "arguments": {"petId": 1}}},
+                   headers={**HDR, "authorization": f"Bearer {bob}"})
+        assert r.status_code == 200 and r.json()["result"]["structuredContent"]["id"] == 1
+        assert [x["target"] for x in api.wait_for(before + 1)[before:]] == ["/api/pets/1"]
+
+
+def test_insufficient_scope(world):
+    gw, api, auth = world
+    base = mcp_url(gw, "/scoped/mcp")
+    meta = f"http://127.0.0.1:{gw.port}/.well-known/oauth-protected-resource/scoped/mcp"
+    with httpx.Client(timeout=5) as c:
+        r = c.post(base, json=CALL, headers={**HDR, "authorization": "Bearer " + auth.mint(
+            sub="a", aud=base, scope="tools:read")})
+        assert r.status_code == 403
+        assert r.headers["www-authenticate"] == (
+            f'Bearer error="insufficient_scope", error_description="the token lacks required scopes", '
+            f'resource_metadata="{meta}", scope="tools:write"')
+        r = c.post(base, json={"jsonrpc": "2.0", "id": 1, "method": "ping"}, headers={
+            **HDR, "authorization": "Bearer " + auth.mint(sub="a", aud=base, scope="tools:read tools:write")})
+        assert r.status_code == 200 and r.json()["result"] == {}
