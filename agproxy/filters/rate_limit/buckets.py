@@ -1,0 +1,291 @@
+"""Token buckets shared by every worker process of one gateway: exact local limits.
+
+Theory of operation
+===================
+
+State. One fixed-size table in an anonymous shared memory mapping, created by
+the first process that needs it (`shared_table()`): `app.serve` creates it in the
+supervisor *before* the workers are forked, so every worker (and every worker the
+supervisor restarts) maps the same pages. A limit of capacity 10 lets exactly 10
+requests through however many workers share the port; Envoy and agentgateway keep
+one bucket per worker, so N workers let N x 10 through.
+
+Algorithm. Each bucket is GCRA (the generic cell rate algorithm), which is a token
+bucket with continuous refill stored as one number: the bucket's "theoretical
+arrival time" `tat` (CLOCK_MONOTONIC nanoseconds, the same clock in every process).
+With `T` = nanoseconds per token (`every / tokens`) and burst `tau = capacity * T`,
+a request of cost `c` is allowed when `max(tat, now) + c*T - now <= tau`, and then
+stores that as the new `tat`. Remaining tokens are `(tau - (tat - now)) / T`; the
+bucket is full again at `tat`. A bucket whose `tat <= now` is full: it is exactly
+equivalent to no bucket at all, so such a slot is free to reuse (idle keys expire
+by themselves, losing nothing).
+
+Table. `slots` slots of two int64 (key hash, tat), grouped in `WAYS` consecutive
+slots. A key's group comes from its hash; inside the group it goes to the first
+slot holding its hash, else the first free slot (empty or expired). When all of
+the group's slots hold live buckets, the one with the smallest `tat` (the closest
+to full: the least state lost) is evicted and the eviction is reported to the
+caller (a metric). Memory never grows: a flood of distinct keys only evicts.
+
+Keys. A slot stores `hash(value) ^ salt` (64 bits), never the value: Python's str
+hash is SipHash keyed by a per-process random seed, which forked workers share,
+so clients cannot aim for collisions, and a 64-bit false match between two live
+keys is ~2^-64 per pair. `salt` is `hash()` of the limit's identity (route name,
+limit index, capacity, rate, unit): after a reload (SIGHUP) the same limit on the
+same route finds its buckets again; a limit whose numbers changed starts with full
+buckets (its old ones expire on their own).
+
+Atomicity. Each group belongs to one of `STRIPES` locks, a
+`multiprocessing.Lock` (a POSIX semaphore in shared memory; uncontended it is one
+userspace atomic, no system call). Measured per lock + unlock pair on this
+machine (benchmarks/ratelimit_bench.py): multiprocessing.Lock 0.14 us, a robust
+pthread mutex through ctypes 1.0 us, fcntl record locks on a memfd 1.8 us; a
+lock-free CAS needs a C library (the one on PyPI, `atomics`, is GPL-3 and ships
+wheels only up to CPython 3.11). A semaphore is not released when its holder
+dies, so the lock also records its holder's pid: a waiter that could not get the
+lock within `HOLD_LIMIT` (the critical section is a few microseconds) checks that
+pid, and if that process is gone (or has held it for `GIVE_UP`: stopped) it takes
+the lock over, under an fcntl lock so that two waiters never both do. A worker
+killed inside the critical section costs one wait of `HOLD_LIMIT` on one stripe,
+never a deadlock.
+"""
+
+from __future__ import annotations
+
+import fcntl
+import logging
+import mmap
+import multiprocessing
+import os
+import time
+
+log = logging.getLogger("agproxy.policy")
+
+WAYS = 8                  # slots per group (a power of two)
+STRIPES = 64              # locks (a power of two)
+DEFAULT_SLOTS = 1 << 16   # 65,536 buckets: 1 MiB of shared memory
+HOLD_LIMIT = 0.5          # seconds a lock may be held before its holder is checked
+GIVE_UP = 10.0            # ... and after which it is taken over even from a live holder
+
+# Header layout (int64 words): per stripe [holder pid, generation].
+_HEADER_WORDS = 2 * STRIPES
+
+
+class BucketTable:
+    """A fixed-size table of GCRA buckets in shared memory (see the module docstring).
+
+    Every method takes `now` (time.monotonic_ns()) so that callers read the clock
+    once per request and tests can move time. A key `h` is any non-zero int64.
+    """
+
+    __slots__ = ("slots", "evictions", "_q", "_mm", "_locks", "_gmask", "_fd", "_pid")
+
+    def __init__(self, slots: int = DEFAULT_SLOTS):
+        if slots < WAYS or slots & (slots - 1):
+            raise ValueError("slots must be a power of two >= WAYS")
+        self.slots = slots
+        self.evictions = 0      # by this process (a metric); the table itself is shared
+        words = _HEADER_WORDS + 2 * slots
+        self._mm = mmap.mmap(-1, words * 8, flags=mmap.MAP_SHARED | mmap.MAP_ANONYMOUS)
+        self._q = memoryview(self._mm).cast("q")
+        ctx = multiprocessing.get_context("fork")   # "fork": unlinked at once, no tracker process
+        self._locks = [ctx.Lock() for _ in range(STRIPES)]
+        self._gmask = slots // WAYS - 1
+        # A memfd shared across fork for the rare takeover of an orphaned lock.
+        self._fd = os.memfd_create("agproxy-rate-limit", 0)
+        self._pid = os.getpid()
+        os.register_at_fork(after_in_child=self._after_fork)
+
+    def _after_fork(self) -> None:
+        self._pid = os.getpid()
+        self.evictions = 0
+
+    # -- per request -------------------------------------------------------------------
+    # The three update methods repeat their few lines instead of sharing helpers: a
+    # Python call costs ~1,000 instructions here, the whole take ~6,000 (callgrind,
+    # benchmarks/ratelimit_bench.py), on every request of a limited route.
+
+    def take(self, h: int, interval: int, burst: int, cost: int, now: int) -> int:
+        """Take `cost` tokens from bucket `h` if they are all there.
+
+        Returns the bucket's new tat (> 0) when allowed; when refused, minus the
+        nanoseconds until `cost` tokens will be there (< 0), and nothing changes.
+        """
+        g = h & self._gmask
+        stripe = g & (STRIPES - 1)
+        lock = self._locks[stripe]
+        if not lock.acquire(False):
+            self._wait(stripe, lock)
+        q = self._q
+        try:
+            q[2 * stripe] = self._pid
+            s = _HEADER_WORDS + 2 * (g * WAYS + ((h >> 32) & (WAYS - 1)))
+            k = q[s]
+            if k == h:
+                tat = q[s + 1]
+            elif k == 0:
+                tat = 0
+            else:
+                s, k, tat = self._probe(q, g, h, now)
+            if tat < now:
+                tat = now
+            new = tat + cost * interval
+            if new - now > burst:
+                return now + burst - new
+            if k != h:
+                if k and q[s + 1] > now:
+                    self.evictions += 1
+                q[s] = h
+            q[s + 1] = new
+            return new
+        finally:
+            lock.release()
+
+    def charge(self, h: int, interval: int, cost: int, now: int) -> int:
+        """Take `cost` tokens whatever is left (the bucket may go into debt): usage
+        charged after the fact. Returns the new tat."""
+        g = h & self._gmask
+        stripe = g & (STRIPES - 1)
+        lock = self._locks[stripe]
+        if not lock.acquire(False):
+            self._wait(stripe, lock)
+        q = self._q
+        try:
+            q[2 * stripe] = self._pid
+            s, k, tat = self._probe(q, g, h, now)
+            if tat < now:
+                tat = now
+            new = tat + cost * interval
+            if k != h:
+                if k and q[s + 1] > now:
+                    self.evictions += 1
+                q[s] = h
+            q[s + 1] = new
+            return new
+        finally:
+            lock.release()
+
+    def refund(self, h: int, interval: int, cost: int, now: int) -> None:
+        """Give back `cost` tokens that `take` took (a later limit of the same request
+        refused it). A bucket evicted since has nothing to give back."""
+        g = h & self._gmask
+        stripe = g & (STRIPES - 1)
+        lock = self._locks[stripe]
+        if not lock.acquire(False):
+            self._wait(stripe, lock)
+        q = self._q
+        try:
+            q[2 * stripe] = self._pid
+            s, k, tat = self._probe(q, g, h, now)
+            if k == h:
+                q[s + 1] = tat - cost * interval
+        finally:
+            lock.release()
+
+    def peek(self, h: int, now: int) -> int:
+        """The bucket's tat (now when it is full), read without the lock: reading one
+        aligned int64 is atomic; a stale value is at most one update late."""
+        g = h & self._gmask
+        s, k, tat = self._probe(self._q, g, h, now)
+        return tat if k == h and tat > now else now
+
+    # -- internals ---------------------------------------------------------------------
+    @staticmethod
+    def _probe(q, g: int, h: int, now: int) -> tuple[int, int, int]:
+        """(slot, its key, its tat) for `h` in group `g`: the slot holding h, else the
+        first free one (never used or expired), else the live bucket closest to full
+        (the one to evict). A key's home slot comes from other bits of its hash than
+        its group, and probing goes on from there around the group."""
+        base = _HEADER_WORDS + 2 * g * WAYS
+        start = (h >> 32) & (WAYS - 1)
+        free = -1
+        victim = -1
+        victim_tat = 0
+        for j in range(WAYS):
+            s = base + 2 * ((start + j) & (WAYS - 1))
+            k = q[s]
+            if k == h:
+                return s, k, q[s + 1]
+            if k == 0:
+                # Never used: h was never put further on (slots are never emptied).
+                return (s, 0, 0) if free < 0 else (free, q[free], 0)
+            tat = q[s + 1]
+            if tat <= now:
+                if free < 0:
+                    free = s
+            elif victim < 0 or tat < victim_tat:
+                victim, victim_tat = s, tat
+        if free >= 0:
+            return free, q[free], 0
+        return victim, q[victim], 0
+
+    def _wait(self, stripe: int, lock) -> None:
+        """The lock is taken: wait for it, and take it over if its holder died holding it."""
+        if lock.acquire(True, HOLD_LIMIT):
+            return
+        q = self._q
+        hw = 2 * stripe
+        waited = HOLD_LIMIT
+        while True:
+            holder = q[hw]
+            generation = q[hw + 1]
+            if holder and holder != self._pid and _alive(holder) and waited < GIVE_UP:
+                log.warning("rate limit: bucket lock %d held by pid %d for over %.1fs", stripe, holder, waited)
+            else:
+                fcntl.lockf(self._fd, fcntl.LOCK_EX, 1, stripe)
+                try:
+                    if lock.acquire(False):
+                        return           # released meanwhile: ours now
+                    # Same holder, same generation: nobody released it or took it over since.
+                    if q[hw] == holder and q[hw + 1] == generation:
+                        q[hw + 1] = generation + 1
+                        q[hw] = self._pid
+                        log.error("rate limit: bucket lock %d was held by pid %d for over %.1fs "
+                                  "(the process is gone or stuck); taking it over", stripe, holder, waited)
+                        return
+                finally:
+                    fcntl.lockf(self._fd, fcntl.LOCK_UN, 1, stripe)
+            if lock.acquire(True, HOLD_LIMIT):
+                return
+            waited += HOLD_LIMIT
+
+    # -- inspection (tests, /config) ----------------------------------------------------
+    def live(self, now: int) -> int:
+        """How many buckets are not full at `now` (a scan: not for the request path)."""
+        q = self._q
+        n = 0
+        for s in range(_HEADER_WORDS, _HEADER_WORDS + 2 * self.slots, 2):
+            if q[s] and q[s + 1] > now:
+                n += 1
+        return n
+
+
+def _alive(pid: int) -> bool:
+    try:
+        os.kill(pid, 0)
+    except ProcessLookupError:
+        return False
+    except PermissionError:
+        return True
+    # A zombie (dead, not yet reaped by the supervisor) still answers kill(0).
+    try:
+        with open(f"/proc/{pid}/stat", "rb") as f:
+            return f.read().rsplit(b")", 1)[-1].split()[0] != b"Z"
+    except OSError:
+        return False
+
+
+_TABLE: BucketTable | None = None
+
+
+def shared_table() -> BucketTable:
+    """The process's table; created on first use. Call it before forking workers so
+    that they all share it (app.serve does)."""
+    global _TABLE
+    if _TABLE is None:
+        _TABLE = BucketTable()
+    return _TABLE
+
+
+def now_ns() -> int:
+    return time.monotonic_ns()
