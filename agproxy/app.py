@@ -24,6 +24,11 @@ def serve(config_path: str, workers: int, metrics) -> int:
 
     if workers == 1:
         return run_worker(make_worker())
+    # Before the fork: the local rate limits' buckets live in memory every worker shares
+    # (filters/rate_limit/buckets.py); a table created later would be one worker's own.
+    from agproxy.config.model import load_file
+    from agproxy.filters.rate_limit.buckets import shared_table
+    shared_table(load_file(config_path).gateway.rate_limit_buckets)
     supervisor = Supervisor(
         config_path, workers, metrics,
         load=lambda: load_runtime(config_path),

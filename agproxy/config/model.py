@@ -38,6 +38,7 @@ class GatewayConfig:
     normalize_path: bool = True           # route on (and forward) the RFC 3986-normalised path
     merge_slashes: bool = True
     headers_with_underscores: str = "drop"   # drop | reject | allow
+    rate_limit_buckets: int = 65536       # slots of the local rate limits' shared table
 
 
 @dataclass
@@ -209,6 +210,10 @@ def _gateway(sec: Section | None, base_dir: str) -> GatewayConfig:
     g.headers_with_underscores = sec.str("headers_with_underscores", "drop")
     if g.headers_with_underscores not in ("drop", "reject", "allow"):
         sec.error("headers_with_underscores", "must be one of: drop, reject, allow")
+    g.rate_limit_buckets = sec.int("rate_limit_buckets", 65536, min=64, max=1 << 24)
+    if g.rate_limit_buckets & (g.rate_limit_buckets - 1):
+        sec.error("rate_limit_buckets", "must be a power of two")
+        g.rate_limit_buckets = 65536
     sec.done()
     return g
 

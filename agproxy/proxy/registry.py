@@ -45,7 +45,6 @@ POLICY_MODULES = {
 }
 
 PLANNED_STAGES = {
-    "rate_limit": RATE_LIMITING,
     "ext_authz": EXT_AUTH,
 }
 

@@ -88,13 +88,13 @@ backend = "echo"
 [[route.rate_limit.local]]
 key = "jwt.sub"
 capacity = 100
+refill = { tokens = 100, every = "60s" }
 
 [route.ext_authz]
 protocol = "grpc"
 address = "127.0.0.1:9191"
 
 """) == [
-        "route[0].rate_limit: not supported in this version",
         "route[0].ext_authz: not supported in this version",
     ]
 

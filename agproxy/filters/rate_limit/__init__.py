@@ -1,0 +1,217 @@
+"""`[route.rate_limit]`: local token buckets exact across workers, Redis across replicas.
+
+Theory of operation
+===================
+
+A route's rate limits are one filter, at the rate-limiting stage (after
+authentication and authorization, so keys may read verified claims). It holds:
+
+- `[[route.rate_limit.local]]` limits: buckets in the table the worker processes
+  share (buckets.py), checked synchronously, so a route with only local limits
+  costs no task and no await;
+- `[route.rate_limit.redis]`: limits kept in Redis (redis_limit.py), one atomic
+  script per request, for gateways with several replicas.
+
+Per request every limit is asked in that order; the first that refuses answers
+429 (limits.py has the headers) and gives back what the earlier ones took, so a
+refused request costs no tokens. An allowed request carries the headers of the
+most constrained limit (the fewest tokens left). A key whose CEL expression
+cannot be evaluated (a claim the token lacks) is a failure of the rate-limit
+step, never a silent pass: 500 (fail closed), whatever the limit; write
+`default(jwt.sub, "anonymous")` for a shared bucket instead. A Redis that fails
+or exceeds `timeout` follows its `failure_mode`.
+
+`unit = "tokens"` limits need one token left to let a request start, and charge
+the LLM usage reported on the exchange once it is done.
+
+Decisions are counted by route, kind (`local`, `redis`) and result (`allowed`,
+`limited`, `error_allowed`, `error_denied`); evictions from the shared table in
+their own counter.
+"""
+
+from __future__ import annotations
+
+import logging
+import time
+from typing import Any
+
+from agproxy.config.reader import Section
+from agproxy.filters import eval_errors
+from agproxy.filters.rate_limit.limits import LimitSpec, failed, headers, limited, read_limit
+from agproxy.proxy.filter import Filter, FilterResult, LocalReply
+from agproxy.proxy.registry import RATE_LIMITING
+from agproxy.telemetry.counters import counter
+
+KEY = "rate_limit"
+STAGE = RATE_LIMITING
+
+log = logging.getLogger("agproxy.policy")
+
+_FACT = "rate_limit"          # ex.facts: (capacity, remaining, reset_ns) for the answer's headers
+
+
+class LocalLimit:
+    """One `[[route.rate_limit.local]]` entry, bound to its route's buckets."""
+
+    __slots__ = ("spec", "salt", "interval", "burst", "capacity", "key", "tokens", "where")
+
+    def __init__(self, spec: LimitSpec, route: str):
+        self.spec = spec
+        # The key's bucket is hash(value) ^ salt: the salt names (route, limit, numbers),
+        # so a reload that keeps them keeps the buckets (buckets.py, "Keys").
+        self.salt = hash(f"{route}\x00{spec.identity}") or 1
+        self.interval = spec.interval
+        self.burst = spec.burst
+        self.capacity = spec.capacity
+        self.key = spec.key
+        self.tokens = spec.unit == "tokens"
+        self.where = f"{spec.path}.key"
+
+
+class RateLimitFilter(Filter):
+    name = "rate_limit"
+
+    def __init__(self, route: str, local: list[LocalLimit], redis: Any, table: Any, metrics: Any):
+        self.route = route
+        self.local = tuple(local)
+        self.redis = redis
+        self.table = table
+        self.decisions = counter(metrics, "rate_limit_decisions",
+                                 "Rate-limit decisions by route, kind (local, redis, remote) and result "
+                                 "(allowed, limited, error_allowed, error_denied)",
+                                 ("route", "kind", "result"))
+        evictions = counter(metrics, "rate_limit_evictions",
+                            "Live buckets dropped from the shared local table to make room for new keys")
+        if table is not None and metrics is not None:
+            table.on_evict = evictions.inc
+        self._keys = {r: (route, "local", r) for r in ("allowed", "limited", "error_denied")}
+        self._charged = tuple(l for l in self.local if l.tokens)
+
+    # -- per request ---------------------------------------------------------------------
+    def on_request(self, ex: Any) -> FilterResult:
+        now = time.monotonic_ns()
+        best = None                  # (remaining, capacity, reset_ns) of the tightest limit
+        taken = None                 # (limit, bucket) to give back if a later limit refuses
+        table = self.table
+        for lim in self.local:
+            key = lim.key
+            if key is None:
+                h = lim.salt
+            else:
+                try:
+                    h = (hash(key.evaluate_str(ex.activation)) ^ lim.salt) or 1
+                except Exception as exc:
+                    eval_errors.error(lim.where, key.source, exc, "failed (rate limit key: refusing)")
+                    self._give_back(taken, now)
+                    self.decisions.inc(self._keys["error_denied"])
+                    ex.error = f"rate_limit: {lim.where} could not be evaluated"
+                    return failed("the rate limit key could not be computed for this request")
+            if lim.tokens:
+                # Start only with a token left; the usage is charged when the exchange is done.
+                tat = table.peek(h, now)
+                if tat + lim.interval - now > lim.burst:
+                    self._give_back(taken, now)
+                    self.decisions.inc(self._keys["limited"])
+                    return limited(lim.capacity, tat - now, tat + lim.interval - now - lim.burst)
+                remaining = (lim.burst - (tat - now)) // lim.interval
+                reset = tat - now
+                ex.facts.setdefault("rate_limit_charge", []).append((lim, h))
+            else:
+                tat = table.take(h, lim.interval, lim.burst, 1, now)
+                if tat < 0:
+                    self._give_back(taken, now)
+                    self.decisions.inc(self._keys["limited"])
+                    return limited(lim.capacity, lim.burst - lim.interval - tat, -tat)
+                remaining = (lim.burst - (tat - now)) // lim.interval
+                reset = tat - now
+                if taken is None:
+                    taken = [(lim, h)]
+                else:
+                    taken.append((lim, h))
+            if best is None or remaining < best[0]:
+                best = (remaining, lim.capacity, reset)
+        if self.local:
+            self.decisions.inc(self._keys["allowed"])
+        if self.redis is not None:
+            return self._remote(ex, best, taken, now)
+        ex.facts[_FACT] = best
+        return None
+
+    async def _remote(self, ex: Any, best: tuple | None, taken: list | None, now: int) -> LocalReply | None:
+        verdict = await self.redis.decide(ex)
+        if isinstance(verdict, LocalReply):
+            self._give_back(taken, now)
+            return verdict
+        if verdict is not None and (best is None or verdict[0] < best[0]):
+            best = verdict
+        ex.facts[_FACT] = best
+        return None
+
+    def _give_back(self, taken: list | None, now: int) -> None:
+        if taken:
+            for lim, h in taken:
+                self.table.refund(h, lim.interval, 1, now)
+
+    def on_response(self, ex: Any, head: Any) -> None:
+        best = ex.facts.get(_FACT)
+        if best is not None:
+            hs = head.headers
+            for name, value in headers(best[1], best[0], best[2]):
+                hs.set(name, value)
+
+    # -- completion: LLM token usage -----------------------------------------------------
+    def charge(self, ex: Any, used: int) -> None:
+        """Charge `used` tokens to the `unit = "tokens"` buckets this request was let in by."""
+        pending = ex.facts.pop("rate_limit_charge", None)
+        if not pending or used <= 0:
+            return
+        now = time.monotonic_ns()
+        for lim, h in pending:
+            self.table.charge(h, lim.interval, used, now)
+
+    def describe(self) -> dict:
+        out: dict = {"type": self.name}
+        if self.local:
+            out["local"] = [l.spec.describe() for l in self.local]
+        if self.redis is not None:
+            out["redis"] = self.redis.describe()
+        return out
+
+
+def build(sec: Section, ctx: Any) -> RateLimitFilter | None:
+    problems_before = len(sec.problems.items)
+    route = _route_name(sec, ctx)
+    local_specs = []
+    for i, lsec in enumerate(sec.sections("local")):
+        spec = read_limit(lsec, i)
+        if spec is not None:
+            local_specs.append(spec)
+    redis = None
+    rsec = sec.section("redis")
+    if rsec is not None:
+        from agproxy.filters.rate_limit.redis_limit import build_redis
+        redis = build_redis(rsec, route, ctx)
+    if sec.has("remote"):
+        sec.section("remote")
+        sec.error("remote", "not supported in this version (the Envoy rate-limit service client is planned)")
+    sec.done()
+    if len(sec.problems.items) > problems_before:
+        return None
+    if not local_specs and redis is None:
+        sec.error(None, "no limits: add [[...local]] entries or a [...redis] table")
+        return None
+    table = None
+    if local_specs:
+        from agproxy.filters.rate_limit.buckets import shared_table
+        table = shared_table(ctx.cfg.gateway.rate_limit_buckets)
+    return RateLimitFilter(route, [LocalLimit(s, route) for s in local_specs], redis, table,
+                           getattr(ctx, "metrics", None))
+
+
+def _route_name(sec: Section, ctx: Any) -> str:
+    """The name of the route this section is under (`route[2].rate_limit` → its name)."""
+    prefix = sec.path.rsplit(".", 1)[0]
+    for rcfg in getattr(ctx.cfg, "routes", ()):
+        if rcfg.path == prefix:
+            return rcfg.name
+    return prefix

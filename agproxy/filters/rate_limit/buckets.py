@@ -78,13 +78,14 @@ class BucketTable:
     once per request and tests can move time. A key `h` is any non-zero int64.
     """
 
-    __slots__ = ("slots", "evictions", "_q", "_mm", "_locks", "_gmask", "_fd", "_pid")
+    __slots__ = ("slots", "evictions", "on_evict", "_q", "_mm", "_locks", "_gmask", "_fd", "_pid")
 
     def __init__(self, slots: int = DEFAULT_SLOTS):
         if slots < WAYS or slots & (slots - 1):
             raise ValueError("slots must be a power of two >= WAYS")
         self.slots = slots
-        self.evictions = 0      # by this process (a metric); the table itself is shared
+        self.evictions = 0      # by this process; the table itself is shared
+        self.on_evict = None    # called on each eviction (the metric)
         words = _HEADER_WORDS + 2 * slots
         self._mm = mmap.mmap(-1, words * 8, flags=mmap.MAP_SHARED | mmap.MAP_ANONYMOUS)
         self._q = memoryview(self._mm).cast("q")
@@ -135,6 +136,8 @@ class BucketTable:
             if k != h:
                 if k and q[s + 1] > now:
                     self.evictions += 1
+                    if self.on_evict is not None:
+                        self.on_evict()
                 q[s] = h
             q[s + 1] = new
             return new
@@ -159,6 +162,8 @@ class BucketTable:
             if k != h:
                 if k and q[s + 1] > now:
                     self.evictions += 1
+                    if self.on_evict is not None:
+                        self.on_evict()
                 q[s] = h
             q[s + 1] = new
             return new
@@ -278,12 +283,16 @@ def _alive(pid: int) -> bool:
 _TABLE: BucketTable | None = None
 
 
-def shared_table() -> BucketTable:
-    """The process's table; created on first use. Call it before forking workers so
-    that they all share it (app.serve does)."""
+def shared_table(slots: int = DEFAULT_SLOTS) -> BucketTable:
+    """The process's table, created on first use with `slots` slots. Call it before
+    forking workers so that they all share it (app.serve does). The size is fixed
+    for the life of the process: a reload asking for another size is logged."""
     global _TABLE
     if _TABLE is None:
-        _TABLE = BucketTable()
+        _TABLE = BucketTable(slots)
+    elif _TABLE.slots != slots:
+        log.warning("[gateway].rate_limit_buckets = %d takes effect after a restart (the table has %d)",
+                    slots, _TABLE.slots)
     return _TABLE
 
 
