@@ -222,3 +222,28 @@ def test_redis_dying_and_coming_back(start_gateway, upstream, redis, mode):
         assert time.monotonic() < deadline, gw.logs()
         time.sleep(0.05)     # polling for the recovery (a condition), bounded
     assert r.header("x-ratelimit-remaining") == "99"
+
+
+def test_the_shipped_examples_validate_and_the_rate_limits_example_limits(tmp_path, start_gateway, redis):
+    import re
+    import subprocess
+    from tests.support.gateway import ROOT, agproxy_cmd
+    yaml = (ROOT / "conf" / "k8s-replicas.yaml").read_text()
+    block = re.search(r"  agproxy.toml: \|\n((?:    .*\n|\n)+)", yaml).group(1)
+    embedded = tmp_path / "k8s-replicas.toml"
+    embedded.write_text("\n".join(line[4:] for line in block.splitlines()) + "\n")
+    for path, env in ((embedded, {"REDIS_PASSWORD": "x"}), (ROOT / "conf" / "rate-limits.toml", {})):
+        out = subprocess.run(agproxy_cmd() + ["validate", str(path)], capture_output=True, text=True,
+                             env={**__import__("os").environ, **env})
+        assert out.returncode == 0, (path, out.stderr)
+    # conf/rate-limits.toml as written, on test ports and this test's Redis.
+    text = (ROOT / "conf" / "rate-limits.toml").read_text()
+    text = text.replace('bind = "0.0.0.0:8080"', 'bind = "127.0.0.1:{port}"')
+    text = text.replace('admin = "127.0.0.1:15000"', 'admin = "127.0.0.1:{admin_port}"')
+    text = text.replace('workers = 0 ', 'workers = 2 ').replace('access_log = "stdout"', 'access_log = "off"')
+    text = text.replace('redis://127.0.0.1:6379', redis.address)
+    gw = start_gateway(text)
+    statuses = [request(gw.port, "/demo", {"x-user": "alice"}).status for _ in range(12)]
+    assert statuses == [200] * 10 + [429] * 2
+    assert request(gw.port, "/demo").status == 200                 # the anonymous bucket
+    assert request(gw.port, "/demo", {"x-user": "bob"}).header("x-ratelimit-remaining") == "9"
