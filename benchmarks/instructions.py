@@ -30,6 +30,8 @@ backend to the nginx (body parsed and checked, forwarded as it came), h1-mcp-pol
 same with mcp_auth + 3 mcp_authorization rules + claims_to_headers, h1-openapi-mcp
 to an `openapi_mcp` backend whose tool is a GET of the nginx (the gateway is the MCP
 server: validation, the REST call, the tool result).
+h1-limit / h2-limit = a route with one local rate limit keyed on a header, and
+h1-redis = the same limit kept in Redis (a redis-server is started for it).
 
 With `--tracing`, the export thread's work during the measured window is counted too
 (valgrind counts every thread of the process), so the figure is the whole cost of tracing.
@@ -65,8 +67,28 @@ SCENARIOS = {
     "h1-mcp": (["--h1", "-c", "16", "-m", "1"], proxies.MCP_PREFIX, False),
     "h1-mcp-policy": (["--h1", "-c", "16", "-m", "1"], proxies.MCP_POLICY_PREFIX, True),
     "h1-openapi-mcp": (["--h1", "-c", "16", "-m", "1"], proxies.OPENAPI_MCP_PREFIX, False),
+    # a local rate limit keyed on a header (one bucket per x-user), and the same limit in Redis
+    "h1-limit": (["--h1", "-c", "16", "-m", "1"], proxies.LIMIT_PREFIX + "/", "limit"),
+    "h2-limit": (["-c", "16", "-m", "10"], proxies.LIMIT_PREFIX + "/", "limit"),
+    "h1-redis": (["--h1", "-c", "16", "-m", "1"], proxies.REDIS_PREFIX + "/", "limit"),
 }
 MCP_SCENARIOS = {"h1-post", "h1-mcp", "h1-mcp-policy", "h1-openapi-mcp"}
+
+
+def wait_redis(port: int, timeout: float = 10.0) -> None:
+    import socket
+    deadline = time.monotonic() + timeout
+    while True:
+        try:
+            with socket.create_connection(("127.0.0.1", port), timeout=1) as s:
+                s.sendall(b"PING\r\n")
+                if s.recv(16).startswith(b"+PONG"):
+                    return
+        except OSError:
+            pass
+        if time.monotonic() > deadline:
+            raise SystemExit("redis-server did not start")
+        time.sleep(0.05)
 
 
 def callgrind_control(*args: str) -> None:
@@ -129,14 +151,21 @@ def main() -> int:
     try:
         tls = keys.make_tls(workdir)
         jwt_files = keys.make_jwt(workdir)
-        free = iter(free_ports(9))
+        free = iter(free_ports(10))
         ports = proxies.Ports(next(free), next(free), next(free), agproxy_admin=next(free))
         ports.proxy["agproxy"] = {"h1": next(free)}
         up = proxies.upstream_spec(workdir, ports, tls)
         child = sup.start(up.name, up.argv, core=1)
         if (error := wait_ready(child, up.urls["h1"] + "/", up.ready_timeout)):
             raise SystemExit(f"upstream: {error}")
-        spec = proxies.agproxy_spec(workdir, ports, tls, jwt_files, h2_upstream=True, mcp=True)
+        redis_port = None
+        if any(n.endswith("-redis") for n in args.scenarios):
+            redis_port = next(free)
+            sup.start("redis", ["redis-server", "--port", str(redis_port), "--save", "",
+                                "--appendonly", "no"], core=1)
+            wait_redis(redis_port)
+        spec = proxies.agproxy_spec(workdir, ports, tls, jwt_files, h2_upstream=True, mcp=True,
+                                    rate_limits=True, redis_port=redis_port)
         call = workdir / "mcp-call.json"
         call.write_bytes(proxies.MCP_CALL)
         if args.tracing is not None:
@@ -158,8 +187,9 @@ def main() -> int:
         token = {"authorization": f"Bearer {jwt_files.token}", "x-tenant": keys.JWT_TENANT}
         results = {}
         for name in args.scenarios:
-            flags, path, needs_token = SCENARIOS[name]
-            headers = dict(token) if needs_token else {}
+            flags, path, needs = SCENARIOS[name]
+            headers = (dict(token) if needs is True else dict(proxies.LIMIT_HEADERS) if needs == "limit"
+                       else {})
             if name in MCP_SCENARIOS:
                 flags = [*flags, "-d", str(call)]
                 headers.update(MCP_HEADERS)
@@ -175,6 +205,10 @@ def main() -> int:
             plain, policy = results.get(f"{proto}-plain"), results.get(f"{proto}-policy")
             if plain and policy:
                 print(f"{proto} plain ÷ policy (the req/s ratio if CPU were all): {plain / policy:.3f}")
+            for other in ("limit", "redis"):
+                cost = results.get(f"{proto}-{other}")
+                if plain and cost:
+                    print(f"{proto}-{other} ÷ {proto}-plain: {cost / plain:.3f}")
     finally:
         sup.stop_all()
         if args.keep:

@@ -96,12 +96,79 @@ def op_take_distinct_keys():
 
 
 
+_FILTER_TOML = """
+[[listener]]
+name = "main"
+bind = "127.0.0.1:1"
+
+[[route]]
+name = "limited"
+backend = "up"
+[[route.rate_limit.local]]
+%s
+capacity = 1000000000
+refill = { tokens = 1000000000, every = "1s" }
+
+[backend.up]
+type = "static"
+"""
+
+
+def _filter_op(key_line: str):
+    """One request through the built rate_limit filter (request and response phase)
+    on a real Exchange; the stream is a stand-in with the attributes Exchange reads."""
+    from agproxy.config.model import parse
+    from agproxy.http.messages import ConnInfo, Headers, RequestHead, ResponseHead
+    from agproxy.proxy.build import build_runtime
+    from agproxy.proxy.exchange import Exchange
+    rt = build_runtime(parse(__import__("tomllib").loads(_FILTER_TOML % key_line)))
+    f = rt.router.routes[0].filters[0]
+
+    class Stream:
+        pass
+
+    stream = Stream()
+    stream.conn = ConnInfo("127.0.0.1", 5555, 8080, False)
+
+    def op():
+        stream.request = RequestHead("GET", "/limited/", Headers([("host", "gw"), ("x-user", "bench-user"),
+                                                                ("accept", "*/*")]), "http", "gw", "HTTP/1.1")
+        ex = Exchange(stream)
+        f.on_request(ex)
+        f.on_response(ex, ResponseHead(200, Headers([("content-length", "5")])))
+        ex._activation = None
+    return op
+
+
+def op_exchange_only():
+    """The baseline of the two filter ops: building the request and the Exchange."""
+    from agproxy.http.messages import ConnInfo, Headers, RequestHead, ResponseHead
+    from agproxy.proxy.exchange import Exchange
+
+    class Stream:
+        pass
+
+    stream = Stream()
+    stream.conn = ConnInfo("127.0.0.1", 5555, 8080, False)
+
+    def op():
+        stream.request = RequestHead("GET", "/limited/", Headers([("host", "gw"), ("x-user", "bench-user"),
+                                                                ("accept", "*/*")]), "http", "gw", "HTTP/1.1")
+        ex = Exchange(stream)
+        ResponseHead(200, Headers([("content-length", "5")]))
+        ex._activation = None
+    return op
+
+
 OPS = {
     "multiprocessing.Lock": op_mp_lock,
     "fcntl.lockf (memfd)": op_fcntl,
     "pthread robust (ctypes)": op_pthread_robust,
     "table.take same key": op_take_same_key,
     "table.take new keys": op_take_distinct_keys,
+    "exchange only (baseline)": op_exchange_only,
+    "filter, no key": lambda: _filter_op(""),
+    "filter, header key": lambda: _filter_op("key = 'request.headers[\"x-user\"]'"),
 }
 
 

@@ -33,6 +33,11 @@ import ssl
 from typing import Any
 from urllib.parse import parse_qs, unquote, urlsplit
 
+import redis.asyncio as aioredis
+from redis import exceptions as _errors
+from redis.asyncio.retry import Retry
+from redis.backoff import NoBackoff
+
 __all__ = ["RedisClient", "RedisTarget", "classify", "client_for", "parse_address"]
 
 MAX_IN_FLIGHT = 4
@@ -121,10 +126,9 @@ class RedisClient:
         return fut
 
     async def script(self, script: Script, keys: list, args: list) -> Any:
-        from redis.exceptions import NoScriptError
         try:
             return await self.call("EVALSHA", script.sha, len(keys), *keys, *args)
-        except NoScriptError:
+        except _errors.NoScriptError:
             pass
         await self.call("SCRIPT", "LOAD", script.source)
         return await self.call("EVALSHA", script.sha, len(keys), *keys, *args)
@@ -170,9 +174,6 @@ class RedisClient:
     def _client(self):
         r = self._redis
         if r is None:
-            import redis.asyncio as aioredis
-            from redis.asyncio.retry import Retry
-            from redis.backoff import NoBackoff
             t = self.target
             kw: dict[str, Any] = dict(
                 db=t.db, password=self.password, socket_timeout=self.socket_timeout,
@@ -200,10 +201,7 @@ class RedisClient:
 
 def classify(exc: BaseException) -> str | None:
     """The remote-dependency failure kind of a Redis client exception."""
-    try:
-        from redis import exceptions as e
-    except ImportError:      # pragma: no cover
-        return None
+    e = _errors
     if isinstance(exc, e.TimeoutError):
         return "timeout"
     if isinstance(exc, (e.InvalidResponse, e.DataError)):

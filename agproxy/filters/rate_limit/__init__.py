@@ -37,7 +37,8 @@ from typing import Any
 
 from agproxy.config.reader import Section
 from agproxy.filters import eval_errors
-from agproxy.filters.rate_limit.limits import LimitSpec, failed, headers, limited, read_limit
+from agproxy.filters.rate_limit.keys import key_reader
+from agproxy.filters.rate_limit.limits import NS, LimitSpec, failed, limited, read_limit
 from agproxy.proxy.filter import Filter, FilterResult, LocalReply
 from agproxy.proxy.registry import RATE_LIMITING
 from agproxy.telemetry.counters import counter
@@ -53,7 +54,7 @@ _FACT = "rate_limit"          # ex.facts: (capacity, remaining, reset_ns) for th
 class LocalLimit:
     """One `[[route.rate_limit.local]]` entry, bound to its route's buckets."""
 
-    __slots__ = ("spec", "salt", "interval", "burst", "capacity", "key", "tokens", "where")
+    __slots__ = ("spec", "salt", "interval", "burst", "capacity", "label", "read", "key", "tokens", "where")
 
     def __init__(self, spec: LimitSpec, route: str):
         self.spec = spec
@@ -63,9 +64,14 @@ class LocalLimit:
         self.interval = spec.interval
         self.burst = spec.burst
         self.capacity = spec.capacity
+        self.label = str(spec.capacity)
         self.key = spec.key
+        self.read = key_reader(spec.key) if spec.key is not None else None
         self.tokens = spec.unit == "tokens"
         self.where = f"{spec.path}.key"
+
+
+_HEADER_NAMES = frozenset(("x-ratelimit-limit", "x-ratelimit-remaining", "x-ratelimit-reset"))
 
 
 class RateLimitFilter(Filter):
@@ -84,26 +90,27 @@ class RateLimitFilter(Filter):
                             "Live buckets dropped from the shared local table to make room for new keys")
         if table is not None and metrics is not None:
             table.on_evict = evictions.inc
-        self._keys = {r: (route, "local", r) for r in ("allowed", "limited", "error_denied")}
-        self._charged = tuple(l for l in self.local if l.tokens)
+        self._allowed = (route, "local", "allowed")
+        self._limited = (route, "local", "limited")
+        self._error = (route, "local", "error_denied")
 
     # -- per request ---------------------------------------------------------------------
     def on_request(self, ex: Any) -> FilterResult:
         now = time.monotonic_ns()
-        best = None                  # (remaining, capacity, reset_ns) of the tightest limit
-        taken = None                 # (limit, bucket) to give back if a later limit refuses
+        best = None                  # (remaining, capacity text, reset ns) of the tightest limit
+        taken = None                 # [(limit, bucket)] to give back if a later limit refuses
         table = self.table
         for lim in self.local:
-            key = lim.key
-            if key is None:
+            read = lim.read
+            if read is None:
                 h = lim.salt
             else:
                 try:
-                    h = (hash(key.evaluate_str(ex.activation)) ^ lim.salt) or 1
+                    h = (hash(read(ex)) ^ lim.salt) or 1
                 except Exception as exc:
-                    eval_errors.error(lim.where, key.source, exc, "failed (rate limit key: refusing)")
+                    eval_errors.error(lim.where, lim.key.source, exc, "failed (rate limit key: refusing)")
                     self._give_back(taken, now)
-                    self.decisions.inc(self._keys["error_denied"])
+                    self.decisions.inc(self._error)
                     ex.error = f"rate_limit: {lim.where} could not be evaluated"
                     return failed("the rate limit key could not be computed for this request")
             if lim.tokens:
@@ -111,27 +118,27 @@ class RateLimitFilter(Filter):
                 tat = table.peek(h, now)
                 if tat + lim.interval - now > lim.burst:
                     self._give_back(taken, now)
-                    self.decisions.inc(self._keys["limited"])
+                    self.decisions.inc(self._limited)
                     return limited(lim.capacity, tat - now, tat + lim.interval - now - lim.burst)
-                remaining = (lim.burst - (tat - now)) // lim.interval
+                remaining = (lim.burst - tat + now) // lim.interval
                 reset = tat - now
                 ex.facts.setdefault("rate_limit_charge", []).append((lim, h))
             else:
                 tat = table.take(h, lim.interval, lim.burst, 1, now)
                 if tat < 0:
                     self._give_back(taken, now)
-                    self.decisions.inc(self._keys["limited"])
+                    self.decisions.inc(self._limited)
                     return limited(lim.capacity, lim.burst - lim.interval - tat, -tat)
-                remaining = (lim.burst - (tat - now)) // lim.interval
+                remaining = (lim.burst - tat + now) // lim.interval
                 reset = tat - now
                 if taken is None:
                     taken = [(lim, h)]
                 else:
                     taken.append((lim, h))
             if best is None or remaining < best[0]:
-                best = (remaining, lim.capacity, reset)
+                best = (remaining, lim.label, reset)
         if self.local:
-            self.decisions.inc(self._keys["allowed"])
+            self.decisions.inc(self._allowed)
         if self.redis is not None:
             return self._remote(ex, best, taken, now)
         ex.facts[_FACT] = best
@@ -154,10 +161,18 @@ class RateLimitFilter(Filter):
 
     def on_response(self, ex: Any, head: Any) -> None:
         best = ex.facts.get(_FACT)
-        if best is not None:
-            hs = head.headers
-            for name, value in headers(best[1], best[0], best[2]):
-                hs.set(name, value)
+        if best is None:
+            return
+        hs = head.headers
+        items = hs.items
+        for k, _ in items:
+            if k in _HEADER_NAMES:        # the backend's own: ours replace them
+                hs.items = items = [(k2, v2) for k2, v2 in items if k2 not in _HEADER_NAMES]
+                break
+        remaining, label, reset = best
+        items.append(("x-ratelimit-limit", label))
+        items.append(("x-ratelimit-remaining", str(remaining) if remaining > 0 else "0"))
+        items.append(("x-ratelimit-reset", str(-(-reset // NS)) if reset > 0 else "0"))
 
     # -- completion: LLM token usage -----------------------------------------------------
     def charge(self, ex: Any, used: int) -> None:

@@ -38,6 +38,7 @@ from typing import Any
 
 from agproxy.config.reader import Section
 from agproxy.filters import eval_errors
+from agproxy.filters.rate_limit.keys import key_reader
 from agproxy.filters.rate_limit.limits import LimitSpec, failed, limited, read_limit
 from agproxy.proxy.filter import LocalReply
 from agproxy.telemetry.counters import counter
@@ -127,7 +128,7 @@ class RedisLimits:
     """The limits of one `[route.rate_limit.redis]` section."""
 
     __slots__ = ("route", "specs", "client", "dep", "prefix", "decisions", "_keys", "_static_args",
-                 "_charged", "address", "_iv", "_bu")
+                 "_charged", "address", "_iv", "_bu", "_bases", "_readers")
 
     def __init__(self, route: str, specs: list[LimitSpec], client: Any, dep: Dependency, prefix: str,
                  address: str, metrics: Any):
@@ -142,6 +143,9 @@ class RedisLimits:
                                  "(allowed, limited, error_allowed, error_denied)",
                                  ("route", "kind", "result"))
         self._keys = {r: (route, "redis", r) for r in ("allowed", "limited", "error_allowed", "error_denied")}
+        self._bases = tuple(f"{prefix}{route}:{s.index}:{s.capacity}/{s.tokens}/{s.every:g}:{s.unit}"
+                            for s in self.specs)
+        self._readers = tuple(key_reader(s.key) if s.key is not None else None for s in self.specs)
         # Microseconds per token and of burst, as the script computes with them.
         self._iv = tuple(max(1, s.interval // US) for s in self.specs)
         self._bu = tuple(s.capacity * iv for s, iv in zip(self.specs, self._iv))
@@ -151,11 +155,12 @@ class RedisLimits:
         self._static_args = args
         self._charged = tuple(i for i, s in enumerate(self.specs) if s.unit == "tokens")
 
-    def _key(self, spec: LimitSpec, ex: Any) -> str:
-        base = f"{self.prefix}{self.route}:{spec.index}:{spec.capacity}/{spec.tokens}/{spec.every:g}:{spec.unit}"
-        if spec.key is None:
+    def _key(self, i: int, ex: Any) -> str:
+        base = self._bases[i]
+        read = self._readers[i]
+        if read is None:
             return base
-        value = spec.key.evaluate_str(ex.activation)
+        value = read(ex)
         if len(value) > MAX_VALUE or not value.isprintable():
             value = "#" + hashlib.blake2b(value.encode("utf-8", "surrogatepass"), digest_size=16).hexdigest()
         return f"{base}:{value}"
@@ -164,7 +169,7 @@ class RedisLimits:
         """(remaining, capacity, reset_ns) of the tightest limit when allowed; a reply when
         refused or failed closed; None when failed open."""
         try:
-            keys = [self._key(s, ex) for s in self.specs]
+            keys = [self._key(i, ex) for i in range(len(self.specs))]
         except Exception as exc:
             for s in self.specs:
                 if s.key is not None:
@@ -196,7 +201,7 @@ class RedisLimits:
                 remaining = (bu - (new - now)) // iv
                 reset = (new - now) * US
             if best is None or remaining < best[0]:
-                best = (remaining, spec.capacity, reset)
+                best = (remaining, str(spec.capacity), reset)
         if self._charged:
             ex.facts.setdefault("rate_limit_redis_charge", []).append((self, [keys[i] for i in self._charged]))
         self.decisions.inc(self._keys["allowed"])
