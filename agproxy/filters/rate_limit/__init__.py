@@ -10,21 +10,24 @@ authentication and authorization, so keys may read verified claims). It holds:
   share (buckets.py), checked synchronously, so a route with only local limits
   costs no task and no await;
 - `[route.rate_limit.redis]`: limits kept in Redis (redis_limit.py), one atomic
-  script per request, for gateways with several replicas.
+  script per request, for gateways with several replicas;
+- `[route.rate_limit.remote]`: the Envoy rate-limit service (rls.py), one
+  ShouldRateLimit call per request.
 
 Per request every limit is asked in that order; the first that refuses answers
 429 (limits.py has the headers) and gives back what the earlier ones took, so a
 refused request costs no tokens. An allowed request carries the headers of the
 most constrained limit (the fewest tokens left). A key whose CEL expression
 cannot be evaluated (a claim the token lacks) is a failure of the rate-limit
-step, never a silent pass: 500 (fail closed), whatever the limit; write
-`default(jwt.sub, "anonymous")` for a shared bucket instead. A Redis that fails
-or exceeds `timeout` follows its `failure_mode`.
+step, never a silent pass: local limits answer 500 (fail closed), Redis and the
+rate-limit service follow their `failure_mode`; write `default(jwt.sub,
+"anonymous")` for a shared bucket instead. A Redis or service that fails or
+exceeds `timeout` follows its `failure_mode` too (upstream/remote.py).
 
 `unit = "tokens"` limits need one token left to let a request start, and charge
 the LLM usage reported on the exchange once it is done.
 
-Decisions are counted by route, kind (`local`, `redis`) and result (`allowed`,
+Decisions are counted by route, kind (`local`, `redis`, `remote`) and result (`allowed`,
 `limited`, `error_allowed`, `error_denied`); evictions from the shared table in
 their own counter.
 """
@@ -77,10 +80,10 @@ _HEADER_NAMES = frozenset(("x-ratelimit-limit", "x-ratelimit-remaining", "x-rate
 class RateLimitFilter(Filter):
     name = "rate_limit"
 
-    def __init__(self, route: str, local: list[LocalLimit], redis: Any, table: Any, metrics: Any):
+    def __init__(self, route: str, local: list[LocalLimit], remotes: list, table: Any, metrics: Any):
         self.route = route
         self.local = tuple(local)
-        self.redis = redis
+        self.remotes = tuple(remotes)       # RedisLimits, RemoteLimits: asked after the local ones
         self.table = table
         self.decisions = counter(metrics, "rate_limit_decisions",
                                  "Rate-limit decisions by route, kind (local, redis, remote) and result "
@@ -139,18 +142,19 @@ class RateLimitFilter(Filter):
                 best = (remaining, lim.label, reset)
         if self.local:
             self.decisions.inc(self._allowed)
-        if self.redis is not None:
+        if self.remotes:
             return self._remote(ex, best, taken, now)
         ex.facts[_FACT] = best
         return None
 
     async def _remote(self, ex: Any, best: tuple | None, taken: list | None, now: int) -> LocalReply | None:
-        verdict = await self.redis.decide(ex)
-        if isinstance(verdict, LocalReply):
-            self._give_back(taken, now)
-            return verdict
-        if verdict is not None and (best is None or verdict[0] < best[0]):
-            best = verdict
+        for remote in self.remotes:
+            verdict = await remote.decide(ex)
+            if isinstance(verdict, LocalReply):
+                self._give_back(taken, now)
+                return verdict
+            if verdict is not None and (best is None or verdict[0] < best[0]):
+                best = verdict
         ex.facts[_FACT] = best
         return None
 
@@ -162,6 +166,9 @@ class RateLimitFilter(Filter):
     def on_response(self, ex: Any, head: Any) -> None:
         best = ex.facts.get(_FACT)
         if best is None:
+            extra = ex.facts.get("rate_limit_headers")
+            if extra:
+                head.headers.items.extend(extra)
             return
         hs = head.headers
         items = hs.items
@@ -173,6 +180,9 @@ class RateLimitFilter(Filter):
         items.append(("x-ratelimit-limit", label))
         items.append(("x-ratelimit-remaining", str(remaining) if remaining > 0 else "0"))
         items.append(("x-ratelimit-reset", str(-(-reset // NS)) if reset > 0 else "0"))
+        extra = ex.facts.get("rate_limit_headers")   # the rate-limit service's response_headers_to_add
+        if extra:
+            items.extend(extra)
 
     # -- completion: LLM token usage -----------------------------------------------------
     def charge(self, ex: Any, used: int) -> None:
@@ -188,8 +198,8 @@ class RateLimitFilter(Filter):
         out: dict = {"type": self.name}
         if self.local:
             out["local"] = [l.spec.describe() for l in self.local]
-        if self.redis is not None:
-            out["redis"] = self.redis.describe()
+        for remote in self.remotes:
+            out["redis" if hasattr(remote, "client") else "remote"] = remote.describe()
         return out
 
 
@@ -201,25 +211,26 @@ def build(sec: Section, ctx: Any) -> RateLimitFilter | None:
         spec = read_limit(lsec, i)
         if spec is not None:
             local_specs.append(spec)
-    redis = None
+    remotes = []
     rsec = sec.section("redis")
     if rsec is not None:
         from agproxy.filters.rate_limit.redis_limit import build_redis
-        redis = build_redis(rsec, route, ctx)
-    if sec.has("remote"):
-        sec.section("remote")
-        sec.error("remote", "not supported in this version (the Envoy rate-limit service client is planned)")
+        remotes.append(build_redis(rsec, route, ctx))
+    rsec = sec.section("remote")
+    if rsec is not None:
+        from agproxy.filters.rate_limit.rls import build_remote
+        remotes.append(build_remote(rsec, route, ctx))
     sec.done()
     if len(sec.problems.items) > problems_before:
         return None
-    if not local_specs and redis is None:
-        sec.error(None, "no limits: add [[...local]] entries or a [...redis] table")
+    if not local_specs and not remotes:
+        sec.error(None, "no limits: add [[...local]] entries, a [...redis] or a [...remote] table")
         return None
     table = None
     if local_specs:
         from agproxy.filters.rate_limit.buckets import shared_table
         table = shared_table(ctx.cfg.gateway.rate_limit_buckets)
-    return RateLimitFilter(route, [LocalLimit(s, route) for s in local_specs], redis, table,
+    return RateLimitFilter(route, [LocalLimit(s, route) for s in local_specs], remotes, table,
                            getattr(ctx, "metrics", None))
 
 

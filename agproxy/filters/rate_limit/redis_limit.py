@@ -29,11 +29,9 @@ through; both are counted (`error_denied` / `error_allowed`).
 
 from __future__ import annotations
 
-import asyncio
 import hashlib
 import logging
 import os
-import time
 from typing import Any
 
 from agproxy.config.reader import Section
@@ -43,6 +41,7 @@ from agproxy.filters.rate_limit.limits import LimitSpec, failed, limited, read_l
 from agproxy.proxy.filter import LocalReply
 from agproxy.telemetry.counters import counter
 from agproxy.upstream.redis import Script, classify, client_for, parse_address
+from agproxy.upstream.remote import Failed, RemoteDependency, remote_settings
 
 log = logging.getLogger("agproxy.policy")
 
@@ -78,59 +77,13 @@ return out
 """)
 
 
-class Failed:
-    __slots__ = ("failure", "allowed", "error")
-
-    def __init__(self, failure: str, allowed: bool, error: BaseException):
-        self.failure = failure
-        self.allowed = allowed
-        self.error = error
-
-
-class Dependency:
-    """A remote call with one deadline and a failure mode (what upstream/remote.py's
-    RemoteDependency does; this one goes when that lands)."""
-
-    __slots__ = ("name", "target", "timeout", "allow_on_failure", "_next_log", "_suppressed")
-
-    def __init__(self, name: str, target: str, timeout: float, failure_mode: str):
-        self.name = name
-        self.target = target
-        self.timeout = timeout
-        self.allow_on_failure = failure_mode == "open"
-        self._next_log = 0.0
-        self._suppressed = 0
-
-    async def call(self, awaitable) -> Any:
-        try:
-            return await asyncio.wait_for(awaitable, self.timeout)
-        except asyncio.TimeoutError as exc:
-            return self.failed(exc, "timeout")
-        except Exception as exc:
-            return self.failed(exc, classify(exc) or "error")
-
-    def failed(self, exc: BaseException, failure: str) -> Failed:
-        now = time.monotonic()
-        if now >= self._next_log:
-            more = f" ({self._suppressed} more since the last message)" if self._suppressed else ""
-            log.warning("%s %s failed: %s: %s; failure_mode %s%s", self.name, self.target, failure,
-                        str(exc)[:300] or type(exc).__name__,
-                        "open: requests are let through" if self.allow_on_failure else "closed: requests are refused",
-                        more)
-            self._next_log = now + 10.0
-            self._suppressed = 0
-        else:
-            self._suppressed += 1
-        return Failed(failure, self.allow_on_failure, exc)
-
-
 class RedisLimits:
     """The limits of one `[route.rate_limit.redis]` section."""
 
     __slots__ = ("route", "specs", "client", "dep", "prefix", "decisions", "_keys", "_static_args",
                  "_charged", "address", "_iv", "_bu", "_bases", "_readers")
 
-    def __init__(self, route: str, specs: list[LimitSpec], client: Any, dep: Dependency, prefix: str,
+    def __init__(self, route: str, specs: list[LimitSpec], client: Any, dep: RemoteDependency, prefix: str,
                  address: str, metrics: Any):
         self.route = route
         self.specs = tuple(specs)
@@ -176,18 +129,10 @@ class RedisLimits:
                     eval_errors.error(f"{s.path}.key", s.key.source, exc, "failed (rate limit key)")
                     break
             return self._failed(ex, "the rate limit key could not be computed for this request", exc)
-        result = await self.dep.call(self.client.script(SCRIPT, keys, self._static_args))
+        result = await self.dep.call(self._run(keys, self._static_args))
         if type(result) is Failed:
             return self._failed(ex, "the rate limit service is unavailable", result.error)
-        try:
-            allowed, now, *news = result
-            now = int(now)
-            news = [int(n) for n in news]
-            if allowed not in (0, 1) or len(news) != len(self.specs):
-                raise ValueError(f"unexpected reply {result!r:.200}")
-        except (TypeError, ValueError) as exc:
-            self.dep.failed(exc, "garbage")
-            return self._failed(ex, "the rate limit service is unavailable", exc)
+        allowed, now, news = result
         best = None
         for spec, iv, bu, new in zip(self.specs, self._iv, self._bu, news):
             tat = new - iv
@@ -207,6 +152,18 @@ class RedisLimits:
         self.decisions.inc(self._keys["allowed"])
         return best
 
+    async def _run(self, keys: list, args: list) -> tuple[int, int, list[int]]:
+        """One script call; a reply of the wrong shape is the dependency's failure (garbage)."""
+        result = await self.client.script(SCRIPT, keys, args)
+        try:
+            allowed, now, *news = result
+            news = [int(n) for n in news]
+            if allowed not in (0, 1) or len(news) != len(keys):
+                raise ValueError
+            return allowed, int(now), news
+        except (TypeError, ValueError):
+            raise _Garbage(f"unexpected reply to the rate limit script: {result!r:.200}") from None
+
     def _failed(self, ex: Any, why: str, exc: BaseException) -> LocalReply | None:
         if self.dep.allow_on_failure:
             self.decisions.inc(self._keys["error_allowed"])
@@ -220,7 +177,7 @@ class RedisLimits:
         args: list = ["charge"]
         for i in self._charged:
             args += [self._iv[i], self._bu[i], used, 0]
-        result = await self.dep.call(self.client.script(SCRIPT, keys, args))
+        result = await self.dep.call(self._run(keys, args))
         if type(result) is Failed:
             log.warning("%s: %d tokens could not be charged (%s)", self.route, used, result.failure)
 
@@ -228,6 +185,10 @@ class RedisLimits:
         return {"address": self.address, "timeout_seconds": self.dep.timeout,
                 "failure_mode": "open" if self.dep.allow_on_failure else "closed",
                 "limits": [s.describe() for s in self.specs]}
+
+
+class _Garbage(Exception):
+    failure = "garbage"
 
 
 def build_redis(sec: Section, route: str, ctx: Any) -> RedisLimits | None:
@@ -247,10 +208,7 @@ def build_redis(sec: Section, route: str, ctx: Any) -> RedisLimits | None:
             sec.error("tls_ca_file", f"file not found: {tls_ca_file}")
         elif target is not None and target.scheme != "rediss":
             sec.error("tls_ca_file", "only for a rediss:// address")
-    timeout = sec.duration("timeout", "20ms")
-    if timeout is not None and not 0 < timeout <= 60:
-        sec.error("timeout", "must be more than 0 and at most 60s")
-    failure_mode = sec.str("failure_mode", "closed", choices=("closed", "open"))
+    settings = remote_settings(sec, default_timeout="20ms", max_timeout=60.0)
     prefix = sec.str("key_prefix", "agproxy:rl:")
     specs = []
     lsecs = sec.sections("limits")
@@ -263,9 +221,10 @@ def build_redis(sec: Section, route: str, ctx: Any) -> RedisLimits | None:
         if spec is not None:
             specs.append(spec)
     sec.done()
-    if len(sec.problems.items) > before or target is None or timeout is None:
+    if len(sec.problems.items) > before or target is None:
         return None
+    timeout = settings.timeout
     client = client_for(target, password=password, tls_ca_file=tls_ca_file,
                         socket_timeout=max(1.0, 4 * timeout), connect_timeout=max(0.25, 2 * timeout))
-    dep = Dependency("rate_limit_redis", str(target), timeout, failure_mode or "closed")
+    dep = RemoteDependency("rate_limit_redis", settings, target=str(target), classify=classify)
     return RedisLimits(route, specs, client, dep, prefix, str(target), getattr(ctx, "metrics", None))
