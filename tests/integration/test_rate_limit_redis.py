@@ -127,6 +127,22 @@ def test_unix_socket_password_and_per_key_buckets(start_gateway, upstream, tmp_p
         server.stop()
 
 
+def test_tls_to_redis_verifies_the_server(start_gateway, upstream, tmp_path, certs):
+    server = RedisServer(tmp_path, tls=certs, name="redis-tls")
+    try:
+        assert server.address.startswith("rediss://")
+        ok = config(upstream.url, server.address, capacity=2, extra=f'tls_ca_file = "{certs["ca"]}"')
+        gw = start_gateway(ok)
+        assert [request(gw.port, "/").status for _ in range(3)] == [200, 200, 429]
+        # Without the CA that signed the server's certificate: verification fails, closed.
+        untrusted = start_gateway(config(upstream.url, server.address, capacity=2))
+        r = request(untrusted.port, "/")
+        assert (r.status, r.json()) == (500, ERROR_500)
+        assert "CERTIFICATE_VERIFY_FAILED" in untrusted.logs()
+    finally:
+        server.stop()
+
+
 def test_password_env_must_be_set(tmp_path):
     import subprocess
     from tests.support.gateway import agproxy_cmd

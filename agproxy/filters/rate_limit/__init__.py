@@ -50,6 +50,7 @@ KEY = "rate_limit"
 STAGE = RATE_LIMITING
 
 log = logging.getLogger("agproxy.policy")
+_now_ns = time.monotonic_ns
 
 _FACT = "rate_limit"          # ex.facts: (capacity, remaining, reset_ns) for the answer's headers
 
@@ -99,7 +100,7 @@ class RateLimitFilter(Filter):
 
     # -- per request ---------------------------------------------------------------------
     def on_request(self, ex: Any) -> FilterResult:
-        now = time.monotonic_ns()
+        now = _now_ns()
         best = None                  # (remaining, capacity text, reset ns) of the tightest limit
         taken = None                 # [(limit, bucket)] to give back if a later limit refuses
         table = self.table

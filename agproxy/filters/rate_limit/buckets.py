@@ -61,8 +61,8 @@ import time
 
 log = logging.getLogger("agproxy.policy")
 
-WAYS = 8                  # slots per group (a power of two)
-STRIPES = 64              # locks (a power of two)
+WAYS = 8                  # slots per group (a power of two; take() has it as literals)
+STRIPES = 64              # locks (a power of two; take() has it as literals)
 DEFAULT_SLOTS = 1 << 16   # 65,536 buckets: 1 MiB of shared memory
 HOLD_LIMIT = 0.5          # seconds a lock may be held before its holder is checked
 GIVE_UP = 10.0            # ... and after which it is taken over even from a live holder
@@ -113,23 +113,25 @@ class BucketTable:
         nanoseconds until `cost` tokens will be there (< 0), and nothing changes.
         """
         g = h & self._gmask
-        stripe = g & (STRIPES - 1)
+        stripe = g & 63                     # STRIPES - 1 (literals: a global costs a lookup)
         lock = self._locks[stripe]
         if not lock.acquire(False):
             self._wait(stripe, lock)
         q = self._q
         try:
-            q[2 * stripe] = self._pid
-            s = _HEADER_WORDS + 2 * (g * WAYS + ((h >> 32) & (WAYS - 1)))
+            q[stripe + stripe] = self._pid
+            s = 128 + ((g << 3) + ((h >> 32) & 7) << 1)     # _HEADER_WORDS + 2 * (g*WAYS + home)
             k = q[s]
             if k == h:
                 tat = q[s + 1]
+                if tat < now:
+                    tat = now
             elif k == 0:
-                tat = 0
+                tat = now
             else:
                 s, k, tat = self._probe(q, g, h, now)
-            if tat < now:
-                tat = now
+                if tat < now:
+                    tat = now
             new = tat + cost * interval
             if new - now > burst:
                 return now + burst - new
