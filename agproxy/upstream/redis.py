@@ -99,7 +99,7 @@ class Script:
 
 class RedisClient:
     __slots__ = ("target", "password", "tls_ca_file", "socket_timeout", "connect_timeout", "_redis",
-                 "_queue", "_scheduled", "_in_flight", "_pending")
+                 "_queue", "_scheduled", "_in_flight", "_pending", "_loading", "_loads")
 
     def __init__(self, target: RedisTarget, *, password: str | None = None, tls_ca_file: str | None = None,
                  socket_timeout: float = 1.0, connect_timeout: float = 1.0):
@@ -113,6 +113,8 @@ class RedisClient:
         self._scheduled = False
         self._in_flight = 0
         self._pending: set = set()        # the flush tasks running (a reference keeps them alive)
+        self._loading = None              # the SCRIPT LOAD in flight, shared by who met NOSCRIPT
+        self._loads = 0                   # SCRIPT LOADs done
 
     # -- per request -----------------------------------------------------------------------
     def call(self, *command: Any) -> "asyncio.Future":
@@ -126,12 +128,26 @@ class RedisClient:
         return fut
 
     async def script(self, script: Script, keys: list, args: list) -> Any:
+        loads = self._loads
         try:
             return await self.call("EVALSHA", script.sha, len(keys), *keys, *args)
         except _errors.NoScriptError:
             pass
-        await self.call("SCRIPT", "LOAD", script.source)
+        # The requests that met NOSCRIPT share one SCRIPT LOAD; one that was sent before
+        # a load finished just tries again.
+        if self._loads == loads:
+            loading = self._loading
+            if loading is None:
+                loading = self._loading = asyncio.ensure_future(self._load(script))
+            await asyncio.shield(loading)
         return await self.call("EVALSHA", script.sha, len(keys), *keys, *args)
+
+    async def _load(self, script: Script) -> None:
+        try:
+            await self.call("SCRIPT", "LOAD", script.source)
+            self._loads += 1
+        finally:
+            self._loading = None
 
     # -- batching --------------------------------------------------------------------------
     def _flush(self) -> None:

@@ -102,6 +102,29 @@ def test_three_gateways_share_one_limit_exactly(start_gateway, upstream, redis):
     assert 3_500_000 < int(redis.cli("PTTL", keys[0])) <= 3_600_000
 
 
+def test_concurrent_requests_share_connections_and_one_script_load(start_gateway, upstream, redis):
+    def stats(section: str) -> dict[str, str]:
+        return dict(l.split(":", 1) for l in redis.cli("INFO", section).splitlines() if ":" in l)
+
+    def calls(command: str) -> int:
+        line = stats("commandstats").get(f"cmdstat_{command}", "calls=0,")
+        return int(line.split(",")[0].split("=")[1])
+
+    gw = start_gateway(config(upstream.url, redis.address, capacity=1000))
+    # The first burst meets an empty script cache: one SCRIPT LOAD for all of them.
+    assert [r.status for r in concurrently(20, lambda i: request(gw.port, f"/a{i}"))] == [200] * 20
+    assert calls("script|load") == 1
+    redis.cli("CONFIG", "RESETSTAT")
+    before = int(stats("stats")["total_connections_received"])
+    assert [r.status for r in concurrently(40, lambda i: request(gw.port, f"/b{i}"))] == [200] * 40
+    assert calls("evalsha") == 40 and calls("script|load") == 0      # one call per request
+    # ... on the connections the first burst opened (at most MAX_IN_FLIGHT + 1); the
+    # INFO calls of this test are the only new ones.
+    assert int(stats("stats")["total_connections_received"]) - before <= 3
+    clients = [l for l in redis.cli("CLIENT", "LIST").splitlines() if "cmd=client" not in l]
+    assert 1 <= len(clients) <= 5, clients
+
+
 def test_unix_socket_password_and_per_key_buckets(start_gateway, upstream, tmp_path):
     server = RedisServer(tmp_path, unix=True, password="s3cret", name="redis-unix")
     try:
