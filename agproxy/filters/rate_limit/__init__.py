@@ -34,6 +34,7 @@ their own counter.
 
 from __future__ import annotations
 
+import asyncio
 import logging
 import time
 from typing import Any
@@ -94,6 +95,7 @@ class RateLimitFilter(Filter):
                             "Live buckets dropped from the shared local table to make room for new keys")
         if table is not None and metrics is not None:
             table.on_evict = evictions.inc
+        self.charged = any(l.tokens for l in self.local) or any(r.tokens for r in self.remotes)
         self._allowed = (route, "local", "allowed")
         self._limited = (route, "local", "limited")
         self._error = (route, "local", "error_denied")
@@ -126,7 +128,7 @@ class RateLimitFilter(Filter):
                     return limited(lim.capacity, tat - now, tat + lim.interval - now - lim.burst)
                 remaining = (lim.burst - tat + now) // lim.interval
                 reset = tat - now
-                ex.facts.setdefault("rate_limit_charge", []).append((lim, h))
+                ex.facts.setdefault(CHARGES, []).append(_local_charge(table, lim, h))
             else:
                 tat = table.take(h, lim.interval, lim.burst, 1, now)
                 if tat < 0:
@@ -146,6 +148,8 @@ class RateLimitFilter(Filter):
         if self.remotes:
             return self._remote(ex, best, taken, now)
         ex.facts[_FACT] = best
+        if self.charged:
+            _charge_when_done(ex)
         return None
 
     async def _remote(self, ex: Any, best: tuple | None, taken: list | None, now: int) -> LocalReply | None:
@@ -157,6 +161,8 @@ class RateLimitFilter(Filter):
             if verdict is not None and (best is None or verdict[0] < best[0]):
                 best = verdict
         ex.facts[_FACT] = best
+        if self.charged:
+            _charge_when_done(ex)
         return None
 
     def _give_back(self, taken: list | None, now: int) -> None:
@@ -185,16 +191,6 @@ class RateLimitFilter(Filter):
         if extra:
             items.extend(extra)
 
-    # -- completion: LLM token usage -----------------------------------------------------
-    def charge(self, ex: Any, used: int) -> None:
-        """Charge `used` tokens to the `unit = "tokens"` buckets this request was let in by."""
-        pending = ex.facts.pop("rate_limit_charge", None)
-        if not pending or used <= 0:
-            return
-        now = time.monotonic_ns()
-        for lim, h in pending:
-            self.table.charge(h, lim.interval, used, now)
-
     def describe(self) -> dict:
         out: dict = {"type": self.name}
         if self.local:
@@ -202,6 +198,44 @@ class RateLimitFilter(Filter):
         for remote in self.remotes:
             out["redis" if hasattr(remote, "client") else "remote"] = remote.describe()
         return out
+
+
+# -- completion: LLM token usage ------------------------------------------------------------
+
+CHARGES = "rate_limit_charges"     # ex.facts: what to charge the usage to, once it is known
+_tasks: set = set()                 # charges to Redis / the service in flight (kept referenced)
+
+
+def _local_charge(table: Any, lim: LocalLimit, h: int):
+    return lambda used: table.charge(h, lim.interval, used, _now_ns())
+
+
+def _charge_when_done(ex: Any) -> None:
+    charges = ex.facts.pop(CHARGES, None)
+    if charges:
+        ex.on_done(lambda ex: charge_usage(ex, charges))
+
+
+def charge_usage(ex: Any, charges: list) -> None:
+    """The exchange is done: charge its LLM usage (input + output tokens, cached
+    input included) to the `unit = "tokens"` limits that let it in. Local buckets
+    at once; Redis and the rate-limit service by a task (completion hooks are
+    synchronous), whose failure is logged."""
+    llm = getattr(ex, "llm", None)
+    used = ((llm.input_tokens or 0) + (llm.output_tokens or 0)) if llm is not None else 0
+    if used <= 0:
+        return
+    for charge in charges:
+        pending = charge(used)
+        if pending is not None and hasattr(pending, "__await__"):
+            task = asyncio.get_running_loop().create_task(pending)
+            _tasks.add(task)
+            task.add_done_callback(_tasks.discard)
+
+
+def _tokens_supported() -> bool:
+    from agproxy.proxy.exchange import Exchange
+    return hasattr(Exchange, "on_done")
 
 
 def build(sec: Section, ctx: Any) -> RateLimitFilter | None:
@@ -231,8 +265,13 @@ def build(sec: Section, ctx: Any) -> RateLimitFilter | None:
     if local_specs:
         from agproxy.filters.rate_limit.buckets import shared_table
         table = shared_table(ctx.cfg.gateway.rate_limit_buckets)
-    return RateLimitFilter(route, [LocalLimit(s, route) for s in local_specs], remotes, table,
-                           getattr(ctx, "metrics", None))
+    f = RateLimitFilter(route, [LocalLimit(s, route) for s in local_specs], remotes, table,
+                        getattr(ctx, "metrics", None))
+    if f.charged and not _tokens_supported():
+        # Refused rather than counted as requests: usage is charged by a completion hook.
+        sec.error(None, 'unit = "tokens" needs the exchange\'s completion hooks, which this version lacks')
+        return None
+    return f
 
 
 def _route_name(sec: Section, ctx: Any) -> str:

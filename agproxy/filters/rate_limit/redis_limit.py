@@ -81,7 +81,7 @@ class RedisLimits:
     """The limits of one `[route.rate_limit.redis]` section."""
 
     __slots__ = ("route", "specs", "client", "dep", "prefix", "decisions", "_keys", "_static_args",
-                 "_charged", "address", "_iv", "_bu", "_bases", "_readers")
+                 "_charged", "address", "_iv", "_bu", "_bases", "_readers", "tokens")
 
     def __init__(self, route: str, specs: list[LimitSpec], client: Any, dep: RemoteDependency, prefix: str,
                  address: str, metrics: Any):
@@ -107,6 +107,7 @@ class RedisLimits:
             args += [iv, bu, 1, 1 if s.unit == "tokens" else 0]
         self._static_args = args
         self._charged = tuple(i for i, s in enumerate(self.specs) if s.unit == "tokens")
+        self.tokens = bool(self._charged)
 
     def _key(self, i: int, ex: Any) -> str:
         base = self._bases[i]
@@ -148,7 +149,8 @@ class RedisLimits:
             if best is None or remaining < best[0]:
                 best = (remaining, str(spec.capacity), reset)
         if self._charged:
-            ex.facts.setdefault("rate_limit_redis_charge", []).append((self, [keys[i] for i in self._charged]))
+            charged = [keys[i] for i in self._charged]
+            ex.facts.setdefault("rate_limit_charges", []).append(lambda used: self.charge(charged, used))
         self.decisions.inc(self._keys["allowed"])
         return best
 

@@ -116,7 +116,7 @@ class RemoteLimits:
         if extra:
             ex.facts.setdefault("rate_limit_headers", []).extend(extra)
         if self.tokens:
-            ex.facts.setdefault("rate_limit_rls_charge", []).append((self, request))
+            ex.facts.setdefault("rate_limit_charges", []).append(lambda used: self.charge(request, used))
         best = None
         for s in result.statuses:
             if s.HasField("current_limit") and (best is None or s.limit_remaining < best[0]):
