@@ -236,3 +236,28 @@ def test_a_limit_added_by_a_reload_is_still_shared_by_the_workers(start_gateway,
         limited_answers += [r for r in batch if r.header("x-ratelimit-limit") is not None]
     statuses = [r.status for r in limited_answers]
     assert statuses.count(200) == 10, statuses
+
+
+def test_over_http2_a_refused_stream_leaves_the_connection_serving(start_gateway, upstream):
+    import asyncio
+
+    import httpx
+
+    gw = start_gateway(config(upstream.url, ONE_BUCKET.replace("10", "3")))
+
+    async def run():
+        async with httpx.AsyncClient(http1=False, http2=True, timeout=20) as client:
+            first = await asyncio.gather(*(client.get(gw.url(f"/s{i}")) for i in range(5)))
+            after = await client.get(gw.url("/after"))
+            return first, after
+
+    first, after = asyncio.run(run())
+    assert all(r.http_version == "HTTP/2" for r in first)
+    assert sorted(r.status_code for r in first) == [200, 200, 200, 429, 429]
+    refused = next(r for r in first if r.status_code == 429)
+    assert (refused.headers["x-ratelimit-limit"], refused.headers["x-ratelimit-remaining"],
+            refused.headers["retry-after"]) == ("3", "0", "1200")
+    assert refused.json()["error"] == "rate_limited"
+    # The same connection goes on serving (a 429 is an answer, not a stream error).
+    assert after.status_code == 429 and after.http_version == "HTTP/2"
+    assert len(upstream.targets()) == 3
