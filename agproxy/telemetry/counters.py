@@ -1,7 +1,8 @@
 """Counter families that a policy module adds to /metrics, cheap enough per request.
 
-Theory of operation: `counter(metrics, name, help, labels)` returns the process's
-one `Counter` for that name (created on first use, reused by every config reload,
+Theory of operation: `counter(metrics, "_name", help, labels)` returns the process's
+one `Counter` `<prefix>_name` (the name is written with its leading underscore, as
+`f"{prefix}_name"` elsewhere, so docs/metrics.md's catalogue test finds it) (created on first use, reused by every config reload,
 so a count never goes down). `inc(key)` adds to a dict keyed by the label tuple,
 as telemetry/metrics.py does for the request counters, and the values reach
 Prometheus the same two ways:
@@ -33,7 +34,7 @@ class Counter:
                  "_scheduled")
 
     def __init__(self, metrics: Any, name: str, help: str, labels: tuple[str, ...]):
-        self.name = f"{metrics.prefix}_{name}"
+        self.name = f"{metrics.prefix}{name}"
         self.help = help
         self.labels = labels
         self.counts: dict[tuple, int] = {}
@@ -86,7 +87,8 @@ NULL = _NullCounter()
 
 
 def counter(metrics: Any, name: str, help: str, labels: tuple[str, ...] = ()) -> "Counter | _NullCounter":
-    """The counter `<prefix>_<name>` (exposed as `..._total`) of this metrics object."""
+    """The counter `<prefix><name>` (exposed as `..._total`) of this metrics object; `name`
+    starts with "_"."""
     if metrics is None:
         return NULL
     mine = _BY_METRICS.setdefault(id(metrics), {})

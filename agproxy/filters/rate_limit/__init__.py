@@ -87,11 +87,11 @@ class RateLimitFilter(Filter):
         self.local = tuple(local)
         self.remotes = tuple(remotes)       # RedisLimits, RemoteLimits: asked after the local ones
         self.table = table
-        self.decisions = counter(metrics, "rate_limit_decisions",
+        self.decisions = counter(metrics, "_rate_limit_decisions",
                                  "Rate-limit decisions by route, kind (local, redis, remote) and result "
                                  "(allowed, limited, error_allowed, error_denied)",
                                  ("route", "kind", "result"))
-        evictions = counter(metrics, "rate_limit_evictions",
+        evictions = counter(metrics, "_rate_limit_evictions",
                             "Live buckets dropped from the shared local table to make room for new keys")
         if table is not None and metrics is not None:
             table.on_evict = evictions.inc

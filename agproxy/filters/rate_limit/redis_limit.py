@@ -91,7 +91,7 @@ class RedisLimits:
         self.dep = dep
         self.prefix = prefix
         self.address = address
-        self.decisions = counter(metrics, "rate_limit_decisions",
+        self.decisions = counter(metrics, "_rate_limit_decisions",
                                  "Rate-limit decisions by route, kind (local, redis, remote) and result "
                                  "(allowed, limited, error_allowed, error_denied)",
                                  ("route", "kind", "result"))

@@ -73,7 +73,7 @@ class RemoteLimits:
         self.dep = dep
         self.tokens = unit == "tokens"
         self.address = address
-        self.decisions = counter(metrics, "rate_limit_decisions",
+        self.decisions = counter(metrics, "_rate_limit_decisions",
                                  "Rate-limit decisions by route, kind (local, redis, remote) and result "
                                  "(allowed, limited, error_allowed, error_denied)",
                                  ("route", "kind", "result"))
