@@ -77,7 +77,8 @@ def test_a_full_bucket_is_free_space_and_a_flood_of_keys_evicts_within_fixed_mem
     before = t.evictions
     later = T0 + 2 * S
     assert t.live(later) == 0
-    spread = [(j << 32) | g for g in range(8) for j in range(1, 9)]   # 8 keys for each of the 8 groups
+    spread = [(j << 32) | (g << 3) | j for g in range(8) for j in range(8)]   # 8 keys in each of the 8 groups
+    spread = [k or (1 << 40) for k in spread]
     for k in spread:
         assert t.take(k, interval, burst, 1, later) > 0
     assert t.evictions == before
@@ -87,11 +88,11 @@ def test_a_full_bucket_is_free_space_and_a_flood_of_keys_evicts_within_fixed_mem
 def test_eviction_takes_the_bucket_closest_to_full():
     t = BucketTable(slots=8)                    # one group of 8
     interval, burst = limit(100, 1, 1.0)
-    keys = [(i + 1) << 20 for i in range(8)]
+    keys = [((i + 1) << 20) | i for i in range(8)]          # the one group, each its own home
     for n, k in enumerate(keys):                # key n has n+1 tokens taken
         for _ in range(n + 1):
             assert t.take(k, interval, burst, 1, T0) > 0
-    newcomer = 123 << 20
+    newcomer = (123 << 20) | 3
     assert t.take(newcomer, interval, burst, 1, T0) > 0
     assert t.evictions == 1
     assert t.peek(keys[0], T0) == T0            # the least used bucket was dropped
@@ -140,12 +141,12 @@ def test_a_lock_left_held_by_a_dead_process_is_taken_over(monkeypatch, caplog):
     t = BucketTable(slots=64)
     interval, burst = limit(10, 1, 60)
     h = 5 << 36
-    stripe = (h & t._gmask) & (buckets.STRIPES - 1)
+    stripe = ((h & t._mask) >> 3) & (buckets.STRIPES - 1)
     r, w = os.pipe()
     pid = os.fork()
     if pid == 0:      # take the stripe's lock the way take() does, and die holding it
         t._locks[stripe].acquire()
-        t._q[2 * stripe] = os.getpid()
+        t._q[stripe] = os.getpid()
         os.write(w, b"x")
         os.kill(os.getpid(), signal.SIGKILL)
     os.close(w)
