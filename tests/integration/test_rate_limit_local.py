@@ -261,3 +261,26 @@ def test_over_http2_a_refused_stream_leaves_the_connection_serving(start_gateway
     # The same connection goes on serving (a 429 is an answer, not a stream error).
     assert after.status_code == 429 and after.http_version == "HTTP/2"
     assert len(upstream.targets()) == 3
+
+
+def test_the_gateways_headers_replace_a_backends_own(start_gateway):
+    gw = start_gateway('''
+[[route]]
+name = "static"
+match = { path_prefix = "/" }
+backend = "fixed"
+
+[[route.rate_limit.local]]
+capacity = 5
+refill = { tokens = 5, every = "1h" }
+
+[backend.fixed]
+type = "static"
+status = 200
+body = "ok"
+headers = { "x-ratelimit-limit" = "999", "x-ratelimit-remaining" = "999", "x-other" = "kept" }
+''')
+    r = request(gw.port, "/")
+    assert r.status == 200 and r.body == b"ok"
+    assert (r.header("x-ratelimit-limit"), r.header("x-ratelimit-remaining"), r.header("x-ratelimit-reset"),
+            r.header("x-other")) == ("5", "4", "720", "kept")
