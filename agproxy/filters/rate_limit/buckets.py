@@ -297,7 +297,3 @@ def shared_table(slots: int = DEFAULT_SLOTS) -> BucketTable:
         log.warning("[gateway].rate_limit_buckets = %d takes effect after a restart (the table has %d)",
                     slots, _TABLE.slots)
     return _TABLE
-
-
-def now_ns() -> int:
-    return time.monotonic_ns()

@@ -122,14 +122,13 @@ class RedisLimits:
     async def decide(self, ex: Any) -> "tuple | LocalReply | None":
         """(remaining, capacity, reset_ns) of the tightest limit when allowed; a reply when
         refused or failed closed; None when failed open."""
-        try:
-            keys = [self._key(i, ex) for i in range(len(self.specs))]
-        except Exception as exc:
-            for s in self.specs:
-                if s.key is not None:
-                    eval_errors.error(f"{s.path}.key", s.key.source, exc, "failed (rate limit key)")
-                    break
-            return self._failed(ex, "the rate limit key could not be computed for this request", exc)
+        keys = []
+        for i, spec in enumerate(self.specs):
+            try:
+                keys.append(self._key(i, ex))
+            except Exception as exc:
+                eval_errors.error(f"{spec.path}.key", spec.key.source, exc, "failed (rate limit key)")
+                return self._failed(ex, "the rate limit key could not be computed for this request", exc)
         result = await self.dep.call(self._run(keys, self._static_args))
         if type(result) is Failed:
             return self._failed(ex, "the rate limit service is unavailable", result.error)

@@ -82,8 +82,14 @@ class RemoteLimits:
     def _request(self, ex: Any, hits: int) -> rls_pb2.RateLimitRequest:
         descriptors = []
         for entries in self.descriptors:
-            descriptors.append(_Descriptor(entries=[_Entry(key=key, value=read(ex))
-                                                    for key, read, _, _ in entries]))
+            values = []
+            for key, read, expr, path in entries:
+                try:
+                    values.append(_Entry(key=key, value=read(ex)))
+                except Exception as exc:
+                    eval_errors.error(path, expr.source, exc, "failed (rate limit descriptor)")
+                    raise
+            descriptors.append(_Descriptor(entries=values))
         return rls_pb2.RateLimitRequest(domain=self.domain, descriptors=descriptors, hits_addend=hits)
 
     async def decide(self, ex: Any) -> "tuple | LocalReply | None":
@@ -92,8 +98,7 @@ class RemoteLimits:
         failed closed."""
         try:
             request = self._request(ex, 1)
-        except Exception as exc:
-            self._log_value_error(exc)
+        except Exception:
             return self._failed(ex, "a rate limit descriptor could not be computed for this request")
         result = await self.dep.call(self._call(request))
         if type(result) is Failed:
@@ -146,12 +151,6 @@ class RemoteLimits:
         self.decisions.inc(self._keys["error_denied"])
         ex.error = f"rate_limit: remote: {why}"
         return failed(why)
-
-    def _log_value_error(self, exc: Exception) -> None:
-        for entries in self.descriptors:
-            for _, _, expr, path in entries:
-                eval_errors.error(path, expr.source, exc, "failed (rate limit descriptor)")
-                return
 
     def describe(self) -> dict:
         return {"address": self.address, "domain": self.domain, "timeout_seconds": self.dep.timeout,
