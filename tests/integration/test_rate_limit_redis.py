@@ -286,3 +286,17 @@ def test_the_shipped_examples_validate_and_the_rate_limits_example_limits(tmp_pa
     assert statuses == [200] * 10 + [429] * 2
     assert request(gw.port, "/demo").status == 200                 # the anonymous bucket
     assert request(gw.port, "/demo", {"x-user": "bob"}).header("x-ratelimit-remaining") == "9"
+
+
+@pytest.mark.parametrize("mode", ["closed", "open"])
+def test_a_key_that_cannot_be_computed_follows_failure_mode(start_gateway, upstream, redis, mode):
+    gw = start_gateway(config(upstream.url, redis.address, key='request.headers["x-user"]', failure_mode=mode))
+    r = request(gw.port, "/nobody")
+    if mode == "closed":
+        assert (r.status, r.json()) == (500, {
+            "error": "rate_limit_error", "message": "the rate limit key could not be computed for this request"})
+        assert upstream.targets() == []
+    else:
+        assert r.status == 200 and upstream.targets() == ["/nobody"]
+    assert redis.cli("KEYS", "*").split() == []          # Redis was not asked about a partial key
+    assert "route[0].rate_limit.redis.limits[0].key" in gw.logs()

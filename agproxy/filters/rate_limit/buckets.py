@@ -58,7 +58,6 @@ import logging
 import mmap
 import multiprocessing
 import os
-import time
 
 log = logging.getLogger("agproxy.policy")
 
