@@ -96,12 +96,44 @@ class RateLimitFilter(Filter):
         if table is not None and metrics is not None:
             table.on_evict = evictions.inc
         self.charged = any(l.tokens for l in self.local) or any(r.tokens for r in self.remotes)
+        one = self.local[0] if len(self.local) == 1 and not self.remotes else None
+        self._one = one if one is not None and not one.tokens else None
         self._allowed = (route, "local", "allowed")
         self._limited = (route, "local", "limited")
         self._error = (route, "local", "error_denied")
 
     # -- per request ---------------------------------------------------------------------
     def on_request(self, ex: Any) -> FilterResult:
+        lim = self._one
+        if lim is None:
+            return self._all(ex)
+        # The common case, one local limit counting requests: the loop below without
+        # its bookkeeping (~2k instructions less per request, ratelimit_bench.py).
+        read = lim.read
+        if read is None:
+            h = lim.salt
+        else:
+            try:
+                h = (hash(read(ex)) ^ lim.salt) or 1
+            except Exception as exc:
+                return self._key_failed(ex, lim, exc, None, 0)
+        now = _now_ns()
+        tat = self.table.take(h, lim.interval, lim.burst, 1, now)
+        if tat < 0:
+            self.decisions.inc(self._limited)
+            return limited(lim.capacity, lim.burst - lim.interval - tat, -tat)
+        self.decisions.inc(self._allowed)
+        ex.facts[_FACT] = ((lim.burst - tat + now) // lim.interval, lim.label, tat - now)
+        return None
+
+    def _key_failed(self, ex: Any, lim: LocalLimit, exc: Exception, taken: list | None, now: int) -> LocalReply:
+        eval_errors.error(lim.where, lim.key.source, exc, "failed (rate limit key: refusing)")
+        self._give_back(taken, now)
+        self.decisions.inc(self._error)
+        ex.error = f"rate_limit: {lim.where} could not be evaluated"
+        return failed("the rate limit key could not be computed for this request")
+
+    def _all(self, ex: Any) -> FilterResult:
         now = _now_ns()
         best = None                  # (remaining, capacity text, reset ns) of the tightest limit
         taken = None                 # [(limit, bucket)] to give back if a later limit refuses
@@ -114,11 +146,7 @@ class RateLimitFilter(Filter):
                 try:
                     h = (hash(read(ex)) ^ lim.salt) or 1
                 except Exception as exc:
-                    eval_errors.error(lim.where, lim.key.source, exc, "failed (rate limit key: refusing)")
-                    self._give_back(taken, now)
-                    self.decisions.inc(self._error)
-                    ex.error = f"rate_limit: {lim.where} could not be evaluated"
-                    return failed("the rate limit key could not be computed for this request")
+                    return self._key_failed(ex, lim, exc, taken, now)
             if lim.tokens:
                 # Start only with a token left; the usage is charged when the exchange is done.
                 tat = table.peek(h, now)
