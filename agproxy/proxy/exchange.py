@@ -78,7 +78,7 @@ class Exchange:
     __slots__ = ("stream", "request", "conn", "route", "request_id", "start", "jwt_claims",
                  "jwt_token", "jwt_provider", "obo_token", "mcp", "llm", "_attempts", "body",
                  "response", "status", "bytes_out", "error", "log_extra", "span", "_activation",
-                 "_cel_extra", "_done")
+                 "_cel_extra", "_done", "rate_limit")
 
     def __init__(self, stream: ServerStream):
         self.stream = stream
@@ -104,6 +104,7 @@ class Exchange:
         self.status = 0
         self.bytes_out = 0
         self.error: str | None = None
+        self.rate_limit = None                  # filters/rate_limit: the answer's x-ratelimit-* headers
         self.log_extra: dict[str, Any] | None = None   # ex.log(): a module's access-log fields
         self.span = None                        # telemetry.tracing.Span when tracing is on
         self._activation = None

@@ -53,7 +53,19 @@ STAGE = RATE_LIMITING
 log = logging.getLogger("agproxy.policy")
 _now_ns = time.monotonic_ns
 
-_FACT = "rate_limit"          # ex.facts: (capacity, remaining, reset_ns) for the answer's headers
+# ex.rate_limit: what on_response writes into the answer's headers, (remaining, limit
+# text, reset ns), or (remaining, limit text, reset ns, headers to add) when a rate-limit
+# service asked for headers of its own (remaining None: no limit to show).
+
+
+class Pending:
+    """What the limits of a request leave for later: usage to charge, headers to add."""
+
+    __slots__ = ("charges", "headers")
+
+    def __init__(self) -> None:
+        self.charges: list = []      # callables used_tokens -> None or an awaitable
+        self.headers: list = []      # (name, value) from the rate-limit service
 
 
 class LocalLimit:
@@ -123,7 +135,7 @@ class RateLimitFilter(Filter):
             self.decisions.inc(self._limited)
             return limited(lim.capacity, lim.burst - lim.interval - tat, -tat)
         self.decisions.inc(self._allowed)
-        ex.facts[_FACT] = ((lim.burst - tat + now) // lim.interval, lim.label, tat - now)
+        ex.rate_limit = ((lim.burst - tat + now) // lim.interval, lim.label, tat - now)
         return None
 
     def _key_failed(self, ex: Any, lim: LocalLimit, exc: Exception, taken: list | None, now: int) -> LocalReply:
@@ -137,6 +149,7 @@ class RateLimitFilter(Filter):
         now = _now_ns()
         best = None                  # (remaining, capacity text, reset ns) of the tightest limit
         taken = None                 # [(limit, bucket)] to give back if a later limit refuses
+        pending = Pending() if self.charged or self.remotes else None
         table = self.table
         for lim in self.local:
             read = lim.read
@@ -156,7 +169,7 @@ class RateLimitFilter(Filter):
                     return limited(lim.capacity, tat - now, tat + lim.interval - now - lim.burst)
                 remaining = (lim.burst - tat + now) // lim.interval
                 reset = tat - now
-                ex.facts.setdefault(CHARGES, []).append(_local_charge(table, lim, h))
+                pending.charges.append(_local_charge(table, lim, h))
             else:
                 tat = table.take(h, lim.interval, lim.burst, 1, now)
                 if tat < 0:
@@ -174,24 +187,36 @@ class RateLimitFilter(Filter):
         if self.local:
             self.decisions.inc(self._allowed)
         if self.remotes:
-            return self._remote(ex, best, taken, now)
-        ex.facts[_FACT] = best
-        if self.charged:
-            _charge_when_done(ex)
+            return self._remote(ex, best, taken, now, pending)
+        self._done(ex, best, pending)
         return None
 
-    async def _remote(self, ex: Any, best: tuple | None, taken: list | None, now: int) -> LocalReply | None:
+    async def _remote(self, ex: Any, best: tuple | None, taken: list | None, now: int,
+                      pending: Pending) -> LocalReply | None:
         for remote in self.remotes:
-            verdict = await remote.decide(ex)
+            verdict = await remote.decide(ex, pending)
             if isinstance(verdict, LocalReply):
                 self._give_back(taken, now)
                 return verdict
             if verdict is not None and (best is None or verdict[0] < best[0]):
                 best = verdict
-        ex.facts[_FACT] = best
-        if self.charged:
-            _charge_when_done(ex)
+        self._done(ex, best, pending)
         return None
+
+    @staticmethod
+    def _done(ex: Any, best: tuple | None, pending: Pending | None) -> None:
+        """Every limit allowed the request: keep the answer's headers, and charge its usage
+        to the "tokens" limits when the exchange is done."""
+        if pending is None:
+            ex.rate_limit = best
+            return
+        if pending.headers:
+            ex.rate_limit = (best or (None, None, None)) + (pending.headers,)
+        else:
+            ex.rate_limit = best
+        if pending.charges:
+            charges = pending.charges
+            ex.on_done(lambda ex: charge_usage(ex, charges))
 
     def _give_back(self, taken: list | None, now: int) -> None:
         if taken:
@@ -199,25 +224,22 @@ class RateLimitFilter(Filter):
                 self.table.refund(h, lim.interval, 1, now)
 
     def on_response(self, ex: Any, head: Any) -> None:
-        best = ex.facts.get(_FACT)
-        if best is None:
-            extra = ex.facts.get("rate_limit_headers")
-            if extra:
-                head.headers.items.extend(extra)
+        state = ex.rate_limit
+        if state is None:
             return
-        hs = head.headers
-        items = hs.items
-        for k, _ in items:
-            if k in _HEADER_NAMES:        # the backend's own: ours replace them
-                hs.items = items = [(k2, v2) for k2, v2 in items if k2 not in _HEADER_NAMES]
-                break
-        remaining, label, reset = best
-        items.append(("x-ratelimit-limit", label))
-        items.append(("x-ratelimit-remaining", str(remaining) if remaining > 0 else "0"))
-        items.append(("x-ratelimit-reset", str(-(-reset // NS)) if reset > 0 else "0"))
-        extra = ex.facts.get("rate_limit_headers")   # the rate-limit service's response_headers_to_add
-        if extra:
-            items.extend(extra)
+        items = head.headers.items
+        remaining = state[0]
+        if remaining is not None:
+            for k, _ in items:
+                if k in _HEADER_NAMES:        # the backend's own: ours replace them
+                    head.headers.items = items = [(k2, v2) for k2, v2 in items if k2 not in _HEADER_NAMES]
+                    break
+            reset = state[2]
+            items.append(("x-ratelimit-limit", state[1]))
+            items.append(("x-ratelimit-remaining", str(remaining) if remaining > 0 else "0"))
+            items.append(("x-ratelimit-reset", str(-(-reset // NS)) if reset > 0 else "0"))
+        if len(state) == 4:
+            items.extend(state[3])            # the rate-limit service's response_headers_to_add
 
     def describe(self) -> dict:
         out: dict = {"type": self.name}
@@ -230,18 +252,11 @@ class RateLimitFilter(Filter):
 
 # -- completion: LLM token usage ------------------------------------------------------------
 
-CHARGES = "rate_limit_charges"     # ex.facts: what to charge the usage to, once it is known
 _tasks: set = set()                 # charges to Redis / the service in flight (kept referenced)
 
 
 def _local_charge(table: Any, lim: LocalLimit, h: int):
     return lambda used: table.charge(h, lim.interval, used, _now_ns())
-
-
-def _charge_when_done(ex: Any) -> None:
-    charges = ex.facts.pop(CHARGES, None)
-    if charges:
-        ex.on_done(lambda ex: charge_usage(ex, charges))
 
 
 def charge_usage(ex: Any, charges: list) -> None:

@@ -119,7 +119,7 @@ class RedisLimits:
             value = "#" + hashlib.blake2b(value.encode("utf-8", "surrogatepass"), digest_size=16).hexdigest()
         return f"{base}:{value}"
 
-    async def decide(self, ex: Any) -> "tuple | LocalReply | None":
+    async def decide(self, ex: Any, pending: Any) -> "tuple | LocalReply | None":
         """(remaining, capacity, reset_ns) of the tightest limit when allowed; a reply when
         refused or failed closed; None when failed open."""
         keys = []
@@ -149,7 +149,7 @@ class RedisLimits:
                 best = (remaining, str(spec.capacity), reset)
         if self._charged:
             charged = [keys[i] for i in self._charged]
-            ex.facts.setdefault("rate_limit_charges", []).append(lambda used: self.charge(charged, used))
+            pending.charges.append(lambda used: self.charge(charged, used))
         self.decisions.inc(self._keys["allowed"])
         return best
 

@@ -92,7 +92,7 @@ class RemoteLimits:
             descriptors.append(_Descriptor(entries=values))
         return rls_pb2.RateLimitRequest(domain=self.domain, descriptors=descriptors, hits_addend=hits)
 
-    async def decide(self, ex: Any) -> "tuple | LocalReply | None":
+    async def decide(self, ex: Any, pending: Any) -> "tuple | LocalReply | None":
         """(remaining, limit text, reset ns) of the tightest status when allowed (None
         when the service reports no limits or failed open); a reply when refused or
         failed closed."""
@@ -119,9 +119,9 @@ class RemoteLimits:
             return reply
         self.decisions.inc(self._keys["allowed"])
         if extra:
-            ex.facts.setdefault("rate_limit_headers", []).extend(extra)
+            pending.headers.extend(extra)
         if self.tokens:
-            ex.facts.setdefault("rate_limit_charges", []).append(lambda used: self.charge(request, used))
+            pending.charges.append(lambda used: self.charge(request, used))
         best = None
         for s in result.statuses:
             if s.HasField("current_limit") and (best is None or s.limit_remaining < best[0]):
