@@ -129,17 +129,6 @@ descriptors = [[ { key = "user", value = "jwt.sub" }, { key = "", value = "nope(
     ]
 
 
-def test_tokens_unit_is_refused_until_the_exchange_has_completion_hooks():
-    # Counting LLM tokens needs ex.on_done (issue 9); until then such a limit is refused
-    # at load rather than silently counting nothing.
-    assert problems("""
-[[route.rate_limit.local]]
-capacity = 1000
-unit = "tokens"
-refill = { tokens = 1000, every = "1m" }
-""") == ['route[0].rate_limit: unit = "tokens" needs the exchange\'s completion hooks, which this version lacks']
-
-
 def test_describe_shows_the_limits_and_no_password(monkeypatch):
     monkeypatch.setenv("RL_TEST_PASSWORD", "hunter2-secret")
     rt = runtime("""

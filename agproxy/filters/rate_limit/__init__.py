@@ -276,11 +276,6 @@ def charge_usage(ex: Any, charges: list) -> None:
             task.add_done_callback(_tasks.discard)
 
 
-def _tokens_supported() -> bool:
-    from agproxy.proxy.exchange import Exchange
-    return hasattr(Exchange, "on_done")
-
-
 def build(sec: Section, ctx: Any) -> RateLimitFilter | None:
     problems_before = len(sec.problems.items)
     route = _route_name(sec, ctx)
@@ -310,10 +305,6 @@ def build(sec: Section, ctx: Any) -> RateLimitFilter | None:
         table = shared_table(ctx.cfg.gateway.rate_limit_buckets)
     f = RateLimitFilter(route, [LocalLimit(s, route) for s in local_specs], remotes, table,
                         getattr(ctx, "metrics", None))
-    if f.charged and not _tokens_supported():
-        # Refused rather than counted as requests: usage is charged by a completion hook.
-        sec.error(None, 'unit = "tokens" needs the exchange\'s completion hooks, which this version lacks')
-        return None
     return f
 
 
