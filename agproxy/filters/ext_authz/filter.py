@@ -120,9 +120,11 @@ class ExtAuthzFilter(Filter):
     def _apply(self, ex: Any, decision: Decision) -> LocalReply | None:
         if not decision.allowed:
             self.decisions.inc(self._keys["denied"])
+            ex.log("ext_authz", "denied")
             ex.error = "ext_authz: denied by the authorization service"
             return decision.reply
         self.decisions.inc(self._keys["allowed"])
+        ex.log("ext_authz", "allowed")
         decision.apply_to_request(ex.request)
         if decision.response_mutations:
             ex.facts[_FACT] = decision
@@ -133,10 +135,13 @@ class ExtAuthzFilter(Filter):
         return None
 
     def _failed(self, ex: Any, failed: Failed) -> LocalReply | None:
+        ex.log("ext_authz_failure", failed.failure)
         if failed.allowed:
             self.decisions.inc(self._keys["error_allowed"])
+            ex.log("ext_authz", "error_allowed")
             return None
         self.decisions.inc(self._keys["error_denied"])
+        ex.log("ext_authz", "error_denied")
         ex.error = f"ext_authz: {failed.failure} (failure_mode closed)"
         err = failed.error
         if type(err) is ErrorAnswer:

@@ -47,8 +47,9 @@ CheckResponse = external_auth_pb2.CheckResponse
 CHECK = "/envoy.service.auth.v3.Authorization/Check"
 
 PARTIAL_BODY = "x-envoy-auth-partial-body"
-# Not passed to the service: connection-level headers, and the ones the gateway sets itself.
-_SKIP = HOP_BY_HOP | {PARTIAL_BODY, "x-request-id", "x-forwarded-proto"}
+# Not passed to the service: connection-level headers, the ones the gateway sets itself,
+# and Host (it is `:authority`, as in Envoy, where an HTTP/1.1 Host becomes :authority).
+_SKIP = HOP_BY_HOP | {PARTIAL_BODY, "x-request-id", "x-forwarded-proto", "host"}
 
 
 class ErrorAnswer(Exception):
