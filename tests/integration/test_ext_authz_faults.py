@@ -177,3 +177,19 @@ def test_every_http_fault_and_recovery(start_gateway, upstream, failure_mode):
         for server in (silent, down, garbage, flaky):
             if server is not None:
                 server.stop()
+
+
+def test_outcomes_are_counted_across_workers(start_gateway, upstream):
+    # Two worker processes: prometheus-client's multiprocess files, written by each worker.
+    gw = start_gateway('''
+[gateway]
+workers = 2
+admin = "127.0.0.1:{admin_port}"
+access_log = "off"
+''' + config(upstream.url, [route("closed", f"127.0.0.1:{free_port()}", "closed"),
+                             route("open", f"127.0.0.1:{free_port()}", "open")]))
+    statuses = [h1_request(gw.port, "GET", p).status for p in ["/closed/x"] * 5 + ["/open/y"] * 3]
+    assert statuses == [403] * 5 + [200] * 3
+    got = outcomes(gw)
+    assert (got[("closed", "error_denied")], got[("open", "error_allowed")]) == (5.0, 3.0)
+    assert 'agproxy_remote_calls_total{dependency="ext_authz",outcome="unreachable"} 8.0' in gw.metrics()

@@ -96,10 +96,10 @@ def build(sec: Section, ctx: Any) -> ExtAuthzFilter | None:
         max_entries = cache_sec.int("max_entries", 10000, min=1, max=1_000_000)
         cache_sec.done()
         cache_key = compile_cel(problems, cache_sec.sub("key"), source) if source is not None else None
-        if cache_key is None or ttl is None or not isinstance(max_entries, int):
-            ok = False
-        elif ttl <= 0:
+        if ttl is not None and ttl <= 0:
             cache_sec.error("ttl", "must be more than 0")
+            ttl = None
+        if cache_key is None or ttl is None or not isinstance(max_entries, int):
             ok = False
         else:
             cache = DecisionCache(ttl, max_entries)
