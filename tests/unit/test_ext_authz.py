@@ -19,7 +19,7 @@ from agproxy.config.reader import ConfigError
 from agproxy.filters.ext_authz.cache import DecisionCache
 from agproxy.filters.ext_authz.decision import (ADD, ADD_IF_ABSENT, APPEND, SET, SET_IF_EXISTS, BadAnswer,
                                                 Decision, apply_mutations, edit_query, mutation_op)
-from agproxy.filters.ext_authz.grpc_check import ErrorAnswer, decide
+from agproxy.filters.ext_authz.grpc_check import Answer, ErrorAnswer, decide
 from agproxy.http.messages import BodyReader, BodyTooLarge, Headers, RequestHead
 from agproxy.proxy.build import build_runtime
 
@@ -142,6 +142,23 @@ def test_error_response_is_an_error_answer():
     with pytest.raises(ErrorAnswer) as info:
         decide(resp)
     assert (info.value.status, info.value.body, info.value.failure) == (503, b"busy", "error")
+
+
+def test_answers_are_decided_once_per_distinct_bytes(monkeypatch):
+    monkeypatch.setattr(Answer, "_memo", {})
+    allow = ext.CheckResponse(status=status_pb2.Status(code=0), ok_response=ext.OkHttpResponse(
+        headers=[hvo("x-user", "alice")])).SerializeToString()
+    first = Answer.FromString(allow)
+    assert first.allowed and Answer.FromString(allow) is first
+    bad = ext.CheckResponse(status=status_pb2.Status(code=0), ok_response=ext.OkHttpResponse(
+        headers=[hvo("x-user", "a\nb")])).SerializeToString()
+    assert type(Answer.FromString(bad)) is BadAnswer          # returned: the caller raises it
+    assert len(Answer._memo) == 1                             # failures are not remembered
+    monkeypatch.setattr(Answer, "MEMO_ENTRIES", 1)
+    other = ext.CheckResponse(status=status_pb2.Status(code=7)).SerializeToString()
+    assert not Answer.FromString(other).allowed and len(Answer._memo) == 1   # full: decided each time
+    with pytest.raises(Exception):
+        Answer.FromString(b"\xff\xff\xff")                    # not protobuf: the client's garbage
 
 
 # -- the cache ---------------------------------------------------------------------------------------

@@ -32,7 +32,8 @@ from agproxy.config.reader import Section
 from agproxy.filters import check_header_name, compile_cel
 from agproxy.filters.ext_authz.cache import DecisionCache
 from agproxy.filters.ext_authz.filter import ExtAuthzFilter
-from agproxy.filters.ext_authz.grpc_check import CHECK, CheckResponse, check_request, decide
+from agproxy.filters.ext_authz.decision import Decision
+from agproxy.filters.ext_authz.grpc_check import CHECK, Answer, check_request
 from agproxy.filters.ext_authz.http_check import HttpCheck
 from agproxy.proxy.registry import EXT_AUTH
 from agproxy.upstream.grpc import GrpcClient, parse_target
@@ -117,15 +118,17 @@ def build(sec: Section, ctx: Any) -> ExtAuthzFilter | None:
         if sec.convert("address", target, parse_target) is None:
             return None
         client = GrpcClient(target, tls=tls, ca_file=ca, insecure=bool(insecure))
-        method = client.unary(CHECK, CheckResponse)
+        method = client.unary(CHECK, Answer)
         timeout = settings.timeout
         context = dict(context) if context else None
 
         async def call(ex: Any, body: bytes | None, partial: bool):
             payload = check_request(ex, include, body, partial, raw_body, context)
-            resp = await method(payload, timeout=timeout, metadata=(("x-request-id", ex.request_id),),
-                                local_deadline=False)
-            return decide(resp)
+            answer = await method(payload, timeout=timeout, metadata=(("x-request-id", ex.request_id),),
+                                  local_deadline=False)
+            if type(answer) is not Decision:
+                raise answer                # BadAnswer / ErrorAnswer
+            return answer
 
         describe.update({"address": address, "include_headers": sorted(include) if include is not None else None,
                          "include_body": None if max_bytes is None else

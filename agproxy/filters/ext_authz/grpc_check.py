@@ -79,7 +79,10 @@ def check_request(ex: Any, include: frozenset[str] | None, body: bytes | None, p
     dst.address = conn.local_host
     dst.port_value = conn.local_port
     r = attrs.request
-    r.time.FromNanoseconds(time.time_ns())
+    ns = time.time_ns()
+    stamp = r.time
+    stamp.seconds = ns // 1_000_000_000     # (Timestamp.FromNanoseconds is Python code: slower)
+    stamp.nanos = ns % 1_000_000_000
     http = r.http
     http.id = ex.request_id
     http.method = req.method
@@ -121,7 +124,9 @@ def check_request(ex: Any, include: frozenset[str] | None, body: bytes | None, p
                 http.body = body.decode("utf-8")
             except UnicodeDecodeError:
                 http.raw_body = body
-    http.headers.update(headers)
+    hmap = http.headers
+    for k, v in headers.items():          # (map.update is the generic Python MutableMapping one)
+        hmap[k] = v
     if context:
         attrs.context_extensions.update(context)
     return msg.SerializeToString()
@@ -147,6 +152,42 @@ def _status(code: int) -> int:
     if not 200 <= code <= 599:
         raise BadAnswer(f"the authorization service asked for HTTP status {code}")
     return code
+
+
+class Answer:
+    """The response type the gRPC client parses the answer with: its bytes → the
+    Decision (or, returned rather than raised so the client does not take it for an
+    unparsable message, the BadAnswer / ErrorAnswer), memoised by those bytes.
+
+    A service answers the same bytes for the same verdict (an allow without changes,
+    the same user's headers), and a Decision is immutable, so the parse and the
+    checks are done once per distinct answer: measured, `decide()` of a one-header
+    allow is ~6 µs, a dict lookup of its 40 bytes ~0.1 µs. Bounded: at most
+    `MEMO_ENTRIES` answers of at most `MEMO_BYTES` bytes are remembered (answers
+    that differ per request, a timestamp in the metadata, fill it and then are
+    decided each time)."""
+
+    MEMO_ENTRIES = 1024
+    MEMO_BYTES = 4096
+    _memo: dict[bytes, Decision] = {}
+
+    @staticmethod
+    def FromString(data: bytes) -> "Decision | BadAnswer | ErrorAnswer":
+        memo = Answer._memo
+        decision = memo.get(data)
+        if decision is not None:
+            return decision
+        resp = CheckResponse.FromString(data)       # DecodeError: the client's "garbage"
+        try:
+            decision = decide(resp)
+        except (BadAnswer, ErrorAnswer) as exc:
+            return exc
+        if len(data) <= Answer.MEMO_BYTES and len(memo) < Answer.MEMO_ENTRIES:
+            memo[data] = decision
+        return decision
+
+
+Answer.__name__ = "CheckResponse"     # what the client's "not a ..." message names
 
 
 def decide(resp: CheckResponse) -> Decision:
