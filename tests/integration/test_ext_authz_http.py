@@ -43,11 +43,12 @@ def test_allowed_request_copies_the_listed_headers_upstream(start_gateway, upstr
         gw = start_gateway(config(upstream.url, auth.url + "/base", '''
 path_prefix = "/check"
 include_headers = ["cookie", "x-tenant"]
-allowed_upstream_headers = ["x-user", "x-role"]
+allowed_upstream_headers = ["x-user", "x-role", "x-team"]
 '''))
         r = h1_request(gw.port, "POST", "/api/v1?x=1", [("Authorization", "Bearer t"), ("Cookie", "s=1"),
                                                        ("x-tenant", "t1"), ("x-other", "o"),
-                                                       ("x-user", "spoofed")], body=b"payload")
+                                                       ("x-user", "spoofed"), ("x-team", "spoofed")],
+                       body=b"payload")
         assert r.status == 200
         check = auth.wait_for(1)[0]
         assert (check["method"], check["target"], check["body"]) == ("POST", "/base/check/api/v1?x=1", b"")
@@ -61,6 +62,7 @@ allowed_upstream_headers = ["x-user", "x-role"]
         assert [v for k, v in h if k == "x-user"] == ["alice"]        # replaced, not added
         assert [v for k, v in h if k == "x-role"] == ["admin"]
         assert "x-not-listed" not in [k for k, _ in h]
+        assert "x-team" not in [k for k, _ in h]        # listed, not in the answer: the client's is gone
         assert seen["body"] == b"payload"
         assert dict(h)["x-request-id"] == dict(check["headers"])["x-request-id"]
     finally:

@@ -61,7 +61,7 @@ def build(sec: Section, ctx: Any) -> ExtAuthzFilter | None:
     body_sec = sec.section("include_body")
     context = sec.str_map("context_extensions", None)
     prefix = sec.str("path_prefix", "")
-    upstream_headers = _names(sec, "allowed_upstream_headers")
+    upstream_headers = _names(sec, "allowed_upstream_headers", allow_reserved=False)
     client_headers = _names(sec, "allowed_client_headers")
     cache_sec = sec.section("cache")
     sec.done()
@@ -151,16 +151,17 @@ def build(sec: Section, ctx: Any) -> ExtAuthzFilter | None:
     return ExtAuthzFilter(_route_name(sec, ctx), sec.path, call, dep,
                           max_bytes=max_bytes, allow_partial=allow_partial, status_on_error=status_on_error,
                           cache=cache, cache_key=cache_key, metrics=getattr(ctx, "metrics", None),
-                          describe=describe)
+                          describe=describe, sets_request_headers=frozenset(upstream_headers or ())
+                          if protocol == "http" else frozenset())
 
 
-def _names(sec: Section, key: str) -> frozenset[str] | None:
+def _names(sec: Section, key: str, allow_reserved: bool = True) -> frozenset[str] | None:
     names = sec.str_list(key, None)
     if names is None:
         return None
     out = set()
     for i, name in enumerate(names):
-        lname = check_header_name(sec.problems, f"{sec.sub(key)}[{i}]", name, allow_reserved=True)
+        lname = check_header_name(sec.problems, f"{sec.sub(key)}[{i}]", name, allow_reserved=allow_reserved)
         if lname is not None:
             out.add(lname)
     return frozenset(out)

@@ -50,8 +50,10 @@ class ExtAuthzFilter(Filter):
     def __init__(self, route: str, path: str, call: Callable[[Any, bytes | None, bool], Any],
                  dep: RemoteDependency, *, max_bytes: int | None, allow_partial: bool,
                  status_on_error: int, cache: DecisionCache | None, cache_key: Any,
-                 metrics: Any, describe: dict):
+                 metrics: Any, describe: dict, sets_request_headers: frozenset[str] = frozenset()):
         self.route = route
+        # Known at load in HTTP mode (allowed_upstream_headers); a gRPC service names its own.
+        self.sets_request_headers = sets_request_headers
         self.path = path
         self._call = call
         self.dep = dep

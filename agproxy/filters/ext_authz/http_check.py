@@ -8,7 +8,8 @@ sent through the gateway's connection pool with no body. It carries the client's
 arrived, repeats kept), and the request id.
 
 The answer: a 2xx allows, and the headers named in `allowed_upstream_headers`
-are set on the upstream request from it. A 5xx is a failure of the service
+are set on the upstream request from it (those it lacks are removed from the
+request, so a client cannot pass its own for the server's). A 5xx is a failure of the service
 (failure_mode decides; as a 502/503/504 from a proxy in front of it would be).
 Anything else is the client's answer: its status, its body (at most
 `MAX_DENIAL_BODY` bytes, else the answer is garbage) and its headers (only
@@ -27,7 +28,7 @@ from agproxy.upstream.origin import Origin
 from agproxy.upstream.pool import get_pool
 
 MAX_DENIAL_BODY = 64 * 1024
-_NOT_TO_CLIENT = HOP_BY_HOP | {"content-length", "host"}
+_NOT_TO_CLIENT = HOP_BY_HOP | {"content-length", "host"}     # the gateway frames, names the host
 ALWAYS_SENT = frozenset({"authorization"})
 
 
@@ -38,14 +39,15 @@ class ServerError(Exception):
 
 
 class HttpCheck:
-    __slots__ = ("origin", "prefix", "include", "upstream_headers", "client_headers")
+    __slots__ = ("origin", "prefix", "include", "upstream_headers", "upstream_set", "client_headers")
 
     def __init__(self, origin: Origin, prefix: str, include: frozenset[str],
                  upstream_headers: tuple[str, ...], client_headers: frozenset[str] | None):
         self.origin = origin
         self.prefix = prefix.rstrip("/")
-        self.include = include | ALWAYS_SENT
+        self.include = (include | ALWAYS_SENT) - _NOT_TO_CLIENT    # never framing or Host: ours
         self.upstream_headers = upstream_headers
+        self.upstream_set = frozenset(upstream_headers)
         self.client_headers = client_headers
 
     def request_headers(self, ex: Any) -> Headers:
@@ -80,7 +82,10 @@ class HttpCheck:
             mutations = tuple((name, check_value(name, value), SET)
                               for name in self.upstream_headers
                               if (value := got.get(name)) is not None)
-            return Decision(True, request_mutations=mutations) if mutations else _ALLOW
+            # A listed header the answer lacks is removed: the client's own never passes
+            # for the server's.
+            absent = self.upstream_set - {m[0] for m in mutations}
+            return Decision(True, request_mutations=mutations, remove=absent)
         allowed = self.client_headers
         headers = Headers([(k, check_value(k, v)) for k, v in resp.headers.items
                            if (k in allowed if allowed is not None else k not in _NOT_TO_CLIENT)])
