@@ -145,15 +145,14 @@ def test_every_http_fault_and_recovery(start_gateway, upstream, failure_mode):
     silent = HttpAuthServer(lambda req: HANG)
     down = HttpAuthServer(lambda req: (503, [("content-type", "text/plain")], b"down"))
     garbage = HttpAuthServer(lambda req: b"SSH-2.0-OpenSSH_9.6\r\n")
-    flaky_port = free_port()
+    flaky = HttpAuthServer(lambda req: (204, [], b""))     # answers, dies, comes back
     faults = {"refused": (f"127.0.0.1:{free_port()}", "unreachable"), "silent": (silent.url, "timeout"),
-              "down": (down.url, "error"), "garbage": (garbage.url, "garbage"),
-              "flaky": (f"http://127.0.0.1:{flaky_port}", "unreachable")}
-    flaky = None
+              "down": (down.url, "error"), "garbage": (garbage.url, "garbage")}
+    servers = [silent, down, garbage, flaky]
     try:
         gw = start_gateway(config(upstream.url, [
             route(f, address, failure_mode, protocol="http", timeout="300ms" if f == "silent" else "2s")
-            for f, (address, _) in faults.items()]))
+            for f, (address, _) in list(faults.items()) + [("flaky", (flaky.url, None))]]))
         expected = 403 if failure_mode == "closed" else 200
         for fault in faults:
             r = h1_request(gw.port, "GET", f"/{fault}/x")
@@ -161,22 +160,25 @@ def test_every_http_fault_and_recovery(start_gateway, upstream, failure_mode):
             if failure_mode == "closed":
                 assert r.body == b"", fault          # never the service's own 503 page
         assert len(down.seen) == 1 and len(silent.seen) == 1
-        flaky = HttpAuthServer(lambda req: (204, [], b""), port=flaky_port)   # the service comes (back)
-        assert h1_request(gw.port, "GET", "/flaky/y").status == 200
+        assert h1_request(gw.port, "GET", "/flaky/before").status == 200
+        flaky.stop()                                  # dies (its kept-alive connection too)
+        assert h1_request(gw.port, "GET", "/flaky/x").status == expected
+        flaky = HttpAuthServer(lambda req: (204, [], b""), port=flaky.port)   # back on its port
+        servers.append(flaky)
+        assert h1_request(gw.port, "GET", "/flaky/after").status == 200
+        opened = [f"/{f}/x" for f in faults] + ["/flaky/x"]
         targets = sorted(s["target"] for s in upstream.seen)
-        assert targets == (["/flaky/y"] if failure_mode == "closed"
-                           else sorted([f"/{f}/x" for f in faults] + ["/flaky/y"]))
+        assert targets == sorted(["/flaky/before", "/flaky/after"] + ([] if failure_mode == "closed" else opened))
         got = outcomes(gw)
-        for fault in faults:
+        for fault in list(faults) + ["flaky"]:
             assert got[(fault, f"error_{'denied' if failure_mode == 'closed' else 'allowed'}")] == 1.0
-        assert got[("flaky", "allowed")] == 1.0
-        records = gw.access_log(len(faults) + 1)
-        failures = {rec["route"]: rec.get("ext_authz_failure") for rec in records if rec["path"] == f"/{rec['route']}/x"}
-        assert failures == {f: failure for f, (_, failure) in faults.items()}
+        assert got[("flaky", "allowed")] == 2.0
+        records = gw.access_log(len(faults) + 3)
+        failures = {rec["route"]: rec.get("ext_authz_failure") for rec in records if rec["path"].endswith("/x")}
+        assert failures == {**{f: failure for f, (_, failure) in faults.items()}, "flaky": "unreachable"}
     finally:
-        for server in (silent, down, garbage, flaky):
-            if server is not None:
-                server.stop()
+        for server in servers:
+            server.stop()
 
 
 def test_outcomes_are_counted_across_workers(start_gateway, upstream):

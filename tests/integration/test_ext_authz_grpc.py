@@ -333,3 +333,21 @@ def test_invalid_header_from_the_service_is_garbage(start_gateway, upstream, aut
     assert (r.status, r.body) == (403, b"")
     assert upstream.seen == []
     assert gw.access_log(1)[-1]["error"] == "ext_authz: garbage (failure_mode closed)"
+
+
+@pytest.mark.parametrize("http2", [False, True])
+def test_partial_body_larger_than_the_buffers_streams_whole(start_gateway, upstream, authz, http2):
+    # 1 MiB peeked: more than the reader's high-water mark (256 KiB) and the HTTP/2 window,
+    # so the peek must keep the client sending; the upstream still gets all 3 MiB.
+    peer, servicer = authz
+    gw = start_gateway(config(upstream.url, route(
+        "big", "/", peer.address, "include_body = { max_bytes = 1048576, allow_partial = true }",
+        timeout="10s")))
+    body = bytes(range(256)) * (3 * 4096)
+    with httpx.Client(http1=not http2, http2=http2, timeout=30) as client:
+        resp = client.post(gw.url("/upload"), content=iter([body[i:i + 65536]
+                                                            for i in range(0, len(body), 65536)]))
+    assert resp.status_code == 200
+    http = servicer.calls[0].request.attributes.request.http
+    assert (http.raw_body, http.headers["x-envoy-auth-partial-body"], http.size) == (body[:1048576], "true", -1)
+    assert upstream.wait_for(1)[0]["body"] == body

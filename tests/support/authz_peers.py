@@ -100,6 +100,10 @@ class HttpAuthServer:
 
     def stop(self) -> None:
         self._closed = True
+        try:
+            self.sock.shutdown(socket.SHUT_RDWR)   # wakes the accept() thread: the port is free
+        except OSError:
+            pass
         self.sock.close()
         with self.cond:
             conns, self._conns = self._conns, []
