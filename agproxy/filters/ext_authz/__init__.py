@@ -124,8 +124,9 @@ def build(sec: Section, ctx: Any) -> ExtAuthzFilter | None:
 
         async def call(ex: Any, body: bytes | None, partial: bool):
             payload = check_request(ex, include, body, partial, raw_body, context)
-            answer = await method(payload, timeout=timeout, metadata=(("x-request-id", ex.request_id),),
-                                  local_deadline=False)
+            # (No request-id metadata: the id is in the CheckRequest, twice; a header that
+            # changes per call costs an HPACK literal on every call.)
+            answer = await method(payload, timeout=timeout, local_deadline=False)
             if type(answer) is not Decision:
                 raise answer                # BadAnswer / ErrorAnswer
             return answer

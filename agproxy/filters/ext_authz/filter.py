@@ -72,7 +72,9 @@ class ExtAuthzFilter(Filter):
         self.cache_lookups = counter(metrics, "ext_authz_cache_lookups",
                                      "Decision cache lookups by route and result (hit, miss)",
                                      ("route", "result")) if cache is not None else None
-        self._keys = {r: (route, r) for r in RESULTS + ("hit", "miss")}
+        # label tuples made once (counters are dicts keyed by them)
+        self._allowed, self._denied, self._error_allowed, self._error_denied = ((route, r) for r in RESULTS)
+        self._hit, self._miss = (route, "hit"), (route, "miss")
 
     # -- per request ------------------------------------------------------------------
     def on_request(self, ex: Any) -> FilterResult:
@@ -87,9 +89,9 @@ class ExtAuthzFilter(Filter):
             if key is not None:
                 decision = cache.get(key)
                 if decision is not None:
-                    self.cache_lookups.inc(self._keys["hit"])
+                    self.cache_lookups.inc(self._hit)
                     return self._apply(ex, decision)
-                self.cache_lookups.inc(self._keys["miss"])
+                self.cache_lookups.inc(self._miss)
         return self._ask(ex, key)
 
     async def _ask(self, ex: Any, key: str | None) -> LocalReply | None:
@@ -121,11 +123,11 @@ class ExtAuthzFilter(Filter):
 
     def _apply(self, ex: Any, decision: Decision) -> LocalReply | None:
         if not decision.allowed:
-            self.decisions.inc(self._keys["denied"])
+            self.decisions.inc(self._denied)
             ex.log("ext_authz", "denied")
             ex.error = "ext_authz: denied by the authorization service"
             return decision.reply
-        self.decisions.inc(self._keys["allowed"])
+        self.decisions.inc(self._allowed)
         ex.log("ext_authz", "allowed")
         decision.apply_to_request(ex.request)
         if decision.response_mutations:
@@ -139,10 +141,10 @@ class ExtAuthzFilter(Filter):
     def _failed(self, ex: Any, failed: Failed) -> LocalReply | None:
         ex.log("ext_authz_failure", failed.failure)
         if failed.allowed:
-            self.decisions.inc(self._keys["error_allowed"])
+            self.decisions.inc(self._error_allowed)
             ex.log("ext_authz", "error_allowed")
             return None
-        self.decisions.inc(self._keys["error_denied"])
+        self.decisions.inc(self._error_denied)
         ex.log("ext_authz", "error_denied")
         ex.error = f"ext_authz: {failed.failure} (failure_mode closed)"
         err = failed.error
