@@ -282,3 +282,4 @@ def problems_cel(source: str) -> str:
     except CelCompileError as exc:
         return str(exc)
     raise AssertionError("expected a compile error")
+

@@ -51,6 +51,7 @@ _KEYS_HTTP_ONLY = ("path_prefix", "allowed_upstream_headers", "allowed_client_he
 
 def build(sec: Section, ctx: Any) -> ExtAuthzFilter | None:
     problems = sec.problems
+    before = len(problems.items)     # (problems are the whole config's: count only ours)
     protocol = sec.str("protocol", "grpc", choices=("grpc", "http"))
     address = sec.str("address")
     settings = remote_settings(sec, default_timeout=DEFAULT_TIMEOUT)
@@ -65,7 +66,7 @@ def build(sec: Section, ctx: Any) -> ExtAuthzFilter | None:
     client_headers = _names(sec, "allowed_client_headers")
     cache_sec = sec.section("cache")
     sec.done()
-    ok = not problems
+    ok = len(problems.items) == before
 
     wrong = _KEYS_HTTP_ONLY if protocol == "grpc" else _KEYS_GRPC_ONLY
     for key in wrong:
@@ -143,8 +144,8 @@ def build(sec: Section, ctx: Any) -> ExtAuthzFilter | None:
         call_http = HttpCheck(origin, origin.base_path + prefix, include or frozenset(),
                               tuple(sorted(upstream_headers or ())), client_headers)
 
-        async def call(ex: Any, body: bytes | None, partial: bool):
-            return await call_http(ex)
+        def call(ex: Any, body: bytes | None, partial: bool):
+            return call_http(ex)          # (the coroutine itself: no frame around it)
 
         describe.update(call_http.describe())
 
