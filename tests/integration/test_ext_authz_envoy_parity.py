@@ -12,6 +12,7 @@ say what agproxy does; these requests stay on the behaviour both implement.
 
 from __future__ import annotations
 
+import httpx
 import pytest
 from envoy.config.core.v3 import base_pb2
 from google.rpc import status_pb2
@@ -177,3 +178,21 @@ def test_same_answers_as_envoy_when_the_server_is_down(world, listener_name, exp
     assert views["agproxy"] == views["envoy"]
     assert views["envoy"][0][0] == expected
     assert len(views["envoy"][1]) == (1 if expected == 200 else 0)
+
+
+def test_same_check_request_as_envoy_over_http2(world):
+    servicer = world["servicer"]
+    views = {}
+    for proxy in ("envoy", "agproxy"):
+        ports, upstream = world[proxy]
+        with httpx.Client(http1=False, http2=True, timeout=10) as client:
+            r = client.post(f"http://127.0.0.1:{ports['main']}/body/h2?x=1", content=b"h2 body",
+                            headers={"x-h2": "yes", "x-list": "a"})
+        calls = [c for c in servicer.calls
+                 if c.request.attributes.destination.address.socket_address.port_value == ports["main"]]
+        view = check_view(calls[-1])
+        authority = f"127.0.0.1:{ports['main']}"
+        assert view[2] == authority and view[7].pop(":authority") == authority     # each its own port
+        views[proxy] = (r.status_code, r.http_version, r.content, view[:2] + view[3:])
+    assert views["agproxy"] == views["envoy"]
+    assert views["envoy"][3][3] == "HTTP/2"
