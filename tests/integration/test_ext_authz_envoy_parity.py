@@ -87,26 +87,33 @@ def world(tmp_path, start_gateway):
     peer.start()
     up_envoy, up_agproxy = RecordingUpstream(), RecordingUpstream()
     dead = free_port()
-    ports = {name: free_port() for name in ("main", "down_closed", "down_open")}
+    ports = {name: free_port() for name in ("main", "down_closed", "down_open", "partial")}
 
-    def authz_filter(cluster_name: str, allow: bool) -> dict:
-        return {"name": "envoy.filters.http.ext_authz", "typed_config": {
+    def authz_filter(cluster_name: str, allow: bool, partial: bool = False) -> dict:
+        config = {
             "@type": "type.googleapis.com/envoy.extensions.filters.http.ext_authz.v3.ExtAuthz",
             "transport_api_version": "V3",
             "grpc_service": {"envoy_grpc": {"cluster_name": cluster_name}, "timeout": "1s"},
-            "with_request_body": {"max_request_bytes": 32},
-            "failure_mode_allow": allow}}
+            "with_request_body": {"max_request_bytes": 16 if partial else 32, "allow_partial_message": partial},
+            "failure_mode_allow": allow}
+        if partial:
+            config["allowed_headers"] = {"patterns": [{"exact": "x-tenant"}]}
+        return {"name": "envoy.filters.http.ext_authz", "typed_config": config}
     envoy = EnvoyProcess({"static_resources": {
         "listeners": [listener("main", ports["main"], [authz_filter("authz", False)], "up"),
                       listener("down_closed", ports["down_closed"], [authz_filter("dead", False)], "up"),
-                      listener("down_open", ports["down_open"], [authz_filter("dead", True)], "up")],
+                      listener("down_open", ports["down_open"], [authz_filter("dead", True)], "up"),
+                      listener("partial", ports["partial"], [authz_filter("authz", False, partial=True)], "up")],
         "clusters": [cluster("up", up_envoy.port), cluster("authz", peer.port, http2=True),
                      cluster("dead", dead, http2=True)]}}, tmp_path)
 
-    a_ports = {"down_closed": free_port(), "down_open": free_port()}
+    a_ports = {"down_closed": free_port(), "down_open": free_port(), "partial": free_port()}
     routes = ""
-    for lst, address, mode in (("main", peer.address, "closed"), ("down_closed", f"127.0.0.1:{dead}", "closed"),
-                               ("down_open", f"127.0.0.1:{dead}", "open")):
+    for lst, address, mode, body in (
+            ("main", peer.address, "closed", "{ max_bytes = 32 }"),
+            ("down_closed", f"127.0.0.1:{dead}", "closed", "{ max_bytes = 32 }"),
+            ("down_open", f"127.0.0.1:{dead}", "open", "{ max_bytes = 32 }"),
+            ("partial", peer.address, "closed", '{ max_bytes = 16, allow_partial = true }\ninclude_headers = ["x-tenant"]')):
         routes += f'''
 [[route]]
 name = "{lst}"
@@ -117,7 +124,7 @@ backend = "app"
 address = "{address}"
 timeout = "1s"
 failure_mode = "{mode}"
-include_body = {{ max_bytes = 32 }}
+include_body = {body}
 '''
     gw = start_gateway(f'''
 [[listener]]
@@ -129,6 +136,9 @@ bind = "127.0.0.1:{a_ports["down_closed"]}"
 [[listener]]
 name = "down_open"
 bind = "127.0.0.1:{a_ports["down_open"]}"
+[[listener]]
+name = "partial"
+bind = "127.0.0.1:{a_ports["partial"]}"
 {routes}
 [backend.app]
 type = "http"
@@ -196,3 +206,21 @@ def test_same_check_request_as_envoy_over_http2(world):
         views[proxy] = (r.status_code, r.http_version, r.content, view[:2] + view[3:])
     assert views["agproxy"] == views["envoy"]
     assert views["envoy"][3][3] == "HTTP/2"
+
+
+def test_same_partial_body_and_allowed_headers_as_envoy(world):
+    servicer = world["servicer"]
+    body = b"0123456789abcdefghijklmnopqrstuvwxyz0123"          # 40 bytes, 16 sent
+    views = {}
+    for proxy in ("envoy", "agproxy"):
+        ports, upstream = world[proxy]
+        r = h1_request(ports["partial"], "POST", "/body/partial", [("x-tenant", "t1"), ("x-other", "o"), ("x-list", "a")],
+                       body)
+        calls = [c for c in servicer.calls
+                 if c.request.attributes.destination.address.socket_address.port_value == ports["partial"]]
+        rec = upstream.wait_for(1)[-1]
+        views[proxy] = (client_view(r), upstream_view(rec), check_view(calls[-1]))
+    assert views["agproxy"] == views["envoy"]
+    _, (_, _, upstream_body, _), (_, _, _, _, _, _, sent, headers, _) = views["envoy"]
+    assert (upstream_body, sent, headers) == (body, body[:16].decode(), {"x-tenant": "t1",
+                                                                         "x-envoy-auth-partial-body": "true"})
