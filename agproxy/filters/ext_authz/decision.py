@@ -24,7 +24,7 @@ from urllib.parse import parse_qsl, quote
 
 from agproxy.filters import RESERVED_HEADERS, header_value_ok
 from agproxy.http.messages import Headers, RequestHead
-from agproxy.proxy.filter import LocalReply
+from agproxy.proxy.contract import LocalReply
 
 __all__ = ["SET", "APPEND", "ADD", "ADD_IF_ABSENT", "SET_IF_EXISTS", "Decision", "BadAnswer",
            "apply_mutations", "mutation_op", "valid_name", "edit_query", "denied_reply"]

@@ -6,11 +6,12 @@ Theory of operation: per request, `on_request`
    is applied at once, synchronously (no task, no call);
 2. otherwise returns the call as an awaitable: the body part when the route
    includes the body (`ex.body`, buffered by the exchange up to `max_bytes`, or,
-   with `allow_partial`, the first `max_bytes` bytes peeked from the stream, left
-   for the backend to read), then one call under the dependency's deadline
+   with `allow_partial`, the first `max_bytes` bytes peeked (`ex.peek_body`), left
+   for the backend to stream), then one call under the dependency's deadline
    (upstream/remote.py), whose result is a `Decision` or a `Failed`;
 3. applies the decision: a denial is the client's answer; an allowed request gets
-   its header and query changes, keeps the response changes for `on_response`,
+   its header and query changes, keeps the response changes for `on_response`
+   (`ex.ext_authz`),
    and the dynamic metadata for CEL (`ext_authz.metadata`); a failure lets the
    request through (`failure_mode = "open"`) or answers `status_on_error`, with
    an empty body as Envoy does (or the service's `error_response`).
@@ -28,14 +29,12 @@ from agproxy.filters import eval_errors
 from agproxy.filters.ext_authz.cache import DecisionCache
 from agproxy.filters.ext_authz.decision import Decision, apply_mutations, denied_reply
 from agproxy.filters.ext_authz.grpc_check import ErrorAnswer
-from agproxy.http.messages import ResponseHead
-from agproxy.proxy.filter import Filter, FilterResult, LocalReply
+from agproxy.proxy.contract import Filter, FilterResult, LocalReply, Response
 from agproxy.telemetry.counters import counter
 from agproxy.upstream.remote import Failed, RemoteDependency
 
 log = logging.getLogger("agproxy.policy")
 
-_FACT = "ext_authz"          # ex.facts: the allowed Decision whose response changes are pending
 RESULTS = ("allowed", "denied", "error_allowed", "error_denied")
 
 
@@ -99,15 +98,9 @@ class ExtAuthzFilter(Filter):
         partial = False
         limit = self.max_bytes
         if limit is not None:
-            stream_body = ex.stream.body
-            if self.allow_partial and ex.body is not None:     # another filter buffered it all
-                body = ex.body[:limit]
-                partial = len(ex.body) > limit
-            elif self.allow_partial:
-                if not stream_body.at_eof:
-                    body = await stream_body.peek(limit)
-                    partial = not (stream_body.complete and len(body) == stream_body.received
-                                   - stream_body.consumed)
+            if self.allow_partial:
+                body, whole = await ex.peek_body(limit)
+                partial = not whole
             else:
                 body = ex.body
                 if body is not None and len(body) > limit:
@@ -131,7 +124,7 @@ class ExtAuthzFilter(Filter):
         ex.log("ext_authz", "allowed")
         decision.apply_to_request(ex.request)
         if decision.response_mutations:
-            ex.facts[_FACT] = decision
+            ex.ext_authz = decision
         meta = decision.metadata
         if meta is not None:
             view = {"metadata": meta}
@@ -152,10 +145,10 @@ class ExtAuthzFilter(Filter):
             return denied_reply(err.status or self.error_reply.status, err.headers, err.body)
         return self.error_reply
 
-    def on_response(self, ex: Any, head: ResponseHead) -> None:
-        decision = ex.facts.get(_FACT)
+    def on_response(self, ex: Any, resp: Response) -> None:
+        decision = ex.ext_authz
         if decision is not None:
-            apply_mutations(head.headers, decision.response_mutations)
+            apply_mutations(resp.headers, decision.response_mutations)
 
     def describe(self) -> dict:
         return {"type": self.name, **self._describe}

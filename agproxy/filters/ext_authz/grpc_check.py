@@ -108,13 +108,11 @@ def check_request(ex: Any, include: frozenset[str] | None, body: bytes | None, p
             if k in include and k != PARTIAL_BODY:
                 old = headers.get(k)
                 headers[k] = v if old is None else f"{old},{v}"
-    declared = req.headers.get("content-length")
-    if declared is not None and declared.isdigit():
-        http.size = int(declared)
-    elif body is not None and not partial:
-        http.size = len(body)
-    elif not ex.stream.body.at_eof:
-        http.size = -1
+    size = ex.body_size()
+    if size == -1 and body is not None and not partial:
+        size = len(body)            # the whole body, peeked
+    if size:
+        http.size = size
     if body is not None:
         headers[PARTIAL_BODY] = "true" if partial else "false"
         if raw_body:

@@ -23,7 +23,7 @@ from typing import Any
 
 from agproxy.filters.ext_authz.decision import SET, BadAnswer, Decision, check_value
 from agproxy.http.messages import HOP_BY_HOP, BodyTooLarge, Headers
-from agproxy.proxy.filter import LocalReply
+from agproxy.proxy.contract import LocalReply
 from agproxy.upstream.origin import Origin
 from agproxy.upstream.pool import get_pool
 
