@@ -65,10 +65,10 @@ class ExtAuthzFilter(Filter):
         self.cache = cache
         self.cache_key = cache_key
         self._describe = describe
-        self.decisions = counter(metrics, "ext_authz_decisions",
+        self.decisions = counter(metrics, "_ext_authz_decisions",
                                  "External authorization outcomes by route and result (allowed, denied, "
                                  "error_allowed, error_denied)", ("route", "result"))
-        self.cache_lookups = counter(metrics, "ext_authz_cache_lookups",
+        self.cache_lookups = counter(metrics, "_ext_authz_cache_lookups",
                                      "Decision cache lookups by route and result (hit, miss)",
                                      ("route", "result")) if cache is not None else None
         # label tuples made once (counters are dicts keyed by them)
