@@ -32,6 +32,13 @@ to an `openapi_mcp` backend whose tool is a GET of the nginx (the gateway is the
 server: validation, the REST call, the tool result).
 h1-limit / h2-limit = a route with one local rate limit keyed on a header, and
 h1-redis = the same limit kept in Redis (a redis-server is started for it).
+h1-extauthz / h2-extauthz = a plain route behind gRPC `[route.ext_authz]`, one
+Check call per request to a grpcio server (benchmarks/harness/authz.py, on the
+upstream's core, allowing with one header); h1-authzcached = the same with the
+decision cache on the request path (every request after the first is a hit).
+Those two routes (and the authorization server) are set up only when one of their
+scenarios runs: each route ahead of the catch-all `/` costs the plain route ~2.3k
+instructions of matching.
 
 With `--tracing`, the export thread's work during the measured window is counted too
 (valgrind counts every thread of the process), so the figure is the whole cost of tracing.
@@ -40,6 +47,7 @@ With `--tracing`, the export thread's work during the measured window is counted
 from __future__ import annotations
 
 import argparse
+import os
 import shutil
 import subprocess
 import sys
@@ -71,6 +79,10 @@ SCENARIOS = {
     "h1-limit": (["--h1", "-c", "16", "-m", "1"], proxies.LIMIT_PREFIX + "/", "limit"),
     "h2-limit": (["-c", "16", "-m", "10"], proxies.LIMIT_PREFIX + "/", "limit"),
     "h1-redis": (["--h1", "-c", "16", "-m", "1"], proxies.REDIS_PREFIX + "/", "limit"),
+    # one gRPC Check per request (the authorization server runs on the upstream's core)
+    "h1-extauthz": (["--h1", "-c", "16", "-m", "1"], proxies.EXT_AUTHZ_PREFIX + "/", False),
+    "h2-extauthz": (["-c", "16", "-m", "10"], proxies.EXT_AUTHZ_PREFIX + "/", False),
+    "h1-authzcached": (["--h1", "-c", "16", "-m", "1"], proxies.EXT_AUTHZ_CACHED_PREFIX + "/", False),
 }
 MCP_SCENARIOS = {"h1-post", "h1-mcp", "h1-mcp-policy", "h1-openapi-mcp"}
 
@@ -151,7 +163,7 @@ def main() -> int:
     try:
         tls = keys.make_tls(workdir)
         jwt_files = keys.make_jwt(workdir)
-        free = iter(free_ports(10))
+        free = iter(free_ports(11))
         ports = proxies.Ports(next(free), next(free), next(free), agproxy_admin=next(free))
         ports.proxy["agproxy"] = {"h1": next(free)}
         up = proxies.upstream_spec(workdir, ports, tls)
@@ -164,8 +176,19 @@ def main() -> int:
             sup.start("redis", ["redis-server", "--port", str(redis_port), "--save", "",
                                 "--appendonly", "no"], core=1)
             wait_redis(redis_port)
+        authz_address = None
+        if any("authz" in n for n in args.scenarios):
+            authz_port = next(free)
+            authz = sup.start("authz", [sys.executable, "-m", "harness.authz", str(authz_port)], core=1,
+                              env={**os.environ, "PYTHONPATH": str(Path(__file__).resolve().parent)})
+            deadline = time.monotonic() + 30
+            while "ready" not in authz.log_path.read_text(errors="replace"):
+                if not authz.alive() or time.monotonic() > deadline:
+                    raise SystemExit(f"authorization server did not start:\n{authz.log_tail()}")
+                time.sleep(0.1)
+            authz_address = f"127.0.0.1:{authz_port}"
         spec = proxies.agproxy_spec(workdir, ports, tls, jwt_files, h2_upstream=True, mcp=True,
-                                    rate_limits=True, redis_port=redis_port)
+                                    rate_limits=True, redis_port=redis_port, ext_authz=authz_address)
         call = workdir / "mcp-call.json"
         call.write_bytes(proxies.MCP_CALL)
         if args.tracing is not None:
@@ -205,7 +228,7 @@ def main() -> int:
             plain, policy = results.get(f"{proto}-plain"), results.get(f"{proto}-policy")
             if plain and policy:
                 print(f"{proto} plain ÷ policy (the req/s ratio if CPU were all): {plain / policy:.3f}")
-            for other in ("limit", "redis"):
+            for other in ("limit", "redis", "extauthz", "authzcached"):
                 cost = results.get(f"{proto}-{other}")
                 if plain and cost:
                     print(f"{proto}-{other} ÷ {proto}-plain: {cost / plain:.3f}")

@@ -7,7 +7,7 @@ other modules of the package need of it at evaluation time.
 
 from __future__ import annotations
 
-VARIABLES = ("request", "source", "jwt", "mcp", "llm", "response")
+VARIABLES = ("request", "source", "jwt", "mcp", "llm", "response", "ext_authz")
 
 _RESERVED_PREFIX = "__agproxy"
 _OK_FUNCTION = "__agproxy_ok"

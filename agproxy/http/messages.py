@@ -111,13 +111,15 @@ class Headers:
 class ConnInfo:
     """What the gateway knows about the client connection."""
 
-    __slots__ = ("peer_host", "peer_port", "local_port", "tls", "alpn", "sni", "listener")
+    __slots__ = ("peer_host", "peer_port", "local_port", "tls", "alpn", "sni", "listener", "local_host")
 
     def __init__(self, peer_host: str, peer_port: int, local_port: int, tls: bool,
-                 alpn: str | None = None, sni: str | None = None, listener: str = ""):
+                 alpn: str | None = None, sni: str | None = None, listener: str = "",
+                 local_host: str = ""):
         self.peer_host = peer_host
         self.peer_port = peer_port
         self.local_port = local_port
+        self.local_host = local_host    # the address the client connected to ("" if unknown)
         self.tls = tls
         self.alpn = alpn
         self.sni = sni
@@ -294,6 +296,37 @@ class BodyReader:
             self._paused = False
             self.resume()
         return data
+
+    async def peek(self, n: int) -> bytes:
+        """Up to the first `n` unread bytes, once that many arrived or the body ended,
+        without consuming them: the next reader gets them again (ext_authz with a
+        partial body looks at the start of a body the backend then streams). While it
+        waits, the adapter is not paused below `n` buffered bytes."""
+        if self.on_first_read is not None:
+            cb, self.on_first_read = self.on_first_read, None
+            cb()
+        saved = self.high_water
+        if n > saved:
+            self.high_water = n
+            if self._paused and self.resume is not None:
+                self._paused = False
+                self.resume()
+        try:
+            while self._size < n and not self._eof:
+                if self._error is not None:
+                    raise self._error
+                self._waiter = asyncio.get_running_loop().create_future()
+                await self._waiter
+            if self._error is not None and type(self._error) is BodyTooLarge:
+                raise self._error
+        finally:
+            self.high_water = saved
+            if self._size > saved and not self._paused and self.pause is not None:
+                self._paused = True
+                self.pause()
+        if len(self._chunks) > 1:
+            self._chunks = [b"".join(self._chunks)]
+        return self._chunks[0][:n] if self._chunks else b""
 
     async def read_all(self, limit: int) -> bytes:
         parts = []

@@ -70,13 +70,14 @@ class Exchange:
 
     Facts (typed slots; None until a policy sets them): `jwt_claims`, `jwt_token`,
     `jwt_provider` (the verified caller, set by authentication), `obo_token` (the
-    token minted for the upstream), `mcp` / `llm` (proxy/facts.py), `attempts`
-    (the upstream calls, in order). Filters and backends use the methods below,
+    token minted for the upstream), `mcp` / `llm` (proxy/facts.py), `ext_authz`
+    (the external authorization service's allow, with its response changes:
+    filters/ext_authz/decision.py), `attempts` (the upstream calls, in order). Filters and backends use the methods below,
     never `stream`.
     """
 
     __slots__ = ("stream", "request", "conn", "route", "request_id", "start", "jwt_claims",
-                 "jwt_token", "jwt_provider", "obo_token", "mcp", "llm", "_attempts", "body",
+                 "jwt_token", "jwt_provider", "obo_token", "mcp", "llm", "ext_authz", "_attempts", "body",
                  "response", "status", "bytes_out", "error", "log_extra", "span", "_activation",
                  "_cel_extra", "_done", "rate_limit")
 
@@ -98,6 +99,7 @@ class Exchange:
         self.obo_token: str | None = None
         self.mcp: "McpRequest | None" = None
         self.llm: "LlmCall | None" = None
+        self.ext_authz = None                   # an allowed ext_authz Decision with response changes
         self._attempts: tuple[tuple, ...] | None = None   # Attempt fields, as plain tuples
         self.body: bytes | None = None          # the buffered request body, once read
         self.response: Response | None = None   # what is being committed
@@ -121,6 +123,29 @@ class Exchange:
         elif len(body) > limit:
             raise BodyTooLarge(f"request body exceeds {limit} bytes")
         return body
+
+    async def peek_body(self, limit: int) -> tuple[bytes, bool]:
+        """The first `limit` bytes of the request body without consuming them (the
+        backend still gets the whole body, streamed), and whether that is all of it.
+        Waits until `limit` bytes arrived or the body ended."""
+        body = self.body
+        if body is not None:
+            return body[:limit], len(body) <= limit
+        reader = self.stream.body
+        if reader.at_eof:
+            return b"", True
+        data = await reader.peek(limit)
+        return data, reader.complete and len(data) == reader.received - reader.consumed
+
+    def body_size(self) -> int:
+        """The request body's length as known now: `content-length`, the buffered
+        body's length, 0 when the request has none, -1 when it is still arriving."""
+        declared = self.request.headers.get("content-length")
+        if declared is not None and declared.isdigit():
+            return int(declared)
+        if self.body is not None:
+            return len(self.body)
+        return 0 if self.stream.body.at_eof else -1
 
     def request_body(self) -> tuple[bytes | BodyReader | None, int | None]:
         """What to send upstream: the buffered bytes, the live stream, or nothing;

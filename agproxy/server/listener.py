@@ -127,6 +127,9 @@ class Listener:
         self.sock: socket.socket | None = None
         self.loop: asyncio.AbstractEventLoop | None = None
         self.port = cfg.port
+        # The address clients connect to, for ConnInfo.local_host: the bound one, or
+        # (a wildcard bind) asked of each accepted socket.
+        self._local_host = "" if cfg.host in ("0.0.0.0", "::", "") else cfg.host
 
     def start(self) -> None:
         self.loop = asyncio.get_running_loop()
@@ -189,7 +192,13 @@ class Listener:
 
     def _serve(self, csock: socket.socket, addr, tls: bool) -> None:
         peer_host, peer_port = addr[0], addr[1]
-        info = ConnInfo(peer_host, peer_port, self.port, tls, listener=self.name)
+        local = self._local_host
+        if not local:
+            try:
+                local = csock.getsockname()[0]
+            except OSError:
+                local = ""
+        info = ConnInfo(peer_host, peer_port, self.port, tls, listener=self.name, local_host=local)
         if not tls:
             proto = self._protocol(info)
             self.loop.create_task(self._connect(csock, proto, None))

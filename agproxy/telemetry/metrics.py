@@ -29,6 +29,12 @@ an OpenTelemetry resource) carries the resource attributes as labels
 (telemetry/resource.py), the same ones exported spans carry. Every series is listed in
 docs/metrics.md; tests/integration/test_metrics_catalogue.py fails on one that is not.
 
+Calls to remote dependencies (ext_authz, the rate-limit service, Redis) are
+counted by upstream/remote.py in its own process-wide table; they are exposed as
+`<prefix>_remote_calls_total{dependency, outcome}`: read at scrape time with one
+process, added to prometheus-client's children by `flush()` (the difference since
+the last flush) with several workers.
+
 Label values never come from the client unbounded: routes, backends, listeners and
 upstream authorities are names from the config; statuses are three digits; a method
 outside the standard set is `_OTHER`; flood kinds are h2_budget.KINDS.
@@ -46,6 +52,7 @@ from prometheus_client.core import CounterMetricFamily, HistogramMetricFamily, I
 from prometheus_client.utils import floatToGoString
 
 from agproxy.http import h2_budget
+from agproxy.upstream.remote import outcome_counts
 
 _BUCKETS = (0.0005, 0.001, 0.0025, 0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1, 2.5, 5, 10, 30, 60)
 _BUCKET_LABELS = tuple(floatToGoString(b) for b in _BUCKETS) + ("+Inf",)
@@ -58,6 +65,8 @@ _REQUESTS_HELP = "Requests answered, by route, method and status"
 _DURATION_HELP = "Time from request head to response end"
 _UPSTREAM_HELP = "Time from sending upstream to the response head"
 _FLOOD_HELP = "HTTP/2 connections ended with ENHANCE_YOUR_CALM, by the budget spent (http/h2_budget.py)"
+_REMOTE_HELP = ("Calls to remote dependencies (ext_authz, rate-limit service, Redis) by outcome: "
+                "ok, timeout, unreachable, error, garbage")
 
 
 def _new_histogram() -> list:
@@ -91,6 +100,9 @@ class Metrics:
                 self.http2_flood.labels(kind)
             self._flood_written = dict(h2_budget.TRIPS)
             h2_budget.on_trip = self._flood_tripped
+            self.remote_calls = Counter(f"{p}_remote_calls", _REMOTE_HELP, ["dependency", "outcome"],
+                                        registry=r)
+            self._remote_flushed: dict[tuple[str, str], int] = {}
         else:
             r.register(_DataPathCollector(self))
         self.upstream_connect_seconds = Histogram(f"{p}_upstream_connect_duration_seconds",
@@ -173,6 +185,7 @@ class Metrics:
             if n != written.get(kind, 0):
                 self.http2_flood.labels(kind).inc(n - written.get(kind, 0))
                 written[kind] = n
+        self._flush_remote()
         if self._requests:
             pending, self._requests = self._requests, {}
             for key, n in pending.items():
@@ -196,6 +209,16 @@ class Metrics:
                 for i in range(1, len(hist)):
                     if hist[i]:
                         buckets[i - 1].inc(hist[i])
+
+    def _flush_remote(self) -> None:
+        flushed = self._remote_flushed
+        for name, counts in outcome_counts().items():
+            for outcome, n in counts.items():
+                key = (name, outcome)
+                delta = n - flushed.get(key, 0)
+                if delta > 0:
+                    self.remote_calls.labels(name, outcome).inc(delta)
+                    flushed[key] = n
 
     def expose(self) -> bytes:
         if self.multiprocess:
@@ -227,6 +250,13 @@ class _DataPathCollector:
         for kind, n in list(h2_budget.TRIPS.items()):
             flood.add_metric([kind], n)
         yield flood
+        counts_by_name = outcome_counts()
+        if counts_by_name:
+            remote = CounterMetricFamily(f"{p}_remote_calls", _REMOTE_HELP, labels=["dependency", "outcome"])
+            for name, counts in counts_by_name.items():
+                for outcome, n in counts.items():
+                    remote.add_metric([name, outcome], n)
+            yield remote
 
 
 class _TargetInfo:

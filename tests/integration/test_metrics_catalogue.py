@@ -19,6 +19,7 @@ import httpx
 from prometheus_client.parser import text_string_to_metric_families
 
 from tests.support.gateway import ROOT
+from tests.support.grpc_peers import authorization_peer
 from tests.support.idp import IdP
 from tests.support.otlp import OtlpReceiver
 
@@ -83,6 +84,8 @@ def test_every_series_on_metrics_is_in_the_catalogue(start_gateway, upstream_ech
     jwks.write_text(idp.jwks_json())
     idp.close()
     receiver = OtlpReceiver().start()
+    authz, _ = authorization_peer()             # allows everything
+    authz.start()
     toml = f'''
 [telemetry]
 tracing = {{ otlp_endpoint = "{receiver.url}", sampling = 1.0 }}
@@ -111,6 +114,15 @@ name = "echo"
 match = {{ path_prefix = "/api" }}
 backend = "echo"
 
+[[route]]
+name = "authz"
+match = {{ path_prefix = "/authz" }}
+backend = "echo"
+[route.ext_authz]
+address = "{authz.address}"
+timeout = "5s"
+cache = {{ key = "request.path", ttl = "60s" }}
+
 [backend.echo]
 type = "http"
 url = "{upstream_echo.url}"
@@ -129,6 +141,8 @@ body = "hi"
             assert h1.get(gw.url("/nothing-here-9c1d")).status_code == 404
             assert h1.get(gw.url("/secure/x"), headers={"authorization": f"Bearer {token}"}).status_code == 200
             assert h1.get(gw.url("/secure/x"), headers={"authorization": "Bearer nope"}).status_code == 401
+            for _ in range(2):                                               # ext_authz: a miss, a hit
+                assert h1.get(gw.url("/authz/raw-path-7f3a")).status_code == 200
         ca = ssl.create_default_context(cafile=certs["ca"])
         with httpx.Client(http2=True, verify=ca) as tls:           # TLS, ALPN h2
             r = tls.get(gw.url("/api/over-tls", scheme="https"))
@@ -148,6 +162,7 @@ body = "hi"
         text = gw.metrics()
     finally:
         receiver.stop()
+        authz.stop(0)
 
     rows = catalogue()
     seen = exposed(text)
@@ -163,7 +178,9 @@ body = "hi"
     # What this traffic must have produced, so the comparison above saw them.
     for name in ("agproxy_requests_total", "agproxy_request_duration_seconds", "agproxy_active_connections",
                  "agproxy_upstream_request_duration_seconds", "agproxy_upstream_connect_duration_seconds",
-                 "agproxy_config_reloads_total", "agproxy_tracing_spans_exported_total", "target_info"):
+                 "agproxy_config_reloads_total", "agproxy_tracing_spans_exported_total", "target_info",
+                 "agproxy_ext_authz_decisions_total", "agproxy_ext_authz_cache_lookups_total",
+                 "agproxy_remote_calls_total"):
         assert name in seen, f"{name} missing from /metrics"
     # Bounded labels: none of the client's paths, methods or identities is a label value.
     values = {v for fam in text_string_to_metric_families(text) for s in fam.samples for v in s.labels.values()}

@@ -49,7 +49,7 @@ def std():
 def test_exception_hierarchy():
     assert issubclass(CelCompileError, CelError)
     assert issubclass(CelEvalError, CelError)
-    assert cel.VARIABLES == ("request", "source", "jwt", "mcp", "llm", "response")
+    assert cel.VARIABLES == ("request", "source", "jwt", "mcp", "llm", "response", "ext_authz")
 
 
 @pytest.mark.parametrize("source, words", [

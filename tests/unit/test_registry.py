@@ -78,24 +78,32 @@ endpoint = "http://127.0.0.1:9"
 
 # -- what this version does not build ------------------------------------------------------
 
-def test_planned_policies_are_refused_with_their_path_in_stage_order():
-    # The TOML lists them in another order: the problems follow the filter order.
+def test_every_policy_key_of_the_registry_is_built():
+    # No policy is planned any more: each key maps to a module that declares it.
+    from agproxy.proxy import registry
+    assert registry.PLANNED_STAGES == {}
+    for key in registry.policy_keys():
+        module = registry.policy(key)
+        assert module is not None and module.KEY == key, key
+
+
+def test_problems_follow_the_filter_order():
+    # The TOML lists ext_authz first: the problems follow the filter order.
     assert problems("""
 [[route]]
 name = "agents"
 backend = "echo"
 
-[[route.rate_limit.local]]
-key = "jwt.sub"
-capacity = 100
-refill = { tokens = 100, every = "60s" }
-
 [route.ext_authz]
 protocol = "grpc"
-address = "127.0.0.1:9191"
 
+[[route.rate_limit.local]]
+key = "jwt.sub"
+capacity = 0
+refill = { tokens = 100, every = "60s" }
 """) == [
-        "route[0].ext_authz: not supported in this version",
+        "route[0].rate_limit.local[0].capacity: must be >= 1, got 0",
+        "route[0].ext_authz.address: required",
     ]
 
 
