@@ -141,15 +141,19 @@ class BucketTable:
             if new - now > burst:
                 return now + burst - new
             if k != h:
-                if k and q[t] > now:
-                    self.evictions += 1
-                    if self.on_evict is not None:
-                        self.on_evict()
-                q[KEYS + j] = h
+                self._claim(q, j, k, h, t, now)
             q[t] = new
             return new
         finally:
             lock.release()
+
+    def _claim(self, q, j: int, k: int, h: int, t: int, now: int) -> None:
+        """Slot j now holds key h; a live bucket of another key k there is evicted."""
+        if k and q[t] > now:
+            self.evictions += 1
+            if self.on_evict is not None:
+                self.on_evict()
+        q[KEYS + j] = h
 
     def charge(self, h: int, interval: int, cost: int, now: int) -> int:
         """Take `cost` tokens whatever is left (the bucket may go into debt): usage
@@ -168,11 +172,7 @@ class BucketTable:
                 tat = now
             new = tat + cost * interval
             if k != h:
-                if k and q[t] > now:
-                    self.evictions += 1
-                    if self.on_evict is not None:
-                        self.on_evict()
-                q[KEYS + j] = h
+                self._claim(q, j, k, h, t, now)
             q[t] = new
             return new
         finally:
