@@ -49,6 +49,7 @@ class Worker:
         self.listeners: list[Listener] = []
         self.admin_listener: Listener | None = None
         self.tracker = ConnectionTracker()
+        self.admin_tracker = ConnectionTracker()   # its own: not counted as client traffic, not drained
         self.ready = False
         self._stop: asyncio.Event | None = None
         self._draining = False
@@ -94,7 +95,7 @@ class Worker:
         host, port = runtime.gateway.admin  # type: ignore[misc]
         admin = Admin(lambda: self.runtime, self.metrics, self.not_ready)
         self.admin_listener = Listener(ListenerConfig("admin", host, port), runtime.gateway,
-                                       admin.handle, ConnectionTracker(), shared=False)
+                                       admin.handle, self.admin_tracker, shared=False)
         self.admin_listener.start()
 
     def not_ready(self) -> list[str]:
@@ -166,7 +167,11 @@ class Worker:
 
         def sweep() -> None:
             gateway = self.runtime.gateway
-            sweep_connections(self.tracker.conns, gateway.idle_timeout, time.monotonic())
+            now = time.monotonic()
+            sweep_connections(self.tracker.conns, gateway.idle_timeout, now)
+            # The admin port (metrics, /config; bound to the pod network by the sidecar
+            # example) gets the same idle and head deadlines as the data ports.
+            sweep_connections(self.admin_tracker.conns, gateway.idle_timeout, now)
             loop.call_later(sweep_interval(gateway), sweep)
 
         loop.call_later(sweep_interval(self.runtime.gateway), sweep)
