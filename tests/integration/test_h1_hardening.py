@@ -2,7 +2,7 @@
 half-close, the h2c preface sniff, underscore header names, a second instance.
 
 Real sockets on 127.0.0.1: raw clients → the agproxy binary → `StrictUpstream`, a
-recording upstream that parses with httptools (llhttp, as Node does) and reports
+recording upstream on StrictHTTPServer (llhttp, as Node does) that reports
 what it saw: request heads as they arrive, complete requests, connections closed and
 whether a response it was writing was cut off. Tests wait on its events with
 deadlines, never on time.
@@ -21,35 +21,53 @@ import weakref
 import h2.config
 import h2.connection
 import h2.events
-import httptools
 import pytest
 
 from tests.support.gateway import GatewayProcess
 from tests.support.idp import IdP
+from tests.support.strict_http import Conn, Request, StrictHTTPServer
 
 
 class StrictUpstream:
-    """A threaded HTTP/1.1 upstream parsing with httptools; a parse error closes its connection.
+    """A recording upstream on StrictHTTPServer (llhttp; a refused request gets 400 and closes
+    its connection, and is listed in `errors`).
 
     `GET /big?n=N` answers N bytes (content-length) written in 64 KiB pieces; anything
-    else answers 200 with a JSON echo of method, target, headers (as received) and body.
+    else answers 200 with a JSON echo of method, target, headers (names as the gateway
+    wrote them) and body. `heads` are the request heads as soon as they are parsed.
     """
 
     def __init__(self) -> None:
-        self.sock = socket.socket()
-        self.sock.bind(("127.0.0.1", 0))
-        self.sock.listen(64)
-        self.port = self.sock.getsockname()[1]
-        self.url = f"http://127.0.0.1:{self.port}"
-        self.cond = threading.Condition()
-        self.heads: list[dict] = []          # request heads, as soon as they are parsed
-        self.requests: list[dict] = []       # complete requests
-        self.errors: list[str] = []          # parse errors (a gateway that sends bad framing)
-        self.connections = 0
-        self.closed = 0                      # connections ended by the peer
+        self.server = StrictHTTPServer(self._answer, name="h1-upstream").start()
+        self.port = self.server.port
+        self.url = self.server.url
+        self.cond = self.server.changed
         self.cut_off: list[int] = []         # /big responses the peer stopped: bytes written
-        self._stop = False
-        threading.Thread(target=self._accept, daemon=True).start()
+
+    @staticmethod
+    def _record(r: Request) -> dict:
+        return {"method": r.method, "target": r.target, "headers": list(r.raw_headers), "body": r.body}
+
+    @property
+    def heads(self) -> list[dict]:
+        return [self._record(r) for r in self.server.heads]
+
+    @property
+    def requests(self) -> list[dict]:
+        return [self._record(r) for r in self.server.received]
+
+    @property
+    def errors(self) -> list[str]:
+        return [r.error for r in self.server.rejected]
+
+    @property
+    def connections(self) -> int:
+        return self.server.connections
+
+    @property
+    def closed(self) -> int:
+        """Connections that have ended."""
+        return self.server.connections - self.server.open_connections
 
     def wait(self, predicate, timeout: float = 10.0, what: str = "condition") -> None:
         with self.cond:
@@ -58,96 +76,25 @@ class StrictUpstream:
                                      f"(heads={self.heads}, requests={self.requests}, closed={self.closed})")
 
     def close(self) -> None:
-        self._stop = True
-        self.sock.close()
+        self.server.stop()
 
-    def _accept(self) -> None:
-        while not self._stop:
-            try:
-                conn, _ = self.sock.accept()
-            except OSError:
-                return
-            with self.cond:
-                self.connections += 1
-            threading.Thread(target=self._serve, args=(conn,), daemon=True).start()
-
-    def _serve(self, conn: socket.socket) -> None:
-        up = self
-        pending: list[dict] = []
-
-        class Callbacks:
-            def __init__(self):
-                self.cur: dict = {}
-
-            def on_message_begin(self):
-                self.cur = {"url": b"", "headers": [], "body": b""}
-
-            def on_url(self, url):
-                self.cur["url"] += url
-
-            def on_header(self, name, value):
-                self.cur["headers"].append((name.decode("latin-1"), value.decode("latin-1")))
-
-            def on_headers_complete(self):
-                self.cur["method"] = parser.get_method().decode()
-                self.cur["target"] = self.cur.pop("url").decode("latin-1")
-                with up.cond:
-                    up.heads.append(dict(self.cur))
-                    up.cond.notify_all()
-
-            def on_body(self, body):
-                self.cur["body"] += body
-
-            def on_message_complete(self):
-                pending.append(self.cur)
-
-        parser = httptools.HttpRequestParser(Callbacks())
-        try:
-            while True:
-                data = conn.recv(65536)
-                if not data:
-                    break
-                try:
-                    parser.feed_data(data)
-                except httptools.HttpParserError as exc:
-                    with self.cond:
-                        self.errors.append(str(exc))
-                        self.cond.notify_all()
-                    break
-                while pending:
-                    req = pending.pop(0)
-                    with self.cond:
-                        self.requests.append(req)
-                        self.cond.notify_all()
-                    self._answer(conn, req)
-        except OSError:
-            pass
-        finally:
-            with self.cond:
-                self.closed += 1
-                self.cond.notify_all()
-            conn.close()
-
-    def _answer(self, conn: socket.socket, req: dict) -> None:
-        if req["target"].startswith("/big?n="):
-            n = int(req["target"].split("=", 1)[1])
-            conn.sendall(b"HTTP/1.1 200 OK\r\ncontent-length: %d\r\n\r\n" % n)
+    def _answer(self, req: Request, conn: Conn) -> None:
+        if req.target.startswith("/big?n="):
+            n = int(req.target.split("=", 1)[1])
+            conn.send(b"HTTP/1.1 200 OK\r\ncontent-length: %d\r\n\r\n" % n)
             sent, piece = 0, b"x" * 65536
-            try:
-                while sent < n:
-                    chunk = piece[: n - sent]
-                    conn.sendall(chunk)
-                    sent += len(chunk)
-            except OSError:
-                with self.cond:
-                    self.cut_off.append(sent)
-                    self.cond.notify_all()
-                raise
+            while sent < n:
+                chunk = piece[: n - sent]
+                if not conn.send(chunk):
+                    with self.cond:
+                        self.cut_off.append(sent)
+                        self.cond.notify_all()
+                    conn.close()
+                    return
+                sent += len(chunk)
             return
-        body = json.dumps({"method": req["method"], "target": req["target"], "headers": req["headers"],
-                           "body": req["body"].decode("latin-1")}).encode()
-        conn.sendall(b"HTTP/1.1 200 OK\r\ncontent-type: application/json\r\ncontent-length: %d\r\n\r\n%s"
-                     % (len(body), body))
+        body = json.dumps(self._record(req) | {"body": req.body.decode("latin-1")}).encode()
+        conn.respond(200, [("content-type", "application/json")], body)
 
 
 @pytest.fixture

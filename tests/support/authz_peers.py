@@ -1,10 +1,10 @@
 """Peers for the ext_authz tests: an HTTP authorization server and a raw HTTP/1.1 client.
 
-- `HttpAuthServer(handler)`: a strict HTTP/1.1 server on 127.0.0.1 (parses with
-  httptools, records every request byte for byte: method, raw target, headers in
-  order, body) whose answer is `handler(request)`: a `(status, headers, body)`
-  tuple, `HANG` (accept, read, never answer) or raw `bytes` written as they are
-  (garbage). `port=` lets a test bring a stopped server back on the same port.
+- `HttpAuthServer(handler)`: a handler on StrictHTTPServer on 127.0.0.1 (llhttp;
+  every request recorded byte for byte: method, raw target, headers in order, body;
+  `server.received` has the exact bytes) whose answer is `handler(request)`: a
+  `(status, headers, body)` tuple, `HANG` (accept, read, never answer) or raw
+  `bytes` written as they are (garbage), then the connection closes. `port=` lets a test bring a stopped server back on the same port.
   `wait_for(n)` waits, with a deadline, until n requests arrived.
 - `h1_request(port, ...)`: one HTTP/1.1 request written as given, the response
   parsed strictly (httptools); returns the status, the headers as received
@@ -15,11 +15,12 @@
 from __future__ import annotations
 
 import socket
-import threading
-import time
 from typing import Callable, NamedTuple
 
 import httptools
+
+from tests.support.recorder import as_dict
+from tests.support.strict_http import Conn, Request, StrictHTTPServer
 
 HANG = "hang"
 
@@ -75,113 +76,38 @@ def h1_request(port: int, method: str = "GET", target: str = "/", headers: list[
 class HttpAuthServer:
     def __init__(self, handler: Callable[[dict], object] | None = None, port: int = 0):
         self.handler = handler or (lambda req: (200, [], b""))
-        self.sock = socket.socket()
-        self.sock.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
-        self.sock.bind(("127.0.0.1", port))
-        self.sock.listen(64)
-        self.port = self.sock.getsockname()[1]
-        self.url = f"http://127.0.0.1:{self.port}"
-        self.seen: list[dict] = []
-        self.errors: list[str] = []
-        self.cond = threading.Condition()
-        self._closed = False
-        self._conns: list[socket.socket] = []
-        threading.Thread(target=self._accept, daemon=True).start()
+        self.server = StrictHTTPServer(self._handle, port=port, name="http-authz").start()
+        self.port = self.server.port
+        self.url = self.server.url
+        self.cond = self.server.changed
+
+    @property
+    def seen(self) -> list[dict]:
+        with self.cond:
+            return [as_dict(r) for r in self.server.received]
+
+    @property
+    def errors(self) -> list[str]:
+        with self.cond:
+            return [r.error for r in self.server.rejected]
 
     def wait_for(self, n: int, timeout: float = 10.0) -> list[dict]:
-        deadline = time.monotonic() + timeout
-        with self.cond:
-            while len(self.seen) < n:
-                left = deadline - time.monotonic()
-                if left <= 0:
-                    raise AssertionError(f"the auth server saw {len(self.seen)} requests, expected {n}")
-                self.cond.wait(left)
-            return list(self.seen)
+        try:
+            self.server.wait_until(lambda: len(self.server.received) >= n, timeout)
+        except AssertionError:
+            raise AssertionError(f"the auth server saw {len(self.server.received)} requests, expected {n}") from None
+        return self.seen
 
     def stop(self) -> None:
-        self._closed = True
-        try:
-            self.sock.shutdown(socket.SHUT_RDWR)   # wakes the accept() thread: the port is free
-        except OSError:
-            pass
-        self.sock.close()
-        with self.cond:
-            conns, self._conns = self._conns, []
-        for c in conns:
-            try:
-                c.shutdown(socket.SHUT_RDWR)
-            except OSError:
-                pass
+        self.server.stop()     # the listener and every connection closed: the port is free
 
-    # -- server side --------------------------------------------------------------------
-    def _accept(self) -> None:
-        while not self._closed:
-            try:
-                conn, _ = self.sock.accept()
-            except OSError:
-                return
-            with self.cond:
-                self._conns.append(conn)
-            threading.Thread(target=self._serve, args=(conn,), daemon=True).start()
-
-    def _serve(self, conn: socket.socket) -> None:
-        done: list[dict] = []
-
-        class Proto:
-            def __init__(self) -> None:
-                self.cur: dict = {}
-
-            def on_message_begin(self) -> None:
-                self.cur = {"target": b"", "headers": [], "body": b""}
-
-            def on_url(self, url: bytes) -> None:
-                self.cur["target"] += url
-
-            def on_header(self, name: bytes, value: bytes) -> None:
-                self.cur["headers"].append((name.decode("latin-1").lower(), value.decode("latin-1")))
-
-            def on_body(self, body: bytes) -> None:
-                self.cur["body"] += body
-
-            def on_message_complete(self) -> None:
-                self.cur["method"] = parser.get_method().decode()
-                self.cur["target"] = self.cur["target"].decode("latin-1")
-                done.append(self.cur)
-
-        parser = httptools.HttpRequestParser(Proto())
-        with conn:
-            while True:
-                try:
-                    data = conn.recv(65536)
-                except OSError:
-                    return
-                if not data:
-                    return
-                try:
-                    parser.feed_data(data)
-                except httptools.HttpParserError as exc:
-                    with self.cond:
-                        self.errors.append(str(exc))
-                        self.cond.notify_all()
-                    return
-                while done:
-                    req = done.pop(0)
-                    with self.cond:
-                        self.seen.append(req)
-                        self.cond.notify_all()
-                    answer = self.handler(req)
-                    if answer == HANG:
-                        while not self._closed:      # until the client gives up or we stop
-                            try:
-                                if not conn.recv(65536):
-                                    return
-                            except OSError:
-                                return
-                        return
-                    if isinstance(answer, bytes):
-                        conn.sendall(answer)
-                        return
-                    status, headers, body = answer
-                    head = [f"HTTP/1.1 {status} X"] + [f"{k}: {v}" for k, v in headers]
-                    head.append(f"content-length: {len(body)}")
-                    conn.sendall(("\r\n".join(head) + "\r\n\r\n").encode("latin-1") + body)
+    def _handle(self, req: Request, conn: Conn) -> None:
+        answer = self.handler(as_dict(req))
+        if answer == HANG:
+            conn.hang()          # until the client gives up or we stop
+        elif isinstance(answer, bytes):
+            conn.send(answer)
+            conn.close()
+        else:
+            status, headers, body = answer
+            conn.respond(status, headers, body)

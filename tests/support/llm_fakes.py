@@ -1,11 +1,13 @@
 """Fake LLM providers for tests and demos: real HTTP/1.1 servers on 127.0.0.1 that speak
 OpenAI Chat Completions, Anthropic Messages and Amazon Bedrock Converse byte for byte.
 
-Theory of operation: one raw-socket server per provider (a thread per connection,
-keep-alive), parsing requests with httptools (llhttp) and refusing what a real API
-would refuse, so a gateway that sends a sloppy request fails its test:
+Theory of operation: one StrictHTTPServer per provider (tests/support/strict_http.py:
+a thread per connection, keep-alive, llhttp with no leniency, the exact bytes of every
+request in `fake.server.received`), refusing what a real API would refuse, so a
+gateway that sends a sloppy request fails its test:
 
-- HTTP: one `host`, a `content-length` (or chunked) body, JSON that parses.
+- HTTP: refused framing or not exactly one `host` → 400 from the strict server
+  (recorded in `fake.errors`); a body that is JSON that parses.
 - Credentials: OpenAI wants `authorization: Bearer <api_key>`; Anthropic `x-api-key`
   (or the Bearer form its SDK 2.x sends, never both) and an `anthropic-version`; Bedrock a SigV4 signature (service `bedrock`) that is
   recomputed with botocore from the request as received (identity/aws.py
@@ -50,15 +52,13 @@ import json
 import socket
 import struct
 import threading
-import time
 import uuid
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 from typing import Any
 from urllib.parse import unquote
 
-import httptools
-
 from agproxy.identity.aws import verify_sigv4
+from tests.support.strict_http import Conn, Request, StrictHTTPServer
 
 OPENAI_KEY = "sk-test-openai-0123456789abcdef"
 ANTHROPIC_KEY = "sk-ant-test-0123456789abcdef"
@@ -144,7 +144,8 @@ class FakeProvider:
 
     def __init__(self, kind: str, *, models: set[str] | None = None, reply: str = "Hello from the fake.",
                  tool_args: dict | None = None, usage: Usage | None = None, stream_delay: float = 0.0,
-                 api_key: str | None = None, region: str = "us-east-1", name: str | None = None):
+                 api_key: str | None = None, region: str = "us-east-1", name: str | None = None,
+                 port: int = 0):
         assert kind in ("openai", "anthropic", "bedrock")
         self.kind = kind
         self.name = name or kind
@@ -158,44 +159,33 @@ class FakeProvider:
         self.faults: list[Fault] = []
         self.fault_always: Fault | None = None
         self.requests: list[Seen] = []
-        self.errors: list[str] = []
         self.client_gone = threading.Event()
-        self.cond = threading.Condition()
-        self._stop = threading.Event()
-        self._conns: set[socket.socket] = set()
-        self.sock = socket.socket()
-        self.sock.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
-        self.sock.bind(("127.0.0.1", 0))
-        self.sock.listen(128)
-        self.port = self.sock.getsockname()[1]
-        self._thread: threading.Thread | None = None
+        self.server = StrictHTTPServer(self._handle, port=port, name=f"fake-{self.name}")
+        self.cond = self.server.changed
+        self.port = self.server.port
 
     # -- lifecycle ---------------------------------------------------------------------
     @property
     def url(self) -> str:
         return f"http://127.0.0.1:{self.port}"
 
+    @property
+    def sock(self) -> socket.socket:
+        """The listening socket."""
+        return self.server.listener
+
+    @property
+    def errors(self) -> list[str]:
+        """Requests the strict server refused (framing, Host), as `unparsable request: why`."""
+        with self.cond:
+            return [f"unparsable request: {r.error}" for r in self.server.rejected]
+
     def start(self) -> "FakeProvider":
-        self._thread = threading.Thread(target=self._accept, name=f"fake-{self.name}", daemon=True)
-        self._thread.start()
+        self.server.start()
         return self
 
     def stop(self) -> None:
-        self._stop.set()
-        try:
-            self.sock.shutdown(socket.SHUT_RDWR)
-        except OSError:
-            pass
-        self.sock.close()
-        with self.cond:
-            conns = list(self._conns)
-        for c in conns:
-            try:
-                c.shutdown(socket.SHUT_RDWR)
-            except OSError:
-                pass
-        if self._thread is not None:
-            self._thread.join(5)
+        self.server.stop()
 
     def __enter__(self) -> "FakeProvider":
         return self.start()
@@ -204,100 +194,29 @@ class FakeProvider:
         self.stop()
 
     def wait_requests(self, n: int, timeout: float = 5.0) -> list[Seen]:
-        deadline = time.monotonic() + timeout
+        try:
+            self.server.wait_until(lambda: len(self.requests) >= n, timeout)
+        except AssertionError:
+            raise AssertionError(f"{self.name} saw {len(self.requests)} requests, expected {n}") from None
         with self.cond:
-            while len(self.requests) < n:
-                left = deadline - time.monotonic()
-                if left <= 0:
-                    raise AssertionError(f"{self.name} saw {len(self.requests)} requests, expected {n}")
-                self.cond.wait(left)
             return list(self.requests)
 
-    # -- connections ---------------------------------------------------------------------
-    def _accept(self) -> None:
-        while not self._stop.is_set():
-            try:
-                conn, _ = self.sock.accept()
-            except OSError:
-                return
-            with self.cond:
-                self._conns.add(conn)
-            threading.Thread(target=self._serve, args=(conn,), daemon=True).start()
-
-    def _serve(self, conn: socket.socket) -> None:
-        done: list[dict] = []
-
-        class Proto:
-            cur: dict = {}
-
-            def on_message_begin(self) -> None:
-                self.cur = {"target": b"", "headers": [], "body": b""}
-
-            def on_url(self, url: bytes) -> None:
-                self.cur["target"] += url
-
-            def on_header(self, name: bytes, value: bytes) -> None:
-                self.cur["headers"].append((name.decode("latin-1").lower(), value.decode("latin-1")))
-
-            def on_body(self, body: bytes) -> None:
-                self.cur["body"] += body
-
-            def on_message_complete(self) -> None:
-                self.cur["method"] = parser.get_method().decode()
-                self.cur["target"] = self.cur["target"].decode("latin-1")
-                self.cur["keep_alive"] = parser.should_keep_alive()
-                done.append(self.cur)
-
-        parser = httptools.HttpRequestParser(Proto())
-        try:
-            while not self._stop.is_set():
-                try:
-                    data = conn.recv(65536)
-                except OSError:
-                    return
-                if not data:
-                    return
-                try:
-                    parser.feed_data(data)
-                except httptools.HttpParserError as exc:
-                    self._error(f"unparsable request: {exc}")
-                    return
-                while done:
-                    if not self._respond(conn, done.pop(0)):
-                        return
-        finally:
-            with self.cond:
-                self._conns.discard(conn)
-            try:
-                conn.close()
-            except OSError:
-                pass
-
-    def _error(self, msg: str) -> None:
-        with self.cond:
-            self.errors.append(msg)
-            self.cond.notify_all()
-
     # -- one request -------------------------------------------------------------------------
-    def _respond(self, conn: socket.socket, raw: dict) -> bool:
+    def _handle(self, req: Request, conn: Conn) -> None:
+        if not self._respond(conn, req):
+            conn.close_after = True
+
+    def _respond(self, conn: Conn, req: Request) -> bool:
         """Answer one request; False when the connection must close."""
-        headers = raw["headers"]
-        seen = Seen(raw["method"], raw["target"], headers, raw["body"])
-        names = [k for k, _ in headers]
-        try:
-            if names.count("host") != 1:
-                raise _BadRequest(400, "invalid_request_error", "exactly one Host header is required")
-            if names.count("content-length") > 1:
-                raise _BadRequest(400, "invalid_request_error", "duplicate Content-Length")
-            if raw["body"]:
-                try:
-                    seen.json = json.loads(raw["body"])
-                except ValueError:
-                    raise _BadRequest(400, "invalid_request_error", "the body is not valid JSON") from None
-        except _BadRequest as bad:
-            self._record(seen)
-            self._send_error(conn, bad.status, bad.etype, str(bad))
-            return False
+        seen = Seen(req.method, req.target, list(req.headers), req.body)
+        keep = req.keep_alive
+        if req.body:
+            try:
+                seen.json = json.loads(req.body)
+            except ValueError:
+                self._record(seen)
+                self._send_error(conn, 400, "invalid_request_error", "the body is not valid JSON")
+                return False
         self._record(seen)
         with self.cond:
             fault = self.faults.pop(0) if self.faults else self.fault_always
@@ -306,45 +225,38 @@ class FakeProvider:
         try:
             auth = self._check_auth(seen)
             if auth is not None:
-                self._send_error(conn, *auth)
-                return raw["keep_alive"]
+                return self._send_error(conn, *auth) and keep
             if self.kind == "openai":
-                return self._openai(conn, seen, fault, raw["keep_alive"])
+                return self._openai(conn, seen, fault, keep)
             if self.kind == "anthropic":
-                return self._anthropic(conn, seen, fault, raw["keep_alive"])
-            return self._bedrock(conn, seen, fault, raw["keep_alive"])
+                return self._anthropic(conn, seen, fault, keep)
+            return self._bedrock(conn, seen, fault, keep)
         except _BadRequest as bad:
-            self._send_error(conn, bad.status, bad.etype, str(bad))
-            return raw["keep_alive"]
-        except (BrokenPipeError, ConnectionResetError):
-            self.client_gone.set()
-            return False
+            return self._send_error(conn, bad.status, bad.etype, str(bad)) and keep
 
     def _record(self, seen: Seen) -> None:
         with self.cond:
             self.requests.append(seen)
             self.cond.notify_all()
 
-    def _fault(self, conn: socket.socket, fault: Fault) -> bool:
+    def _fault(self, conn: Conn, fault: Fault) -> bool:
         if fault.kind == "status":
             extra = []
             if fault.retry_after is not None:
                 extra.append(("retry-after", _fmt_seconds(fault.retry_after)))
             etype = _ERROR_TYPES[self.kind].get(fault.status, "api_error")
-            self._send_error(conn, fault.status, etype, _ERROR_MESSAGES.get(fault.status, "error"), extra)
-            return True
+            return self._send_error(conn, fault.status, etype, _ERROR_MESSAGES.get(fault.status, "error"), extra)
         if fault.kind == "reset":
-            conn.setsockopt(socket.SOL_SOCKET, socket.SO_LINGER, struct.pack("ii", 1, 0))
+            conn.reset()
             return False
         if fault.kind == "hang":
-            self._stop.wait(fault.seconds)
+            conn.hang(fault.seconds)
             return False
         if fault.kind == "garbage":
-            conn.sendall(b"\x00\x17\xffnot an HTTP response at all\r\n\r\n")
+            conn.send(b"\x00\x17\xffnot an HTTP response at all\r\n\r\n")
             return False
         if fault.kind == "garbage_json":
-            self._send(conn, 200, [("content-type", "application/json")], b"<html>upstream proxy error</html>")
-            return True
+            return self._send(conn, 200, [("content-type", "application/json")], b"<html>upstream proxy error</html>")
         raise AssertionError(f"unknown fault {fault.kind}")
 
     # -- credentials ---------------------------------------------------------------------------
@@ -376,41 +288,37 @@ class FakeProvider:
         return None
 
     # -- the wire ----------------------------------------------------------------------------
-    def _send(self, conn: socket.socket, status: int, headers: list[tuple[str, str]], body: bytes,
+    def _send(self, conn: Conn, status: int, headers: list[tuple[str, str]], body: bytes,
               fault: Fault | None = None) -> bool:
         """A whole response; with a truncate fault, half the promised body, then a reset."""
-        lines = [f"HTTP/1.1 {status} {_REASONS.get(status, 'Status')}\r\n"]
-        for k, v in headers:
-            lines.append(f"{k}: {v}\r\n")
-        lines.append(f"content-length: {len(body)}\r\n\r\n")
         if fault is not None and fault.kind == "truncate":
-            conn.sendall("".join(lines).encode("latin-1") + body[: len(body) // 2])
-            conn.setsockopt(socket.SOL_SOCKET, socket.SO_LINGER, struct.pack("ii", 1, 0))
+            conn.respond(status, headers, body, head_only=True)
+            conn.send(body[: len(body) // 2])
+            conn.reset()
             return False
-        conn.sendall("".join(lines).encode("latin-1") + body)
-        return True
+        return self._sent(conn.respond(status, headers, body))
 
-    def _start_stream(self, conn: socket.socket, content_type: str, extra: list[tuple[str, str]]) -> None:
-        lines = ["HTTP/1.1 200 OK\r\n", f"content-type: {content_type}\r\n", "transfer-encoding: chunked\r\n"]
-        for k, v in extra:
-            lines.append(f"{k}: {v}\r\n")
-        lines.append("\r\n")
-        conn.sendall("".join(lines).encode("latin-1"))
+    def _start_stream(self, conn: Conn, content_type: str, extra: list[tuple[str, str]]) -> bool:
+        return self._sent(conn.start_chunked(200, [("content-type", content_type), *extra]))
 
-    def _stream(self, conn: socket.socket, events: list[bytes], fault: Fault | None) -> bool:
+    def _stream(self, conn: Conn, events: list[bytes], fault: Fault | None) -> bool:
         for i, ev in enumerate(events):
             if fault is not None and i >= fault.events:
-                conn.setsockopt(socket.SOL_SOCKET, socket.SO_LINGER, struct.pack("ii", 1, 0))
+                conn.reset()
                 return False       # the connection drops mid-body: no terminating chunk
-            if i and self.stream_delay:
-                if self._stop.wait(self.stream_delay):
-                    return False
-            conn.sendall(b"%x\r\n%s\r\n" % (len(ev), ev))
-        conn.sendall(b"0\r\n\r\n")
-        return True
+            if i and self.stream_delay and conn.server.stopping.wait(self.stream_delay):
+                return False
+            if not self._sent(conn.send_chunk(ev)):
+                return False
+        return self._sent(conn.end_chunked())
+
+    def _sent(self, ok: bool) -> bool:
+        if not ok:
+            self.client_gone.set()     # the reader went away mid-answer
+        return ok
 
     def _send_error(self, conn: socket.socket, status: int, etype: str, message: str,
-                    extra: list[tuple[str, str]] | None = None) -> None:
+                    extra: list[tuple[str, str]] | None = None) -> bool:
         extra = list(extra or [])
         if self.kind == "openai":
             body = {"error": {"message": message, "type": etype if status != 401 else "invalid_request_error",
@@ -424,7 +332,7 @@ class FakeProvider:
             body = {"message": message}
             extra.append(("x-amzn-errortype", f"{etype}:http://internal.amazon.com/coral/com.amazon.bedrock/"))
             extra.append(("x-amzn-requestid", str(uuid.uuid4())))
-        self._send(conn, status, [("content-type", "application/json"), *extra], json.dumps(body).encode())
+        return self._send(conn, status, [("content-type", "application/json"), *extra], json.dumps(body).encode())
 
     def _model_ok(self, model: str) -> bool:
         return self.models is None or model in self.models
@@ -509,8 +417,8 @@ class FakeProvider:
                                               "system_fingerprint": "fp_fake0001", "choices": [],
                                               "usage": usage}) + b"\n\n")
         events.append(b"data: [DONE]\n\n")
-        self._start_stream(conn, "text/event-stream; charset=utf-8", hdrs)
-        return self._stream(conn, events, fault) and keep
+        return (self._start_stream(conn, "text/event-stream; charset=utf-8", hdrs)
+                and self._stream(conn, events, fault) and keep)
 
     # -- Anthropic Messages ------------------------------------------------------------------
     def _anthropic(self, conn, seen: Seen, fault: Fault | None, keep: bool) -> bool:
@@ -592,8 +500,8 @@ class FakeProvider:
                                                      "cache_read_input_tokens": u.cache_read,
                                                      "output_tokens": u.output}}))
         events.append(ev("message_stop", {"type": "message_stop"}))
-        self._start_stream(conn, "text/event-stream; charset=utf-8", [("cache-control", "no-cache"), *hdrs])
-        return self._stream(conn, events, fault) and keep
+        return (self._start_stream(conn, "text/event-stream; charset=utf-8", [("cache-control", "no-cache"), *hdrs])
+                and self._stream(conn, events, fault) and keep)
 
     # -- Bedrock Converse ----------------------------------------------------------------------
     def _bedrock(self, conn, seen: Seen, fault: Fault | None, keep: bool) -> bool:
@@ -669,8 +577,8 @@ class FakeProvider:
         events.append(bedrock_event("contentBlockStop", {"contentBlockIndex": 0}))
         events.append(bedrock_event("messageStop", {"stopReason": stop}))
         events.append(bedrock_event("metadata", {"usage": usage, "metrics": {"latencyMs": 321}}))
-        self._start_stream(conn, "application/vnd.amazon.eventstream", [("x-amzn-requestid", rid)])
-        return self._stream(conn, events, fault) and keep
+        return (self._start_stream(conn, "application/vnd.amazon.eventstream", [("x-amzn-requestid", rid)])
+                and self._stream(conn, events, fault) and keep)
 
 
 def _dumps(obj: Any) -> bytes:
@@ -693,9 +601,6 @@ def _fmt_seconds(s: float) -> str:
     return str(int(s)) if float(s).is_integer() else str(s)
 
 
-_REASONS = {200: "OK", 400: "Bad Request", 401: "Unauthorized", 403: "Forbidden", 404: "Not Found",
-            429: "Too Many Requests", 500: "Internal Server Error", 502: "Bad Gateway",
-            503: "Service Unavailable", 529: "Overloaded"}
 _ERROR_TYPES = {
     "openai": {429: "rate_limit_exceeded", 500: "server_error", 503: "server_error", 400: "invalid_request_error"},
     "anthropic": {429: "rate_limit_error", 500: "api_error", 503: "api_error", 529: "overloaded_error",
@@ -728,13 +633,7 @@ def main() -> None:
         port = getattr(args, kind)
         if port is None:
             continue
-        f = FakeProvider(kind)
-        f.sock.close()
-        f.sock = socket.socket()
-        f.sock.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
-        f.sock.bind(("127.0.0.1", port))
-        f.sock.listen(128)
-        f.port = port
+        f = FakeProvider(kind, port=port)
         if kind in args.fail.split(","):
             f.fault_always = Fault("status", 503)
         fakes.append(f.start())

@@ -16,16 +16,22 @@ trailers are fed to llhttp one byte at a time, body data (whose length the
 parser has just validated) in one piece. Pipelined requests are answered one
 after the other, in order.
 
-`handler(request, conn)` answers through `conn` (`respond`, `send`, `close`);
-after it returns the connection reads the next request unless either side asked
-to close. Every state change (a request, a rejection, a connection opened or
-closed) notifies `changed`, so tests wait on conditions with `wait_until`.
+`handler(request, conn)` answers through `conn`, the one way every test peer
+writes a response: `respond` (fixed length), `start_chunked` / `send_chunk` /
+`end_chunked` (a chunked or SSE stream), `send` (raw bytes, for malformed
+answers), and the faults: `close` (FIN), `reset` (RST), `hang` (read on, never
+answer). After the handler returns the connection reads the next request unless
+either side asked to close. Request heads are also kept as soon as they are
+parsed (`heads`), before their body. Every state change (a head, a request, a
+rejection, a connection opened or closed) notifies `changed`, so tests wait on
+conditions with `wait_until`.
 """
 
 from __future__ import annotations
 
 import socket
 import ssl
+import struct
 import threading
 import time
 from dataclasses import dataclass, field
@@ -38,7 +44,8 @@ REASONS = {100: "Continue", 200: "OK", 201: "Created", 202: "Accepted", 204: "No
            401: "Unauthorized", 403: "Forbidden", 404: "Not Found", 405: "Method Not Allowed",
            409: "Conflict", 413: "Content Too Large", 424: "Failed Dependency",
            429: "Too Many Requests", 500: "Internal Server Error", 502: "Bad Gateway",
-           503: "Service Unavailable", 504: "Gateway Timeout"}
+           503: "Service Unavailable", 504: "Gateway Timeout",
+           529: "Overloaded"}
 
 
 @dataclass
@@ -53,6 +60,7 @@ class Request:
     chunked: bool
     trailers: list[tuple[str, str]] = field(default_factory=list)
     connection: int = 0                # ordinal of the connection it arrived on
+    raw_headers: list[tuple[str, str]] = field(default_factory=list)   # names as sent, not lowercased
 
     def header(self, name: str, default: str | None = None) -> str | None:
         for k, v in self.headers:
@@ -78,8 +86,9 @@ class Rejected:
 class _Reader:
     """llhttp fed so that each message's end is known to the byte (see module doc)."""
 
-    def __init__(self, connection: int):
+    def __init__(self, connection: int, on_head: Callable[[Request], None] | None = None):
         self.connection = connection
+        self.on_head = on_head
         self.parser = httptools.HttpRequestParser(self)
         self.buf = memoryview(b"")
         self.pos = 0
@@ -90,6 +99,7 @@ class _Reader:
     def _new_message(self) -> None:
         self.url = b""
         self.headers: list[tuple[str, str]] = []
+        self.raw_headers: list[tuple[str, str]] = []
         self.trailers: list[tuple[str, str]] = []
         self.body: list[bytes] = []
         self.head_done = False
@@ -124,7 +134,8 @@ class _Reader:
                 p = self.parser
                 req = Request(p.get_method().decode("latin-1"), self.url.decode("latin-1"),
                               p.get_http_version(), self.headers, b"".join(self.body), bytes(self.raw),
-                              self.keep_alive, self.chunked, self.trailers, self.connection)
+                              self.keep_alive, self.chunked, self.trailers, self.connection,
+                              self.raw_headers)
                 self.raw = bytearray()
                 self._new_message()
                 return req
@@ -136,7 +147,11 @@ class _Reader:
 
     def on_header(self, name: bytes, value: bytes) -> None:
         pair = (name.decode("latin-1").lower(), value.decode("latin-1"))
-        (self.trailers if self.head_done else self.headers).append(pair)
+        if self.head_done:
+            self.trailers.append(pair)
+        else:
+            self.headers.append(pair)
+            self.raw_headers.append((name.decode("latin-1"), pair[1]))
 
     def on_headers_complete(self) -> None:
         self.head_done = True
@@ -148,6 +163,12 @@ class _Reader:
             cl = [v for k, v in self.headers if k == "content-length"]
             if cl:
                 self.bulk = int(cl[0])     # llhttp has validated it (one value, digits)
+        if self.on_head is not None:
+            p = self.parser
+            self.on_head(Request(p.get_method().decode("latin-1"), self.url.decode("latin-1"),
+                                 p.get_http_version(), list(self.headers), b"", bytes(self.raw),
+                                 self.keep_alive, self.chunked, [], self.connection,
+                                 list(self.raw_headers)))
 
     def on_chunk_header(self) -> None:
         # Called once the chunk-size line (with its CRLF) is in: parse its size to feed
@@ -199,6 +220,56 @@ class Conn:
         head = "".join(lines).encode("latin-1")
         return self.send(head if head_only or status in (204, 304) else head + body)
 
+    def start_chunked(self, status: int = 200, headers: list[tuple[str, str]] | None = None) -> bool:
+        """The head of a chunked response (an SSE stream: a text/event-stream content-type)."""
+        lines = [f"HTTP/1.1 {status} {REASONS.get(status, 'Status')}\r\n"]
+        for k, v in headers or ():
+            lines.append(f"{k}: {v}\r\n")
+        lines.append("transfer-encoding: chunked\r\n")
+        if self.close_after:
+            lines.append("connection: close\r\n")
+        lines.append("\r\n")
+        return self.send("".join(lines).encode("latin-1"))
+
+    def send_chunk(self, data: bytes) -> bool:
+        """One chunk of a body begun by start_chunked (nothing for empty data: that would end it)."""
+        return not data or self.send(b"%x\r\n%b\r\n" % (len(data), data))
+
+    def end_chunked(self, trailers: list[tuple[str, str]] | None = None) -> bool:
+        fields = "".join(f"{k}: {v}\r\n" for k, v in trailers or ())
+        return self.send(b"0\r\n" + fields.encode("latin-1") + b"\r\n")
+
+    def reset(self) -> None:
+        """Abort the connection with a TCP RST (SO_LINGER 0), not a FIN."""
+        if not self.closed:
+            try:
+                self.sock.setsockopt(socket.SOL_SOCKET, socket.SO_LINGER, struct.pack("ii", 1, 0))
+            except OSError:
+                pass
+            self.closed = True
+            self.sock.close()
+
+    def hang(self, seconds: float | None = None) -> None:
+        """Never answer: read on (what arrives is kept, see in_progress) until the peer
+        closes, `seconds` pass or the server stops; then close."""
+        deadline = None if seconds is None else time.monotonic() + seconds
+        reader = self.server._readers.get(self)
+        try:
+            while not self.closed and not self.server.stopping.is_set():
+                left = None if deadline is None else deadline - time.monotonic()
+                if left is not None and left <= 0:
+                    break
+                self.sock.settimeout(left)
+                data = self.sock.recv(65536)
+                if not data:
+                    break
+                if reader is not None:
+                    reader.add(data)
+                self.server._notify()
+        except OSError:
+            pass
+        self.close()
+
     def close(self) -> None:
         if not self.closed:
             self.closed = True
@@ -230,6 +301,7 @@ class StrictHTTPServer:
             ctx.load_cert_chain(tls["cert"], tls["key"])
             self._ssl = ctx
             self.scheme = "https"
+        self.heads: list[Request] = []         # each request's head, as soon as it is parsed
         self.received: list[Request] = []
         self.rejected: list[Rejected] = []
         self.incomplete: list[Rejected] = []   # a connection closed mid-request
@@ -238,7 +310,7 @@ class StrictHTTPServer:
         self.changed = threading.Condition()
         self._conns: set[Conn] = set()
         self._readers: dict[Conn, _Reader] = {}
-        self._stopping = False
+        self.stopping = threading.Event()      # set by stop(): handlers that wait end early
         self._thread = threading.Thread(target=self._accept_loop, name=name, daemon=True)
 
     @property
@@ -254,7 +326,7 @@ class StrictHTTPServer:
         self._accept_loop()
 
     def stop(self) -> None:
-        self._stopping = True
+        self.stopping.set()
         try:
             self.listener.shutdown(socket.SHUT_RDWR)
         except OSError:
@@ -277,13 +349,18 @@ class StrictHTTPServer:
                     raise AssertionError(f"{self.name}: condition not met within {timeout}s")
                 self.changed.wait(left)
 
+    def _on_head(self, head: Request) -> None:
+        with self.changed:
+            self.heads.append(head)
+            self.changed.notify_all()
+
     def _notify(self) -> None:
         with self.changed:
             self.changed.notify_all()
 
     # -- connections -------------------------------------------------------------------
     def _accept_loop(self) -> None:
-        while not self._stopping:
+        while not self.stopping.is_set():
             try:
                 sock, _ = self.listener.accept()
             except OSError:
@@ -326,7 +403,7 @@ class StrictHTTPServer:
         return [bytes(r.raw) + bytes(r.buf[r.pos:]) for r in readers]
 
     def _loop(self, conn: Conn) -> None:
-        reader = _Reader(conn.index)
+        reader = _Reader(conn.index, self._on_head)
         with self.changed:
             self._readers[conn] = reader
         try:

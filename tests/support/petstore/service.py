@@ -1,54 +1,53 @@
 """The petstore REST API of openapi.yaml, as a strict HTTP/1.1 test peer.
 
-Parses with httptools (llhttp) and records every request exactly as it arrived
-(`seen`: method, raw target, headers, body); a parse error goes to `errors` and
-closes the connection. Keep-alive, content-length answers. A small in-memory
-store backs the operations the tests call; `/echo/{value}` answers with what it
-received, `/fail/{status}` with that status. `wait_for(n)` waits, with a deadline.
+A handler on StrictHTTPServer (llhttp; exact bytes kept in `server.received`) that
+records every request exactly as it arrived (`seen`: method, raw target, headers,
+body); a refused request is answered 400, recorded in `errors` and closes the
+connection. Keep-alive, content-length answers. A small in-memory store backs the
+operations the tests call; `/echo/{value}` answers with what it received,
+`/fail/{status}` with that status. `wait_for(n)` waits, with a deadline.
 """
 
 from __future__ import annotations
 
 import json
-import socket
 import threading
-import time
 from urllib.parse import parse_qsl, unquote, urlsplit
 
-import httptools
+from tests.support.recorder import as_dict
+from tests.support.strict_http import Conn, Request, StrictHTTPServer
 
 PNG = b"\x89PNG\r\n\x1a\n" + b"\x00" * 8
 
 
 class PetstoreService:
     def __init__(self, port: int = 0) -> None:
-        self.sock = socket.socket()
-        self.sock.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
-        self.sock.bind(("127.0.0.1", port))
-        self.sock.listen(64)
-        self.port = self.sock.getsockname()[1]
-        self.url = f"http://127.0.0.1:{self.port}"
-        self.seen: list[dict] = []
-        self.errors: list[str] = []
-        self.cond = threading.Condition()
         self.pets: dict[int, dict] = {1: {"id": 1, "name": "rex", "status": "available"},
                                       2: {"id": 2, "name": "tom", "status": "sold"}}
-        self._closed = False
-        threading.Thread(target=self._accept, daemon=True).start()
+        self.server = StrictHTTPServer(self._handle, port=port, name="petstore").start()
+        self.port = self.server.port
+        self.url = self.server.url
+        self.cond = self.server.changed
+
+    @property
+    def seen(self) -> list[dict]:
+        with self.cond:
+            return [as_dict(r) for r in self.server.received]
+
+    @property
+    def errors(self) -> list[str]:
+        with self.cond:
+            return [r.error for r in self.server.rejected]
 
     def wait_for(self, n: int, timeout: float = 5.0) -> list[dict]:
-        deadline = time.monotonic() + timeout
-        with self.cond:
-            while len(self.seen) < n:
-                left = deadline - time.monotonic()
-                if left <= 0:
-                    raise AssertionError(f"the REST API saw {len(self.seen)} requests, expected {n}")
-                self.cond.wait(left)
-            return list(self.seen)
+        try:
+            self.server.wait_until(lambda: len(self.server.received) >= n, timeout)
+        except AssertionError:
+            raise AssertionError(f"the REST API saw {len(self.server.received)} requests, expected {n}") from None
+        return self.seen
 
     def close(self) -> None:
-        self._closed = True
-        self.sock.close()
+        self.server.stop()
 
     # -- the API ----------------------------------------------------------------------
     def answer(self, req: dict) -> tuple[int, str, bytes]:
@@ -93,66 +92,9 @@ class PetstoreService:
             return 200, "application/json", b'{"available": 1, "sold": 1}'
         return 404, "text/plain", b"not found"
 
-    # -- HTTP ---------------------------------------------------------------------------
-    def _accept(self) -> None:
-        while not self._closed:
-            try:
-                conn, _ = self.sock.accept()
-            except OSError:
-                return
-            threading.Thread(target=self._serve, args=(conn,), daemon=True).start()
-
-    def _serve(self, conn: socket.socket) -> None:
-        done: list[dict] = []
-
-        class Proto:
-            def __init__(self) -> None:
-                self.cur: dict = {}
-
-            def on_message_begin(self) -> None:
-                self.cur = {"target": b"", "headers": [], "body": b""}
-
-            def on_url(self, url: bytes) -> None:
-                self.cur["target"] += url
-
-            def on_header(self, name: bytes, value: bytes) -> None:
-                self.cur["headers"].append((name.decode("latin-1").lower(), value.decode("latin-1")))
-
-            def on_body(self, body: bytes) -> None:
-                self.cur["body"] += body
-
-            def on_message_complete(self) -> None:
-                self.cur["method"] = parser.get_method().decode()
-                self.cur["target"] = self.cur["target"].decode("latin-1")
-                done.append(self.cur)
-
-        parser = httptools.HttpRequestParser(Proto())
-        with conn:
-            while True:
-                try:
-                    data = conn.recv(65536)
-                except OSError:
-                    return
-                if not data:
-                    return
-                try:
-                    parser.feed_data(data)
-                except httptools.HttpParserError as exc:
-                    with self.cond:
-                        self.errors.append(str(exc))
-                        self.cond.notify_all()
-                    return
-                while done:
-                    req = done.pop(0)
-                    with self.cond:
-                        self.seen.append(req)
-                        self.cond.notify_all()
-                    status, ctype, body = self.answer(req)
-                    head = f"HTTP/1.1 {status} X\r\ncontent-length: {len(body)}\r\n"
-                    if ctype:
-                        head += f"content-type: {ctype}\r\n"
-                    conn.sendall(head.encode() + b"\r\n" + body)
-
+    def _handle(self, req: Request, conn: Conn) -> None:
+        status, ctype, body = self.answer(as_dict(req))
+        conn.respond(status, [("content-type", ctype)] if ctype else [], body)
 
 
 if __name__ == "__main__":      # python -m tests.support.petstore.service [--port 9100]
