@@ -6,14 +6,13 @@ from __future__ import annotations
 
 import json
 import os
-import socket
-import threading
 
 import httpx
 import pytest
 
 from tests.support.gateway import GatewayProcess
 from tests.support.petstore.service import PetstoreService
+from tests.support.strict_http import Conn, Request, StrictHTTPServer
 
 SPEC = os.path.abspath(os.path.join(os.path.dirname(__file__), "..", "support", "petstore", "openapi.yaml"))
 HDR = {"content-type": "application/json", "accept": "application/json, text/event-stream"}
@@ -27,39 +26,22 @@ OTHER = b'data: {"jsonrpc":"2.0","id":99,"result":{"tools":[{"name":"bad_tool"}]
 
 
 class ScriptedSseServer:
-    """Answers every POST with an SSE stream, written a few bytes at a time."""
+    """Answers every request with an SSE stream, written a few bytes a chunk (StrictHTTPServer)."""
 
     def __init__(self, events: bytes, piece: int = 7):
         self.events = events
         self.piece = piece
-        self.sock = socket.socket()
-        self.sock.bind(("127.0.0.1", 0))
-        self.sock.listen(8)
-        self.url = f"http://127.0.0.1:{self.sock.getsockname()[1]}/mcp"
-        threading.Thread(target=self._run, daemon=True).start()
+        self.server = StrictHTTPServer(self._answer, name="scripted-sse").start()
+        self.url = self.server.url + "/mcp"
 
-    def _run(self):
-        while True:
-            try:
-                conn, _ = self.sock.accept()
-            except OSError:
-                return
-            with conn:
-                data = b""
-                while b"\r\n\r\n" not in data:
-                    data += conn.recv(65536)
-                head, _, rest = data.partition(b"\r\n\r\n")
-                length = int([l.split(b":")[1] for l in head.split(b"\r\n") if l.lower().startswith(b"content-length")][0])
-                while len(rest) < length:
-                    rest += conn.recv(65536)
-                conn.sendall(b"HTTP/1.1 200 OK\r\ncontent-type: text/event-stream\r\ntransfer-encoding: chunked\r\n\r\n")
-                for i in range(0, len(self.events), self.piece):
-                    p = self.events[i:i + self.piece]
-                    conn.sendall(b"%x\r\n%s\r\n" % (len(p), p))
-                conn.sendall(b"0\r\n\r\n")
+    def _answer(self, req: Request, conn: Conn) -> None:
+        conn.start_chunked(200, [("content-type", "text/event-stream")])
+        for i in range(0, len(self.events), self.piece):
+            conn.send_chunk(self.events[i:i + self.piece])
+        conn.end_chunked()
 
     def close(self):
-        self.sock.close()
+        self.server.stop()
 
 
 def test_sse_list_filtered_event_by_event_other_events_untouched(tmp_path):

@@ -13,6 +13,7 @@ from mcp import Client
 
 from tests.support.gateway import GatewayProcess
 from tests.support.mcp_server import McpTestServer
+from tests.support.strict_http import Conn, Request, StrictHTTPServer
 
 CONFIG = """
 [[route]]
@@ -161,37 +162,20 @@ def test_sessions_headers_and_bad_input(world):
 
 
 class DyingSseServer:
-    """An MCP server that answers a POST with an SSE head and one event, then dies
-    (closes the connection without ending the chunked body)."""
+    """An MCP server that answers a request with an SSE head and one event, then dies
+    (closes the connection without ending the chunked body). StrictHTTPServer."""
 
     def __init__(self):
-        import socket
-        import threading
-        self.sock = socket.socket()
-        self.sock.bind(("127.0.0.1", 0))
-        self.sock.listen(8)
-        self.url = f"http://127.0.0.1:{self.sock.getsockname()[1]}/mcp"
-        threading.Thread(target=self._run, daemon=True).start()
+        self.server = StrictHTTPServer(self._answer, name="dying-sse").start()
+        self.url = self.server.url + "/mcp"
 
-    def _run(self):
-        while True:
-            try:
-                conn, _ = self.sock.accept()
-            except OSError:
-                return
-            data = b""
-            while b"\r\n\r\n" not in data:
-                chunk = conn.recv(65536)
-                if not chunk:
-                    break
-                data += chunk
-            event = b'event: message\ndata: {"jsonrpc":"2.0","method":"notifications/progress","params":{}}\n\n'
-            conn.sendall(b"HTTP/1.1 200 OK\r\ncontent-type: text/event-stream\r\ntransfer-encoding: chunked\r\n\r\n"
-                         + b"%x\r\n%s\r\n" % (len(event), event))
-            conn.close()
+    def _answer(self, req: Request, conn: Conn) -> None:
+        conn.start_chunked(200, [("content-type", "text/event-stream")])
+        conn.send_chunk(b'event: message\ndata: {"jsonrpc":"2.0","method":"notifications/progress","params":{}}\n\n')
+        conn.close()
 
     def close(self):
-        self.sock.close()
+        self.server.stop()
 
 
 def test_upstream_dying_mid_sse_breaks_only_that_stream(tmp_path):

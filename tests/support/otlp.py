@@ -2,8 +2,9 @@
 
 `OtlpReceiver().start()` listens on 127.0.0.1; the gateway's exporter POSTs to
 `receiver.url` (`http://127.0.0.1:PORT`, the exporter appends nothing: pass
-`receiver.traces_url` or the base URL to `otlp_endpoint`). The HTTP framing is parsed by
-httptools (llhttp) and checked strictly: POST, path `/v1/traces`, `content-type:
+`receiver.traces_url` or the base URL to `otlp_endpoint`). The HTTP framing is
+StrictHTTPServer's (llhttp, no leniency; a refused request is answered 400 and listed
+in `errors`), and the request is checked strictly: POST, path `/v1/traces`, `content-type:
 application/x-protobuf`, a body that decodes as `ExportTraceServiceRequest` with the
 `opentelemetry-proto` messages (gzip/deflate undone when announced). Anything else is
 recorded in `errors` and answered 400; tests assert `errors == []`.
@@ -17,15 +18,12 @@ wait that long (a slow collector); `status` answers with another status (503, ..
 from __future__ import annotations
 
 import gzip
-import socket
-import socketserver
-import threading
 import time
 import zlib
 from dataclasses import dataclass, field
 from typing import Callable
 
-import httptools
+from tests.support.strict_http import Conn, Request, StrictHTTPServer
 
 
 @dataclass
@@ -68,23 +66,25 @@ class _Request:
     done: bool = False
 
 
-class OtlpReceiver(socketserver.ThreadingTCPServer):
-    daemon_threads = True
-    allow_reuse_address = True
-
+class OtlpReceiver:
     def __init__(self, delay: float = 0.0, status: int = 200):
-        super().__init__(("127.0.0.1", 0), _Handler)
+        self.server = StrictHTTPServer(self._handle, name="otlp-receiver")
         self.delay = delay
         self.status = status
         self.spans: list[ReceivedSpan] = []
         self.requests = 0
-        self.errors: list[str] = []
-        self.cond = threading.Condition()
-        self.thread = threading.Thread(target=self.serve_forever, daemon=True)
+        self._problems: list[str] = []
+        self.cond = self.server.changed
+
+    @property
+    def errors(self) -> list[str]:
+        """What was wrong with the exports received (HTTP refused by the strict server too)."""
+        with self.cond:
+            return [f"bad HTTP from the exporter: {r.error}" for r in self.server.rejected] + self._problems
 
     @property
     def port(self) -> int:
-        return self.server_address[1]
+        return self.server.port
 
     @property
     def url(self) -> str:
@@ -95,12 +95,11 @@ class OtlpReceiver(socketserver.ThreadingTCPServer):
         return self.url + "/v1/traces"
 
     def start(self) -> "OtlpReceiver":
-        self.thread.start()
+        self.server.start()
         return self
 
     def stop(self) -> None:
-        self.shutdown()
-        self.server_close()
+        self.server.stop()
 
     def wait_for(self, predicate: Callable[[list[ReceivedSpan]], bool], timeout: float = 10.0) -> list[ReceivedSpan]:
         deadline = time.monotonic() + timeout
@@ -150,7 +149,7 @@ class OtlpReceiver(socketserver.ThreadingTCPServer):
         with self.cond:
             self.requests += 1
             if problems:
-                self.errors.extend(problems)
+                self._problems.extend(problems)
                 self.cond.notify_all()
                 return 400, b""
             for rs in msg.resource_spans:
@@ -169,54 +168,8 @@ class OtlpReceiver(socketserver.ThreadingTCPServer):
         return self.status, ExportTraceServiceResponse().SerializeToString()
 
 
-class _Handler(socketserver.BaseRequestHandler):
-    server: OtlpReceiver
-
-    def handle(self) -> None:
-        sock: socket.socket = self.request
-        sock.settimeout(30)
-        while True:
-            req = _Request()
-            parser = httptools.HttpRequestParser(_Callbacks(req))
-            try:
-                while not req.done:
-                    data = sock.recv(65536)
-                    if not data:
-                        return
-                    parser.feed_data(data)
-            except httptools.HttpParserError as exc:
-                self.server.errors.append(f"bad HTTP from the exporter: {exc}")
-                return
-            except OSError:
-                return
-            req.method = parser.get_method().decode()
-            status, body = self.server.accept(req)
-            if self.server.delay:
-                time.sleep(self.server.delay)   # a slow collector (the peer's behaviour under test)
-            head = (f"HTTP/1.1 {status} X\r\ncontent-type: application/x-protobuf\r\n"
-                    f"content-length: {len(body)}\r\n\r\n").encode()
-            try:
-                sock.sendall(head + body)
-            except OSError:
-                return
-            if not parser.should_keep_alive():
-                return
-
-
-class _Callbacks:
-    def __init__(self, req: _Request):
-        self.req = req
-        self._body: list[bytes] = []
-
-    def on_url(self, url: bytes) -> None:
-        self.req.url += url.decode()
-
-    def on_header(self, name: bytes, value: bytes) -> None:
-        self.req.headers[name.decode().lower()] = value.decode()
-
-    def on_body(self, body: bytes) -> None:
-        self._body.append(body)
-
-    def on_message_complete(self) -> None:
-        self.req.body = b"".join(self._body)
-        self.req.done = True
+    def _handle(self, r: Request, conn: Conn) -> None:
+        status, body = self.accept(_Request(r.method, r.target, dict(r.headers), r.body, True))
+        if self.delay:
+            conn.server.stopping.wait(self.delay)   # a slow collector (the peer's behaviour under test)
+        conn.respond(status, [("content-type", "application/x-protobuf")], body)
