@@ -19,8 +19,8 @@ from typing import Callable, NamedTuple
 
 import httptools
 
-from tests.support.recorder import as_dict
-from tests.support.strict_http import Conn, Request, StrictHTTPServer
+from tests.support.recorder import RecordingPeer, as_dict
+from tests.support.strict_http import Conn, Request
 
 HANG = "hang"
 
@@ -73,30 +73,13 @@ def h1_request(port: int, method: str = "GET", target: str = "/", headers: list[
         return Reply(parser.get_status_code(), out["headers"], out["body"], local_port)
 
 
-class HttpAuthServer:
+class HttpAuthServer(RecordingPeer):
+    label = "the auth server"
+    wait_timeout = 10.0
+
     def __init__(self, handler: Callable[[dict], object] | None = None, port: int = 0):
         self.handler = handler or (lambda req: (200, [], b""))
-        self.server = StrictHTTPServer(self._handle, port=port, name="http-authz").start()
-        self.port = self.server.port
-        self.url = self.server.url
-        self.cond = self.server.changed
-
-    @property
-    def seen(self) -> list[dict]:
-        with self.cond:
-            return [as_dict(r) for r in self.server.received]
-
-    @property
-    def errors(self) -> list[str]:
-        with self.cond:
-            return [r.error for r in self.server.rejected]
-
-    def wait_for(self, n: int, timeout: float = 10.0) -> list[dict]:
-        try:
-            self.server.wait_until(lambda: len(self.server.received) >= n, timeout)
-        except AssertionError:
-            raise AssertionError(f"the auth server saw {len(self.server.received)} requests, expected {n}") from None
-        return self.seen
+        super().__init__(port, name="http-authz")
 
     def stop(self) -> None:
         self.server.stop()     # the listener and every connection closed: the port is free

@@ -19,9 +19,15 @@ def as_dict(req: Request) -> dict:
     return {"method": req.method, "target": req.target, "headers": list(req.headers), "body": req.body}
 
 
-class RecordingUpstream:
-    def __init__(self, port: int = 0) -> None:
-        self.server = StrictHTTPServer(self._handle, port=port, name="recorder").start()
+class RecordingPeer:
+    """A StrictHTTPServer whose requests read as `seen` dicts: the base of the recording peers.
+    A subclass answers in `_handle(req, conn)`; `label` names it in a failed wait."""
+
+    label = "upstream"
+    wait_timeout = 5.0
+
+    def __init__(self, port: int = 0, name: str = "recorder") -> None:
+        self.server = StrictHTTPServer(self._handle, port=port, name=name).start()
         self.port = self.server.port
         self.url = self.server.url
         self.cond = self.server.changed
@@ -33,6 +39,7 @@ class RecordingUpstream:
 
     @property
     def errors(self) -> list[str]:
+        """Requests the strict server refused (framing, Host): why, one each."""
         with self.cond:
             return [r.error for r in self.server.rejected]
 
@@ -40,15 +47,20 @@ class RecordingUpstream:
         with self.cond:
             return [r.target for r in self.server.received]
 
-    def wait_for(self, n: int, timeout: float = 5.0) -> list[dict]:
+    def wait_for(self, n: int, timeout: float | None = None) -> list[dict]:
         try:
-            self.server.wait_until(lambda: len(self.server.received) >= n, timeout)
+            self.server.wait_until(lambda: len(self.server.received) >= n, timeout or self.wait_timeout)
         except AssertionError:
-            raise AssertionError(f"upstream saw {len(self.server.received)} requests, expected {n}") from None
+            raise AssertionError(f"{self.label} saw {len(self.server.received)} requests, expected {n}") from None
         return self.seen
 
     def close(self) -> None:
         self.server.stop()
 
+    def _handle(self, req: Request, conn: Conn) -> None:
+        raise NotImplementedError
+
+
+class RecordingUpstream(RecordingPeer):
     def _handle(self, req: Request, conn: Conn) -> None:
         conn.respond(200, [("content-type", "text/plain")], req.target.encode("latin-1"))

@@ -14,40 +14,19 @@ import json
 import threading
 from urllib.parse import parse_qsl, unquote, urlsplit
 
-from tests.support.recorder import as_dict
-from tests.support.strict_http import Conn, Request, StrictHTTPServer
+from tests.support.recorder import RecordingPeer, as_dict
+from tests.support.strict_http import Conn, Request
 
 PNG = b"\x89PNG\r\n\x1a\n" + b"\x00" * 8
 
 
-class PetstoreService:
+class PetstoreService(RecordingPeer):
+    label = "the REST API"
+
     def __init__(self, port: int = 0) -> None:
         self.pets: dict[int, dict] = {1: {"id": 1, "name": "rex", "status": "available"},
                                       2: {"id": 2, "name": "tom", "status": "sold"}}
-        self.server = StrictHTTPServer(self._handle, port=port, name="petstore").start()
-        self.port = self.server.port
-        self.url = self.server.url
-        self.cond = self.server.changed
-
-    @property
-    def seen(self) -> list[dict]:
-        with self.cond:
-            return [as_dict(r) for r in self.server.received]
-
-    @property
-    def errors(self) -> list[str]:
-        with self.cond:
-            return [r.error for r in self.server.rejected]
-
-    def wait_for(self, n: int, timeout: float = 5.0) -> list[dict]:
-        try:
-            self.server.wait_until(lambda: len(self.server.received) >= n, timeout)
-        except AssertionError:
-            raise AssertionError(f"the REST API saw {len(self.server.received)} requests, expected {n}") from None
-        return self.seen
-
-    def close(self) -> None:
-        self.server.stop()
+        super().__init__(port, name="petstore")
 
     # -- the API ----------------------------------------------------------------------
     def answer(self, req: dict) -> tuple[int, str, bytes]:
