@@ -4,10 +4,11 @@
   every request recorded byte for byte: method, raw target, headers in order, body;
   `server.received` has the exact bytes) whose answer is `handler(request)`: a
   `(status, headers, body)` tuple, `HANG` (accept, read, never answer) or raw
-  `bytes` written as they are (garbage), then the connection closes. `port=` lets a test bring a stopped server back on the same port.
-  `wait_for(n)` waits, with a deadline, until n requests arrived.
+  `bytes` written as they are (garbage), then the connection closes. `port=` lets
+  a test bring a stopped server back on the same port. `wait_for(n)` waits, with a
+  deadline, until n requests arrived.
 - `h1_request(port, ...)`: one HTTP/1.1 request written as given, the response
-  parsed strictly (httptools); returns the status, the headers as received
+  parsed strictly (strict_client, llhttp); returns the status, the headers as received
   (lowercase names, order and repeats kept), the body and the client's own port
   (what the gateway reports as the source address).
 """
@@ -17,9 +18,8 @@ from __future__ import annotations
 import socket
 from typing import Callable, NamedTuple
 
-import httptools
-
 from tests.support.recorder import RecordingPeer, as_dict
+from tests.support.strict_client import read_response
 from tests.support.strict_http import Conn, Request
 
 HANG = "hang"
@@ -50,27 +50,8 @@ def h1_request(port: int, method: str = "GET", target: str = "/", headers: list[
     with socket.create_connection(("127.0.0.1", port), timeout=timeout) as s:
         local_port = s.getsockname()[1]
         s.sendall(("\r\n".join(lines) + "\r\n\r\n").encode("latin-1") + body)
-        out: dict = {"headers": [], "body": b"", "done": False}
-
-        class P:
-            def on_header(self, name: bytes, value: bytes) -> None:
-                out["headers"].append((name.decode("latin-1").lower(), value.decode("latin-1")))
-
-            def on_body(self, b: bytes) -> None:
-                out["body"] += b
-
-            def on_message_complete(self) -> None:
-                out["done"] = True
-
-        parser = httptools.HttpResponseParser(P())
-        while not out["done"]:
-            data = s.recv(65536)
-            if not data:
-                break
-            parser.feed_data(data)
-        if not out["done"]:
-            raise AssertionError("the gateway closed the connection before a complete response")
-        return Reply(parser.get_status_code(), out["headers"], out["body"], local_port)
+        r = read_response(s)
+        return Reply(r.status, r.headers, r.body, local_port)
 
 
 class HttpAuthServer(RecordingPeer):
