@@ -54,7 +54,7 @@ from urllib.parse import parse_qs, quote, unquote, urlsplit
 import jwt as pyjwt
 
 from agproxy.identity.aws import verify_sigv4
-from tests.support.strict_http import Conn, Request, StrictHTTPServer
+from tests.support.strict_http import Conn, Request, StrictHTTPServer, StrictPeer
 
 TEST_ACCESS_KEY = "AKIDAGPROXYTEST00001"
 TEST_SECRET_KEY = "agproxy-test-secret-key-do-not-use-anywhere-else"
@@ -137,7 +137,7 @@ class _Jwks:
             return self.keys.get(kid), self.issuer
 
 
-class AgentCoreEmulator:
+class AgentCoreEmulator(StrictPeer):
     """Start with `start()` (or as a context manager); `url` is the endpoint to configure."""
 
     def __init__(self, config: EmulatorConfig | None = None, host: str = "127.0.0.1", port: int = 0,
@@ -154,31 +154,14 @@ class AgentCoreEmulator:
         self.server = StrictHTTPServer(lambda req, conn: _Call(self, req, conn).run(), host=host,
                                        port=port, name="agentcore-emulator")
 
-    # -- lifecycle ---------------------------------------------------------------------
-    @property
-    def port(self) -> int:
-        return self.server.port
-
+    # -- lifecycle (start, stop, with, port: StrictPeer) ------------------------------
     @property
     def url(self) -> str:
-        return f"http://127.0.0.1:{self.port}"
+        return f"http://127.0.0.1:{self.port}"     # also when bound to another address
 
     @property
     def invoke_path(self) -> str:
         return f"/runtimes/{quote(self.config.runtime_arn, safe='')}/invocations"
-
-    def start(self) -> "AgentCoreEmulator":
-        self.server.start()
-        return self
-
-    def stop(self) -> None:
-        self.server.stop()
-
-    def __enter__(self) -> "AgentCoreEmulator":
-        return self.start()
-
-    def __exit__(self, *exc) -> None:
-        self.stop()
 
     def set_discovery(self, url: str) -> None:
         self.config.discovery_url = url

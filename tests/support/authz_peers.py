@@ -5,7 +5,7 @@
   `server.received` has the exact bytes) whose answer is `handler(request)`: a
   `(status, headers, body)` tuple, `HANG` (accept, read, never answer) or raw
   `bytes` written as they are (garbage), then the connection closes. `port=` lets
-  a test bring a stopped server back on the same port. `wait_for(n)` waits, with a
+  a test bring a stopped server back on the same port (stop() frees it). `wait_for(n)` waits, with a
   deadline, until n requests arrived.
 - `h1_request(port, ...)`: one HTTP/1.1 request written as given, the response
   parsed strictly (strict_client, llhttp); returns the status, the headers as received
@@ -61,9 +61,6 @@ class HttpAuthServer(RecordingPeer):
     def __init__(self, handler: Callable[[dict], object] | None = None, port: int = 0):
         self.handler = handler or (lambda req: (200, [], b""))
         super().__init__(port, name="http-authz")
-
-    def stop(self) -> None:
-        self.server.stop()     # the listener and every connection closed: the port is free
 
     def _handle(self, req: Request, conn: Conn) -> None:
         answer = self.handler(as_dict(req))

@@ -30,12 +30,12 @@ import threading
 import time
 from urllib.parse import parse_qs, urlsplit
 
-from tests.support.strict_http import Conn, Request, StrictHTTPServer
+from tests.support.strict_http import Conn, Request, StrictHTTPServer, StrictPeer
 
 STRAY = b"HTTP/1.1 200 OK\r\nx-evil: injected\r\ncontent-length: 5\r\n\r\nEVIL!"
 
 
-class EchoServer:
+class EchoServer(StrictPeer):
     def __init__(self, port: int = 0, tls: dict | None = None):
         self.server = StrictHTTPServer(self._handle, port=port, tls=tls, name="echo")
         self.seen: list[dict] = []
@@ -49,16 +49,8 @@ class EchoServer:
 
     # -- the interface tests use ---------------------------------------------------------
     @property
-    def port(self) -> int:
-        return self.server.port
-
-    @property
     def scheme(self) -> str:
         return self.server.scheme
-
-    @property
-    def url(self) -> str:
-        return self.server.url
 
     @property
     def requests(self) -> int:
@@ -76,10 +68,6 @@ class EchoServer:
     @property
     def rejected(self):
         return self.server.rejected
-
-    def start(self) -> "EchoServer":
-        self.server.start()
-        return self
 
     def stop(self) -> None:
         for gate in list(self._gates.values()):

@@ -15,22 +15,16 @@ from __future__ import annotations
 
 from urllib.parse import parse_qs, urlsplit
 
-from tests.support.strict_http import Conn, Request, StrictHTTPServer
+from tests.support.strict_http import Conn, Request, StrictHTTPServer, StrictPeer
 
 
-class HoldingUpstream:
+class HoldingUpstream(StrictPeer):
     def __init__(self):
         self.server = StrictHTTPServer(self._handle, name="holding-upstream")
-        self.cond = self.server.changed
-        self.port = self.server.port
         self.seen = 0
         self.in_flight = 0
         self.max_in_flight = 0
         self.body_bytes_sent = 0
-
-    @property
-    def url(self) -> str:
-        return self.server.url
 
     @property
     def connections(self) -> int:
@@ -44,13 +38,6 @@ class HoldingUpstream:
     def errors(self) -> list[str]:
         with self.cond:
             return [r.error for r in self.server.rejected]
-
-    def start(self) -> "HoldingUpstream":
-        self.server.start()
-        return self
-
-    def stop(self) -> None:
-        self.server.stop()
 
     def wait_for(self, predicate, timeout: float = 10.0) -> None:
         with self.cond:

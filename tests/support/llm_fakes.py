@@ -58,7 +58,7 @@ from typing import Any
 from urllib.parse import unquote
 
 from agproxy.identity.aws import verify_sigv4
-from tests.support.strict_http import Conn, Request, StrictHTTPServer
+from tests.support.strict_http import Conn, Request, StrictHTTPServer, StrictPeer
 
 OPENAI_KEY = "sk-test-openai-0123456789abcdef"
 ANTHROPIC_KEY = "sk-ant-test-0123456789abcdef"
@@ -139,7 +139,7 @@ def bedrock_exception(exc_type: str, message: str) -> bytes:
 
 
 # -- the server -------------------------------------------------------------------------
-class FakeProvider:
+class FakeProvider(StrictPeer):
     """kind: openai | anthropic | bedrock. Start with start() or as a context manager."""
 
     def __init__(self, kind: str, *, models: set[str] | None = None, reply: str = "Hello from the fake.",
@@ -161,14 +161,8 @@ class FakeProvider:
         self.requests: list[Seen] = []
         self.client_gone = threading.Event()
         self.server = StrictHTTPServer(self._handle, port=port, name=f"fake-{self.name}")
-        self.cond = self.server.changed
-        self.port = self.server.port
 
-    # -- lifecycle ---------------------------------------------------------------------
-    @property
-    def url(self) -> str:
-        return f"http://127.0.0.1:{self.port}"
-
+    # -- lifecycle (start, stop, with, port, url, cond: StrictPeer) ---------------------
     @property
     def sock(self) -> socket.socket:
         """The listening socket."""
@@ -179,19 +173,6 @@ class FakeProvider:
         """Requests the strict server refused (framing, Host), as `unparsable request: why`."""
         with self.cond:
             return [f"unparsable request: {r.error}" for r in self.server.rejected]
-
-    def start(self) -> "FakeProvider":
-        self.server.start()
-        return self
-
-    def stop(self) -> None:
-        self.server.stop()
-
-    def __enter__(self) -> "FakeProvider":
-        return self.start()
-
-    def __exit__(self, *exc) -> None:
-        self.stop()
 
     def wait_requests(self, n: int, timeout: float = 5.0) -> list[Seen]:
         try:

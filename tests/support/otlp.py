@@ -23,7 +23,7 @@ import zlib
 from dataclasses import dataclass, field
 from typing import Callable
 
-from tests.support.strict_http import Conn, Request, StrictHTTPServer
+from tests.support.strict_http import Conn, Request, StrictHTTPServer, StrictPeer
 
 
 @dataclass
@@ -66,7 +66,7 @@ class _Request:
     done: bool = False
 
 
-class OtlpReceiver:
+class OtlpReceiver(StrictPeer):
     def __init__(self, delay: float = 0.0, status: int = 200):
         self.server = StrictHTTPServer(self._handle, name="otlp-receiver")
         self.delay = delay
@@ -74,7 +74,6 @@ class OtlpReceiver:
         self.spans: list[ReceivedSpan] = []
         self.requests = 0
         self._problems: list[str] = []
-        self.cond = self.server.changed
 
     @property
     def errors(self) -> list[str]:
@@ -83,23 +82,8 @@ class OtlpReceiver:
             return [f"bad HTTP from the exporter: {r.error}" for r in self.server.rejected] + self._problems
 
     @property
-    def port(self) -> int:
-        return self.server.port
-
-    @property
-    def url(self) -> str:
-        return f"http://127.0.0.1:{self.port}"
-
-    @property
     def traces_url(self) -> str:
         return self.url + "/v1/traces"
-
-    def start(self) -> "OtlpReceiver":
-        self.server.start()
-        return self
-
-    def stop(self) -> None:
-        self.server.stop()
 
     def wait_for(self, predicate: Callable[[list[ReceivedSpan]], bool], timeout: float = 10.0) -> list[ReceivedSpan]:
         deadline = time.monotonic() + timeout

@@ -11,7 +11,7 @@ been recorded.
 
 from __future__ import annotations
 
-from tests.support.strict_http import Conn, Request, StrictHTTPServer
+from tests.support.strict_http import Conn, Request, StrictHTTPServer, StrictPeer
 
 
 def as_dict(req: Request) -> dict:
@@ -19,7 +19,7 @@ def as_dict(req: Request) -> dict:
     return {"method": req.method, "target": req.target, "headers": list(req.headers), "body": req.body}
 
 
-class RecordingPeer:
+class RecordingPeer(StrictPeer):
     """A StrictHTTPServer whose requests read as `seen` dicts: the base of the recording peers.
     A subclass answers in `_handle(req, conn)`; `label` names it in a failed wait."""
 
@@ -28,9 +28,6 @@ class RecordingPeer:
 
     def __init__(self, port: int = 0, name: str = "recorder") -> None:
         self.server = StrictHTTPServer(self._handle, port=port, name=name).start()
-        self.port = self.server.port
-        self.url = self.server.url
-        self.cond = self.server.changed
 
     @property
     def seen(self) -> list[dict]:
@@ -55,7 +52,7 @@ class RecordingPeer:
         return self.seen
 
     def close(self) -> None:
-        self.server.stop()
+        self.stop()
 
     def _handle(self, req: Request, conn: Conn) -> None:
         raise NotImplementedError

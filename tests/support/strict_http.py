@@ -318,7 +318,8 @@ class StrictHTTPServer:
         return f"{self.scheme}://{self.host}:{self.port}"
 
     def start(self) -> "StrictHTTPServer":
-        self._thread.start()
+        if self._thread.ident is None:      # once: a peer may start in __init__ and in `with`
+            self._thread.start()
         return self
 
     def serve_forever(self) -> None:
@@ -461,6 +462,38 @@ class StrictHTTPServer:
             self.changed.notify_all()
         conn.close_after = True
         conn.respond(400, [("content-type", "text/plain")], why.encode("latin-1", "replace"))
+
+
+class StrictPeer:
+    """The common face of a test peer built on a StrictHTTPServer in `self.server`:
+    port, url, cond (notified on every change), start/stop, `with`."""
+
+    server: StrictHTTPServer
+
+    @property
+    def port(self) -> int:
+        return self.server.port
+
+    @property
+    def url(self) -> str:
+        return self.server.url
+
+    @property
+    def cond(self) -> threading.Condition:
+        return self.server.changed
+
+    def start(self):
+        self.server.start()
+        return self
+
+    def stop(self) -> None:
+        self.server.stop()
+
+    def __enter__(self):
+        return self.start()
+
+    def __exit__(self, *exc) -> None:
+        self.stop()
 
 
 def _semantic_problem(req: Request) -> str | None:
