@@ -35,7 +35,7 @@ from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 
 from tests.support.echo import EchoServer
-from tests.support.strict_http import StrictResponseReader, _Reader
+from tests.support.strict_http import RequestReader, StrictResponseReader
 
 SENTINEL_TARGET = "/end"
 SENTINEL = b"GET /end HTTP/1.1\r\nHost: h\r\nConnection: close\r\n\r\n"
@@ -203,7 +203,7 @@ def stream(draw) -> tuple[bytes, bool, list[int], dict[int, tuple[int, bytes]]]:
 
 def reference(data: bytes) -> tuple[list, bool]:
     """Requests strict llhttp parses from `data`, and whether it stopped on an error."""
-    r = _Reader(0)
+    r = RequestReader(0)
     r.add(data)
     out = []
     try:

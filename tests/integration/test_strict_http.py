@@ -1,15 +1,18 @@
 """The test peers' one HTTP/1.1 server (tests/support/strict_http.py), checked over real
 sockets: what each way of answering puts on the wire, byte for byte (fixed length,
-chunked/SSE, reset, hang), heads seen before their bodies, and refusals that the
-recording peers built on it report as errors."""
+chunked/SSE, reset, hang), heads seen before their bodies, refusals that the
+recording peers built on it report as errors, and the in-loop ScriptedUpstream on
+the same reader."""
 
 from __future__ import annotations
 
+import asyncio
 import socket
 
 import pytest
 
 from tests.support.authz_peers import HANG, HttpAuthServer
+from tests.support.inproc import ScriptedUpstream
 from tests.support.recorder import RecordingUpstream
 from tests.support.strict_http import Conn, Request, StrictHTTPServer
 
@@ -130,3 +133,29 @@ def test_auth_server_hang_and_garbage_answers():
     finally:
         silent.stop()
         garbage.stop()
+
+
+def test_scripted_upstream_keeps_pipelined_requests_apart_and_refuses_two_hosts():
+    async def script(req, writer):
+        body = f"{req.target} {req.headers}".encode()
+        writer.write(b"HTTP/1.1 200 OK\r\ncontent-length: %d\r\n\r\n%b" % (len(body), body))
+
+    async def main():
+        up = await ScriptedUpstream(script).start()
+        try:
+            r, w = await asyncio.open_connection("127.0.0.1", up.port)
+            w.write(b"GET /a HTTP/1.1\r\nHost: h\r\nX-A: 1\r\n\r\nGET /b HTTP/1.1\r\nHost: h\r\n\r\n")
+            one = b"/a [('host', 'h'), ('x-a', '1')]"
+            two = b"/b [('host', 'h')]"
+            want = (b"HTTP/1.1 200 OK\r\ncontent-length: %d\r\n\r\n%b" % (len(one), one)
+                    + b"HTTP/1.1 200 OK\r\ncontent-length: %d\r\n\r\n%b" % (len(two), two))
+            assert await asyncio.wait_for(r.readexactly(len(want)), 10) == want
+            w.write(b"GET /c HTTP/1.1\r\nHost: h\r\nHost: i\r\n\r\n")
+            assert await asyncio.wait_for(r.read(), 10) == (
+                b"HTTP/1.1 400 Bad Request\r\ncontent-length: 0\r\nconnection: close\r\n\r\n")
+            assert [q.target for q in up.requests] == ["/a", "/b"] and up.rejected == ["ValueError: 2 Host headers"]
+            w.close()
+        finally:
+            await up.close()
+
+    asyncio.run(main())

@@ -8,7 +8,9 @@ backend, and serves it with the real `Gateway`, `H1Connection` and `H2Connection
 on 127.0.0.1 sockets. Everything runs in one asyncio loop, so a peer can wait on
 what the gateway did (an `asyncio` condition with a deadline), never on time.
 
-Peers are strict: `ScriptedUpstream` parses each request with httptools and
+Peers are strict: `ScriptedUpstream` parses each request with the test peers' one
+llhttp reader (strict_http.RequestReader: exact message boundaries, pipelined bytes
+kept, one Host; a refused request gets 400 and is listed in `rejected`) and
 answers with the exact bytes its script writes; `h1_request` parses the response
 with httptools (framing errors raise) and records the raw bytes and framing;
 `h2_request` speaks the `h2` library and records every DATA frame.
@@ -33,6 +35,7 @@ from agproxy.proxy.exchange import Gateway
 from agproxy.proxy.route import Route
 from agproxy.telemetry.access_log import AccessLog
 from agproxy.telemetry.metrics import Metrics
+from tests.support.strict_http import RequestReader, semantic_problem
 
 DEADLINE = 10.0
 
@@ -71,6 +74,7 @@ class UpstreamRequest:
         self.target = ""
         self.headers: list[tuple[str, str]] = []
         self.body = b""
+        self.raw = b""                 # every byte of the message as received
 
     def header(self, name: str) -> str | None:
         for k, v in self.headers:
@@ -88,6 +92,7 @@ class ScriptedUpstream:
     def __init__(self, script: Script):
         self.script = script
         self.requests: list[UpstreamRequest] = []
+        self.rejected: list[str] = []  # requests refused (framing, Host): answered 400, closed
         self.closed = Progress()     # connections the gateway closed (EOF or reset)
         self.port = 0
         self._server: asyncio.AbstractServer | None = None
@@ -106,9 +111,15 @@ class ScriptedUpstream:
             self._server.close()
 
     async def _serve(self, reader: asyncio.StreamReader, writer: asyncio.StreamWriter) -> None:
+        parser = RequestReader(0)
         try:
             while True:
-                req = await _read_request(reader)
+                try:
+                    req = await _read_request(reader, parser)
+                except (httptools.HttpParserError, ValueError) as exc:
+                    self.rejected.append(f"{type(exc).__name__}: {exc}")
+                    writer.write(b"HTTP/1.1 400 Bad Request\r\ncontent-length: 0\r\nconnection: close\r\n\r\n")
+                    return
                 if req is None:
                     self.closed.advance(1)
                     return
@@ -124,36 +135,24 @@ class ScriptedUpstream:
             writer.close()
 
 
-async def _read_request(reader: asyncio.StreamReader) -> UpstreamRequest | None:
-    req = UpstreamRequest()
-    done = []
-    body = []
-
-    class P:
-        def on_url(self, url: bytes) -> None:
-            req.target += url.decode("latin-1")
-
-        def on_header(self, name: bytes, value: bytes) -> None:
-            req.headers.append((name.decode("latin-1").lower(), value.decode("latin-1")))
-
-        def on_body(self, data: bytes) -> None:
-            body.append(data)
-
-        def on_message_complete(self) -> None:
-            done.append(True)
-
-    parser = httptools.HttpRequestParser(P())
-    started = False
-    while not done:
-        data = await reader.read(65536)
+async def _read_request(stream: asyncio.StreamReader, reader: RequestReader) -> UpstreamRequest | None:
+    """The next request on the connection (None at a clean EOF); refused framing or
+    Host raise httptools.HttpParserError / ValueError with the reason."""
+    while True:
+        got = reader.next()
+        if got is not None:
+            break
+        data = await stream.read(65536)
         if not data:
-            if started:
+            if not reader.idle:
                 raise ConnectionError("request cut short")
             return None
-        started = True
-        parser.feed_data(data)
-    req.method = parser.get_method().decode()
-    req.body = b"".join(body)
+        reader.add(data)
+    problem = semantic_problem(got)
+    if problem:
+        raise ValueError(problem)
+    req = UpstreamRequest()
+    req.method, req.target, req.headers, req.body, req.raw = got.method, got.target, got.headers, got.body, got.raw
     return req
 
 

@@ -83,8 +83,9 @@ class Rejected:
     connection: int = 0
 
 
-class _Reader:
-    """llhttp fed so that each message's end is known to the byte (see module doc)."""
+class RequestReader:
+    """llhttp fed so that each message's end is known to the byte (see module doc).
+    `add(bytes)`, then `next()` until None; pipelined bytes wait for the next call."""
 
     def __init__(self, connection: int, on_head: Callable[[Request], None] | None = None):
         self.connection = connection
@@ -184,6 +185,9 @@ class _Reader:
 
     def on_message_complete(self) -> None:
         self.done = True
+
+
+_Reader = RequestReader     # the old private name, for tests written against it
 
 
 class Conn:
@@ -309,7 +313,7 @@ class StrictHTTPServer:
         self.open_connections = 0
         self.changed = threading.Condition()
         self._conns: set[Conn] = set()
-        self._readers: dict[Conn, _Reader] = {}
+        self._readers: dict[Conn, RequestReader] = {}
         self.stopping = threading.Event()      # set by stop(): handlers that wait end early
         self._thread = threading.Thread(target=self._accept_loop, name=name, daemon=True)
 
@@ -404,7 +408,7 @@ class StrictHTTPServer:
         return [bytes(r.raw) + bytes(r.buf[r.pos:]) for r in readers]
 
     def _loop(self, conn: Conn) -> None:
-        reader = _Reader(conn.index, self._on_head)
+        reader = RequestReader(conn.index, self._on_head)
         with self.changed:
             self._readers[conn] = reader
         try:
@@ -413,7 +417,7 @@ class StrictHTTPServer:
             with self.changed:
                 self._readers.pop(conn, None)
 
-    def _read_requests(self, conn: Conn, reader: _Reader) -> None:
+    def _read_requests(self, conn: Conn, reader: RequestReader) -> None:
         while not conn.closed:
             try:
                 req = reader.next()
@@ -438,7 +442,7 @@ class StrictHTTPServer:
                 reader.add(data)
                 self._notify()
                 continue
-            problem = _semantic_problem(req)
+            problem = semantic_problem(req)
             if problem:
                 reader.raw = bytearray(req.raw)
                 self._reject(conn, reader, problem)
@@ -455,7 +459,7 @@ class StrictHTTPServer:
             if conn.close_after:
                 return
 
-    def _reject(self, conn: Conn, reader: _Reader, why: str) -> None:
+    def _reject(self, conn: Conn, reader: RequestReader, why: str) -> None:
         with self.changed:
             self.rejected.append(Rejected(bytes(reader.raw) + bytes(reader.buf[reader.pos:]), why,
                                           conn.index))
@@ -496,7 +500,7 @@ class StrictPeer:
         self.stop()
 
 
-def _semantic_problem(req: Request) -> str | None:
+def semantic_problem(req: Request) -> str | None:
     """What llhttp accepts but RFC 9112 still refuses (§3.2: exactly one Host)."""
     hosts = req.header_all("host")
     if req.version == "1.1" and len(hosts) != 1:
