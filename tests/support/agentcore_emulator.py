@@ -352,15 +352,14 @@ class _Call:
         stream = payload.get("stream") if isinstance(payload, dict) else None
         resp_headers = [(SESSION_HEADER, session)]
         if isinstance(stream, int) and stream > 0:
-            head = ["HTTP/1.1 200 OK", "server: agentcore-emulator", "content-type: text/event-stream",
-                    "transfer-encoding: chunked"] + [f"{k}: {v}" for k, v in resp_headers]
-            self.conn.send(("\r\n".join(head) + "\r\n\r\n").encode("latin-1"))
+            self.conn.start_chunked(200, [("server", "agentcore-emulator"),
+                                          ("content-type", "text/event-stream"), *resp_headers])
             for i in range(stream):
                 event = f"id: {i}\ndata: {json.dumps({'n': i, 'ts': time.time()})}\n\n".encode()
-                if not self.conn.send(b"%x\r\n%b\r\n" % (len(event), event)):
+                if not self.conn.send_chunk(event):
                     return
                 time.sleep(emu.config.stream_delay)
-            self.conn.send(b"0\r\n\r\n")
+            self.conn.end_chunked()
             return
         out = json.dumps({"agent": "echo", "saw": seen}).encode()
         self._send(status, out, resp_headers)

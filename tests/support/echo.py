@@ -30,7 +30,7 @@ import threading
 import time
 from urllib.parse import parse_qs, urlsplit
 
-from tests.support.strict_http import Conn, Request, StrictHTTPServer, StrictPeer
+from tests.support.strict_http import Conn, Request, StrictHTTPServer, StrictPeer, format_response
 
 STRAY = b"HTTP/1.1 200 OK\r\nx-evil: injected\r\ncontent-length: 5\r\n\r\nEVIL!"
 
@@ -99,14 +99,12 @@ class EchoServer(StrictPeer):
         head_only = req.method == "HEAD"
         if path == "/sse":
             n, interval = int(q.get("n", 5)), float(q.get("interval", 0.1))
-            conn.send(b"HTTP/1.1 200 OK\r\ncontent-type: text/event-stream\r\n"
-                      b"transfer-encoding: chunked\r\n\r\n")
+            conn.start_chunked(200, [("content-type", "text/event-stream")])
             for i in range(n):
-                chunk = f"data: event {i}\n\n".encode()
-                if not conn.send(b"%x\r\n%b\r\n" % (len(chunk), chunk)):
+                if not conn.send_chunk(f"data: event {i}\n\n".encode()):
                     return
                 time.sleep(interval)
-            conn.send(b"0\r\n\r\n")
+            conn.end_chunked()
             self.sse_finished.set()
             return
         if path == "/slow":
@@ -159,7 +157,7 @@ class EchoServer(StrictPeer):
         if path == "/stray":
             after = q.get("after")
             if after is None:
-                conn.send(_response(headers, payload) + STRAY)
+                conn.send(format_response(200, headers, payload) + STRAY)
             else:
                 conn.respond(200, headers, payload)
                 self._gate(after).wait(10)
@@ -167,8 +165,3 @@ class EchoServer(StrictPeer):
             return
         conn.respond(200, headers, payload, head_only=head_only)
 
-
-def _response(headers: list[tuple[str, str]], body: bytes) -> bytes:
-    lines = ["HTTP/1.1 200 OK\r\n"] + [f"{k}: {v}\r\n" for k, v in headers]
-    lines.append(f"content-length: {len(body)}\r\n\r\n")
-    return "".join(lines).encode("latin-1") + body

@@ -190,6 +190,25 @@ class RequestReader:
 _Reader = RequestReader     # the old private name, for tests written against it
 
 
+def format_response(status: int, headers: list[tuple[str, str]] | None = None, body: bytes = b"", *,
+                    head_only: bool = False, close: bool = False) -> bytes:
+    """The bytes of a complete response with a Content-Length (none for 1xx/204/304)."""
+    bodiless = status < 200 or status in (204, 304)
+    head = _head(status, headers, None if bodiless else f"content-length: {len(body)}", close)
+    return head if head_only or bodiless else head + body
+
+
+def _head(status: int, headers: list[tuple[str, str]] | None, framing: str | None, close: bool) -> bytes:
+    lines = [f"HTTP/1.1 {status} {REASONS.get(status, 'Status')}\r\n"]
+    lines += [f"{k}: {v}\r\n" for k, v in headers or ()]
+    if framing:
+        lines.append(framing + "\r\n")
+    if close:
+        lines.append("connection: close\r\n")
+    lines.append("\r\n")
+    return "".join(lines).encode("latin-1")
+
+
 class Conn:
     """One accepted connection, as the handler sees it."""
 
@@ -213,27 +232,11 @@ class Conn:
     def respond(self, status: int, headers: list[tuple[str, str]] | None = None, body: bytes = b"",
                 *, head_only: bool = False) -> bool:
         """A complete response with a Content-Length (none for 1xx/204/304)."""
-        lines = [f"HTTP/1.1 {status} {REASONS.get(status, 'Status')}\r\n"]
-        for k, v in headers or ():
-            lines.append(f"{k}: {v}\r\n")
-        if status >= 200 and status not in (204, 304):
-            lines.append(f"content-length: {len(body)}\r\n")
-        if self.close_after:
-            lines.append("connection: close\r\n")
-        lines.append("\r\n")
-        head = "".join(lines).encode("latin-1")
-        return self.send(head if head_only or status in (204, 304) else head + body)
+        return self.send(format_response(status, headers, body, head_only=head_only, close=self.close_after))
 
     def start_chunked(self, status: int = 200, headers: list[tuple[str, str]] | None = None) -> bool:
         """The head of a chunked response (an SSE stream: a text/event-stream content-type)."""
-        lines = [f"HTTP/1.1 {status} {REASONS.get(status, 'Status')}\r\n"]
-        for k, v in headers or ():
-            lines.append(f"{k}: {v}\r\n")
-        lines.append("transfer-encoding: chunked\r\n")
-        if self.close_after:
-            lines.append("connection: close\r\n")
-        lines.append("\r\n")
-        return self.send("".join(lines).encode("latin-1"))
+        return self.send(_head(status, headers, "transfer-encoding: chunked", self.close_after))
 
     def send_chunk(self, data: bytes) -> bool:
         """One chunk of a body begun by start_chunked (nothing for empty data: that would end it)."""
