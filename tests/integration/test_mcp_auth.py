@@ -51,6 +51,30 @@ issuer = "{issuer}"
 jwks = {{ url = "{issuer}/jwks.json" }}
 required_scopes = ["tools:write"]
 
+# "Members of staff, 5 calls a minute per user, the user id passed upstream": one route.
+[[route]]
+name = "team"
+match = {{ path = "/team/mcp" }}
+backend = "petstore"
+
+[route.mcp_auth]
+issuer = "{issuer}"
+jwks = {{ url = "{issuer}/jwks.json" }}
+
+[route.mcp_authorization]
+rules = [
+  {{ require = '"staff" in jwt.groups' }},
+  {{ deny = 'mcp.method == "tools/call" && mcp.tool.name.startsWith("delete")' }},
+]
+
+[[route.rate_limit.local]]
+key = "jwt.sub"
+capacity = 5
+refill = {{ tokens = 5, every = "60s" }}
+
+[route.claims_to_headers]
+"x-user" = "jwt.sub"
+
 [backend.petstore]
 type = "openapi_mcp"
 spec_file = "{spec}"
@@ -210,3 +234,97 @@ def test_insufficient_scope(world):
         r = c.post(base, json={"jsonrpc": "2.0", "id": 1, "method": "ping"}, headers={
             **HDR, "authorization": "Bearer " + auth.mint(sub="a", aud=base, scope="tools:read tools:write")})
         assert r.status_code == 200 and r.json()["result"] == {}
+
+
+# -- the same route with a rate limit per user ------------------------------------------
+
+def _call(rid, name="getPet", arguments=None) -> dict:
+    return {"jsonrpc": "2.0", "id": rid, "method": "tools/call",
+            "params": {"name": name, "arguments": arguments or {"petId": 1}}}
+
+
+def test_rate_limit_per_user_composes_with_auth_and_rules(world):
+    """5 calls a minute per jwt.sub, after mcp_auth and mcp_authorization: what those
+    refuse (a 401, a denied tool) costs nothing; the sixth call is a 429 whose body is
+    a JSON-RPC error with the request's id; another user still passes; the user id
+    (not the client's own x-user) reaches the REST API."""
+    gw, api, auth = world
+    base = mcp_url(gw, "/team/mcp")
+    carol = {**HDR, "authorization": "Bearer " + auth.mint(sub="carol", aud=base, groups=["staff"])}
+    dave = {**HDR, "authorization": "Bearer " + auth.mint(sub="dave", aud=base, groups=["staff"])}
+    before, decided = len(api.seen), _decisions(gw)
+    with httpx.Client(timeout=5) as c:
+        # Refused before the rate limit (authentication, then authorization): not charged.
+        wrong_aud = auth.mint(sub="carol", aud="http://other.example/mcp", groups=["staff"])
+        for _ in range(3):
+            r = c.post(base, json=_call("x"), headers={**HDR, "authorization": f"Bearer {wrong_aud}"})
+            assert r.status_code == 401 and "x-ratelimit-limit" not in r.headers
+            r = c.post(base, json=_call("d", "deletePet", {"petId": 1, "X-Api-Reason": "x"}), headers=carol)
+            assert r.status_code == 200 and r.json()["error"]["code"] == -32003
+            assert "x-ratelimit-remaining" not in r.headers
+        outsider = auth.mint(sub="carol", aud=base, groups=["guests"])     # lacks "staff"
+        r = c.post(base, json=_call("g"), headers={**HDR, "authorization": f"Bearer {outsider}"})
+        assert r.status_code == 200 and r.json()["error"]["code"] == -32003
+        # Five calls pass, each saying how many are left; the client's x-user is replaced.
+        for i in range(5):
+            r = c.post(base, json=_call(f"c-{i}"), headers={**carol, "x-user": "root"})
+            assert r.status_code == 200 and r.json()["result"]["structuredContent"]["id"] == 1
+            assert r.headers["x-ratelimit-limit"] == "5"
+            assert r.headers["x-ratelimit-remaining"] == str(4 - i)
+        # The sixth: 429 with the headers, and a JSON-RPC error an MCP client can read.
+        r = c.post(base, json=_call("c-5"), headers=carol)
+        assert r.status_code == 429
+        assert r.headers["content-type"] == "application/json"
+        assert r.headers["x-ratelimit-limit"] == "5" and r.headers["x-ratelimit-remaining"] == "0"
+        retry = int(r.headers["retry-after"])
+        assert 1 <= retry <= 12 and 1 <= int(r.headers["x-ratelimit-reset"]) <= 60
+        assert r.json() == {"jsonrpc": "2.0", "id": "c-5", "error": {
+            "code": -32029, "message": "too many requests: the route's rate limit is reached",
+            "data": {"retryAfter": retry}}}
+        # Another user has a bucket of their own.
+        r = c.post(base, json=_call("d-0"), headers=dave)
+        assert r.status_code == 200 and r.headers["x-ratelimit-remaining"] == "4"
+    seen = api.wait_for(before + 6)[before:]
+    assert [(x["target"], dict(x["headers"])["x-user"]) for x in seen] == \
+        [("/api/pets/1", "carol")] * 5 + [("/api/pets/1", "dave")]
+    assert "authorization" not in dict(seen[0]["headers"])
+    after = _decisions(gw)
+    assert {k: after[k] - decided.get(k, 0) for k in after} == {"allowed": 6, "limited": 1}
+
+
+def _decisions(gw) -> dict[str, float]:
+    """The team route's rate-limit decisions by result."""
+    return {line.split('result="')[1].split('"')[0]: float(line.rsplit(" ", 1)[1])
+            for line in gw.metrics().splitlines()
+            if line.startswith("agproxy_rate_limit_decisions_total{") and 'route="team"' in line}
+
+
+def test_rate_limited_sdk_client_sees_the_json_rpc_error(world):
+    """The official SDK client (2026-07-28, a bearer token of its own): every request
+    of the session counts (server/discover too); the call that meets the limit raises
+    MCPError -32029 with retryAfter, not the SDK's generic -32603."""
+    gw, api, auth = world
+    base = mcp_url(gw, "/team/mcp")
+    token = auth.mint(sub="frank", aud=base, groups=["staff"])
+
+    async def run():
+        done, err = 0, None
+        async with httpx2.AsyncClient(headers={"authorization": f"Bearer {token}"}, timeout=10) as http:
+            async with Client(streamable_http_client(base, http_client=http)) as client:
+                for _ in range(6):
+                    try:
+                        res = await client.call_tool("getPet", {"petId": 1})
+                    except Exception as exc:
+                        err = exc
+                        break
+                    assert res.structured_content["name"] == "rex"
+                    done += 1
+        return done, err
+
+    before = len(api.seen)
+    done, err = asyncio.run(run())
+    assert err is not None, "the limit was never met"
+    assert (err.code, err.message) == (-32029, "too many requests: the route's rate limit is reached")
+    assert err.data["retryAfter"] >= 1
+    assert 1 <= done < 5                      # the session's own requests took the rest
+    assert [dict(x["headers"])["x-user"] for x in api.wait_for(before + done)[before:]] == ["frank"] * done

@@ -303,15 +303,24 @@ def build(sec: Section, ctx: Any) -> RateLimitFilter | None:
     if local_specs:
         from agproxy.filters.rate_limit.buckets import shared_table
         table = shared_table(ctx.cfg.gateway.rate_limit_buckets)
-    f = RateLimitFilter(route, [LocalLimit(s, route) for s in local_specs], remotes, table,
-                        getattr(ctx, "metrics", None))
-    return f
+    cls = RateLimitFilter
+    from agproxy.filters.rate_limit.mcp import McpRateLimitFilter, is_mcp_route
+    if is_mcp_route(_route_cfg(sec, ctx), ctx.cfg):
+        cls = McpRateLimitFilter          # refusals as JSON-RPC errors (mcp.py)
+    return cls(route, [LocalLimit(s, route) for s in local_specs], remotes, table,
+               getattr(ctx, "metrics", None))
+
+
+def _route_cfg(sec: Section, ctx: Any) -> Any:
+    """The config of the route this section is under (`route[2].rate_limit`), or None."""
+    prefix = sec.path.rsplit(".", 1)[0]
+    for rcfg in getattr(ctx.cfg, "routes", ()):
+        if rcfg.path == prefix:
+            return rcfg
+    return None
 
 
 def _route_name(sec: Section, ctx: Any) -> str:
     """The name of the route this section is under (`route[2].rate_limit` → its name)."""
-    prefix = sec.path.rsplit(".", 1)[0]
-    for rcfg in getattr(ctx.cfg, "routes", ()):
-        if rcfg.path == prefix:
-            return rcfg.name
-    return prefix
+    rcfg = _route_cfg(sec, ctx)
+    return rcfg.name if rcfg is not None else sec.path.rsplit(".", 1)[0]
