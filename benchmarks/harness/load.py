@@ -28,6 +28,8 @@ class Measure:
     p50_ms: float | None = None
     p99_ms: float | None = None
     errors: int = 0  # failed requests + non-2xx answers
+    done: int = 0        # h2load: requests answered (any status)
+    data_bytes: int = 0  # h2load: response body bytes received in all
 
 
 class LoadError(RuntimeError):
@@ -67,7 +69,9 @@ def parse_h2load(output: str) -> Measure:
     errors = int(reqs.group(5)) + sum(int(codes.group(i)) for i in (2, 3, 4))
     if int(reqs.group(4)) == 0:
         raise LoadError("no request succeeded: " + _h2load_summary(output))
-    return Measure(float(rps.group(1)), errors=errors)
+    data = re.search(r"^traffic: .*, \S+ \((\d+)\) data$", output, re.M)
+    return Measure(float(rps.group(1)), errors=errors, done=int(reqs.group(3)),
+                   data_bytes=int(data.group(1)) if data else 0)
 
 
 def percentiles_from_log(path: Path) -> tuple[float | None, float | None]:
@@ -130,19 +134,33 @@ class LoadGen:
         return self._h2load([f"-c{H2_CLIENTS}", f"-m{H2_STREAMS}", *timing], url, headers,
                             self.duration + self.warm_up)
 
-    def fixed_rate(self, url: str, headers: dict | None = None) -> Measure:
-        """HTTP/1.1 at RATE_TOTAL req/s in all, over RATE_CLIENTS connections.
+    def fixed_rate(self, url: str, headers: dict | None = None, rate: int = RATE_TOTAL,
+                   extra: tuple[str, ...] = ()) -> Measure:
+        """HTTP/1.1 at `rate` req/s in all (RATE_TOTAL), over RATE_CLIENTS connections
+        (fewer below 10 req/s; `extra`: more h2load flags, e.g. ``-d body``).
 
         `--rps` alone fires every connection's timer at the same instant (bursts
         of RATE_CLIENTS requests); `-r1 --rate-period` starts the connections
         staggered so requests arrive evenly spaced. `-r` excludes `-D`, so the
         runs are counted in requests, and the warm-up is a run of its own."""
-        stagger = ["-r1", f"--rate-period={1000 / RATE_TOTAL:g}ms"]
-        flags = ["--h1", f"-c{RATE_CLIENTS}", f"--rps={RATE_TOTAL // RATE_CLIENTS}", *stagger]
+        clients = max(1, min(RATE_CLIENTS, rate))
+        rate = clients * max(1, rate // clients)
+        stagger = ["-r1", f"--rate-period={1000 / rate:g}ms"]
+        flags = ["--h1", f"-c{clients}", f"--rps={rate // clients}", *stagger, *extra]
         if self.warm_up > 0:
-            self._h2load([*flags, f"-n{int(RATE_TOTAL * self.warm_up)}"], url, headers, self.warm_up)
-        return self._h2load([*flags, f"-n{int(RATE_TOTAL * self.duration)}"], url, headers,
+            self._h2load([*flags, f"-n{max(clients, int(rate * self.warm_up))}"], url, headers,
+                         self.warm_up)
+        return self._h2load([*flags, f"-n{max(clients, int(rate * self.duration))}"], url, headers,
                             self.duration)
+
+    def h1_closed(self, url: str, headers: dict | None = None, clients: int = 16,
+                  extra: tuple[str, ...] = ()) -> Measure:
+        """HTTP/1.1 closed loop with h2load (`clients` keep-alive connections, one
+        request at a time each): what wrk does, for requests with a body (``-d``)."""
+        # h2load takes whole seconds, or a unit: "500ms"
+        timing = ["-D", f"{self.duration:g}", "--warm-up-time", f"{int(max(self.warm_up, 0.1) * 1000)}ms"]
+        return self._h2load(["--h1", f"-c{clients}", *timing, *extra], url, headers,
+                            self.duration + self.warm_up)
 
     def smoke(self, url: str, http1: bool, headers: dict | None = None) -> str | None:
         """20 requests; None if all got a 2xx, else what went wrong."""
