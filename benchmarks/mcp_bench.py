@@ -2,7 +2,7 @@
 """MCP wall-clock benchmark: `tools/call` through agproxy (and IBM's ContextForge)
 against calling the MCP server directly, and `openapi_mcp` against the REST API.
 
-    .venv/bin/python benchmarks/mcp_bench.py            # full: 3 rounds, ~6 min
+    .venv/bin/python benchmarks/mcp_bench.py            # full: 3 rounds, ~6 min with ContextForge
     .venv/bin/python benchmarks/mcp_bench.py --quick    # 1 short round: checks the harness
     .venv/bin/python benchmarks/mcp_bench.py --no-contextforge
     .venv/bin/python benchmarks/mcp_bench.py --setup-contextforge   # only make its venv
@@ -55,6 +55,7 @@ import argparse
 import datetime as dt
 import http.client
 import json
+import math
 import os
 import platform
 import shutil
@@ -76,6 +77,7 @@ from harness.report import Cell  # noqa: E402
 
 GATEWAY_CORE, LOAD_CORE = 0, 1
 CLIENTS = 16
+MIN_SAMPLES = 50        # requests of a fixed-rate run, at least
 CF_VERSION = "1.1.0"
 CF_VENV = HERE / ".venvs" / "contextforge"
 CLK_TCK = os.sysconf("SC_CLK_TCK")
@@ -118,6 +120,8 @@ class Row:
     body_bad: int = 0           # runs whose body bytes were not answers × body_len
     body_file: Path | None = None
     body_seen: str = ""         # the last mismatch
+    idle_cpu: float = 0.0       # CPU s/s of `pids` with no load
+    seq_s: float = 0.0          # seconds per request, one at a time (the answer check)
 
 
 @dataclass
@@ -298,7 +302,7 @@ def start_contextforge(sup: Supervisor, workdir: Path, port: int, sdk_port: int)
     if why:
         raise RuntimeError(f"ContextForge did not start: {why}\n{child.log_tail()}")
     proc = subprocess.run([py, "-m", "mcpgateway.utils.create_jwt_token", "--username", "admin@example.com",
-                           "--exp", "600", "--secret", env["JWT_SECRET_KEY"]],
+                           "--exp", "600", "--secret=" + env["JWT_SECRET_KEY"]],   # it may start with "-"
                           cwd=cfdir, capture_output=True, text=True, env=env)
     token = proc.stdout.strip().splitlines()[-1] if proc.returncode == 0 and proc.stdout.strip() else ""
     if not token:
@@ -321,6 +325,7 @@ def check_answers(row: Row, n: int = 20) -> str | None:
     host, _, port = host_port.partition(":")
     conn = http.client.HTTPConnection(host, int(port), timeout=30)
     sizes = set()
+    t0 = time.monotonic()
     try:
         for _ in range(n):
             conn.request("POST" if row.body is not None else "GET", path, body=row.body, headers=row.headers)
@@ -342,6 +347,7 @@ def check_answers(row: Row, n: int = 20) -> str | None:
     finally:
         conn.close()
     row.body_len = sizes.pop() if len(sizes) == 1 else None
+    row.seq_s = (time.monotonic() - t0) / n
     return None
 
 
@@ -363,20 +369,36 @@ def check_bodies(row: Row, m: Measure) -> None:
 
 
 def measure(row: Row, load: LoadGen, rate: int) -> None:
-    m = load.h1_closed(row.url, row.headers, CLIENTS, _extra(row))
+    # A slow row (ContextForge) answers each of the 16 connections in 16 × its time per
+    # request: run long enough (and warm up long enough) to count whole cycles.
+    cycle = CLIENTS * row.seq_s
+    closed = load if 4 * cycle <= load.duration else LoadGen(
+        load.sup, load.workdir, load.core, float(math.ceil(min(4 * cycle, 20.0))),
+        max(load.warm_up, min(cycle, 5.0)))    # h2load -D takes whole seconds
+    m = closed.h1_closed(row.url, row.headers, CLIENTS, _extra(row))
     row.cell.runs.append(m)
     check_bodies(row, m)
     if m.rps < 2 * rate:
         rate = next((r for r in RATES if r <= m.rps / 2), 1)
-    before = cpu_seconds(row.pids) if row.pids else 0.0
+    if rate * load.duration < MIN_SAMPLES:     # a slow row: enough requests for a p99
+        load = LoadGen(load.sup, load.workdir, load.core, min(MIN_SAMPLES / rate, 10.0), load.warm_up)
+    before, t0 = (cpu_seconds(row.pids) if row.pids else 0.0), time.monotonic()
     f = load.fixed_rate(row.url, row.headers, rate, _extra(row))
-    after = cpu_seconds(row.pids) if row.pids else 0.0
+    after, t1 = (cpu_seconds(row.pids) if row.pids else 0.0), time.monotonic()
     check_bodies(row, f)
     row.rate_runs.append(f)
     row.rates.append(rate)
     if row.pids and f.done:
-        # The warm-up run is outside [before, after]: only the measured requests count.
-        row.cpu_us.append((after - before) * 1e6 / f.done)
+        # The warm-up run is outside [before, after]: only the measured requests count;
+        # what the gateway burns when idle (timers, health checks) is taken off.
+        row.cpu_us.append(max(0.0, after - before - row.idle_cpu * (t1 - t0)) * 1e6 / f.done)
+
+
+def idle_cpu(pids: list[int], seconds: float = 3.0) -> float:
+    """CPU seconds per second these processes use with no request (measured over `seconds`)."""
+    before, t0 = cpu_seconds(pids), time.monotonic()
+    time.sleep(seconds)      # a measuring interval, not a wait for something
+    return (cpu_seconds(pids) - before) / (time.monotonic() - t0)
 
 
 # --- the report -----------------------------------------------------------------------------
@@ -408,12 +430,13 @@ def group_table(g: Group) -> str:
         p50 = _med([m.p50_ms for m in r.rate_runs])
         p99 = _med([m.p99_ms for m in r.rate_runs])
         own = r is base
+        star = " *" if _med(r.rates) != _med(base.rates) else ""   # latency at another rate than the base
         errors = r.cell.errors() + sum(m.errors for m in r.rate_runs)
         lines.append("| " + " | ".join([
             r.label, _f(rps, ",.0f"), _f(rps / base_rps if rps and base_rps else None, ".3f"),
             _f(r.cell.spread(), ".1f"), _f(_med(r.rates), ".0f"), _f(p50, ".3f"), _f(p99, ".3f"),
-            "" if own else _f(p50 - base50 if p50 is not None and base50 is not None else None, ".3f", True),
-            "" if own else _f(p99 - base99 if p99 is not None and base99 is not None else None, ".3f", True),
+            "" if own else _f(p50 - base50 if p50 is not None and base50 is not None else None, ".3f", True) + star,
+            "" if own else _f(p99 - base99 if p99 is not None and base99 is not None else None, ".3f", True) + star,
             _f(_med(r.cpu_us), ",.0f"), str(errors),
             "–" if not r.body_len else ("ok" if not r.body_bad else f"{r.body_bad} runs differ"),
         ]) + " |")
@@ -447,7 +470,7 @@ def write_report(path: Path, groups: list[Group], args: argparse.Namespace, note
     out += ["Columns: req/s, closed loop (h2load --h1, 16 connections), median of the rounds, and its "
             "ratio to the first row; spread = (max − min) / median of req/s; latency at the fixed `rate` "
             "(10 connections staggered; a row that cannot sustain twice the table's rate runs at half its "
-            "own), +p50/+p99 against the first row; CPU µs/req = user + system time of the gateway's "
+            "own), +p50/+p99 against the first row (*: at another rate than the first row's); CPU µs/req = user + system time of the gateway's "
             "processes (all of them, /proc) during the fixed-rate run ÷ its requests; errors = non-2xx "
             "and failed requests; bodies = whether every answer had the size of the checked JSON-RPC "
             "result.", "", sdk_note, ""]
@@ -476,7 +499,7 @@ def main() -> int:
         print(why or f"ready: {CF_VENV}")
         return 1 if why else 0
     args.rounds = args.rounds or (1 if args.quick else 3)
-    args.duration = args.duration or (2.0 if args.quick else 5.0)
+    args.duration = args.duration or (2.0 if args.quick else 3.0)
     args.warm_up = args.warm_up if args.warm_up is not None else (0.5 if args.quick else 1.0)
     output = args.output or HERE / "results" / ("mcp-wallclock-quick.md" if args.quick else "mcp-wallclock.md")
     for tool in ("nginx", "h2load", "taskset"):
@@ -564,6 +587,16 @@ def main() -> int:
                 if why:
                     row.cell.error = "answer check: " + why
 
+        idle: dict[tuple, float] = {}
+        for grp in groups:
+            for row in grp.rows:
+                if row.pids and not row.cell.error:
+                    key = tuple(row.pids)
+                    if key not in idle:
+                        idle[key] = idle_cpu(row.pids)
+                        notes.append(f"- idle CPU of {row.label.split()[0]}'s processes: "
+                                     f"{idle[key] * 1e3:.1f} ms per second, taken off its CPU µs/req")
+                    row.idle_cpu = idle[key]
         load = LoadGen(sup, workdir, LOAD_CORE, args.duration, args.warm_up)
         for rnd in range(args.rounds):
             for grp in groups:
@@ -587,7 +620,9 @@ def main() -> int:
             sdk_note += (f" ContextForge: mcp-contextforge-gateway {CF_VERSION}, `mcpgateway --workers 1` "
                          "(uvicorn, one process, on the gateway's core), SQLite, CACHE_TYPE=memory, no Redis, "
                          "its rate limiter off, JWT auth (a token from its create_jwt_token), the SDK server "
-                         "registered as a gateway and called through a virtual server.")
+                         "registered as a gateway and called through a virtual server. Its Rust MCP "
+                         "runtime sidecar (`x-contextforge-mcp-runtime: rust`) is not in the PyPI package: "
+                         "the Python runtime answers.")
         write_report(output, groups, args, notes, load1, sdk_note)
         print(f"\nwritten: {output}")
         print(output.read_text())
