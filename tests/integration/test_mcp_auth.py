@@ -75,6 +75,16 @@ refill = {{ tokens = 5, every = "60s" }}
 [route.claims_to_headers]
 "x-user" = "jwt.sub"
 
+# An MCP backend, a rate limit and no MCP policy: the body is not read before the limit.
+[[route]]
+name = "bare"
+match = {{ path = "/bare/mcp" }}
+backend = "petstore"
+
+[[route.rate_limit.local]]
+capacity = 1
+refill = {{ tokens = 1, every = "600s" }}
+
 [backend.petstore]
 type = "openapi_mcp"
 spec_file = "{spec}"
@@ -328,3 +338,18 @@ def test_rate_limited_sdk_client_sees_the_json_rpc_error(world):
     assert err.data["retryAfter"] >= 1
     assert 1 <= done < 5                      # the session's own requests took the rest
     assert [dict(x["headers"])["x-user"] for x in api.wait_for(before + done)[before:]] == ["frank"] * done
+
+
+def test_rate_limit_on_a_bare_mcp_route_answers_json_rpc_with_a_null_id(world):
+    """Without mcp_authorization the body is read after the limit (by the backend):
+    the 429 is still a JSON-RPC error, with id null, which the SDK maps to its request."""
+    gw, api, auth = world
+    base = mcp_url(gw, "/bare/mcp")
+    with httpx.Client(timeout=5) as c:
+        first = c.post(base, json=_call("b-0"), headers=HDR)
+        second = c.post(base, json=_call("b-1"), headers=HDR)
+    assert first.status_code == 200 and first.json()["result"]["structuredContent"]["id"] == 1
+    assert second.status_code == 429 and second.headers["x-ratelimit-limit"] == "1"
+    body = second.json()
+    assert body["id"] is None and body["error"]["code"] == -32029
+    assert body["error"]["data"]["retryAfter"] == int(second.headers["retry-after"]) >= 1
