@@ -9,6 +9,7 @@ are all asserted; a request the service refuses must never reach the upstream.
 
 from __future__ import annotations
 
+import json
 import time
 
 import grpc
@@ -16,11 +17,12 @@ import httpx
 import pytest
 from envoy.config.core.v3 import base_pb2
 from envoy.service.auth.v3 import external_auth_pb2 as ext
-from google.protobuf import struct_pb2, wrappers_pb2
+from google.protobuf import json_format, struct_pb2, wrappers_pb2
 from google.rpc import status_pb2
 
 from tests.support.authz_peers import h1_request
 from tests.support.grpc_peers import CheckResponse, authorization_peer
+from tests.support.idp import IdP
 from tests.support.recorder import RecordingUpstream
 
 
@@ -206,6 +208,44 @@ set = { "x-tenant" = 'ext_authz.metadata.tenant', "x-tier" = 'ext_authz.metadata
     h = upstream.wait_for(1)[0]["headers"]
     assert [v for k, v in h if k == "x-tenant"] == ["t-42"]
     assert [v for k, v in h if k == "x-tier"] == ["gold"]
+
+
+def test_metadata_context_carries_the_verified_jwt_payload_as_envoys_jwt_authn(start_gateway, upstream, authz):
+    """`metadata_context = { jwt_payload = KEY }`: the verified claims under Envoy's
+    jwt_authn namespace (or the configured one); nothing without a verified token; nothing
+    on a route that does not ask for it."""
+    peer, servicer = authz
+    idp = IdP()
+    try:
+        jwt_table = f'''
+[route.jwt]
+mode = "optional"
+issuer = "{idp.issuer}"
+audiences = ["agents"]
+jwks = {{ inline = '{idp.jwks_json()}' }}
+'''
+        gw = start_gateway(config(
+            upstream.url,
+            route("meta", "/meta", peer.address, 'metadata_context = { jwt_payload = "jwt_payload" }',
+                  after=jwt_table),
+            route("ns", "/ns", peer.address,
+                  'metadata_context = { namespace = "com.example.auth", jwt_payload = "verified" }', after=jwt_table),
+            route("off", "/off", peer.address, after=jwt_table)))
+        claims = idp.claims(groups=["eng", "ops"], level=3, org={"id": "o1", "admin": False})
+        token = idp.mint(claims)
+        for path in ("/meta/x", "/ns/x", "/off/x"):
+            assert h1_request(gw.port, "GET", path, [("authorization", f"Bearer {token}")]).status == 200
+        assert h1_request(gw.port, "GET", "/meta/anonymous").status == 200
+        metas = [json_format.MessageToDict(c.request.attributes.metadata_context) for c in servicer.calls]
+        as_struct = {k: (float(v) if type(v) is int else v) for k, v in claims.items()}   # Struct numbers
+        assert metas[0] == {"filterMetadata": {"envoy.filters.http.jwt_authn": {"jwt_payload": as_struct}}}
+        assert metas[1] == {"filterMetadata": {"com.example.auth": {"verified": as_struct}}}
+        assert metas[2] == {} and metas[3] == {}
+        filters = json.loads(gw.admin_get("/config")[1])["routes"][0]["filters"]
+        assert [f["metadata_context"] for f in filters if f["type"] == "ext_authz"] == [{
+            "namespace": "envoy.filters.http.jwt_authn", "jwt_payload": "jwt_payload"}]
+    finally:
+        idp.close()
 
 
 # -- denied ----------------------------------------------------------------------------------

@@ -283,3 +283,15 @@ def problems_cel(source: str) -> str:
         return str(exc)
     raise AssertionError("expected a compile error")
 
+
+
+def test_metadata_context_config_problems():
+    assert problems('address = "127.0.0.1:1"\nmetadata_context = { namespace = "" }') == [
+        "route[0].ext_authz.metadata_context.jwt_payload: required",
+        "route[0].ext_authz.metadata_context.namespace: must not be empty"]
+    assert problems('address = "127.0.0.1:1"\nmetadata_context = { jwt_payload = "" }') == [
+        "route[0].ext_authz.metadata_context.jwt_payload: must not be empty"]
+    assert problems('address = "127.0.0.1:1"\nmetadata_context = { jwt_payload = "p", payload = 1 }') == [
+        'route[0].ext_authz.metadata_context.payload: unknown key (did you mean "jwt_payload"?)']
+    assert problems('protocol = "http"\naddress = "http://127.0.0.1:1"\nmetadata_context = { jwt_payload = "p" }') == [
+        "route[0].ext_authz.metadata_context: only for protocol = 'grpc'"]

@@ -45,7 +45,8 @@ STAGE = EXT_AUTH
 
 DEFAULT_TIMEOUT = "200ms"           # Envoy's default for the gRPC service
 MAX_BODY_BYTES = 4 * 1024 * 1024    # gRPC servers refuse larger messages by default
-_KEYS_GRPC_ONLY = ("include_body", "context_extensions")
+_KEYS_GRPC_ONLY = ("include_body", "context_extensions", "metadata_context")
+JWT_AUTHN = "envoy.filters.http.jwt_authn"   # Envoy's jwt_authn filter's metadata namespace
 _KEYS_HTTP_ONLY = ("path_prefix", "allowed_upstream_headers", "allowed_client_headers")
 
 
@@ -65,6 +66,7 @@ def build(sec: Section, ctx: Any) -> ExtAuthzFilter | None:
     upstream_headers = _names(sec, "allowed_upstream_headers", allow_reserved=False)
     client_headers = _names(sec, "allowed_client_headers")
     cache_sec = sec.section("cache")
+    meta_sec = sec.section("metadata_context")
     sec.done()
     ok = len(problems.items) == before
 
@@ -90,6 +92,19 @@ def build(sec: Section, ctx: Any) -> ExtAuthzFilter | None:
         raw_body = body_sec.bool("raw_body", False)
         body_sec.done()
         ok = ok and isinstance(max_bytes, int)
+
+    jwt_meta = None
+    if meta_sec is not None:
+        namespace = meta_sec.str("namespace", JWT_AUTHN)
+        payload_key = meta_sec.str("jwt_payload")
+        meta_sec.done()
+        if isinstance(namespace, str) and not namespace:
+            meta_sec.error("namespace", "must not be empty")
+        elif isinstance(payload_key, str) and not payload_key:
+            meta_sec.error("jwt_payload", "must not be empty")
+        elif isinstance(namespace, str) and isinstance(payload_key, str):
+            jwt_meta = (namespace, payload_key)
+        ok = ok and jwt_meta is not None
 
     cache = cache_key = None
     if cache_sec is not None:
@@ -124,7 +139,7 @@ def build(sec: Section, ctx: Any) -> ExtAuthzFilter | None:
         context = dict(context) if context else None
 
         async def call(ex: Any, body: bytes | None, partial: bool):
-            payload = check_request(ex, include, body, partial, raw_body, context)
+            payload = check_request(ex, include, body, partial, raw_body, context, jwt_meta)
             # (No request-id metadata: the id is in the CheckRequest, twice; a header that
             # changes per call costs an HPACK literal on every call.)
             answer = await method(payload, timeout=timeout, local_deadline=False)
@@ -135,7 +150,9 @@ def build(sec: Section, ctx: Any) -> ExtAuthzFilter | None:
         describe.update({"address": address, "include_headers": sorted(include) if include is not None else None,
                          "include_body": None if max_bytes is None else
                          {"max_bytes": max_bytes, "allow_partial": allow_partial, "raw_body": raw_body},
-                         "context_extensions": context})
+                         "context_extensions": context,
+                         "metadata_context": None if jwt_meta is None else
+                         {"namespace": jwt_meta[0], "jwt_payload": jwt_meta[1]}})
     else:
         url = address if "://" in address else f"http://{address}"
         origin = sec.convert("address", url, lambda u: Origin.from_url(u, ca_file=ca, insecure=bool(insecure)))

@@ -20,7 +20,14 @@ tests/integration/test_ext_authz_envoy_parity.py):
   UTF-8 goes in `raw_body` instead, since Go servers reject invalid UTF-8 in a
   string) or `raw_body` (`raw_body = true`), and the header
   `x-envoy-auth-partial-body: true|false` (a client's own is never passed on);
-- `attributes.context_extensions`: the route's configured map.
+- `attributes.context_extensions`: the route's configured map;
+- `attributes.metadata_context`, with `metadata_context = { jwt_payload = KEY }`: the
+  verified JWT claims of the request (`ex.jwt_claims`, from `jwt` or `mcp_auth`) as a
+  Struct under `filter_metadata[namespace][KEY]`, namespace `envoy.filters.http.jwt_authn`
+  by default: what Envoy sends when its jwt_authn filter has `payload_in_metadata: KEY`
+  and ext_authz `metadata_context_namespaces` names that namespace (OPA-Envoy policies
+  read `input.attributes.metadataContext.filterMetadata[...]`). No verified token, no
+  metadata, as in Envoy. Numbers become doubles (a Struct), as in Envoy.
 
 `decide()` turns a CheckResponse into a `Decision` (decision.py): status OK
 allows with `ok_response`'s mutations and `dynamic_metadata` (the response's, or
@@ -66,7 +73,8 @@ class ErrorAnswer(Exception):
 
 
 def check_request(ex: Any, include: frozenset[str] | None, body: bytes | None, partial: bool,
-                  raw_body: bool, context: dict[str, str] | None) -> bytes:
+                  raw_body: bool, context: dict[str, str] | None,
+                  jwt_meta: tuple[str, str] | None = None) -> bytes:
     """The serialised CheckRequest for this exchange."""
     req = ex.request
     conn = ex.conn
@@ -127,6 +135,10 @@ def check_request(ex: Any, include: frozenset[str] | None, body: bytes | None, p
         hmap[k] = v
     if context:
         attrs.context_extensions.update(context)
+    if jwt_meta is not None:
+        claims = ex.jwt_claims
+        if claims:
+            attrs.metadata_context.filter_metadata[jwt_meta[0]][jwt_meta[1]] = claims
     return msg.SerializeToString()
 
 
