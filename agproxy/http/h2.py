@@ -449,7 +449,7 @@ def response_block(status: int, headers: Headers) -> list:
     for k, v in headers.items:
         if k in CONNECTION_SPECIFIC:
             continue
-        out.append((name_bytes(k), v.encode("latin-1")))
+        out.append((_NAME_BYTES.get(k) or name_bytes(k), v.encode("latin-1")))   # (no call when cached)
     return out
 
 
