@@ -30,7 +30,9 @@ backend to the nginx (body parsed and checked, forwarded as it came), h1-mcp-pol
 same with mcp_auth + 3 mcp_authorization rules + claims_to_headers, h1-openapi-mcp
 to an `openapi_mcp` backend whose tool is a GET of the nginx (the gateway is the MCP
 server: validation, the REST call, the tool result).
-h1-limit / h2-limit = a route with one local rate limit keyed on a header, and
+h1-limit / h2-limit = a route with one local rate limit keyed on a header (their
+request carries that header: h1-plain-hdr / h2-plain-hdr send it to the plain route, the
+baseline that differs only by the limit), and
 h1-redis = the same limit kept in Redis (a redis-server is started for it).
 h1-extauthz / h2-extauthz = a plain route behind gRPC `[route.ext_authz]`, one
 Check call per request to a grpcio server (benchmarks/harness/authz.py, on the
@@ -76,6 +78,9 @@ SCENARIOS = {
     "h1-mcp-policy": (["--h1", "-c", "16", "-m", "1"], proxies.MCP_POLICY_PREFIX, True),
     "h1-openapi-mcp": (["--h1", "-c", "16", "-m", "1"], proxies.OPENAPI_MCP_PREFIX, False),
     # a local rate limit keyed on a header (one bucket per x-user), and the same limit in Redis
+    # the plain route with the limit scenarios' request (one more header): their baseline
+    "h1-plain-hdr": (["--h1", "-c", "16", "-m", "1"], "/", "limit"),
+    "h2-plain-hdr": (["-c", "16", "-m", "10"], "/", "limit"),
     "h1-limit": (["--h1", "-c", "16", "-m", "1"], proxies.LIMIT_PREFIX + "/", "limit"),
     "h2-limit": (["-c", "16", "-m", "10"], proxies.LIMIT_PREFIX + "/", "limit"),
     "h1-redis": (["--h1", "-c", "16", "-m", "1"], proxies.REDIS_PREFIX + "/", "limit"),
@@ -231,7 +236,13 @@ def main() -> int:
             for other in ("limit", "redis", "extauthz", "authzcached"):
                 cost = results.get(f"{proto}-{other}")
                 if plain and cost:
-                    print(f"{proto}-{other} ÷ {proto}-plain: {cost / plain:.3f}")
+                    print(f"{proto}-{other} ÷ {proto}-plain: {cost / plain:.3f} ({cost - plain:+,.0f})")
+            same = results.get(f"{proto}-plain-hdr")
+            for other in ("limit", "redis"):
+                cost = results.get(f"{proto}-{other}")
+                if same and cost:
+                    print(f"{proto}-{other} ÷ {proto}-plain-hdr (the same request): {cost / same:.3f} "
+                          f"({cost - same:+,.0f})")
     finally:
         sup.stop_all()
         if args.keep:

@@ -73,6 +73,15 @@ class Counter:
         return self.counts.get(key, 0)
 
 
+def direct_counts(c: Any) -> dict | None:
+    """The dict a per-request caller may add to itself (`d[key] = d.get(key, 0) + 1`,
+    no method call) when that is all `inc` does: one process. None otherwise (several
+    workers: the flush must be scheduled; no metrics): call `inc`."""
+    if type(c) is Counter and not c._multiprocess:
+        return c.counts
+    return None
+
+
 class _NullCounter:
     __slots__ = ()
 

@@ -37,6 +37,7 @@ from __future__ import annotations
 import asyncio
 import logging
 import time
+from operator import itemgetter
 from typing import Any
 
 from agproxy.config.reader import Section
@@ -45,7 +46,7 @@ from agproxy.filters.rate_limit.keys import key_reader
 from agproxy.filters.rate_limit.limits import NS, LimitSpec, failed, limited, read_limit
 from agproxy.proxy.filter import Filter, FilterResult, LocalReply
 from agproxy.proxy.registry import RATE_LIMITING
-from agproxy.telemetry.counters import counter
+from agproxy.telemetry.counters import counter, direct_counts
 
 KEY = "rate_limit"
 STAGE = RATE_LIMITING
@@ -89,6 +90,12 @@ class LocalLimit:
 
 
 _HEADER_NAMES = frozenset(("x-ratelimit-limit", "x-ratelimit-remaining", "x-ratelimit-reset"))
+_name = itemgetter(0)
+
+
+def _seconds(ns: int) -> str:
+    """Whole seconds, rounded up (x-ratelimit-reset): "0" for a full bucket."""
+    return str(-(-ns // NS)) if ns > 0 else "0"
 
 
 class RateLimitFilter(Filter):
@@ -110,6 +117,8 @@ class RateLimitFilter(Filter):
         self.charged = any(l.tokens for l in self.local) or any(r.tokens for r in self.remotes)
         one = self.local[0] if len(self.local) == 1 and not self.remotes else None
         self._one = one if one is not None and not one.tokens else None
+        self._counts = direct_counts(self.decisions)     # (one process: no call per request)
+        self._take = table.take if table is not None else None
         self._allowed = (route, "local", "allowed")
         self._limited = (route, "local", "limited")
         self._error = (route, "local", "error_denied")
@@ -130,12 +139,19 @@ class RateLimitFilter(Filter):
             except Exception as exc:
                 return self._key_failed(ex, lim, exc, None, 0)
         now = _now_ns()
-        tat = self.table.take(h, lim.interval, lim.burst, 1, now)
+        interval = lim.interval
+        burst = lim.burst
+        tat = self._take(h, interval, burst, 1, now)
         if tat < 0:
             self.decisions.inc(self._limited)
-            return limited(lim.capacity, lim.burst - lim.interval - tat, -tat)
-        self.decisions.inc(self._allowed)
-        ex.rate_limit = ((lim.burst - tat + now) // lim.interval, lim.label, tat - now)
+            return limited(lim.capacity, burst - interval - tat, -tat)
+        counts = self._counts
+        if counts is not None:
+            key = self._allowed
+            counts[key] = counts.get(key, 0) + 1
+        else:
+            self.decisions.inc(self._allowed)
+        ex.rate_limit = ((burst - tat + now) // interval, lim.label, tat - now)
         return None
 
     def _key_failed(self, ex: Any, lim: LocalLimit, exc: Exception, taken: list | None, now: int) -> LocalReply:
@@ -227,19 +243,18 @@ class RateLimitFilter(Filter):
         state = ex.rate_limit
         if state is None:
             return
-        items = head.headers.items
         remaining = state[0]
         if remaining is not None:
-            for k, _ in items:
-                if k in _HEADER_NAMES:        # the backend's own: ours replace them
-                    head.headers.items = items = [(k2, v2) for k2, v2 in items if k2 not in _HEADER_NAMES]
-                    break
+            headers = head.headers
+            items = headers.items
+            if not _HEADER_NAMES.isdisjoint(map(_name, items)):     # (C loops, no Python one)
+                headers.items = items = [(k, v) for k, v in items if k not in _HEADER_NAMES]  # ours replace the backend's
             reset = state[2]
-            items.append(("x-ratelimit-limit", state[1]))
-            items.append(("x-ratelimit-remaining", str(remaining) if remaining > 0 else "0"))
-            items.append(("x-ratelimit-reset", str(-(-reset // NS)) if reset > 0 else "0"))
+            items += (("x-ratelimit-limit", state[1]),
+                      ("x-ratelimit-remaining", str(remaining) if remaining > 0 else "0"),
+                      ("x-ratelimit-reset", "1" if 0 < reset <= NS else _seconds(reset)))
         if len(state) == 4:
-            items.extend(state[3])            # the rate-limit service's response_headers_to_add
+            head.headers.items.extend(state[3])     # the rate-limit service's response_headers_to_add
 
     def describe(self) -> dict:
         out: dict = {"type": self.name}
