@@ -87,6 +87,12 @@ def _raw_string(s: bytes) -> bytes:
     return (_LEN7[n] if n < 127 else _int_prefix(n, 7, 0)) + s
 
 
+# The varying names' literal prefix: such a field is never in a table (only `:path` has
+# static entries with values), so it needs no lookup of the pair.
+_VARYING_PREFIX = {n: (_NAME_NOIDX[_STATIC_NAME[n]] if n in _STATIC_NAME else b"\x00" + _raw_string(n))
+                   for n in _VARYING if n != b":path"}
+
+
 def _noidx_name(name: bytes) -> bytes:
     b = b"\x00" + _raw_string(name)
     if len(_NOIDX_NAMES) < _NOIDX_NAMES_MAX:
@@ -144,6 +150,16 @@ class FastEncoder:
             ups.clear()
         index = self._index
         for name, value in headers:
+            prefix = _VARYING_PREFIX.get(name)
+            if prefix is not None:
+                append(prefix)
+                n = len(value)
+                if n < 127:
+                    append(_LEN7[n])
+                    append(value)
+                else:
+                    append(_raw_string(value))
+                continue
             key = (name, value)
             i = _STATIC_PAIR.get(key)
             if i is not None:

@@ -15,12 +15,14 @@ from __future__ import annotations
 import httpx
 import pytest
 from envoy.config.core.v3 import base_pb2
+from google.protobuf import json_format
 from google.rpc import status_pb2
 
 from tests.integration.test_ext_authz_grpc import denied, hvo, ok
 from tests.support.authz_peers import h1_request
 from tests.support.envoy_proc import EnvoyProcess, cluster, listener
 from tests.support.grpc_peers import CheckResponse, authorization_peer
+from tests.support.idp import IdP
 from tests.support.ports import free_port
 from tests.support.recorder import RecordingUpstream
 
@@ -224,3 +226,67 @@ def test_same_partial_body_and_allowed_headers_as_envoy(world):
     _, (_, _, upstream_body, _), (_, _, _, _, _, _, sent, headers, _) = views["envoy"]
     assert (upstream_body, sent, headers) == (body, body[:16].decode(), {"x-tenant": "t1",
                                                                          "x-envoy-auth-partial-body": "true"})
+
+
+def test_same_metadata_context_as_envoy_jwt_authn(tmp_path, start_gateway):
+    """Envoy's jwt_authn with `payload_in_metadata` and ext_authz with
+    `metadata_context_namespaces` put the verified payload in the CheckRequest's
+    metadata_context; agproxy's `metadata_context = { jwt_payload }` sends the same
+    Struct (numbers as doubles, lists, nested objects), and nothing without a token."""
+    idp = IdP()
+    peer, servicer = authorization_peer()
+    peer.start()
+    up_envoy, up_agproxy = RecordingUpstream(), RecordingUpstream()
+    envoy_port = free_port()
+    jwt_authn = {"name": "envoy.filters.http.jwt_authn", "typed_config": {
+        "@type": "type.googleapis.com/envoy.extensions.filters.http.jwt_authn.v3.JwtAuthentication",
+        "providers": {"idp": {"issuer": idp.issuer, "audiences": ["agents"],
+                              "local_jwks": {"inline_string": idp.jwks_json()},
+                              "payload_in_metadata": "jwt_payload", "forward": True}},
+        "rules": [{"match": {"prefix": "/"}, "requires": {"requires_any": {"requirements": [
+            {"provider_name": "idp"}, {"allow_missing": {}}]}}}]}}
+    ext_authz = {"name": "envoy.filters.http.ext_authz", "typed_config": {
+        "@type": "type.googleapis.com/envoy.extensions.filters.http.ext_authz.v3.ExtAuthz",
+        "transport_api_version": "V3", "grpc_service": {"envoy_grpc": {"cluster_name": "authz"}, "timeout": "1s"},
+        "metadata_context_namespaces": ["envoy.filters.http.jwt_authn"]}}
+    envoy = EnvoyProcess({"static_resources": {
+        "listeners": [listener("main", envoy_port, [jwt_authn, ext_authz], "up")],
+        "clusters": [cluster("up", up_envoy.port), cluster("authz", peer.port, http2=True)]}}, tmp_path)
+    try:
+        gw = start_gateway(f'''
+[[route]]
+name = "main"
+match = {{ path_prefix = "/" }}
+backend = "app"
+[route.jwt]
+mode = "optional"
+issuer = "{idp.issuer}"
+audiences = ["agents"]
+jwks = {{ inline = '{idp.jwks_json()}' }}
+[route.ext_authz]
+address = "{peer.address}"
+timeout = "1s"
+metadata_context = {{ jwt_payload = "jwt_payload" }}
+
+[backend.app]
+type = "http"
+url = "{up_agproxy.url}"
+''')
+        token = idp.mint(idp.claims(groups=["eng", "ops"], level=3, ratio=0.5, org={"id": "o1", "admin": False}))
+        views = {}
+        for proxy, port in (("envoy", envoy_port), ("agproxy", gw.port)):
+            for headers in ([("authorization", f"Bearer {token}")], []):
+                assert h1_request(port, "GET", "/meta", headers).status == 200
+            calls = [c for c in servicer.calls
+                     if c.request.attributes.destination.address.socket_address.port_value == port]
+            views[proxy] = [json_format.MessageToDict(c.request.attributes.metadata_context) for c in calls]
+        assert views["agproxy"] == views["envoy"]
+        with_token, without = views["envoy"]
+        assert with_token["filterMetadata"]["envoy.filters.http.jwt_authn"]["jwt_payload"]["level"] == 3.0
+        assert without == {}
+    finally:
+        envoy.stop()
+        up_envoy.close()
+        up_agproxy.close()
+        peer.stop(0)
+        idp.close()
