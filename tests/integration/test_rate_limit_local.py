@@ -62,8 +62,9 @@ def workers_of(gateway_pid: int) -> list[int]:
     return [int(c) for c in children]
 
 
-def established_by_pid(pids: list[int], port: int) -> dict[int, int]:
-    """How many established TCP connections on local `port` each process holds."""
+def established_by_pid(pids: list[int], port: int, peers: set[int]) -> dict[int, int]:
+    """How many established TCP connections on local `port` from one of the client ports
+    `peers` each process holds (not another client's, e.g. the readiness probe's)."""
     inodes: dict[str, int] = {}
     for pid in pids:
         for fd in os.listdir(f"/proc/{pid}/fd"):
@@ -78,7 +79,8 @@ def established_by_pid(pids: list[int], port: int) -> dict[int, int]:
     for line in Path("/proc/net/tcp").read_text().splitlines()[1:]:
         f = line.split()
         local_port = int(f[1].split(":")[1], 16)
-        if local_port == port and f[3] == "01" and f[9] in inodes:     # 01 = ESTABLISHED
+        remote_port = int(f[2].split(":")[1], 16)
+        if local_port == port and remote_port in peers and f[3] == "01" and f[9] in inodes:  # 01 = ESTABLISHED
             counts[inodes[f[9]]] += 1
     return counts
 
@@ -104,7 +106,7 @@ def test_two_workers_let_exactly_capacity_through(start_gateway, upstream):
     responses = concurrently(50, one)
     try:
         # Both workers answered some of the 50 (per-worker buckets would have let 20 through).
-        owners = established_by_pid(workers, gw.port)
+        owners = established_by_pid(workers, gw.port, {s.getsockname()[1] for s in held})
         assert all(n > 0 for n in owners.values()), owners
         assert sum(owners.values()) == 50
     finally:
