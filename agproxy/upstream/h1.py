@@ -38,7 +38,7 @@ from agproxy.upstream.per_loop import PerLoop
 class UpstreamResponse:
     """A response from an upstream; `body.read()` streams it, `body.trailers` after EOF."""
 
-    __slots__ = ("status", "headers", "body", "_head", "_conn", "http_version")
+    __slots__ = ("status", "headers", "body", "_head", "_conn")
 
     def __init__(self, conn, body: BodyReader):
         self.status = 0
@@ -46,7 +46,6 @@ class UpstreamResponse:
         self.body = body
         self._head: asyncio.Future = asyncio.get_running_loop().create_future()
         self._conn = conn
-        self.http_version = "1.1"
 
     async def wait_head(self, timeout: float | None) -> None:
         fut = self._head
@@ -234,11 +233,11 @@ class H1ClientConnection(WriteFlowControl, asyncio.Protocol):
         resp.status = status
         resp.headers = Headers(self._headers)
         self._headers = []
-        self._keep_alive = self.parser.should_keep_alive()
+        keep_alive = self._keep_alive = self.parser.should_keep_alive()
+        # llhttp never keeps alive a response delimited by the close: only then are
+        # the framing headers looked for (two scans per response otherwise, callgrind).
         h = resp.headers
-        self._close_delimited = "content-length" not in h and "transfer-encoding" not in h
-        if self.parser.get_http_version() == "1.0":
-            resp.http_version = "1.0"
+        self._close_delimited = not keep_alive and "content-length" not in h and "transfer-encoding" not in h
         if not resp._head.done():
             resp._head.set_result(None)
         if self._head_only or status in (204, 304):
@@ -261,8 +260,8 @@ class H1ClientConnection(WriteFlowControl, asyncio.Protocol):
         self.response = None
         if self._paused_reading_by_body(resp):
             self.transport.resume_reading()
-        if self._keep_alive and self._request_done and not self._closed:
-            self.on_idle(self)
+        if self._keep_alive and self._request_done and not self._closed and not self.transport.is_closing():
+            self.on_idle(self)     # (usable: the pool does not check again)
         else:
             self.abort()
 
@@ -343,7 +342,7 @@ class H1ClientConnection(WriteFlowControl, asyncio.Protocol):
         if chunked and not self._closed:
             self.transport.write(b"0\r\n\r\n")
         self._request_done = True
-        if self.response is None and self._keep_alive and not self._closed:
+        if self.response is None and self._keep_alive and not self._closed and not self.transport.is_closing():
             self.on_idle(self)
 
     def abort(self) -> None:

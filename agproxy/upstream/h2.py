@@ -114,7 +114,7 @@ async def connect_h2(origin, metrics=None) -> "H2ClientConnection":
 class H2Response(UpstreamResponse):
     """UpstreamResponse of one HTTP/2 stream; `abort()` resets only that stream."""
 
-    __slots__ = ("_stream",)
+    __slots__ = ("_stream", "http_version")
 
     def __init__(self, stream: "_ClientStream"):
         super().__init__(stream.conn, stream.body)

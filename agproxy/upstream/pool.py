@@ -53,7 +53,7 @@ class Pool:
 
     # -- public ------------------------------------------------------------------------
     async def request(self, origin: Origin, method: str, target: str, headers: Headers,
-                      body: bytes | BodyReader | None = None, *, timeout: float | None = 60.0,
+                      body: bytes | BodyReader | None = None, timeout: float | None = 60.0,
                       body_length: int | None = None) -> UpstreamResponse:
         """Send a request; returns once the response head arrived (body streams after).
 
@@ -149,12 +149,16 @@ class Pool:
         conns = self._idle.get(origin.key)
         while conns:
             conn = conns.pop()
-            if conn.usable:
+            # conn.usable without the property call (per request, callgrind); an idle
+            # connection has no response in flight.
+            t = conn.transport
+            if not conn._closed and t is not None and not t.is_closing():
                 return conn
         return None
 
     def _release(self, conn: H1ClientConnection) -> None:
-        if self._closed or not conn.usable:
+        # (The connection hands itself back only while usable: H1ClientConnection._finish.)
+        if self._closed:
             conn.abort()
             return
         conns = self._idle.setdefault(conn.origin.key, [])
