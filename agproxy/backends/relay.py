@@ -34,13 +34,13 @@ _NOMINATING: dict[str, frozenset[str]] = {}
 
 
 def nominated_drop(connection: str) -> frozenset[str]:
-    """Response headers not relayed when the upstream sent `Connection: <connection>`:
-    the hop-by-hop ones and those it names (RFC 9110 §7.6.1). Upstreams repeat one
-    value (`keep-alive`) on every response: the set is kept per value (a bounded
-    table), not rebuilt per response."""
+    """Response headers not relayed because the upstream's `Connection: <connection>`
+    names them (RFC 9110 §7.6.1), beyond the hop-by-hop ones always dropped. Upstreams
+    repeat one value (`keep-alive`, already hop-by-hop: nothing more) on every
+    response: the set is kept per value (a bounded table), not rebuilt per response."""
     drop = _NOMINATING.get(connection)
     if drop is None:
-        drop = _DROP_RESPONSE | {t.strip().lower() for t in connection.split(",")}
+        drop = frozenset(t.strip().lower() for t in connection.split(",")) - _DROP_RESPONSE
         if len(_NOMINATING) < 256:
             _NOMINATING[connection] = drop
     return drop
@@ -81,23 +81,31 @@ async def relay(ex, origin: Origin, method: str, target: str, headers: Headers,
     # ~200 instructions per call, callgrind.)
     start = time.monotonic()
     try:
-        resp = await get_pool().request(origin, method, target, headers, body, timeout=timeout,
-                                        body_length=body_length)
+        resp = await get_pool().request(origin, method, target, headers, body, timeout, body_length)
     except UpstreamError as exc:
         ex.add_attempt(backend, origin.authority, provider, start, 0, time.monotonic() - start, str(exc))
         raise
     ex.add_attempt(backend, origin.authority, provider, start, resp.status, time.monotonic() - start)
 
-    items = resp.headers.items
+    # One pass over the response head (per response, measured): what is relayed, the
+    # length, the Connection tokens. A second pass only if those name more headers.
+    out: list[tuple[str, str]] = []
+    append = out.append
     cl = connection = None
-    for k, v in items:      # one pass for both (this runs per response)
-        if k == "content-length":
-            if cl is None:
-                cl = v
-        elif k == "connection":
-            connection = v if connection is None else f"{connection},{v}"
-    drop = _DROP_RESPONSE if connection is None else nominated_drop(connection)
-    out = Headers([(k, v) for k, v in items if k not in drop])
+    for kv in resp.headers.items:
+        k = kv[0]
+        if k in _DROP_RESPONSE:
+            if k == "content-length":
+                if cl is None:
+                    cl = kv[1]
+            elif k == "connection":
+                connection = kv[1] if connection is None else f"{connection},{kv[1]}"
+            continue
+        append(kv)
+    if connection is not None:
+        drop = nominated_drop(connection)
+        if drop:
+            out = [kv for kv in out if kv[0] not in drop]
     if cl is not None:
-        out.items.append(("content-length", cl))
-    return Response(resp.status, out, resp.body, resp)
+        out.append(("content-length", cl))
+    return Response(resp.status, Headers(out), resp.body, resp)
