@@ -25,18 +25,19 @@ HOP_BY_HOP = frozenset({
 })
 
 
-_FIELD_NAMES: dict[bytes, str] = {}
+#: Wire name → lowercase str (field_name's bounded table; hot callers look here first).
+FIELD_NAMES: dict[bytes, str] = {}
 
 
 def field_name(raw: bytes) -> str:
     """A header name from the wire as the lowercase str Headers use. Names repeat
     on every request, so the decoded text is kept (a bounded table): one dict
     lookup instead of decode + lower per header (HTTP/1.1 parsers, both sides)."""
-    name = _FIELD_NAMES.get(raw)
+    name = FIELD_NAMES.get(raw)
     if name is None:
         name = raw.decode("latin-1").lower()
-        if len(_FIELD_NAMES) < 2048:
-            _FIELD_NAMES[raw] = name
+        if len(FIELD_NAMES) < 2048:
+            FIELD_NAMES[raw] = name
     return name
 
 

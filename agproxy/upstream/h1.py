@@ -29,7 +29,7 @@ from typing import Callable
 import httptools
 
 from agproxy.http.flow import WriteFlowControl
-from agproxy.http.messages import BodyAborted, BodyReader, Headers, field_name
+from agproxy.http.messages import FIELD_NAMES, BodyAborted, BodyReader, Headers, field_name
 from agproxy.upstream.errors import UpstreamError, UpstreamTimeout
 from agproxy.upstream.origin import set_nodelay
 from agproxy.upstream.per_loop import PerLoop
@@ -214,7 +214,8 @@ class H1ClientConnection(WriteFlowControl, asyncio.Protocol):
             raise _Stray()    # a second response after the one we asked for: stop here
 
     def on_header(self, name: bytes, value: bytes) -> None:
-        self._headers.append((field_name(name), value.decode("latin-1")))
+        # field_name() inlined (its table first): one Python call less per header (callgrind).
+        self._headers.append((FIELD_NAMES.get(name) or field_name(name), value.decode("latin-1")))
 
     def on_headers_complete(self) -> None:
         resp = self.response
