@@ -20,6 +20,13 @@ refused or kept (`headers_with_underscores`): CGI-style backends read `x_user` a
 `x-user`. A connection whose first bytes are the HTTP/2 preface (or a prefix of it,
 until it diverges) switches to the HTTP/2 adapter (h2c prior knowledge).
 
+Head size: `max_header_bytes` counts the target and each field (name + value + 4).
+The fields are not summed per header: a head is no larger than the reads it came
+in, so only a head whose reads (plus one byte per field) pass the limit is measured,
+once it is complete. httptools keeps a field's bytes until the field ends, so a head
+still arriving once the reads after its first one pass twice the limit is refused
+(431) without waiting for its end.
+
 Deadlines cost no timer per request: the server's periodic sweep calls
 `check_deadlines(now)`. The request head must arrive within `header_timeout` of its
 first byte (of the connection's start for the first request): 408. A request in
@@ -63,6 +70,7 @@ _AUTHORITY = re.compile(
     r"(?:\[(?:[0-9A-Fa-f:.]+|v[0-9A-Fa-f]+\.[A-Za-z0-9\-._~!$&'()*+,;=:]+)\]"
     r"|(?:[A-Za-z0-9\-._~!$&'()*+,;=]|%[0-9A-Fa-f]{2})*)(?::[0-9]*)?")
 _VALID_AUTHORITIES: set[str] = set()
+_FRAMING = frozenset({"content-length", "transfer-encoding", "host"})   # names on_header checks
 
 
 #: Header names seen without an underscore, raw → lowercase str. One dict lookup per
@@ -258,7 +266,8 @@ class H1Connection(WriteFlowControl, asyncio.Protocol):
                  "current", "pipeline", "closing", "write_paused", "_drain_waiters", "_read_paused_by",
                  "_first", "_preface", "_url", "_headers", "_header_bytes", "_cl_count", "_te", "_host",
                  "_underscores", "_reading_stream", "_reject_payload", "_abort_reason", "last_activity",
-                 "head_start", "progress", "_quiet_since", "__weakref__")
+                 "head_start", "progress", "_quiet_since", "_in_head", "_read_len", "_head_first",
+                 "_head_reads", "__weakref__")
 
     write_lost_message = "client went away"
 
@@ -294,6 +303,10 @@ class H1Connection(WriteFlowControl, asyncio.Protocol):
         self.head_start = self.last_activity   # first byte of the head being read; 0: none
         self.progress = True                    # set on I/O, cleared by the sweep
         self._quiet_since = self.last_activity
+        self._in_head = False       # between on_message_begin and on_headers_complete
+        self._read_len = 0          # the read being parsed
+        self._head_first = 0        # the read the head began in (an upper bound of its part)
+        self._head_reads = 0        # the reads after it, while the head is incomplete
 
     # -- asyncio.Protocol ---------------------------------------------------------------
     def connection_made(self, transport) -> None:
@@ -314,6 +327,9 @@ class H1Connection(WriteFlowControl, asyncio.Protocol):
             data = self._sniff(data)
             if not data:
                 return
+        n = self._read_len = len(data)
+        if self._in_head:
+            self._head_reads += n
         try:
             self.parser.feed_data(data)
         except httptools.HttpParserUpgrade:
@@ -332,6 +348,9 @@ class H1Connection(WriteFlowControl, asyncio.Protocol):
             # httptools wraps what our callbacks raise; the cause carries our verdict.
             cause = exc.__cause__ or exc.__context__
             self._reject(cause if isinstance(cause, BadRequest) else BadRequest(400, _parser_message(exc)))
+        else:
+            if self._in_head and self._head_reads > 2 * self.limits.max_header_bytes:
+                self._reject(BadRequest(431, "request header fields too large"))
 
     def _sniff(self, data: bytes) -> bytes:
         """The first reads: HTTP/2 preface (→ the HTTP/2 adapter, b"" returned) or not
@@ -396,6 +415,9 @@ class H1Connection(WriteFlowControl, asyncio.Protocol):
         self._url = b""
         self._headers = []
         self._header_bytes = 0
+        self._in_head = True
+        self._head_first = self._read_len
+        self._head_reads = 0
         self._cl_count = 0
         self._te = None
         self._host = None
@@ -410,29 +432,42 @@ class H1Connection(WriteFlowControl, asyncio.Protocol):
                              "request line too long")
 
     def on_header(self, name: bytes, value: bytes) -> None:
-        self._header_bytes += len(name) + len(value) + 4
-        if self._header_bytes > self.limits.max_header_bytes or len(self._headers) >= self.limits.max_headers:
+        # Per header, measured hot: the size is checked per head (on_headers_complete).
+        if len(self._headers) >= self.limits.max_headers:
             raise BadRequest(431, "request header fields too large")
         n = _PLAIN_NAMES.get(name)
         if n is None:
             n = _new_name(name, self._underscores)
             if n is None:
-                return   # dropped
+                self._header_bytes += len(name) + len(value) + 4   # dropped, still counted
+                return
         v = value.decode("latin-1")
-        if n == "content-length":
-            self._cl_count += 1
-            if self._cl_count > 1:
-                raise BadRequest(400, "duplicate Content-Length")
-        elif n == "transfer-encoding":
-            self._te = v if self._te is None else f"{self._te}, {v}"
-        elif n == "host":
-            if self._host is not None:
-                raise BadRequest(400, "more than one Host header")
-            self._host = v
+        if n in _FRAMING:
+            if n == "content-length":
+                self._cl_count += 1
+                if self._cl_count > 1:
+                    raise BadRequest(400, "duplicate Content-Length")
+            elif n == "transfer-encoding":
+                self._te = v if self._te is None else f"{self._te}, {v}"
+            else:
+                if self._host is not None:
+                    raise BadRequest(400, "more than one Host header")
+                self._host = v
         self._headers.append((n, v))
+
+    def _check_head_size(self) -> None:
+        size = self._header_bytes     # the target, and fields dropped for their name
+        for k, v in self._headers:
+            size += len(k) + len(v) + 4
+        if size > self.limits.max_header_bytes:
+            raise BadRequest(431, "request header fields too large")
 
     def on_headers_complete(self) -> None:
         self.head_start = 0.0
+        self._in_head = False
+        # Each field counts at most one byte more than it takes on the wire.
+        if self._head_first + self._head_reads + len(self._headers) > self.limits.max_header_bytes:
+            self._check_head_size()
         p = self.parser
         version = p.get_http_version()
         if self._te is not None:
