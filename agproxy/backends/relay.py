@@ -28,6 +28,7 @@ log = logging.getLogger("agproxy.proxy")
 _DROP_REQUEST = HOP_BY_HOP | {"host", "content-length", "expect", "x-forwarded-host",
                               "x-forwarded-proto", "x-request-id"}
 _DROP_RESPONSE = HOP_BY_HOP | {"content-length"}
+_SPECIAL_REQUEST = _DROP_REQUEST | {"x-forwarded-for"}   # looked at, never copied as they are
 
 
 _NOMINATING: dict[str, frozenset[str]] = {}
@@ -48,22 +49,30 @@ def nominated_drop(connection: str) -> frozenset[str]:
 
 def upstream_request_headers(ex, authority: str, te_trailers: bool = False) -> Headers:
     req = ex.request
-    src = req.headers.items
-    drop = _DROP_REQUEST
-    conn_tokens = req.headers.get("connection")
-    if conn_tokens:
-        drop = drop | {t.strip().lower() for t in conn_tokens.split(",")}
+    # One pass over the request head (per request, measured): what is forwarded, the
+    # X-Forwarded-For chain, the (first) Connection header. A second pass only if that
+    # names headers the hop-by-hop set does not already drop.
     items = [("host", authority)]
-    xff = None
-    for k, v in src:
-        if k in drop:
-            if k == "te" and te_trailers and "trailers" in v.lower():
-                items.append(("te", "trailers"))
+    append = items.append
+    xff = conn_tokens = None
+    for kv in req.headers.items:
+        k = kv[0]
+        if k in _SPECIAL_REQUEST:
+            if k == "x-forwarded-for":
+                xff = f"{xff}, {kv[1]}" if xff else kv[1]
+            elif k == "connection":
+                if conn_tokens is None:
+                    conn_tokens = kv[1]
+            elif k == "te" and te_trailers and "trailers" in kv[1].lower():
+                append(("te", "trailers"))
             continue
-        if k == "x-forwarded-for":
-            xff = f"{xff}, {v}" if xff else v
-            continue
-        items.append((k, v))
+        append(kv)
+    if conn_tokens:
+        nominated = {t.strip().lower() for t in conn_tokens.split(",")} - _DROP_REQUEST
+        if nominated:
+            items = [kv for kv in items if kv[0] not in nominated]
+            if "x-forwarded-for" in nominated:
+                xff = None        # the client's chain is hop-by-hop then
     peer = ex.conn.peer_host
     items.append(("x-forwarded-for", f"{xff}, {peer}" if xff else peer))
     items.append(("x-forwarded-proto", req.scheme))
