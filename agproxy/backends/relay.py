@@ -53,7 +53,6 @@ def upstream_request_headers(ex, authority: str, te_trailers: bool = False) -> H
     # X-Forwarded-For chain, the (first) Connection header. A second pass only if that
     # names headers the hop-by-hop set does not already drop.
     items = [("host", authority)]
-    append = items.append
     xff = conn_tokens = None
     for kv in req.headers.items:
         k = kv[0]
@@ -64,9 +63,9 @@ def upstream_request_headers(ex, authority: str, te_trailers: bool = False) -> H
                 if conn_tokens is None:
                     conn_tokens = kv[1]
             elif k == "te" and te_trailers and "trailers" in kv[1].lower():
-                append(("te", "trailers"))
+                items.append(("te", "trailers"))
             continue
-        append(kv)
+        items.append(kv)
     if conn_tokens:
         nominated = {t.strip().lower() for t in conn_tokens.split(",")} - _DROP_REQUEST
         if nominated:
@@ -99,7 +98,6 @@ async def relay(ex, origin: Origin, method: str, target: str, headers: Headers,
     # One pass over the response head (per response, measured): what is relayed, the
     # length, the Connection tokens. A second pass only if those name more headers.
     out: list[tuple[str, str]] = []
-    append = out.append
     cl = connection = None
     for kv in resp.headers.items:
         k = kv[0]
@@ -110,7 +108,7 @@ async def relay(ex, origin: Origin, method: str, target: str, headers: Headers,
             elif k == "connection":
                 connection = kv[1] if connection is None else f"{connection},{kv[1]}"
             continue
-        append(kv)
+        out.append(kv)       # (not a local bound method: list.append is specialised)
     if connection is not None:
         drop = nominated_drop(connection)
         if drop:

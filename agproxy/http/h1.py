@@ -70,7 +70,9 @@ _AUTHORITY = re.compile(
     r"(?:\[(?:[0-9A-Fa-f:.]+|v[0-9A-Fa-f]+\.[A-Za-z0-9\-._~!$&'()*+,;=:]+)\]"
     r"|(?:[A-Za-z0-9\-._~!$&'()*+,;=]|%[0-9A-Fa-f]{2})*)(?::[0-9]*)?")
 _VALID_AUTHORITIES: set[str] = set()
-_FRAMING = frozenset({"content-length", "transfer-encoding", "host"})   # names on_header checks
+_FRAMING = frozenset({"content-length", "transfer-encoding", "host", "expect"})   # names on_header notes
+# Response fields send_head frames itself: content-length kept, the others dropped.
+_FRAMING_OUT = frozenset({"content-length", "connection", "transfer-encoding", "keep-alive"})
 
 
 #: Header names seen without an underscore, raw → lowercase str. One dict lookup per
@@ -186,10 +188,10 @@ class H1Stream(ServerStream):
         lines = [f"HTTP/1.1 {status} {_REASONS.get(status, 'Unknown')}\r\n"]
         has_length = False
         for k, v in headers.items:
-            if k == "content-length":
+            if k in _FRAMING_OUT:      # one set test per field (measured hot)
+                if k != "content-length":
+                    continue
                 has_length = True
-            elif k in ("connection", "transfer-encoding", "keep-alive"):
-                continue
             lines.append(f"{k}: {v}\r\n")
         if status < 200 or status in (204, 304):
             self._no_body = True
@@ -264,7 +266,7 @@ class H1Connection(WriteFlowControl, asyncio.Protocol):
     # per relayed request, callgrind).
     __slots__ = ("handler", "info", "limits", "on_h2", "tracker", "transport", "parser", "scheme",
                  "current", "pipeline", "closing", "write_paused", "_drain_waiters", "_read_paused_by",
-                 "_first", "_preface", "_url", "_headers", "_header_bytes", "_cl_count", "_te", "_host",
+                 "_first", "_preface", "_url", "_headers", "_header_bytes", "_cl_count", "_te", "_host", "_expect",
                  "_underscores", "_reading_stream", "_reject_payload", "_abort_reason", "last_activity",
                  "head_start", "progress", "_quiet_since", "_in_head", "_read_len", "_head_first",
                  "_head_reads", "__weakref__")
@@ -295,6 +297,7 @@ class H1Connection(WriteFlowControl, asyncio.Protocol):
         self._cl_count = 0
         self._te: str | None = None
         self._host: str | None = None
+        self._expect: str | None = None
         self._underscores = limits.headers_with_underscores
         self._reading_stream: H1Stream | None = None
         self._reject_payload: bytes | None = None   # answered once the requests before it are
@@ -421,6 +424,7 @@ class H1Connection(WriteFlowControl, asyncio.Protocol):
         self._cl_count = 0
         self._te = None
         self._host = None
+        self._expect = None
         if not self.head_start:   # (the first request's deadline runs from the connection's start)
             self.head_start = self.last_activity
 
@@ -449,10 +453,12 @@ class H1Connection(WriteFlowControl, asyncio.Protocol):
                     raise BadRequest(400, "duplicate Content-Length")
             elif n == "transfer-encoding":
                 self._te = v if self._te is None else f"{self._te}, {v}"
-            else:
+            elif n == "host":
                 if self._host is not None:
                     raise BadRequest(400, "more than one Host header")
                 self._host = v
+            elif self._expect is None:
+                self._expect = v
         self._headers.append((n, v))
 
     def _check_head_size(self) -> None:
@@ -497,7 +503,7 @@ class H1Connection(WriteFlowControl, asyncio.Protocol):
                     headers.items = [("host", host) if k == "host" else (k, v) for k, v in headers.items]
         req = RequestHead(p.get_method().decode("ascii"), url, headers, self.scheme, host,
                           "HTTP/1.1" if version == "1.1" else "HTTP/1.0")
-        expect = headers.get("expect")
+        expect = self._expect      # (noted by on_header: no scan of the fields)
         expect_continue = expect is not None and expect.lower() == "100-continue" and version == "1.1"
         stream = H1Stream(self, req, p.should_keep_alive(), expect_continue)
         self._reading_stream = stream
