@@ -1,10 +1,13 @@
 """HTTP/1.1 server side: bytes → requests with httptools (llhttp), responses → bytes.
 
 Theory of operation: `data_received` only parses; parser callbacks build a
-`H1Stream` per request and hand it to the proxy (`handler(stream)` in a task).
-Requests are answered strictly in order: a pipelined request waits in a bounded
-queue until the one before it has been answered (reading pauses when the queue is
-full). Body bytes go to the stream's `BodyReader`, which pauses the socket above
+`H1Stream` per request and hand it to the proxy: `handler(stream)`, awaited by
+the connection's one serving task, which waits for the next request once a
+handler returns (requests on a connection are answered one at a time anyway; a
+task per request cost ~7k instructions, callgrind: Task, its registration in
+asyncio's weak set of tasks, the wrapper coroutine). Requests are answered
+strictly in order: a pipelined request waits in a bounded queue until the one
+before it has been answered (reading pauses when the queue is full). Body bytes go to the stream's `BodyReader`, which pauses the socket above
 its high-water mark. The response head is held until the first body chunk or the
 end so small answers leave in one write; bodies without a length are chunked.
 
@@ -136,7 +139,7 @@ class BadRequest(Exception):
 
 class H1Stream(ServerStream):
     __slots__ = ("conn", "request", "body", "proto", "head_sent", "_head", "_chunked",
-                 "_no_body", "keep_alive", "done", "_expect_continue", "task")
+                 "_no_body", "keep_alive", "done", "_expect_continue")
 
     def __init__(self, proto: "H1Connection", request: RequestHead, keep_alive: bool, expect: bool):
         self.proto = proto
@@ -151,7 +154,6 @@ class H1Stream(ServerStream):
         self._chunked = False
         self._no_body = request.method == "HEAD"
         self.done = False
-        self.task: asyncio.Task | None = None
 
     def _send_continue(self) -> None:
         if not self.head_sent and self._head is None and self.proto.current is self:
@@ -269,7 +271,7 @@ class H1Connection(WriteFlowControl, asyncio.Protocol):
                  "_first", "_preface", "_url", "_headers", "_header_bytes", "_cl_count", "_te", "_host", "_expect",
                  "_underscores", "_reading_stream", "_reject_payload", "_abort_reason", "last_activity",
                  "head_start", "progress", "_quiet_since", "_in_head", "_read_len", "_head_first",
-                 "_head_reads", "__weakref__")
+                 "_head_reads", "_task", "_wake", "_next", "__weakref__")
 
     write_lost_message = "client went away"
 
@@ -310,6 +312,9 @@ class H1Connection(WriteFlowControl, asyncio.Protocol):
         self._read_len = 0          # the read being parsed
         self._head_first = 0        # the read the head began in (an upper bound of its part)
         self._head_reads = 0        # the reads after it, while the head is incomplete
+        self._task: asyncio.Task | None = None        # the serving task (_serve), once a request came
+        self._wake: asyncio.Future | None = None      # what it awaits between requests
+        self._next: H1Stream | None = None            # started while it was still in a handler
 
     # -- asyncio.Protocol ---------------------------------------------------------------
     def connection_made(self, transport) -> None:
@@ -400,10 +405,16 @@ class H1Connection(WriteFlowControl, asyncio.Protocol):
             self.tracker.discard(self)
         reason = self._abort_reason
         err = BodyAborted(reason or "client connection lost")
-        for s in ([self.current] if self.current else []) + list(self.pipeline):
+        current = self.current
+        for s in ([current] if current else []) + list(self.pipeline):
             s.body.fail(err)
-            if s.task is not None and not s.done:
-                s.task.cancel(reason)
+        task = self._task
+        if task is not None:
+            self._task = None       # (it refers back to us)
+            # Waiting for a request, or in the handler of one not finished: cancel it. A
+            # handler still running after its response ends on its own, then the task.
+            if self._wake is not None or (current is not None and not current.done):
+                task.cancel(reason)
         self.pipeline.clear()
         self._fail_drains()
         self.transport = None
@@ -530,17 +541,40 @@ class H1Connection(WriteFlowControl, asyncio.Protocol):
     def _start(self, stream: H1Stream) -> None:
         self.current = stream
         self.progress = True
-        stream.task = asyncio.get_running_loop().create_task(self._serve(stream))
+        wake = self._wake
+        if wake is not None:                # the serving task waits: this is its next request
+            self._wake = None
+            wake.set_result(stream)
+        elif self._task is None or self._task.done():
+            self._task = asyncio.get_running_loop().create_task(self._serve(stream))
+        else:                               # it is still in the handler of the one before
+            self._next = stream
 
     async def _serve(self, stream: H1Stream) -> None:
-        # A wrapper coroutine rather than a done-callback: no extra loop callback per request.
-        try:
-            await self.handler(stream)
-        except Exception:   # (the proxy's handler catches its own; this is a last resort)
-            log.exception("request handler failed")
-        finally:
-            if not stream.done:
-                stream.unfinished()
+        """The connection's serving task: each request's handler in turn."""
+        while True:
+            try:
+                await self.handler(stream)
+            except asyncio.CancelledError:
+                if self.transport is None:
+                    raise           # the connection is gone (connection_lost cancelled us)
+                # A cancel meant for this request alone (when it had a task of its own,
+                # that task ended): it is over, the connection goes on.
+                asyncio.current_task().uncancel()
+            except Exception:   # (the proxy's handler catches its own; this is a last resort)
+                log.exception("request handler failed")
+            finally:
+                if not stream.done:
+                    stream.unfinished()
+            nxt = self._next
+            if nxt is not None:
+                self._next = None
+                stream = nxt
+                continue
+            if self.transport is None:      # connection lost: nothing more comes
+                return
+            wake = self._wake = asyncio.get_running_loop().create_future()
+            stream = await wake
 
     def stream_finished(self, stream: H1Stream) -> None:
         if stream is not self.current:
