@@ -53,7 +53,7 @@ class UpstreamResponse:
             return fut.result()
         if not timeout:
             return await fut
-        deadlines = head_deadlines()
+        deadlines = self._conn.deadlines      # the connection's loop's (no per-loop lookup)
         deadlines.add(fut, timeout)
         try:
             await fut
@@ -132,7 +132,7 @@ class H1ClientConnection(WriteFlowControl, asyncio.Protocol):
     __slots__ = ("origin", "transport", "parser", "on_idle", "response", "_headers", "_reused",
                  "_got_bytes", "_keep_alive", "_request_done", "_closed", "write_paused",
                  "_drain_waiters", "_head_only", "_parser_dirty", "last_used", "_name", "_close_delimited",
-                 "_in_head", "_head_reads")
+                 "_in_head", "_head_reads", "deadlines")
 
     def __init__(self, origin, on_idle: Callable[["H1ClientConnection"], None]):
         self.origin = origin
@@ -155,6 +155,7 @@ class H1ClientConnection(WriteFlowControl, asyncio.Protocol):
         self._in_head = False          # waiting for the final response head
         self._head_reads = 0           # bytes of the reads that carried this head
         self.last_used = 0.0
+        self.deadlines = head_deadlines()   # this loop's (UpstreamResponse.wait_head)
 
     # -- asyncio.Protocol -------------------------------------------------------------
     def connection_made(self, transport) -> None:
