@@ -70,6 +70,7 @@ def _int_prefix(value: int, prefix_bits: int, flags: int) -> bytes:
 
 _LEN7 = [bytes((i,)) for i in range(127)]              # raw string lengths < 127
 _INDEXED_STATIC = [b""] + [bytes((0x80 | i,)) for i in range(1, 62)]
+_INDEXED = [bytes((0x80 | i,)) for i in range(127)]    # indexed field, index < 127
 _NAME_NOIDX = [b""] + [_int_prefix(i, 4, 0x00) for i in range(1, 62)]
 _NAME_NEVER = [b""] + [_int_prefix(i, 4, 0x10) for i in range(1, 62)]
 _NAME_INCR = [b""] + [_int_prefix(i, 6, 0x40) for i in range(1, 62)]
@@ -126,6 +127,8 @@ class FastEncoder:
             out.append(_int_prefix(ups[-1], 5, 0x20))
             ups.clear()
         index = self._index
+        # Per field, measured hot: the common encodings come from tables, not calls
+        # (_int_prefix for a dynamic index < 127, _raw_string for a value < 127 bytes).
         for name, value in headers:
             key = (name, value)
             i = _STATIC_PAIR.get(key)
@@ -134,7 +137,8 @@ class FastEncoder:
                 continue
             seq = index.get(key)
             if seq is not None:
-                out.append(_int_prefix(62 + self._seq - seq, 7, 0x80))
+                i = 62 + self._seq - seq
+                out.append(_INDEXED[i] if i < 127 else _int_prefix(i, 7, 0x80))
                 continue
             ni = _STATIC_NAME.get(name)
             if name in _SENSITIVE:
@@ -150,7 +154,9 @@ class FastEncoder:
                 self._size += size
                 if self._size > self._max:
                     self._evict()
-            out.append(_raw_string(value))
+            n = len(value)
+            out.append(_LEN7[n] if n < 127 else _int_prefix(n, 7, 0))
+            out.append(value)
         return b"".join(out)
 
 

@@ -94,7 +94,10 @@ class Headers:
 
     def as_dict(self) -> dict[str, str]:
         """Names → values, repeated headers joined with ', ' (CEL's view)."""
-        out: dict[str, str] = {}
+        out = dict(self.items)        # (C speed; right unless a name repeats)
+        if len(out) == len(self.items):
+            return out
+        out = {}
         for k, v in self.items:
             out[k] = f"{out[k]}, {v}" if k in out else v
         return out
