@@ -286,7 +286,7 @@ class H1ClientConnection(WriteFlowControl, asyncio.Protocol):
         return not self._closed and self.response is None and self.transport is not None \
             and not self.transport.is_closing()
 
-    def send(self, method: str, target: str, headers: Headers, body: bytes | None = None, *,
+    def send(self, method: str, target: str, headers: Headers, body: bytes | None = None,
              stream: bool = False, length: int | None = None, reused: bool = False) -> UpstreamResponse:
         """Write the request head, with exactly one framing header, and an in-memory body.
 
