@@ -2,6 +2,7 @@
 """Side-by-side benchmark: agproxy against Envoy, nginx and haproxy, and no proxy.
 
     .venv/bin/python benchmarks/run.py [--quick] [--scenarios h1 h2c ...] [--proxies ...]
+                                       [--baseline OTHER_CHECKOUT/.venv/bin/agproxy]
 
 How it works
 1. A temp work dir gets a self-signed TLS certificate, an RS256 key with its
@@ -21,7 +22,12 @@ How it works
    3 authorization rules + claims_to_headers) in front of the plain one and
    compares the two routes in that one process (policy ÷ plain). It runs when
    asked for (--scenarios policy), or by default when its preflight passes.
-7. Tables are printed and written to benchmarks/RESULTS.md (RESULTS-quick.md
+7. `--baseline PATH` adds a proxy `agproxy-base`: another agproxy build (e.g. an
+   older commit's worktree, its own `.venv/bin/agproxy`) started exactly like
+   `agproxy`, with the same generated config on ports of its own, measured in the
+   same interleaved rounds; its ratios ÷ Envoy sit next to agproxy's, and a note
+   gives agproxy ÷ agproxy-base per scenario ("must not drop" in one run).
+8. Tables are printed and written to benchmarks/RESULTS.md (RESULTS-quick.md
    with --quick). Every process is stopped at exit, Ctrl-C and errors included
    (harness/procs.py).
 """
@@ -29,9 +35,11 @@ How it works
 from __future__ import annotations
 
 import argparse
+import dataclasses
 import os
 import shlex
 import shutil
+import subprocess
 import sys
 import tempfile
 import time
@@ -50,6 +58,7 @@ from harness.procs import (Child, Supervisor, free_ports, http_get,  # noqa: E40
 
 PROXY_CORE, LOAD_CORE = 0, 1
 PROXIES = ["direct", "agproxy", "envoy", "nginx", "haproxy"]
+BASELINE = "agproxy-base"   # --baseline: another agproxy binary, same config
 
 
 @dataclass(frozen=True)
@@ -102,12 +111,14 @@ class Bench:
         self.notes: list[str] = []
 
     def _allocate_ports(self) -> proxies.Ports:
-        free = iter(free_ports(16))
+        free = iter(free_ports(18))
         ports = proxies.Ports(next(free), next(free), next(free), agproxy_admin=next(free))
-        for name in ("agproxy", "envoy"):  # one port for h1 and h2c (codec detection)
+        for name in ("agproxy", "envoy", BASELINE):  # one port for h1 and h2c (codec detection)
             port = next(free)
             ports.proxy[name] = {"h1": port, "h2c": port, "tls": next(free)}
-        ports.proxy["agproxy"]["tls"] = ports.proxy["agproxy"]["h1"]  # one port, sniffed
+        for name in ("agproxy", BASELINE):
+            ports.proxy[name]["tls"] = ports.proxy[name]["h1"]  # one port, sniffed
+        self.baseline_admin = next(free)
         for name in ("nginx", "haproxy"):
             ports.proxy[name] = {"h1": next(free), "h2c": next(free), "tls": next(free)}
         return ports
@@ -141,7 +152,25 @@ class Bench:
     def proxy_spec(self, name: str) -> proxies.Spec:
         if name == "agproxy":
             return proxies.agproxy_spec(self.workdir, self.ports, self.tls)
+        if name == BASELINE:
+            return self.baseline_spec()
         return proxies.PEER_SPECS[name](self.workdir, self.ports, self.tls)
+
+    def baseline_spec(self) -> proxies.Spec:
+        """agproxy's spec for the --baseline binary: the same generated config, in a
+        folder of its own (its access log), on its own ports."""
+        workdir = self.workdir / BASELINE
+        workdir.mkdir(exist_ok=True)
+        ports = dataclasses.replace(self.ports, proxy={**self.ports.proxy, "agproxy": self.ports.proxy[BASELINE]},
+                                    agproxy_admin=self.baseline_admin)
+        spec = proxies.agproxy_spec(workdir, ports, self.tls, name=BASELINE)
+        conf = spec.argv[spec.argv.index("--config") + 1]
+        # The same command, another binary; builds before the `--config` flag took the
+        # config file as a positional argument.
+        binary = str(self.args.baseline)
+        flag = ["--config"] if "--config" in _output([binary, "run", "-h"]) else []
+        argv = [binary, "run", *flag, conf, *spec.argv[spec.argv.index("--config") + 2:]]
+        return proxies.Spec(BASELINE, argv, spec.urls, spec.ready_timeout)
 
     def start_proxies(self) -> None:
         for name in self.args.proxies:
@@ -202,6 +231,12 @@ class Bench:
                     self.run_cell(f"[{rnd}/{self.args.rounds}] {sc.name:8s}",
                                   tables[sc.name].cells[name], running,
                                   partial(self.measure, sc, url), name)
+        if BASELINE in self.args.proxies:
+            for sc in scenarios:
+                cells = tables[sc.name].cells
+                new, old = cells["agproxy"].median("rps"), cells[BASELINE].median("rps")
+                if new and old:
+                    self.notes.append(f"{sc.name}: agproxy ÷ {BASELINE} = {new / old:.3f} (req/s medians)")
 
     # --- policy scenario ---------------------------------------------------------
 
@@ -258,6 +293,13 @@ class Bench:
                               row)
         if running.child:
             self.sup.stop(running.child)
+
+
+def _output(argv: list[str]) -> str:
+    try:
+        return subprocess.run(argv, capture_output=True, text=True, timeout=30).stdout
+    except (OSError, subprocess.SubprocessError):
+        return ""
 
 
 def _ms(value: float | None) -> str:
@@ -343,6 +385,8 @@ def parse_args(argv: list[str]) -> argparse.Namespace:
                         help="default benchmarks/RESULTS.md (--quick: RESULTS-quick.md)")
     parser.add_argument("--keep-workdir", action="store_true",
                         help="keep configs and logs (the path is printed)")
+    parser.add_argument("--baseline", type=Path, metavar="AGPROXY_BIN",
+                        help=f"also run this agproxy binary as '{BASELINE}' (same config, same rounds)")
     args = parser.parse_args(argv)
     args.rounds = args.rounds or (1 if args.quick else 5)
     args.duration = args.duration or (3.0 if args.quick else 10.0)
@@ -351,6 +395,11 @@ def parse_args(argv: list[str]) -> argparse.Namespace:
     args.policy_explicit = bool(args.scenarios and POLICY in args.scenarios)
     args.scenarios = args.scenarios or [*SCENARIOS, POLICY]
     args.proxies = ["direct", *[p for p in PROXIES[1:] if p in (args.proxies or PROXIES)]]
+    if args.baseline is not None:
+        if not os.access(args.baseline, os.X_OK):
+            parser.error(f"--baseline: not an executable: {args.baseline}")
+        args.baseline = args.baseline.absolute()
+        args.proxies.insert(args.proxies.index("agproxy") + 1 if "agproxy" in args.proxies else 1, BASELINE)
     return args
 
 
@@ -405,6 +454,10 @@ def main(argv: list[str]) -> int:
         print(report.console_table(table))
     env = report.environment(proxies.envoy_binary(), proxies.agproxy_binary())
     env["load average at start"] = f"{load_before:.2f} (1-minute; should be near 0)"
+    if args.baseline is not None:
+        commit = _output(["git", "-C", str(args.baseline.parent), "log", "-1", "--format=%h %s"]).strip()
+        env[BASELINE] = (f"{_output([str(args.baseline), 'version']).strip()} — {args.baseline}"
+                         + (f" (commit {commit[:80]})" if commit else ""))
     write_markdown(args.output, bench, env, argv)
     print(f"\nwrote {args.output} ({(time.monotonic() - started) / 60:.1f} min of runs)")
     return 0

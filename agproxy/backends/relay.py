@@ -28,19 +28,20 @@ log = logging.getLogger("agproxy.proxy")
 _DROP_REQUEST = HOP_BY_HOP | {"host", "content-length", "expect", "x-forwarded-host",
                               "x-forwarded-proto", "x-request-id"}
 _DROP_RESPONSE = HOP_BY_HOP | {"content-length"}
+_SPECIAL_REQUEST = _DROP_REQUEST | {"x-forwarded-for"}   # looked at, never copied as they are
 
 
 _NOMINATING: dict[str, frozenset[str]] = {}
 
 
 def nominated_drop(connection: str) -> frozenset[str]:
-    """Response headers not relayed when the upstream sent `Connection: <connection>`:
-    the hop-by-hop ones and those it names (RFC 9110 §7.6.1). Upstreams repeat one
-    value (`keep-alive`) on every response: the set is kept per value (a bounded
-    table), not rebuilt per response."""
+    """Response headers not relayed because the upstream's `Connection: <connection>`
+    names them (RFC 9110 §7.6.1), beyond the hop-by-hop ones always dropped. Upstreams
+    repeat one value (`keep-alive`, already hop-by-hop: nothing more) on every
+    response: the set is kept per value (a bounded table), not rebuilt per response."""
     drop = _NOMINATING.get(connection)
     if drop is None:
-        drop = _DROP_RESPONSE | {t.strip().lower() for t in connection.split(",")}
+        drop = frozenset(t.strip().lower() for t in connection.split(",")) - _DROP_RESPONSE
         if len(_NOMINATING) < 256:
             _NOMINATING[connection] = drop
     return drop
@@ -48,22 +49,29 @@ def nominated_drop(connection: str) -> frozenset[str]:
 
 def upstream_request_headers(ex, authority: str, te_trailers: bool = False) -> Headers:
     req = ex.request
-    src = req.headers.items
-    drop = _DROP_REQUEST
-    conn_tokens = req.headers.get("connection")
-    if conn_tokens:
-        drop = drop | {t.strip().lower() for t in conn_tokens.split(",")}
+    # One pass over the request head (per request, measured): what is forwarded, the
+    # X-Forwarded-For chain, the (first) Connection header. A second pass only if that
+    # names headers the hop-by-hop set does not already drop.
     items = [("host", authority)]
-    xff = None
-    for k, v in src:
-        if k in drop:
-            if k == "te" and te_trailers and "trailers" in v.lower():
+    xff = conn_tokens = None
+    for kv in req.headers.items:
+        k = kv[0]
+        if k in _SPECIAL_REQUEST:
+            if k == "x-forwarded-for":
+                xff = f"{xff}, {kv[1]}" if xff else kv[1]
+            elif k == "connection":
+                if conn_tokens is None:
+                    conn_tokens = kv[1]
+            elif k == "te" and te_trailers and "trailers" in kv[1].lower():
                 items.append(("te", "trailers"))
             continue
-        if k == "x-forwarded-for":
-            xff = f"{xff}, {v}" if xff else v
-            continue
-        items.append((k, v))
+        items.append(kv)
+    if conn_tokens:
+        nominated = {t.strip().lower() for t in conn_tokens.split(",")} - _DROP_REQUEST
+        if nominated:
+            items = [kv for kv in items if kv[0] not in nominated]
+            if "x-forwarded-for" in nominated:
+                xff = None        # the client's chain is hop-by-hop then
     peer = ex.conn.peer_host
     items.append(("x-forwarded-for", f"{xff}, {peer}" if xff else peer))
     items.append(("x-forwarded-proto", req.scheme))
@@ -81,23 +89,30 @@ async def relay(ex, origin: Origin, method: str, target: str, headers: Headers,
     # ~200 instructions per call, callgrind.)
     start = time.monotonic()
     try:
-        resp = await get_pool().request(origin, method, target, headers, body, timeout=timeout,
-                                        body_length=body_length)
+        resp = await get_pool().request(origin, method, target, headers, body, timeout, body_length)
     except UpstreamError as exc:
         ex.add_attempt(backend, origin.authority, provider, start, 0, time.monotonic() - start, str(exc))
         raise
     ex.add_attempt(backend, origin.authority, provider, start, resp.status, time.monotonic() - start)
 
-    items = resp.headers.items
+    # One pass over the response head (per response, measured): what is relayed, the
+    # length, the Connection tokens. A second pass only if those name more headers.
+    out: list[tuple[str, str]] = []
     cl = connection = None
-    for k, v in items:      # one pass for both (this runs per response)
-        if k == "content-length":
-            if cl is None:
-                cl = v
-        elif k == "connection":
-            connection = v if connection is None else f"{connection},{v}"
-    drop = _DROP_RESPONSE if connection is None else nominated_drop(connection)
-    out = Headers([(k, v) for k, v in items if k not in drop])
+    for kv in resp.headers.items:
+        k = kv[0]
+        if k in _DROP_RESPONSE:
+            if k == "content-length":
+                if cl is None:
+                    cl = kv[1]
+            elif k == "connection":
+                connection = kv[1] if connection is None else f"{connection},{kv[1]}"
+            continue
+        out.append(kv)       # (not a local bound method: list.append is specialised)
+    if connection is not None:
+        drop = nominated_drop(connection)
+        if drop:
+            out = [kv for kv in out if kv[0] not in drop]
     if cl is not None:
-        out.items.append(("content-length", cl))
-    return Response(resp.status, out, resp.body, resp)
+        out.append(("content-length", cl))
+    return Response(resp.status, Headers(out), resp.body, resp)

@@ -1,10 +1,13 @@
 """HTTP/1.1 server side: bytes → requests with httptools (llhttp), responses → bytes.
 
 Theory of operation: `data_received` only parses; parser callbacks build a
-`H1Stream` per request and hand it to the proxy (`handler(stream)` in a task).
-Requests are answered strictly in order: a pipelined request waits in a bounded
-queue until the one before it has been answered (reading pauses when the queue is
-full). Body bytes go to the stream's `BodyReader`, which pauses the socket above
+`H1Stream` per request and hand it to the proxy: `handler(stream)`, awaited by
+the connection's one serving task, which waits for the next request once a
+handler returns (requests on a connection are answered one at a time anyway; a
+task per request cost ~7k instructions, callgrind: Task, its registration in
+asyncio's weak set of tasks, the wrapper coroutine). Requests are answered
+strictly in order: a pipelined request waits in a bounded queue until the one
+before it has been answered (reading pauses when the queue is full). Body bytes go to the stream's `BodyReader`, which pauses the socket above
 its high-water mark. The response head is held until the first body chunk or the
 end so small answers leave in one write; bodies without a length are chunked.
 
@@ -19,6 +22,13 @@ answers 400 and aborts the upstream request. Header names with `_` are dropped,
 refused or kept (`headers_with_underscores`): CGI-style backends read `x_user` as
 `x-user`. A connection whose first bytes are the HTTP/2 preface (or a prefix of it,
 until it diverges) switches to the HTTP/2 adapter (h2c prior knowledge).
+
+Head size: `max_header_bytes` counts the target and each field (name + value + 4).
+The fields are not summed per header: a head is no larger than the reads it came
+in, so only a head whose reads (plus one byte per field) pass the limit is measured,
+once it is complete. httptools keeps a field's bytes until the field ends, so a head
+still arriving once the reads after its first one pass twice the limit is refused
+(431) without waiting for its end.
 
 Deadlines cost no timer per request: the server's periodic sweep calls
 `check_deadlines(now)`. The request head must arrive within `header_timeout` of its
@@ -63,6 +73,9 @@ _AUTHORITY = re.compile(
     r"(?:\[(?:[0-9A-Fa-f:.]+|v[0-9A-Fa-f]+\.[A-Za-z0-9\-._~!$&'()*+,;=:]+)\]"
     r"|(?:[A-Za-z0-9\-._~!$&'()*+,;=]|%[0-9A-Fa-f]{2})*)(?::[0-9]*)?")
 _VALID_AUTHORITIES: set[str] = set()
+_FRAMING = frozenset({"content-length", "transfer-encoding", "host", "expect"})   # names on_header notes
+# Response fields send_head frames itself: content-length kept, the others dropped.
+_FRAMING_OUT = frozenset({"content-length", "connection", "transfer-encoding", "keep-alive"})
 
 
 #: Header names seen without an underscore, raw → lowercase str. One dict lookup per
@@ -126,7 +139,7 @@ class BadRequest(Exception):
 
 class H1Stream(ServerStream):
     __slots__ = ("conn", "request", "body", "proto", "head_sent", "_head", "_chunked",
-                 "_no_body", "keep_alive", "done", "_expect_continue", "task")
+                 "_no_body", "keep_alive", "done", "_expect_continue")
 
     def __init__(self, proto: "H1Connection", request: RequestHead, keep_alive: bool, expect: bool):
         self.proto = proto
@@ -141,7 +154,6 @@ class H1Stream(ServerStream):
         self._chunked = False
         self._no_body = request.method == "HEAD"
         self.done = False
-        self.task: asyncio.Task | None = None
 
     def _send_continue(self) -> None:
         if not self.head_sent and self._head is None and self.proto.current is self:
@@ -178,10 +190,10 @@ class H1Stream(ServerStream):
         lines = [f"HTTP/1.1 {status} {_REASONS.get(status, 'Unknown')}\r\n"]
         has_length = False
         for k, v in headers.items:
-            if k == "content-length":
+            if k in _FRAMING_OUT:      # one set test per field (measured hot)
+                if k != "content-length":
+                    continue
                 has_length = True
-            elif k in ("connection", "transfer-encoding", "keep-alive"):
-                continue
             lines.append(f"{k}: {v}\r\n")
         if status < 200 or status in (204, 304):
             self._no_body = True
@@ -256,9 +268,10 @@ class H1Connection(WriteFlowControl, asyncio.Protocol):
     # per relayed request, callgrind).
     __slots__ = ("handler", "info", "limits", "on_h2", "tracker", "transport", "parser", "scheme",
                  "current", "pipeline", "closing", "write_paused", "_drain_waiters", "_read_paused_by",
-                 "_first", "_preface", "_url", "_headers", "_header_bytes", "_cl_count", "_te", "_host",
+                 "_first", "_preface", "_url", "_headers", "_header_bytes", "_cl_count", "_te", "_host", "_expect",
                  "_underscores", "_reading_stream", "_reject_payload", "_abort_reason", "last_activity",
-                 "head_start", "progress", "_quiet_since", "__weakref__")
+                 "head_start", "progress", "_quiet_since", "_in_head", "_read_len", "_head_first",
+                 "_head_reads", "_task", "_wake", "_next", "__weakref__")
 
     write_lost_message = "client went away"
 
@@ -286,6 +299,7 @@ class H1Connection(WriteFlowControl, asyncio.Protocol):
         self._cl_count = 0
         self._te: str | None = None
         self._host: str | None = None
+        self._expect: str | None = None
         self._underscores = limits.headers_with_underscores
         self._reading_stream: H1Stream | None = None
         self._reject_payload: bytes | None = None   # answered once the requests before it are
@@ -294,6 +308,13 @@ class H1Connection(WriteFlowControl, asyncio.Protocol):
         self.head_start = self.last_activity   # first byte of the head being read; 0: none
         self.progress = True                    # set on I/O, cleared by the sweep
         self._quiet_since = self.last_activity
+        self._in_head = False       # between on_message_begin and on_headers_complete
+        self._read_len = 0          # the read being parsed
+        self._head_first = 0        # the read the head began in (an upper bound of its part)
+        self._head_reads = 0        # the reads after it, while the head is incomplete
+        self._task: asyncio.Task | None = None        # the serving task (_serve), once a request came
+        self._wake: asyncio.Future | None = None      # what it awaits between requests
+        self._next: H1Stream | None = None            # started while it was still in a handler
 
     # -- asyncio.Protocol ---------------------------------------------------------------
     def connection_made(self, transport) -> None:
@@ -314,6 +335,9 @@ class H1Connection(WriteFlowControl, asyncio.Protocol):
             data = self._sniff(data)
             if not data:
                 return
+        n = self._read_len = len(data)
+        if self._in_head:
+            self._head_reads += n
         try:
             self.parser.feed_data(data)
         except httptools.HttpParserUpgrade:
@@ -332,6 +356,9 @@ class H1Connection(WriteFlowControl, asyncio.Protocol):
             # httptools wraps what our callbacks raise; the cause carries our verdict.
             cause = exc.__cause__ or exc.__context__
             self._reject(cause if isinstance(cause, BadRequest) else BadRequest(400, _parser_message(exc)))
+        else:
+            if self._in_head and self._head_reads > 2 * self.limits.max_header_bytes:
+                self._reject(BadRequest(431, "request header fields too large"))
 
     def _sniff(self, data: bytes) -> bytes:
         """The first reads: HTTP/2 preface (→ the HTTP/2 adapter, b"" returned) or not
@@ -378,10 +405,16 @@ class H1Connection(WriteFlowControl, asyncio.Protocol):
             self.tracker.discard(self)
         reason = self._abort_reason
         err = BodyAborted(reason or "client connection lost")
-        for s in ([self.current] if self.current else []) + list(self.pipeline):
+        current = self.current
+        for s in ([current] if current else []) + list(self.pipeline):
             s.body.fail(err)
-            if s.task is not None and not s.done:
-                s.task.cancel(reason)
+        task = self._task
+        if task is not None:
+            self._task = None       # (it refers back to us)
+            # Waiting for a request, or in the handler of one not finished: cancel it. A
+            # handler still running after its response ends on its own, then the task.
+            if self._wake is not None or (current is not None and not current.done):
+                task.cancel(reason)
         self.pipeline.clear()
         self._fail_drains()
         self.transport = None
@@ -396,9 +429,13 @@ class H1Connection(WriteFlowControl, asyncio.Protocol):
         self._url = b""
         self._headers = []
         self._header_bytes = 0
+        self._in_head = True
+        self._head_first = self._read_len
+        self._head_reads = 0
         self._cl_count = 0
         self._te = None
         self._host = None
+        self._expect = None
         if not self.head_start:   # (the first request's deadline runs from the connection's start)
             self.head_start = self.last_activity
 
@@ -410,29 +447,44 @@ class H1Connection(WriteFlowControl, asyncio.Protocol):
                              "request line too long")
 
     def on_header(self, name: bytes, value: bytes) -> None:
-        self._header_bytes += len(name) + len(value) + 4
-        if self._header_bytes > self.limits.max_header_bytes or len(self._headers) >= self.limits.max_headers:
+        # Per header, measured hot: the size is checked per head (on_headers_complete).
+        if len(self._headers) >= self.limits.max_headers:
             raise BadRequest(431, "request header fields too large")
         n = _PLAIN_NAMES.get(name)
         if n is None:
             n = _new_name(name, self._underscores)
             if n is None:
-                return   # dropped
+                self._header_bytes += len(name) + len(value) + 4   # dropped, still counted
+                return
         v = value.decode("latin-1")
-        if n == "content-length":
-            self._cl_count += 1
-            if self._cl_count > 1:
-                raise BadRequest(400, "duplicate Content-Length")
-        elif n == "transfer-encoding":
-            self._te = v if self._te is None else f"{self._te}, {v}"
-        elif n == "host":
-            if self._host is not None:
-                raise BadRequest(400, "more than one Host header")
-            self._host = v
+        if n in _FRAMING:
+            if n == "content-length":
+                self._cl_count += 1
+                if self._cl_count > 1:
+                    raise BadRequest(400, "duplicate Content-Length")
+            elif n == "transfer-encoding":
+                self._te = v if self._te is None else f"{self._te}, {v}"
+            elif n == "host":
+                if self._host is not None:
+                    raise BadRequest(400, "more than one Host header")
+                self._host = v
+            elif self._expect is None:
+                self._expect = v
         self._headers.append((n, v))
+
+    def _check_head_size(self) -> None:
+        size = self._header_bytes     # the target, and fields dropped for their name
+        for k, v in self._headers:
+            size += len(k) + len(v) + 4
+        if size > self.limits.max_header_bytes:
+            raise BadRequest(431, "request header fields too large")
 
     def on_headers_complete(self) -> None:
         self.head_start = 0.0
+        self._in_head = False
+        # Each field counts at most one byte more than it takes on the wire.
+        if self._head_first + self._head_reads + len(self._headers) > self.limits.max_header_bytes:
+            self._check_head_size()
         p = self.parser
         version = p.get_http_version()
         if self._te is not None:
@@ -462,7 +514,7 @@ class H1Connection(WriteFlowControl, asyncio.Protocol):
                     headers.items = [("host", host) if k == "host" else (k, v) for k, v in headers.items]
         req = RequestHead(p.get_method().decode("ascii"), url, headers, self.scheme, host,
                           "HTTP/1.1" if version == "1.1" else "HTTP/1.0")
-        expect = headers.get("expect")
+        expect = self._expect      # (noted by on_header: no scan of the fields)
         expect_continue = expect is not None and expect.lower() == "100-continue" and version == "1.1"
         stream = H1Stream(self, req, p.should_keep_alive(), expect_continue)
         self._reading_stream = stream
@@ -489,17 +541,40 @@ class H1Connection(WriteFlowControl, asyncio.Protocol):
     def _start(self, stream: H1Stream) -> None:
         self.current = stream
         self.progress = True
-        stream.task = asyncio.get_running_loop().create_task(self._serve(stream))
+        wake = self._wake
+        if wake is not None:                # the serving task waits: this is its next request
+            self._wake = None
+            wake.set_result(stream)
+        elif self._task is None or self._task.done():
+            self._task = asyncio.get_running_loop().create_task(self._serve(stream))
+        else:                               # it is still in the handler of the one before
+            self._next = stream
 
     async def _serve(self, stream: H1Stream) -> None:
-        # A wrapper coroutine rather than a done-callback: no extra loop callback per request.
-        try:
-            await self.handler(stream)
-        except Exception:   # (the proxy's handler catches its own; this is a last resort)
-            log.exception("request handler failed")
-        finally:
-            if not stream.done:
-                stream.unfinished()
+        """The connection's serving task: each request's handler in turn."""
+        while True:
+            try:
+                await self.handler(stream)
+            except asyncio.CancelledError:
+                if self.transport is None:
+                    raise           # the connection is gone (connection_lost cancelled us)
+                # A cancel meant for this request alone (when it had a task of its own,
+                # that task ended): it is over, the connection goes on.
+                asyncio.current_task().uncancel()
+            except Exception:   # (the proxy's handler catches its own; this is a last resort)
+                log.exception("request handler failed")
+            finally:
+                if not stream.done:
+                    stream.unfinished()
+            nxt = self._next
+            if nxt is not None:
+                self._next = None
+                stream = nxt
+                continue
+            if self.transport is None:      # connection lost: nothing more comes
+                return
+            wake = self._wake = asyncio.get_running_loop().create_future()
+            stream = await wake
 
     def stream_finished(self, stream: H1Stream) -> None:
         if stream is not self.current:

@@ -25,18 +25,19 @@ HOP_BY_HOP = frozenset({
 })
 
 
-_FIELD_NAMES: dict[bytes, str] = {}
+#: Wire name → lowercase str (field_name's bounded table; hot callers look here first).
+FIELD_NAMES: dict[bytes, str] = {}
 
 
 def field_name(raw: bytes) -> str:
     """A header name from the wire as the lowercase str Headers use. Names repeat
     on every request, so the decoded text is kept (a bounded table): one dict
     lookup instead of decode + lower per header (HTTP/1.1 parsers, both sides)."""
-    name = _FIELD_NAMES.get(raw)
+    name = FIELD_NAMES.get(raw)
     if name is None:
         name = raw.decode("latin-1").lower()
-        if len(_FIELD_NAMES) < 2048:
-            _FIELD_NAMES[raw] = name
+        if len(FIELD_NAMES) < 2048:
+            FIELD_NAMES[raw] = name
     return name
 
 
@@ -93,7 +94,10 @@ class Headers:
 
     def as_dict(self) -> dict[str, str]:
         """Names → values, repeated headers joined with ', ' (CEL's view)."""
-        out: dict[str, str] = {}
+        out = dict(self.items)        # (C speed; right unless a name repeats)
+        if len(out) == len(self.items):
+            return out
+        out = {}
         for k, v in self.items:
             out[k] = f"{out[k]}, {v}" if k in out else v
         return out
@@ -127,7 +131,7 @@ class ConnInfo:
 
 
 class RequestHead:
-    __slots__ = ("method", "target", "headers", "scheme", "authority", "protocol", "_path", "_query")
+    __slots__ = ("method", "target", "headers", "scheme", "authority", "protocol", "path", "query")
 
     def __init__(self, method: str, target: str, headers: Headers, scheme: str,
                  authority: str, protocol: str):
@@ -137,28 +141,13 @@ class RequestHead:
         self.scheme = scheme
         self.authority = authority    # Host / :authority
         self.protocol = protocol      # "HTTP/1.1", "HTTP/1.0", "HTTP/2"
-        self._path: str | None = None
-        self._query: str | None = None
-
-    def _split(self) -> None:
-        path, sep, query = self.target.partition("?")
-        self._path, self._query = path, query
-
-    @property
-    def path(self) -> str:
-        if self._path is None:
-            self._split()
-        return self._path  # type: ignore[return-value]
-
-    @property
-    def query(self) -> str:
-        if self._query is None:
-            self._split()
-        return self._query  # type: ignore[return-value]
+        # Split once: read several times per request, and a property call each time
+        # cost more than the split (callgrind). Change them with set_target only.
+        self.path, _, self.query = target.partition("?")
 
     def set_target(self, target: str) -> None:
         self.target = target
-        self._path = self._query = None
+        self.path, _, self.query = target.partition("?")
 
     @property
     def host(self) -> str:
@@ -199,15 +188,15 @@ class BodyReader:
     lets HTTP/1.1 send `100 Continue` only when someone actually wants the body.
     """
 
-    __slots__ = ("_chunks", "_size", "_eof", "_error", "_waiter", "pause", "resume",
+    __slots__ = ("_chunks", "_size", "complete", "error", "_waiter", "pause", "resume",
                  "_paused", "high_water", "low_water", "on_first_read", "received",
                  "trailers", "consumed", "limit")
 
     def __init__(self, pause=None, resume=None, high_water: int = 256 * 1024, on_first_read=None):
         self._chunks: list[bytes] = []
         self._size = 0
-        self._eof = False
-        self._error: BaseException | None = None
+        self.complete = False       # the whole body has arrived (it may not all be read yet)
+        self.error: BaseException | None = None   # why it failed (BodyAborted, BodyTooLarge, ...)
         self._waiter: asyncio.Future | None = None
         self.pause = pause
         self.resume = resume
@@ -224,8 +213,8 @@ class BodyReader:
     def feed(self, data: bytes) -> None:
         self.received += len(data)
         if self.limit is not None and self.received > self.limit:
-            if self._error is None:
-                self._error = BodyTooLarge(f"request body exceeds {self.limit} bytes")
+            if self.error is None:
+                self.error = BodyTooLarge(f"request body exceeds {self.limit} bytes")
                 self._chunks = []
                 self._size = 0
                 self._wake()
@@ -238,13 +227,13 @@ class BodyReader:
         self._wake()
 
     def feed_eof(self, trailers: Headers | None = None) -> None:
-        self._eof = True
+        self.complete = True
         self.trailers = trailers
         self._wake()
 
     def fail(self, exc: BaseException) -> None:
-        if not self._eof:
-            self._error = exc
+        if not self.complete:
+            self.error = exc
             self._wake()
 
     def _wake(self) -> None:
@@ -255,18 +244,8 @@ class BodyReader:
                 w.set_result(None)
 
     @property
-    def error(self) -> BaseException | None:
-        """Why the body failed (BodyAborted, BodyTooLarge, BodyMalformed), or None."""
-        return self._error
-
-    @property
     def at_eof(self) -> bool:
-        return self._eof and not self._chunks
-
-    @property
-    def complete(self) -> bool:
-        """The whole body has arrived (it may not all have been read yet)."""
-        return self._eof
+        return self.complete and not self._chunks
 
     # -- proxy side -----------------------------------------------------------------
     async def read(self) -> bytes:
@@ -275,12 +254,12 @@ class BodyReader:
         if self.on_first_read is not None:
             cb, self.on_first_read = self.on_first_read, None
             cb()
-        if self._error is not None and type(self._error) is BodyTooLarge:
-            raise self._error
+        if self.error is not None and type(self.error) is BodyTooLarge:
+            raise self.error
         while not self._chunks:
-            if self._error is not None:
-                raise self._error
-            if self._eof:
+            if self.error is not None:
+                raise self.error
+            if self.complete:
                 return b""
             self._waiter = asyncio.get_running_loop().create_future()
             await self._waiter
@@ -312,13 +291,13 @@ class BodyReader:
                 self._paused = False
                 self.resume()
         try:
-            while self._size < n and not self._eof:
-                if self._error is not None:
-                    raise self._error
+            while self._size < n and not self.complete:
+                if self.error is not None:
+                    raise self.error
                 self._waiter = asyncio.get_running_loop().create_future()
                 await self._waiter
-            if self._error is not None and type(self._error) is BodyTooLarge:
-                raise self._error
+            if self.error is not None and type(self.error) is BodyTooLarge:
+                raise self.error
         finally:
             self.high_water = saved
             if self._size > saved and not self._paused and self.pause is not None:

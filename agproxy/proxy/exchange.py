@@ -57,6 +57,11 @@ log = logging.getLogger("agproxy.proxy")
 _NOT_FOUND = LocalReply.error(404, "no_route", "no route matches this request")
 
 
+def _declared_over(request: RequestHead, limit: int) -> bool:
+    declared = request.headers.get("content-length")
+    return declared is not None and declared.isdigit() and int(declared) > limit
+
+
 def _too_large(limit: int) -> LocalReply:
     return LocalReply.error(413, "payload_too_large", f"the request body exceeds {limit} bytes")
 
@@ -264,11 +269,11 @@ class Gateway:
             # 1. Match. The gateway-wide body limit is checked first (bytes may have
             #    arrived before this task ran: `received` counts them too).
             limit = runtime.gateway.max_request_body
-            stream.body.limit = limit
-            declared = ex.request.headers.get("content-length")
+            body = stream.body
+            body.limit = limit
             route = ex.route = runtime.router.route(ex.request, ex.conn.listener)   # normalises the path
-            if stream.body.received > limit or (
-                    declared is not None and declared.isdigit() and int(declared) > limit):
+            # A body already complete is its declared length: no content-length lookup (a scan).
+            if body.received > limit or (not body.complete and _declared_over(ex.request, limit)):
                 return await self._commit(ex, _too_large(limit), ())
             if route is None:
                 return await self._commit(ex, _NOT_FOUND, ())

@@ -4,6 +4,14 @@ A route matches on listener, host (exact, or `*.example.com`), path (exact, pref
 or regex), methods and exact header values. Matching is a few string compares per
 route; no route → the gateway's own 404. Routes match the normalised path
 (`Router.route`, http/path.py), case-sensitively.
+
+The router does not try every route: a route whose `path` or `path_prefix` names a
+first segment (`/api`, `/v1/chat`) can only match paths with that first segment, so
+at load the routes are indexed by it (`_index`); a request tries, in config order,
+the routes of its first segment and those that may match any path (`/`, a regex,
+host or header matches only). First match wins exactly as if every route were
+tried. Measured (callgrind): each route tried costs ~2.3k instructions, and the
+benchmark's catch-all `/` sits behind seven others.
 """
 
 from __future__ import annotations
@@ -111,12 +119,38 @@ _CLEAN_MAX = 4096
 _CLEAN_LEN = 256
 
 
+def _first_segment(match: Match) -> str | None:
+    """The first path segment of every path `match` accepts, or None when it may
+    accept paths with any first segment. `/api` and `/api/` accept `/api`, `/api/x`
+    (and `/api?..`): first segment `api`; `/` accepts anything."""
+    p = match.path if match.path is not None else match.path_prefix
+    if p is None or p[:1] != "/" or p == "/":
+        return None
+    return p[1:].partition("/")[0]
+
+
+def _index(routes: tuple[Route, ...]) -> tuple[tuple[Route, ...], dict[str, tuple[Route, ...]]]:
+    """The routes any path may match, and per first segment the routes a path with
+    that segment may match; both in config order."""
+    segs = {_first_segment(r.match) for r in routes} - {None}
+    by_seg = {seg: tuple(r for r in routes if _first_segment(r.match) in (None, seg)) for seg in segs}
+    return tuple(r for r in routes if _first_segment(r.match) is None), by_seg
+
+
 class Router:
     def __init__(self, routes: list[Route], *, normalize_path: bool = True, merge_slashes: bool = True):
-        self.routes = routes
+        self.routes = tuple(routes)    # (a tuple: the index below must not go stale)
         self.normalize_path = normalize_path
         self.merge_slashes = merge_slashes
         self._check = normalize_path or merge_slashes
+        self._any, self._by_segment = _index(self.routes)
+
+    def replace(self, old: Route, new: Route) -> None:
+        """Put `new` in `old`'s place (the in-process test gateway adds filters to a route)."""
+        routes = list(self.routes)
+        routes[routes.index(old)] = new
+        self.routes = tuple(routes)
+        self._any, self._by_segment = _index(self.routes)
 
     def route(self, req: RequestHead, listener: str) -> Route | None:
         """Normalise the request's path in place (`[gateway] normalize_path`,
@@ -135,7 +169,12 @@ class Router:
                     return self._route_slow(req, listener, path)
             elif len(_CLEAN) < _CLEAN_MAX and len(path) <= _CLEAN_LEN:
                 _CLEAN.add(path)
-        for route in self.routes:
+        if path[:1] == "/":
+            end = path.find("/", 1)
+            routes = self._by_segment.get(path[1:] if end < 0 else path[1:end], self._any)
+        else:
+            routes = self._any
+        for route in routes:
             if route.listener is not None and route.listener != listener:
                 continue
             if route.match.matches(req, path):
@@ -160,7 +199,12 @@ class Router:
         """The first route for this request, on its path as it is (no normalisation)."""
         if path is None:
             path = req.path
-        for route in self.routes:
+        if path[:1] == "/":
+            end = path.find("/", 1)
+            routes = self._by_segment.get(path[1:] if end < 0 else path[1:end], self._any)
+        else:
+            routes = self._any
+        for route in routes:
             if route.listener is not None and route.listener != listener:
                 continue
             if route.match.matches(req, path):

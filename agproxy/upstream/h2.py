@@ -60,7 +60,7 @@ from agproxy.http.h2_frames import ClientCodec, ConnectionFailed, H2Error, error
 from agproxy.http.messages import BodyAborted, BodyReader, Headers
 from agproxy.upstream.errors import UpstreamError, UpstreamTimeout
 from agproxy.upstream.origin import set_nodelay
-from agproxy.upstream.h1 import UpstreamResponse
+from agproxy.upstream.h1 import UpstreamResponse, head_deadlines
 
 __all__ = ["connect_h2", "H2ClientConnection", "H2Response"]
 
@@ -114,7 +114,7 @@ async def connect_h2(origin, metrics=None) -> "H2ClientConnection":
 class H2Response(UpstreamResponse):
     """UpstreamResponse of one HTTP/2 stream; `abort()` resets only that stream."""
 
-    __slots__ = ("_stream",)
+    __slots__ = ("_stream", "http_version")
 
     def __init__(self, stream: "_ClientStream"):
         super().__init__(stream.conn, stream.body)
@@ -311,6 +311,7 @@ class H2ClientConnection(BatchedOutput, WriteFlowControl, asyncio.Protocol):
     def __init__(self, origin):
         self.origin = origin
         self.loop = asyncio.get_event_loop()
+        self.deadlines = head_deadlines()     # this loop's (UpstreamResponse.wait_head)
         self.transport: asyncio.Transport | None = None
         self.h2 = ClientCodec(self, stream_window=MAX_STREAM_WINDOW, conn_window=MAX_CONN_WINDOW,
                               max_header_list=MAX_RESPONSE_HEAD)

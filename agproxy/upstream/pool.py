@@ -53,7 +53,7 @@ class Pool:
 
     # -- public ------------------------------------------------------------------------
     async def request(self, origin: Origin, method: str, target: str, headers: Headers,
-                      body: bytes | BodyReader | None = None, *, timeout: float | None = 60.0,
+                      body: bytes | BodyReader | None = None, timeout: float | None = 60.0,
                       body_length: int | None = None) -> UpstreamResponse:
         """Send a request; returns once the response head arrived (body streams after).
 
@@ -63,20 +63,21 @@ class Pool:
         """
         if origin.http2:
             return await self._request_h2(origin, method, target, headers, body, timeout)
-        replayable = not isinstance(body, BodyReader)
+        streaming = isinstance(body, BodyReader)
         conn = self._take_idle(origin)
         reused = conn is not None
         if conn is None:
             conn = await self._connect(origin)
-        try:
-            return await self._exchange_h1(conn, method, target, headers, body, body_length,
-                                           timeout, reused)
-        except UpstreamError as exc:
-            if not (replayable and may_resend(exc, method)):
-                raise
-        conn = await self._connect(origin)     # the one retry: on a fresh connection
-        return await self._exchange_h1(conn, method, target, headers, body, body_length,
-                                       timeout, False)
+        first = True
+        while True:
+            try:
+                return await self._exchange_h1(conn, method, target, headers, body, body_length,
+                                               timeout, reused, streaming)
+            except UpstreamError as exc:
+                if not first or streaming or not may_resend(exc, method):
+                    raise
+            first = reused = False
+            conn = await self._connect(origin)     # the one retry: on a fresh connection
 
     async def close(self) -> None:
         self._closed = True
@@ -96,12 +97,15 @@ class Pool:
             task.cancel()
 
     # -- HTTP/1.1 ------------------------------------------------------------------------
-    async def _exchange_h1(self, conn: H1ClientConnection, method, target, headers, body,
-                           body_length, timeout, reused) -> UpstreamResponse:
-        streaming = isinstance(body, BodyReader)
+    def _exchange_h1(self, conn: H1ClientConnection, method, target, headers, body,
+                     body_length, timeout, reused, streaming):
+        """Send on conn; returns the awaitable of its response (once the head arrived).
+        Every failure between here and the head aborts conn. (A plain function around
+        one coroutine, `_head`, with UpstreamResponse.wait_head inline: two coroutines
+        per request were one more than needed, callgrind.)"""
         try:
             resp = conn.send(method, target, headers, None if streaming else body,
-                             stream=streaming, length=body_length, reused=reused)
+                             streaming, body_length, reused)
         except (OSError, RuntimeError) as exc:
             conn.abort()
             # nothing was written: safe to send again whatever the method
@@ -112,9 +116,24 @@ class Pool:
         pump = None
         if streaming:
             pump = asyncio.get_running_loop().create_task(self._pump(conn, body, body_length))
+        return self._head(conn, resp, pump, timeout)
+
+    @staticmethod
+    async def _head(conn: H1ClientConnection, resp: UpstreamResponse, pump, timeout) -> UpstreamResponse:
+        fut = resp._head          # (UpstreamResponse.wait_head, inline: per request)
         try:
-            await resp.wait_head(timeout)
-        except BaseException as exc:
+            if fut.done():
+                fut.result()
+            elif timeout:
+                deadlines = conn.deadlines
+                deadlines.add(fut, timeout)
+                try:
+                    await fut
+                finally:
+                    deadlines.discard(fut)
+            else:
+                await fut
+        except BaseException:
             # UpstreamError from the connection (already closed or closing), a timeout,
             # a cancellation: in every case this connection is done.
             conn.abort()
@@ -149,12 +168,16 @@ class Pool:
         conns = self._idle.get(origin.key)
         while conns:
             conn = conns.pop()
-            if conn.usable:
+            # conn.usable without the property call (per request, callgrind); an idle
+            # connection has no response in flight.
+            t = conn.transport
+            if not conn._closed and t is not None and not t.is_closing():
                 return conn
         return None
 
     def _release(self, conn: H1ClientConnection) -> None:
-        if self._closed or not conn.usable:
+        # (The connection hands itself back only while usable: H1ClientConnection._finish.)
+        if self._closed:
             conn.abort()
             return
         conns = self._idle.setdefault(conn.origin.key, [])

@@ -32,6 +32,14 @@ async def handler(stream) -> None:
         return
     if path == "/raises":
         raise RuntimeError("handler bug")
+    if path == "/cancelled":
+        # Answers, then is cancelled by something other than the connection (as a
+        # deadline helper that failed to take its cancel back would).
+        stream.send_head(200, Headers([("content-length", "2")]))
+        await stream.send_data(b"ok")
+        await stream.end()
+        asyncio.current_task().cancel()
+        await asyncio.sleep(0)
     stream.send_head(200, Headers([("content-length", "2")]))
     await stream.send_data(b"ok")
     await stream.end()
@@ -152,3 +160,61 @@ def test_other_connections_are_unaffected(server):
     exchange(server.port, "/nothing")
     resp, closed = exchange(server.port, "/fine", close=True)
     assert resp.complete and resp.status == 200 and resp.body == b"ok"
+
+
+def _keep_alive_requests(port: int, paths: list[str], pipelined: bool) -> list["_Parsed"]:
+    """Requests on one keep-alive connection, sent at once or each after the answer
+    before it; the complete responses parsed (httptools)."""
+    with socket.create_connection(("127.0.0.1", port), timeout=10) as s:
+        requests = [f"GET {p} HTTP/1.1\r\nHost: x\r\n\r\n".encode() for p in paths]
+        if pipelined:
+            s.sendall(b"".join(requests))
+        buf = b""
+        for i, req in enumerate(requests):
+            if not pipelined:
+                s.sendall(req)
+            while len(_responses(buf)) <= i:
+                chunk = s.recv(65536)
+                assert chunk, f"connection closed before answer {i + 1} of {len(paths)}"
+                buf += chunk
+        return _responses(buf)
+
+
+class _Parsed:
+    def __init__(self) -> None:
+        self.status = 0
+        self.body = b""
+        self.complete = False
+
+
+def _responses(data: bytes) -> list[_Parsed]:
+    out: list[_Parsed] = []
+
+    class Sink:
+        def on_message_begin(self):
+            out.append(_Parsed())
+
+        def on_headers_complete(self):
+            out[-1].status = parser.get_status_code()
+
+        def on_body(self, body):
+            out[-1].body += body
+
+        def on_message_complete(self):
+            out[-1].complete = True
+
+    parser = httptools.HttpResponseParser(Sink())
+    parser.feed_data(data)
+    return [r for r in out if r.complete]
+
+
+@pytest.mark.parametrize("pipelined", [False, True], ids=["sequential", "pipelined"])
+def test_requests_on_one_connection_are_each_answered_in_order(server, pipelined):
+    paths = ["/a", "/b", "/cancelled", "/c", "/d"]
+    got = _keep_alive_requests(server.port, paths, pipelined)
+    assert [(r.status, r.body, r.complete) for r in got] == [(200, b"ok", True)] * len(paths)
+
+
+def test_a_handler_cancelled_after_answering_leaves_the_connection_serving(server):
+    got = _keep_alive_requests(server.port, ["/cancelled", "/after"], pipelined=False)
+    assert [(r.status, r.body) for r in got] == [(200, b"ok"), (200, b"ok")]

@@ -398,6 +398,56 @@ def test_bad_host_is_400(start_gateway, upstream, request_bytes):
     assert upstream.heads == []
 
 
+def test_a_header_value_that_never_ends_gets_431_at_once(start_gateway, upstream):
+    # httptools keeps a header's bytes until the header ends, so one endless value
+    # grew the worker by every byte sent (30 MB of value: +88 MB RSS) until the head
+    # deadline; a head still arriving past its limit is refused without waiting for it.
+    gw = start_gateway(route_to(upstream.url, gateway='max_header_bytes = 8192\nheader_timeout = "60s"'))
+    with connect(gw) as s:
+        s.sendall(b"GET / HTTP/1.1\r\nHost: x\r\nX-Big: ")
+        sent, answer = 0, b""
+        s.settimeout(0.2)
+        deadline = time.monotonic() + 10
+        while not answer and time.monotonic() < deadline and sent < (64 << 20):
+            try:
+                sent += s.send(b"a" * 16384)
+            except (socket.timeout, BlockingIOError):
+                pass
+            except OSError:
+                break      # reset by the gateway: its answer is in our receive buffer
+            try:
+                answer = s.recv(65536)
+            except (socket.timeout, BlockingIOError):
+                pass
+        if not answer:
+            s.settimeout(5)
+            answer = s.recv(65536)
+    assert answer.startswith(b"HTTP/1.1 431 "), (sent, answer[:200])
+    assert sent < 4 << 20, sent          # cut within a few reads, not at the deadline
+    assert upstream.heads == []
+
+
+def test_heads_near_the_limit_are_judged_by_their_fields_not_their_reads(start_gateway, upstream):
+    # max_header_bytes counts the target and each field (name + value + 4): a head
+    # arriving with a large body in the same read is not refused for the read's size,
+    # and one field over the limit is, wherever the reads split it.
+    gw = start_gateway(route_to(upstream.url, gateway="max_header_bytes = 8192"))
+    pad = 8192 - len("/") - (len("host") + 1 + 4) - (len("content-length") + 5 + 4) - (len("x-pad") + 4)
+    ok = (b"POST / HTTP/1.1\r\nHost: x\r\nContent-Length: 50000\r\nX-Pad: " + b"p" * pad
+          + b"\r\n\r\n" + b"b" * 50000)
+    with connect(gw) as s:
+        s.sendall(ok)
+        head, body = read_response(s)
+        assert head.startswith(b"HTTP/1.1 200"), head
+        assert json.loads(body)["body"] == "b" * 50000
+    over = ok.replace(b"X-Pad: ", b"X-Pad: q", 1)
+    with connect(gw) as s:
+        s.sendall(over[:4000])
+        s.sendall(over[4000:])
+        head, _ = read_response(s)
+        assert head.startswith(b"HTTP/1.1 431"), head
+
+
 def test_absolute_form_target_sets_the_authority_and_path(start_gateway, upstream):
     gw = start_gateway(HOST_ROUTES.format(url=upstream.url))
     with connect(gw) as s:

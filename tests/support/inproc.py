@@ -182,14 +182,13 @@ class InProcessGateway:
 
     def replace_route(self, name: str, *, add_filters: list | None = None, backend=None) -> Route:
         """Rebuild a route with more filters (appended, i.e. after its own) or another backend."""
-        routes = self.runtime.router.routes
-        i = next(i for i, r in enumerate(routes) if r.name == name)
-        old = routes[i]
+        router = self.runtime.router
+        old = next(r for r in router.routes if r.name == name)
         if backend is not None:
             backend.name = backend.name or "test-backend"
         new = Route(old.name, old.index, old.listener, old.match, backend or old.backend, old.timeout,
                     list(old.filters) + list(add_filters or []))
-        routes[i] = new
+        router.replace(old, new)
         return new
 
     async def start(self) -> "InProcessGateway":
