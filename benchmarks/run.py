@@ -359,9 +359,12 @@ def write_markdown(path: Path, bench: Bench, env: dict[str, str], argv: list[str
         lines += ["## Proxies that failed", ""]
         for name, error in failures.items():
             lines += [f"**{name}**", "", "```", error.strip()[-3000:], "```", ""]
-    choices = HERE / "results" / "choices.md"
-    if choices.exists():
-        lines += [choices.read_text().strip(), ""]
+    # Hand-kept sections carried into every report: the other suites' ratios
+    # (mcp_bench, llm_bench, policies_bench, tracing) and the data-path choices.
+    for name in ("suites.md", "choices.md"):
+        part = HERE / "results" / name
+        if part.exists():
+            lines += [part.read_text().strip(), ""]
     lines += ["## Component benchmarks", "",
               *[f"- [`results/{f.name}`](results/{f.name})" for f in sorted((HERE / "results").glob("*.md"))], ""]
     path.write_text("\n".join(lines))
