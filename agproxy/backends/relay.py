@@ -18,6 +18,7 @@ import time
 
 from agproxy.http.messages import HOP_BY_HOP, BodyReader, Headers
 from agproxy.proxy.contract import Response
+from agproxy.telemetry import tracing
 from agproxy.upstream.errors import UpstreamError
 from agproxy.upstream.origin import Origin
 from agproxy.upstream.pool import get_pool
@@ -81,19 +82,45 @@ def upstream_request_headers(ex, authority: str, te_trailers: bool = False) -> H
     return Headers(items)
 
 
+def _attempt_span(ex, parent, origin: Origin, method: str, target: str, headers: Headers, backend: str):
+    """The attempt's CLIENT span (telemetry/tracing.py), named to the upstream in
+    `traceparent`; an MCP call's span says which method and tool (MCP conventions)."""
+    attempts = ex._attempts
+    span = tracing.http_client_span(parent, method, origin.scheme, origin.authority, target, backend,
+                                    len(attempts) if attempts else 0)
+    mcp = ex.mcp
+    if mcp is not None and mcp.calls:
+        tracing.add_mcp(span, mcp)
+    headers.set("traceparent", span.traceparent())
+    return span
+
+
 async def relay(ex, origin: Origin, method: str, target: str, headers: Headers,
                 body: bytes | BodyReader | None, timeout: float | None,
                 body_length: int | None = None, backend: str = "",
                 provider: str | None = None) -> Response:
     # (backend and provider positional at the call sites: keyword arguments cost
     # ~200 instructions per call, callgrind.)
+    span = ex.span
+    if span is not None and span.attributes is not None:     # a sampled request: its CLIENT span
+        span = _attempt_span(ex, span, origin, method, target, headers, backend)
+    else:
+        span = None
     start = time.monotonic()
     try:
         resp = await get_pool().request(origin, method, target, headers, body, timeout, body_length)
     except UpstreamError as exc:
         ex.add_attempt(backend, origin.authority, provider, start, 0, time.monotonic() - start, str(exc))
+        if span is not None:
+            span.fail(exc.kind, str(exc))
+        raise
+    except BaseException:
+        if span is not None:
+            span.fail("cancelled")
         raise
     ex.add_attempt(backend, origin.authority, provider, start, resp.status, time.monotonic() - start)
+    if span is not None:
+        tracing.end_http_client(span, resp.status)
 
     # One pass over the response head (per response, measured): what is relayed, the
     # length, the Connection tokens. A second pass only if those name more headers.

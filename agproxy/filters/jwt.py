@@ -47,6 +47,7 @@ from urllib.parse import unquote, unquote_plus
 
 from agproxy.config.reader import Section, did_you_mean
 from agproxy.identity.jwt_verify import MAX_TOKEN_BYTES, JwtError
+from agproxy.telemetry import tracing
 from agproxy.identity.providers import (JwtProvider, ProviderGroup, check_algorithms,
                                         provider_from_section)
 from agproxy.proxy.contract import Filter, FilterResult, LocalReply, Provides
@@ -199,11 +200,28 @@ class JwtFilter(Filter):
 
     async def _later(self, ex: Any, token: str, loc: Location, provider: JwtProvider,
                      pending: Awaitable[dict]) -> LocalReply | None:
+        span = tracing.jwks_span(ex.span, provider.name, provider.source)
         try:
             claims = await pending
         except JwtError as exc:
+            if span is not None:
+                self._end_fetch(span, provider.source)
             return self._fail(ex, exc)
+        except BaseException:
+            if span is not None:
+                span.fail("cancelled")
+            raise
+        if span is not None:
+            self._end_fetch(span, provider.source)
         return self._accept(ex, token, loc, provider, claims)
+
+    @staticmethod
+    def _end_fetch(span: Any, source: Any) -> None:
+        """ERROR when the fetch failed (the token's own faults are not the fetch's)."""
+        if getattr(source, "failures", 0):
+            span.fail("jwks_unavailable", str(getattr(source, "last_error", "") or "the JWKS fetch failed"))
+        else:
+            span.end()
 
     def _accept(self, ex: Any, token: str, loc: Location, provider: JwtProvider,
                 claims: dict) -> LocalReply | None:

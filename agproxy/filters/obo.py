@@ -35,6 +35,7 @@ from agproxy.identity.actor import ActorError, ActorSource, build_actor_source
 from agproxy.identity.token_exchange import ClaimPolicy, ExchangeError, ExchangeRequest, Issued
 from agproxy.proxy.contract import Filter, LocalReply, Provides
 from agproxy.proxy.registry import TOKEN
+from agproxy.telemetry import tracing
 
 KEY = "obo"
 STAGE = TOKEN
@@ -90,6 +91,24 @@ class OboFilter(Filter):
     async def _miss(self, ex, key, subject: str, actor) -> LocalReply | None:
         self.misses += 1
         task = self._inflight.get(key)
+        span = tracing.client_span(ex.span, "token_exchange", {
+            "agproxy.token_exchange.audience": self.audience,
+            "agproxy.token_exchange.joined": task is not None}, kind=tracing.INTERNAL) \
+            if ex.span is not None else None
+        try:
+            reply = await self._wait(ex, key, subject, actor, task)
+        except BaseException:
+            if span is not None:
+                span.fail("cancelled")
+            raise
+        if span is not None:
+            if reply is None:
+                span.end()
+            else:
+                span.fail(str(reply.status), "the token exchange refused or failed")
+        return reply
+
+    async def _wait(self, ex, key, subject: str, actor, task) -> LocalReply | None:
         if task is None:
             # A task of its own: a client that goes away does not cancel the exchange
             # that other requests for the same key are waiting on.

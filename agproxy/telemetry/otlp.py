@@ -86,7 +86,7 @@ def key_value(key: str, value) -> bytes:
 
 
 # Attributes that differ on every request: caching them would only churn the table.
-UNCACHED = frozenset({"agproxy.request_id"})
+UNCACHED = frozenset({"agproxy.request_id", "jsonrpc.request.id", "mcp.session.id"})
 # Attributes whose values are always ints: cached under the plain (key, value) pair,
 # which no bool or float value can then collide with (1 == True == 1.0).
 INT_KEYS = frozenset({"http.response.status_code", "server.port"})

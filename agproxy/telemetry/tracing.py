@@ -258,6 +258,14 @@ class Span:
         return Span(self._tracing, name, kind, self.trace_id, self.span_id, self.sampled,
                     tracestate=self.tracestate, attributes=attributes)
 
+    def fail(self, error_type: str, message: str | None = None) -> None:
+        """End with status ERROR and `error.type` (a low-cardinality kind: "timeout",
+        "503", ...); `message` (or the type) is the status description."""
+        attrs = self.attributes
+        if attrs is not None and not self.end_ns:
+            attrs["error.type"] = error_type
+        self.end(message or error_type)
+
     def end(self, error: str | None = None) -> None:
         """End once (later calls do nothing); `error` sets the span's status to ERROR."""
         if self.end_ns:
@@ -315,6 +323,192 @@ def propagate(headers, span: Span) -> None:
     headers.set("traceparent", span.traceparent())
     if span.tracestate is None and "tracestate" in headers:
         headers.remove("tracestate")
+
+
+def client_span(parent: Span | None, name: str, attributes: dict | None = None,
+                kind: str = CLIENT) -> Span | None:
+    """A CLIENT child of `parent` (the request's span, `ex.span`) for one upstream call,
+    or None when nothing would be recorded (tracing off, or the request not sampled):
+    the call site then does nothing else, so an unsampled request pays one test. The
+    caller ends it (`end()`, `fail(error_type)`); `None` values in `attributes` are
+    left out."""
+    if parent is None or parent.attributes is None:
+        return None
+    return parent.child(name, kind, attributes)
+
+
+def context_headers(parent: Span | None, child: Span | None) -> tuple[tuple[str, str], ...]:
+    """The W3C trace-context headers (or gRPC metadata) for an upstream call: naming
+    `child` when it records, else the request's own span (an unsampled trace still
+    carries its trace id and flag 00 downstream); nothing when tracing is off."""
+    span = child if child is not None else parent
+    if span is None:
+        return ()
+    if span.tracestate:
+        return (("traceparent", span.traceparent()), ("tracestate", span.tracestate))
+    return (("traceparent", span.traceparent()),)
+
+
+_server_attrs: dict[tuple[str, str, str], dict[str, Any]] = {}
+
+
+def _address_attributes(scheme: str, authority: str, backend: str) -> dict[str, Any]:
+    """`server.address` / `server.port` (and the backend's name) of an origin, made once
+    per (scheme, authority, backend): copied per span, never re-parsed."""
+    key = (scheme, authority, backend)
+    attrs = _server_attrs.get(key)
+    if attrs is None:
+        host, sep, port = authority.rpartition(":")
+        if not sep or not port.isdigit() or host.endswith(":"):
+            host, port = authority, ""
+        attrs = {"server.address": host.strip("[]"),
+                 "server.port": int(port) if port else (443 if scheme == "https" else 80)}
+        if backend:
+            attrs["agproxy.backend"] = backend
+        if len(_server_attrs) < 1024:
+            _server_attrs[key] = attrs
+    return attrs
+
+
+_rpc_attrs: dict[tuple, dict[str, Any]] = {}
+
+
+def rpc_span(parent: Span | None, service: str, method: str, address: str) -> Span | None:
+    """`client_span` for a gRPC call (RPC semantic conventions; named
+    `{rpc.service}/{rpc.method}`), its attributes made once per target."""
+    if parent is None or parent.attributes is None:
+        return None
+    key = (service, method, address)
+    attrs = _rpc_attrs.get(key)
+    if attrs is None:
+        attrs = {k: v for k, v in rpc_attributes(service, method, address).items() if v is not None}
+        if len(_rpc_attrs) < 1024:
+            _rpc_attrs[key] = attrs
+    span = parent.child(f"{service}/{method}", CLIENT)
+    span.attributes = attrs.copy()
+    return span
+
+
+def redis_span(parent: Span | None, operation: str, address: str) -> Span | None:
+    """`client_span` for a Redis command (database semantic conventions)."""
+    if parent is None or parent.attributes is None:
+        return None
+    key = ("redis", operation, address)
+    attrs = _rpc_attrs.get(key)
+    if attrs is None:
+        attrs = {k: v for k, v in redis_attributes(operation, address).items() if v is not None}
+        if len(_rpc_attrs) < 1024:
+            _rpc_attrs[key] = attrs
+    span = parent.child(operation, CLIENT)
+    span.attributes = attrs.copy()
+    return span
+
+
+def gen_ai_span(parent: Span | None, provider: str, model: str, origin: Any, name: str) -> Span | None:
+    """`client_span` for one LLM provider attempt (GenAI semantic conventions: named
+    `chat {gen_ai.request.model}`); `gen_ai_usage` adds what the answer said."""
+    if parent is None or parent.attributes is None:
+        return None
+    attrs = _address_attributes(origin.scheme, origin.authority, "").copy()
+    attrs["gen_ai.operation.name"] = "chat"
+    attrs["gen_ai.provider.name"] = provider
+    attrs["gen_ai.request.model"] = model
+    attrs["agproxy.llm.provider"] = name
+    span = parent.child(f"chat {model}", CLIENT)
+    span.attributes = attrs
+    return span
+
+
+def gen_ai_usage(span: Span, response_model: str | None, usage: Any) -> None:
+    """`gen_ai.response.model` and the `gen_ai.usage.*` token counts (backends/llm/usage.py
+    Usage: input, output, cache_read, cache_write)."""
+    attrs = span.attributes
+    if attrs is None:
+        return
+    if response_model:
+        attrs["gen_ai.response.model"] = response_model[:256]
+    if usage is not None:
+        for key, n in (("gen_ai.usage.input_tokens", usage.input), ("gen_ai.usage.output_tokens", usage.output),
+                       ("gen_ai.usage.cache_read.input_tokens", usage.cache_read),
+                       ("gen_ai.usage.cache_creation.input_tokens", usage.cache_write)):
+            if n is not None:
+                attrs[key] = n
+
+
+def jwks_span(parent: Span | None, provider: str, source: Any) -> Span | None:
+    """`client_span` for a request that waits on a JWKS fetch (the first fetch, or an
+    unknown `kid`'s refetch; identity/jwks.py HttpKeySource). The fetch is shared by
+    the requests that wait on it, so no trace context is sent with it."""
+    if parent is None or parent.attributes is None:
+        return None
+    url = getattr(source, "jwks_uri", None) or getattr(source, "discovery", None)
+    if not url:
+        return None
+    parts = urlsplit(url)
+    span = http_client_span(parent, "GET", parts.scheme, parts.netloc, parts.path)
+    span.attributes["agproxy.jwt.provider"] = provider
+    return span
+
+
+def http_client_span(parent: Span, method: str, scheme: str, authority: str, target: str,
+                     backend: str = "", resend: int = 0, name: str | None = None) -> Span:
+    """A sampled request's CLIENT span for one HTTP call (HTTP client semantic
+    conventions; `url.full` without the query: it may carry secrets). The caller
+    checked `parent.attributes is not None`."""
+    attrs = _address_attributes(scheme, authority, backend).copy()
+    known = method in _KNOWN_METHODS
+    attrs["http.request.method"] = method if known else "_OTHER"
+    path = target.partition("?")[0]
+    attrs["url.full"] = f"{scheme}://{authority}{path}"
+    if resend:
+        attrs["http.request.resend_count"] = resend
+    span = parent.child(name or (method if known else "HTTP"), CLIENT)
+    span.attributes = attrs
+    return span
+
+
+def end_http_client(span: Span, status: int) -> None:
+    """End an HTTP CLIENT span at the response head: a 4xx or 5xx is an error for a
+    client span (HTTP semantic conventions)."""
+    span.attributes["http.response.status_code"] = status
+    if status >= 400:
+        span.fail(str(status))
+    else:
+        span.end()
+
+
+def add_mcp(span: Span, mcp, rename: bool = True) -> None:
+    """The MCP semantic conventions on a span whose request carries a JSON-RPC call
+    (`ex.mcp`, mcp/call.py; a batch is named by its first call): `mcp.method.name`,
+    `gen_ai.tool.name` (or `gen_ai.prompt.name`, `mcp.resource.uri`), the session and
+    request id; a CLIENT span is named `{method} {target}` (`rename`). Client-chosen
+    strings, so bounded."""
+    attrs = span.attributes
+    call = mcp.calls[0] if mcp.calls else None
+    if attrs is None or call is None or not call.method:
+        return
+    method = call.method[:128]
+    attrs["mcp.method.name"] = method
+    title = method
+    name = call.name
+    if isinstance(name, str) and name:
+        name = name[:256]
+        if method == "tools/call":
+            attrs["gen_ai.tool.name"] = name
+            attrs["gen_ai.operation.name"] = "execute_tool"
+            title = f"{method} {name}"
+        elif method == "prompts/get":
+            attrs["gen_ai.prompt.name"] = name
+            title = f"{method} {name}"
+        elif method == "resources/read":
+            attrs["mcp.resource.uri"] = name
+    if rename:
+        span.name = title
+    if call.id is not None:
+        attrs["jsonrpc.request.id"] = str(call.id)[:128]
+    session = mcp.session
+    if session:
+        attrs["mcp.session.id"] = session[:256]
 
 
 def http_route(match) -> str | None:
@@ -506,6 +700,8 @@ class Tracing:
             if names[1]:
                 attrs["http.route"] = names[1]
                 span.name = f"{span.name} {names[1]}"
+        if ex.mcp is not None:
+            add_mcp(span, ex.mcp, rename=False)
         claims = ex.jwt_claims
         if claims:
             user = claims.get("sub")

@@ -38,7 +38,7 @@ from __future__ import annotations
 import logging
 import time
 from dataclasses import dataclass
-from typing import Awaitable, Callable, TypeVar
+from typing import Any, Awaitable, Callable, TypeVar
 
 from agproxy.config.reader import Section
 from agproxy.upstream.deadline import within
@@ -169,15 +169,27 @@ class RemoteDependency:
         self._next_log = 0.0        # no message (failure or recovery) before this time
         self._since_log: dict[str, int] = {}
 
-    async def call(self, awaitable: Awaitable[T]) -> "T | Failed":
-        """The call's result, or Failed; never raises for the dependency's sake."""
+    async def call(self, awaitable: Awaitable[T], span: Any = None) -> "T | Failed":
+        """The call's result, or Failed; never raises for the dependency's sake.
+        `span`, the call's CLIENT span when the request is sampled
+        (telemetry/tracing.py `client_span`), is ended here: a failure sets its
+        `error.type` to the failure's kind (timeout, unreachable, error, garbage)."""
         try:
             result = await within(self.timeout, awaitable)
         except Exception as exc:      # CancelledError is a BaseException: it propagates
-            return self.failed(exc)
+            failed = self.failed(exc)
+            if span is not None:
+                span.fail(failed.failure, f"{self.name}: {failed.failure}: {_describe(exc)}")
+            return failed
+        except BaseException:
+            if span is not None:
+                span.fail("cancelled")
+            raise
         self._counts["ok"] += 1
         if self._failing:
             self._maybe_log_recovery()
+        if span is not None:
+            span.end()
         return result
 
     def failed(self, exc: BaseException) -> Failed:

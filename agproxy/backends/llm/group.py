@@ -60,6 +60,7 @@ from agproxy.backends.llm.usage import Usage
 from agproxy.config.reader import Section
 from agproxy.http.messages import BodyAborted, BodyTooLarge, Headers
 from agproxy.proxy.contract import Backend, Response
+from agproxy.telemetry import tracing
 from agproxy.upstream.errors import UpstreamError
 
 log = logging.getLogger("agproxy.llm")
@@ -138,7 +139,7 @@ class _Call:
     """One request's story, for the completion hook."""
 
     __slots__ = ("creq", "provider", "index", "model", "tr", "usage", "response_model", "ttft", "attempts",
-                 "start", "status", "committed_stream")
+                 "start", "status", "committed_stream", "span")
 
     def __init__(self, creq: ClientRequest, start: float):
         self.creq = creq
@@ -153,6 +154,7 @@ class _Call:
         self.start = start
         self.status = 0
         self.committed_stream = False
+        self.span = None        # the answering attempt's CLIENT span, ended by the completion hook
 
 
 class LlmStream:
@@ -323,9 +325,22 @@ class LlmGroup(Backend):
             except BadRequest as exc:
                 state.release(i)
                 return self._error(api, exc.status, exc.kind, str(exc))
-            verdict = await self._try(ex, call, i, p, model, path, body, timeout)
+            span = tracing.gen_ai_span(ex.span, PROVIDER_NAMES[p.kind], model, p.origin, p.name)
+            try:
+                verdict = await self._try(ex, call, i, p, model, path, body, timeout, span)
+            except BaseException:
+                if span is not None:
+                    span.fail("cancelled")
+                raise
             if isinstance(verdict, Response):
+                if span is not None:
+                    call.span = span
                 return verdict
+            if span is not None:
+                a = call.attempts[-1]
+                if a["status"]:
+                    span.attributes["http.response.status_code"] = a["status"]
+                span.fail(a.get("error") or str(a["status"]))
             last_unhealthy = p.name
             self._publish()
             if not self.failover:
@@ -337,7 +352,7 @@ class LlmGroup(Backend):
         return self._error(api, 503, "unavailable", why)
 
     async def _try(self, ex: Any, call: _Call, i: int, p: Provider, model: str, path: str, body: bytes,
-                   timeout: float | None) -> Response | None:
+                   timeout: float | None, span: Any = None) -> Response | None:
         """One attempt: the Response to commit, or None (unhealthy: try the next)."""
         creq = call.creq
         state = self.state
@@ -345,7 +360,7 @@ class LlmGroup(Backend):
         attempt = {"provider": p.name, "status": 0}
         call.attempts.append(attempt)
         try:
-            resp = await p.request(path, body, creq.stream, timeout)
+            resp = await p.request(path, body, creq.stream, timeout, tracing.context_headers(ex.span, span))
         except UpstreamError as exc:
             ex.add_attempt(self.name, p.origin.authority, p.name, start, 0, time.monotonic() - start, str(exc))
             attempt["error"] = exc.kind
@@ -486,8 +501,25 @@ class LlmGroup(Backend):
                     self._verdict(call.index, call.provider, False)     # truncated or garbled by the provider
                 else:
                     self.state.release(call.index)                      # the client went away
+            if call.span is not None:
+                self._end_span(ex, call)
             self._account(ex, call)
         return done
+
+    @staticmethod
+    def _end_span(ex: Any, call: _Call) -> None:
+        """The answering attempt's span gets what the answer said: the response model,
+        the token usage; ERROR when the answer was not a 200 or its stream broke."""
+        span, call.span = call.span, None
+        span.attributes["http.response.status_code"] = call.status
+        tracing.gen_ai_usage(span, call.response_model, call.usage)
+        stream = ex.response.body if ex.response is not None else None
+        if call.status != 200:
+            span.fail(str(call.status))
+        elif isinstance(stream, LlmStream) and stream.failure:
+            span.fail("stream_broken")
+        else:
+            span.end()
 
     def _account(self, ex: Any, call: _Call) -> None:
         p = call.provider

@@ -96,9 +96,11 @@ class Provider:
             h.append(("authorization", "Bearer " + self._api_key))
         return Headers(h)
 
-    async def request(self, path: str, body: bytes, stream: bool, timeout: float | None) -> UpstreamResponse:
+    async def request(self, path: str, body: bytes, stream: bool, timeout: float | None,
+                      trace: tuple = ()) -> UpstreamResponse:
         """Send one request; the response head (its body still streaming). Raises
-        UpstreamError (connect / timeout / reset / protocol)."""
+        UpstreamError (connect / timeout / reset / protocol). `trace`: the W3C
+        trace-context headers (telemetry/tracing.py `context_headers`), after signing."""
         target = self.origin.base_path + path
         try:
             headers = self.headers(target, body, stream)
@@ -108,6 +110,8 @@ class Provider:
                 headers = self.headers(target, body, stream)
             except NoCredentials as exc:
                 raise UpstreamError("connect", f"no AWS credentials to sign for {self.name}: {exc}") from None
+        if trace:
+            headers.items += trace
         return await get_pool().request(self.origin, "POST", target, headers, body,
                                         timeout=self.timeout or timeout, body_length=len(body))
 

@@ -36,6 +36,7 @@ from agproxy.filters.ext_authz.decision import Decision
 from agproxy.filters.ext_authz.grpc_check import CHECK, Answer, check_request
 from agproxy.filters.ext_authz.http_check import HttpCheck
 from agproxy.proxy.registry import EXT_AUTH
+from agproxy.telemetry import tracing
 from agproxy.upstream.grpc import GrpcClient, parse_target
 from agproxy.upstream.origin import Origin
 from agproxy.upstream.remote import RemoteDependency, remote_settings
@@ -138,14 +139,19 @@ def build(sec: Section, ctx: Any) -> ExtAuthzFilter | None:
         timeout = settings.timeout
         context = dict(context) if context else None
 
-        async def call(ex: Any, body: bytes | None, partial: bool):
+        async def call(ex: Any, body: bytes | None, partial: bool, span: Any):
             payload = check_request(ex, include, body, partial, raw_body, context, jwt_meta)
             # (No request-id metadata: the id is in the CheckRequest, twice; a header that
-            # changes per call costs an HPACK literal on every call.)
-            answer = await method(payload, timeout=timeout, local_deadline=False)
+            # changes per call costs an HPACK literal on every call. The trace context is
+            # metadata only when tracing is on.)
+            answer = await method(payload, timeout=timeout, metadata=tracing.context_headers(ex.span, span),
+                                  local_deadline=False)
             if type(answer) is not Decision:
                 raise answer                # BadAnswer / ErrorAnswer
             return answer
+
+        def span(ex: Any):
+            return tracing.rpc_span(ex.span, "envoy.service.auth.v3.Authorization", "Check", target)
 
         describe.update({"address": address, "include_headers": sorted(include) if include is not None else None,
                          "include_body": None if max_bytes is None else
@@ -161,8 +167,10 @@ def build(sec: Section, ctx: Any) -> ExtAuthzFilter | None:
         call_http = HttpCheck(origin, origin.base_path + prefix, include or frozenset(),
                               tuple(sorted(upstream_headers or ())), client_headers)
 
-        def call(ex: Any, body: bytes | None, partial: bool):
-            return call_http(ex)          # (the coroutine itself: no frame around it)
+        def call(ex: Any, body: bytes | None, partial: bool, span: Any):
+            return call_http(ex, span)    # (the coroutine itself: no frame around it)
+
+        span = call_http.span
 
         describe.update(call_http.describe())
 
@@ -170,7 +178,7 @@ def build(sec: Section, ctx: Any) -> ExtAuthzFilter | None:
     return ExtAuthzFilter(_route_name(sec, ctx), sec.path, call, dep,
                           max_bytes=max_bytes, allow_partial=allow_partial, status_on_error=status_on_error,
                           cache=cache, cache_key=cache_key, metrics=getattr(ctx, "metrics", None),
-                          describe=describe, sets_request_headers=frozenset(upstream_headers or ())
+                          describe=describe, span=span, sets_request_headers=frozenset(upstream_headers or ())
                           if protocol == "http" else frozenset())
 
 

@@ -46,15 +46,17 @@ def _too_large(limit: int) -> LocalReply:
 class ExtAuthzFilter(Filter):
     name = "ext_authz"
 
-    def __init__(self, route: str, path: str, call: Callable[[Any, bytes | None, bool], Any],
+    def __init__(self, route: str, path: str, call: Callable[[Any, bytes | None, bool, Any], Any],
                  dep: RemoteDependency, *, max_bytes: int | None, allow_partial: bool,
                  status_on_error: int, cache: DecisionCache | None, cache_key: Any,
-                 metrics: Any, describe: dict, sets_request_headers: frozenset[str] = frozenset()):
+                 metrics: Any, describe: dict, sets_request_headers: frozenset[str] = frozenset(),
+                 span: Callable[[Any], Any] | None = None):
         self.route = route
         # Known at load in HTTP mode (allowed_upstream_headers); a gRPC service names its own.
         self.sets_request_headers = sets_request_headers
         self.path = path
-        self._call = call
+        self._call = call           # (ex, body, partial, its span or None) -> the call
+        self._span = span or (lambda ex: None)   # the call's CLIENT span (sampled requests)
         self.dep = dep
         self.max_bytes = max_bytes
         self.allow_partial = allow_partial
@@ -107,7 +109,8 @@ class ExtAuthzFilter(Filter):
                     return _too_large(limit)
             if not body and not partial:
                 body = None        # no body: no body fields, as Envoy (it buffers nothing)
-        result = await self.dep.call(self._call(ex, body, partial))
+        span = self._span(ex) if ex.span is not None else None
+        result = await self.dep.call(self._call(ex, body, partial, span), span)
         if type(result) is Failed:
             return self._failed(ex, result)
         if key is not None:

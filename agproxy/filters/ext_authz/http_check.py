@@ -24,12 +24,15 @@ from typing import Any
 from agproxy.filters.ext_authz.decision import SET, BadAnswer, Decision, check_value
 from agproxy.http.messages import HOP_BY_HOP, BodyTooLarge, Headers
 from agproxy.proxy.contract import LocalReply
+from agproxy.telemetry import tracing
 from agproxy.upstream.origin import Origin
 from agproxy.upstream.pool import get_pool
 
 MAX_DENIAL_BODY = 64 * 1024
 _NOT_TO_CLIENT = HOP_BY_HOP | {"content-length", "host"}     # the gateway frames, names the host
 ALWAYS_SENT = frozenset({"authorization"})
+_TRACE_CONTEXT = frozenset({"traceparent", "tracestate"})
+_METHODS = frozenset({"GET", "HEAD", "POST", "PUT", "DELETE", "CONNECT", "OPTIONS", "TRACE", "PATCH"})
 
 
 class ServerError(Exception):
@@ -50,20 +53,35 @@ class HttpCheck:
         self.upstream_set = frozenset(upstream_headers)
         self.client_headers = client_headers
 
-    def request_headers(self, ex: Any) -> Headers:
+    def request_headers(self, ex: Any, span: Any = None) -> Headers:
         req = ex.request
         include = self.include
         items = [("host", req.authority)]
         items += [(k, v) for k, v in req.headers.items if k in include]
         items.append(("x-request-id", ex.request_id))
+        if ex.span is not None:      # tracing on: the check is a child of the request's trace
+            items = [it for it in items if it[0] not in _TRACE_CONTEXT]
+            items += tracing.context_headers(ex.span, span)
         return Headers(items)
 
-    async def __call__(self, ex: Any) -> Decision:
+    def span(self, ex: Any) -> Any:
+        """The check's CLIENT span when the request is sampled, else None."""
+        parent = ex.span
+        if parent is None or parent.attributes is None:
+            return None
         req = ex.request
         target = self.prefix + req.target if self.prefix else req.target
-        resp = await get_pool().request(self.origin, req.method, target, self.request_headers(ex),
+        return tracing.http_client_span(parent, req.method, self.origin.scheme, self.origin.authority, target,
+                                        name=f"{req.method} ext_authz" if req.method in _METHODS else "HTTP ext_authz")
+
+    async def __call__(self, ex: Any, span: Any = None) -> Decision:
+        req = ex.request
+        target = self.prefix + req.target if self.prefix else req.target
+        resp = await get_pool().request(self.origin, req.method, target, self.request_headers(ex, span),
                                         None, timeout=None)
         status = resp.status
+        if span is not None:
+            span.attributes["http.response.status_code"] = status
         if status >= 500:
             resp.abort()
             raise ServerError(f"HTTP {status} from the authorization server")

@@ -39,6 +39,7 @@ from agproxy.filters import eval_errors
 from agproxy.filters.rate_limit.keys import key_reader
 from agproxy.filters.rate_limit.limits import LimitSpec, failed, limited, read_limit
 from agproxy.proxy.filter import LocalReply
+from agproxy.telemetry import tracing
 from agproxy.telemetry.counters import counter
 from agproxy.upstream.redis import Script, classify, client_for, parse_address
 from agproxy.upstream.remote import Failed, RemoteDependency, remote_settings
@@ -129,7 +130,8 @@ class RedisLimits:
             except Exception as exc:
                 eval_errors.error(f"{spec.path}.key", spec.key.source, exc, "failed (rate limit key)")
                 return self._failed(ex, "the rate limit key could not be computed for this request", exc)
-        result = await self.dep.call(self._run(keys, self._static_args))
+        result = await self.dep.call(self._run(keys, self._static_args),
+                                     tracing.redis_span(ex.span, "EVALSHA", self.address))
         if type(result) is Failed:
             return self._failed(ex, "the rate limit service is unavailable", result.error)
         allowed, now, news = result

@@ -40,13 +40,15 @@ from agproxy.filters import compile_cel, eval_errors
 from agproxy.filters.rate_limit.keys import key_reader
 from agproxy.filters.rate_limit.limits import NS, failed, limited
 from agproxy.proxy.filter import LocalReply
+from agproxy.telemetry import tracing
 from agproxy.telemetry.counters import counter
 from agproxy.upstream.grpc import GrpcClient, parse_target
 from agproxy.upstream.remote import Failed, RemoteDependency, remote_settings
 
 log = logging.getLogger("agproxy.policy")
 
-METHOD = "/envoy.service.ratelimit.v3.RateLimitService/ShouldRateLimit"
+_SERVICE = "envoy.service.ratelimit.v3.RateLimitService"
+METHOD = f"/{_SERVICE}/ShouldRateLimit"
 _OK = rls_pb2.RateLimitResponse.OK
 _OVER = rls_pb2.RateLimitResponse.OVER_LIMIT
 _Entry = ratelimit_pb2.RateLimitDescriptor.Entry
@@ -100,7 +102,8 @@ class RemoteLimits:
             request = self._request(ex, 1)
         except Exception:
             return self._failed(ex, "a rate limit descriptor could not be computed for this request")
-        result = await self.dep.call(self._call(request))
+        span = tracing.rpc_span(ex.span, _SERVICE, "ShouldRateLimit", self.address)
+        result = await self.dep.call(self._call(request, tracing.context_headers(ex.span, span)), span)
         if type(result) is Failed:
             return self._failed(ex, "the rate limit service is unavailable")
         extra = [(h.key.lower(), h.value) for h in result.response_headers_to_add]
@@ -128,8 +131,8 @@ class RemoteLimits:
                 best = (s.limit_remaining, str(s.current_limit.requests_per_unit), _ns(s.duration_until_reset))
         return best
 
-    async def _call(self, request) -> Any:
-        response = await self.method(request, timeout=self.dep.timeout, local_deadline=False)
+    async def _call(self, request, metadata=()) -> Any:
+        response = await self.method(request, timeout=self.dep.timeout, metadata=metadata, local_deadline=False)
         if response.overall_code not in (_OK, _OVER):
             raise _Garbage(f"overall_code {response.overall_code} (UNKNOWN)")
         return response
