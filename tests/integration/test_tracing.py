@@ -49,6 +49,21 @@ def receiver():
     assert r.errors == []
 
 
+def servers(spans) -> list:
+    return [s for s in spans if s.kind == "SPAN_KIND_SERVER"]
+
+
+def clients(spans) -> list:
+    return [s for s in spans if s.kind == "SPAN_KIND_CLIENT"]
+
+
+def one_request(receiver, n: int = 2):
+    """The server span and its CLIENT spans, once `n` spans arrived."""
+    spans = receiver.wait_for(lambda spans: len(spans) >= n)
+    (server,) = servers(spans)
+    return server, clients(spans)
+
+
 def upstream_traceparent(upstream_echo, index: int = -1) -> str:
     return dict(upstream_echo.seen[index]["headers"])["traceparent"]
 
@@ -61,7 +76,7 @@ def test_server_span_continues_the_client_trace_and_the_upstream_sees_it(start_g
         "traceparent": f"00-{CLIENT_TRACE}-{CLIENT_SPAN}-01", "tracestate": "vendor=abc",
         "user-agent": "trace-test/1"})
     assert r.status_code == 200
-    (span,) = receiver.wait_for(lambda spans: len(spans) >= 1)
+    span, (backend,) = one_request(receiver)
     assert span.name == "GET /api/*" and span.kind == "SPAN_KIND_SERVER" and span.scope == "agproxy"
     assert span.trace_id == CLIENT_TRACE and span.parent_span_id == CLIENT_SPAN
     assert span.trace_state == "vendor=abc"
@@ -83,8 +98,17 @@ def test_server_span_continues_the_client_trace_and_the_upstream_sees_it(start_g
     assert span.resource["deployment.environment"] == "blue green"
     assert span.resource["team"] == "a,b=c"
     assert span.resource["telemetry.sdk.language"] == "python"
-    # The upstream is called as a child of the gateway's span, same trace, tracestate kept.
-    assert upstream_traceparent(upstream_echo) == f"00-{CLIENT_TRACE}-{span.span_id}-01"
+    # The backend call is a CLIENT span under the server span; the upstream is called as
+    # its child, same trace, tracestate kept.
+    assert backend.name == "GET" and backend.trace_id == CLIENT_TRACE and backend.parent_span_id == span.span_id
+    assert backend.start_ns >= span.start_ns and backend.end_ns <= span.end_ns
+    assert backend.trace_state == "vendor=abc" and backend.status_code == "STATUS_CODE_UNSET"
+    port = int(upstream_echo.url.rsplit(":", 1)[1])
+    assert backend.attributes == {
+        "http.request.method": "GET", "server.address": "127.0.0.1", "server.port": port,
+        "url.full": f"{upstream_echo.url}/api/items", "agproxy.backend": "echo",
+        "http.response.status_code": 200}
+    assert upstream_traceparent(upstream_echo) == f"00-{CLIENT_TRACE}-{backend.span_id}-01"
     assert dict(upstream_echo.seen[-1]["headers"])["tracestate"] == "vendor=abc"
     # The access log line names the same trace and span.
     (line,) = gw.access_log(1)
@@ -95,10 +119,11 @@ def test_root_span_without_traceparent_and_target_info(start_gateway, upstream_e
     gw = start_gateway(config(upstream_echo.url, receiver.url), env={
         **FAST_EXPORT, "OTEL_RESOURCE_ATTRIBUTES": "k8s.pod.name=gw-0,1st.key=x"})
     assert httpx.post(gw.url("/api/x"), content=b"hi").status_code == 200
-    (span,) = receiver.wait_for(lambda spans: len(spans) >= 1)
+    span, (backend,) = one_request(receiver)
     assert span.parent_span_id == "" and re.fullmatch(r"[0-9a-f]{32}", span.trace_id)
     assert span.resource["service.name"] == "agproxy" and span.resource["k8s.pod.name"] == "gw-0"
-    assert upstream_traceparent(upstream_echo) == f"00-{span.trace_id}-{span.span_id}-01"
+    assert backend.resource == span.resource and backend.attributes["http.request.method"] == "POST"
+    assert upstream_traceparent(upstream_echo) == f"00-{span.trace_id}-{backend.span_id}-01"
     from prometheus_client.parser import text_string_to_metric_families
     families = {f.name: f for f in text_string_to_metric_families(gw.metrics())}
     (sample,) = families["target_info"].samples   # an info metric: a gauge of 1 in the text format
@@ -121,10 +146,10 @@ def test_invalid_traceparent_starts_a_new_trace_and_drops_tracestate(start_gatew
     gw = start_gateway(config(upstream_echo.url, receiver.url), env=FAST_EXPORT)
     r = httpx.get(gw.url("/api/x"), headers={"traceparent": bad, "tracestate": "vendor=abc"})
     assert r.status_code == 200
-    (span,) = receiver.wait_for(lambda spans: len(spans) >= 1)
+    span, (backend,) = one_request(receiver)
     assert span.trace_id != CLIENT_TRACE and span.parent_span_id == ""
     headers = dict(upstream_echo.seen[-1]["headers"])
-    assert headers["traceparent"] == f"00-{span.trace_id}-{span.span_id}-01"
+    assert headers["traceparent"] == f"00-{span.trace_id}-{backend.span_id}-01"
     assert "tracestate" not in headers
 
 
@@ -142,10 +167,11 @@ def test_parent_based_sampling(start_gateway, upstream_echo, receiver):
     assert tp.startswith(f"00-{unsampled}-") and tp.endswith("-00") and CLIENT_SPAN not in tp
     assert httpx.get(gw.url("/api/sampled"),
                      headers={"traceparent": f"00-{CLIENT_TRACE}-{CLIENT_SPAN}-01"}).status_code == 200
-    receiver.wait_for(lambda spans: len(spans) >= 1)
+    receiver.wait_for(lambda spans: len(spans) >= 2)
     # Spans leave in order, so the two unsampled requests would have arrived first.
     lines = gw.access_log(3)
-    assert [s.attributes["url.path"] for s in receiver.spans] == ["/api/sampled"]
+    assert [s.attributes["url.path"] for s in servers(receiver.spans)] == ["/api/sampled"]
+    assert len(receiver.spans) == 2
     assert [l["trace_id"] for l in lines] == [root_tp[3:35], unsampled, CLIENT_TRACE]
 
 
@@ -165,7 +191,7 @@ body = "down"
         assert c.get(gw.url("/api/x")).status_code == 200
         assert c.get(gw.url("/demo")).status_code == 503
         assert c.request("PROPFIND", gw.url("/nowhere")).status_code == 404
-    spans = {s.attributes["url.path"]: s for s in receiver.wait_for(lambda spans: len(spans) >= 3)}
+    spans = {s.attributes["url.path"]: s for s in servers(receiver.wait_for(lambda spans: len(spans) >= 4))}
     assert spans["/api/x"].attributes["network.protocol.version"] == "2"
     down = spans["/demo"]
     assert down.name == "GET /demo" and down.status_code == "STATUS_CODE_ERROR"
@@ -192,7 +218,7 @@ jwks = {{ file = "{jwks}" }}
     token = idp.mint(sub="alice")
     assert httpx.get(gw.url("/api/x"), headers={"authorization": f"Bearer {token}"}).status_code == 200
     assert httpx.get(gw.url("/api/x")).status_code == 401
-    spans = receiver.wait_for(lambda spans: len(spans) >= 2)
+    spans = servers(receiver.wait_for(lambda spans: len(spans) >= 3))
     assert spans[0].attributes["enduser.id"] == "alice"
     assert "enduser.id" not in spans[1].attributes
     assert spans[1].attributes["http.response.status_code"] == 401
@@ -234,7 +260,7 @@ def test_collector_down_changes_nothing_for_clients_and_is_logged_once(start_gat
             started = time.monotonic()
             r = c.get(gw.url(f"/api/{i}"))
             assert r.status_code == 200 and time.monotonic() - started < 2.0
-    assert wait_metric(gw, "agproxy_tracing_spans_dropped_total", 30, timeout=30, reason="export_failed") == 30
+    assert wait_metric(gw, "agproxy_tracing_spans_dropped_total", 60, timeout=30, reason="export_failed") == 60
     assert metric_value(gw, "agproxy_tracing_spans_exported_total") == 0
     failures = [l for l in gw.logs().splitlines() if "exporting spans" in l]
     assert len(failures) == 1, failures
@@ -253,7 +279,7 @@ def test_slow_collector_fills_the_bounded_queue_and_drops_are_counted(start_gate
             for i in range(20):
                 assert c.get(gw.url(f"/api/{i}")).status_code == 200
             assert time.monotonic() - started < 3.0   # no request waited for the collector
-        assert wait_metric(gw, "agproxy_tracing_spans_dropped_total", 16, reason="queue_full") == 16
+        assert wait_metric(gw, "agproxy_tracing_spans_dropped_total", 36, reason="queue_full") == 36
         gw.stop()
         assert slow.errors == []
     finally:
@@ -268,7 +294,7 @@ def test_each_worker_process_exports_its_own_spans(start_gateway, upstream_echo,
     for i in range(8):
         with httpx.Client() as c:     # a new connection each: SO_REUSEPORT spreads them
             assert c.get(gw.url(f"/api/{i}")).status_code == 200
-    spans = receiver.wait_for(lambda spans: len(spans) >= 8)
+    spans = servers(receiver.wait_for(lambda spans: len(spans) >= 16))
     assert sorted(s.attributes["url.path"] for s in spans) == sorted(f"/api/{i}" for i in range(8))
 
 
@@ -277,14 +303,14 @@ def test_spans_still_queued_at_sigterm_are_exported_before_exit(start_gateway, u
     assert httpx.get(gw.url("/api/last")).status_code == 200
     assert receiver.spans == []                 # a 10-minute schedule: nothing sent yet
     assert gw.stop() == 0
-    (span,) = receiver.wait_for(lambda spans: len(spans) >= 1, timeout=1)
+    (span,) = servers(receiver.wait_for(lambda spans: len(spans) >= 2, timeout=1))
     assert span.attributes["url.path"] == "/api/last"
 
 
 def test_reload_keeps_the_exporter_and_can_turn_tracing_off(start_gateway, upstream_echo, receiver):
     gw = start_gateway(config(upstream_echo.url, receiver.url), env=FAST_EXPORT)
     assert httpx.get(gw.url("/api/one")).status_code == 200
-    receiver.wait_for(lambda spans: len(spans) >= 1)
+    receiver.wait_for(lambda spans: len(spans) >= 2)
 
     def reload(text: str) -> None:
         before = gw.metrics().count('result="ok"')
@@ -296,7 +322,7 @@ def test_reload_keeps_the_exporter_and_can_turn_tracing_off(start_gateway, upstr
 
     reload(gw.config_text.replace('name = "echo"', 'name = "echo2"', 1))
     assert httpx.get(gw.url("/api/two")).status_code == 200
-    spans = receiver.wait_for(lambda spans: len(spans) >= 2)
+    spans = servers(receiver.wait_for(lambda spans: len(spans) >= 4))
     assert spans[1].attributes["agproxy.route"] == "echo2"
     off = re.sub(r"\[telemetry\]\ntracing = \{[^}]*\}\n", "", gw.config_text)
     reload(off)
@@ -305,4 +331,187 @@ def test_reload_keeps_the_exporter_and_can_turn_tracing_off(start_gateway, upstr
     # Tracing off: the client's traceparent passes through untouched, no trace id is logged.
     assert upstream_traceparent(upstream_echo) == f"00-{CLIENT_TRACE}-{CLIENT_SPAN}-01"
     assert "trace_id" not in gw.access_log(3)[-1]
-    assert len(receiver.spans) == 2
+    assert len(receiver.spans) == 4
+
+
+# -- CLIENT spans for each upstream call ------------------------------------------------------
+
+def backend_config(route: str, backend: str, endpoint: str, extra: str = "") -> str:
+    return f'''
+[telemetry]
+tracing = {{ otlp_endpoint = "{endpoint}", sampling = 1.0 }}
+
+[[route]]
+name = "r"
+match = {{ path_prefix = "/" }}
+backend = "b"
+{route}
+
+[backend.b]
+{backend}
+{extra}
+'''
+
+
+def children_of(spans, parent) -> list:
+    return [s for s in spans if s.parent_span_id == parent.span_id and s.trace_id == parent.trace_id]
+
+
+def test_a_failed_backend_call_is_an_error_client_span(start_gateway, receiver):
+    gw = start_gateway(backend_config("", f'type = "http"\nurl = "http://127.0.0.1:{closed_port()}"',
+                                      receiver.url), env=FAST_EXPORT)
+    assert httpx.get(gw.url("/x?token=secret")).status_code == 502
+    server, (call,) = one_request(receiver)
+    assert call.parent_span_id == server.span_id and call.kind == "SPAN_KIND_CLIENT"
+    assert call.status_code == "STATUS_CODE_ERROR" and call.attributes["error.type"] == "connect"
+    assert "http.response.status_code" not in call.attributes
+    assert call.attributes["url.full"].endswith("/x")          # never the query
+    assert server.attributes["error.type"] == "502"
+
+
+def test_llm_failover_each_attempt_is_a_gen_ai_span(start_gateway, receiver):
+    from tests.e2e.test_llm_group import ENV, _config
+    from tests.support.llm_fakes import FakeProvider, Fault, Usage
+    down = FakeProvider("openai", name="down").start()
+    up = FakeProvider("anthropic", name="up", usage=Usage(input=20, output=9, cache_read=100, cache_write=30)).start()
+    try:
+        down.fault_always = Fault("status", 503)
+        gw = start_gateway(_config([down, up]) + f'\n[telemetry]\ntracing = {{ otlp_endpoint = "{receiver.url}" }}\n',
+                           env={**ENV, **FAST_EXPORT})
+        r = httpx.post(gw.url("/v1/chat/completions"), json={
+            "model": "smart", "messages": [{"role": "user", "content": "hi"}]})
+        assert r.status_code == 200, r.text
+        server, (first, second) = one_request(receiver, 3)
+        assert [first.parent_span_id, second.parent_span_id] == [server.span_id] * 2
+        assert first.name == "chat gpt-4o-mini" and second.name == "chat claude-sonnet-4-5"
+        assert first.status_code == "STATUS_CODE_ERROR" and first.attributes["error.type"] == "unhealthy"
+        assert first.attributes["http.response.status_code"] == 503
+        assert first.attributes["gen_ai.provider.name"] == "openai"
+        a = second.attributes
+        assert second.status_code == "STATUS_CODE_UNSET"
+        assert (a["gen_ai.operation.name"], a["gen_ai.provider.name"], a["gen_ai.request.model"]) == (
+            "chat", "anthropic", "claude-sonnet-4-5")
+        assert a["gen_ai.response.model"] == r.json()["model"]
+        assert (a["gen_ai.usage.input_tokens"], a["gen_ai.usage.output_tokens"]) == (150, 9)
+        assert a["gen_ai.usage.cache_read.input_tokens"] == 100
+        assert a["gen_ai.usage.cache_creation.input_tokens"] == 30
+        assert a["agproxy.llm.provider"] == "up" and a["server.port"] == up.port
+        # Each provider was called as the child of its own attempt's span.
+        assert down.requests[-1].header("traceparent") == f"00-{server.trace_id}-{first.span_id}-01"
+        assert up.requests[-1].header("traceparent") == f"00-{server.trace_id}-{second.span_id}-01"
+    finally:
+        down.stop()
+        up.stop()
+
+
+def test_ext_authz_grpc_check_span_and_metadata(start_gateway, upstream_echo, receiver):
+    from tests.support.grpc_peers import authorization_peer
+    peer, servicer = authorization_peer()
+    peer.start()
+    try:
+        gw = start_gateway(backend_config(f'[route.ext_authz]\naddress = "{peer.address}"\n',
+                                          f'type = "http"\nurl = "{upstream_echo.url}"', receiver.url), env=FAST_EXPORT)
+        assert httpx.get(gw.url("/x"), headers={"traceparent": f"00-{CLIENT_TRACE}-{CLIENT_SPAN}-01"}).status_code == 200
+        server, calls = one_request(receiver, 3)
+        (check,) = [c for c in calls if c.attributes.get("rpc.system") == "grpc"]
+        assert check.name == "envoy.service.auth.v3.Authorization/Check" and check.parent_span_id == server.span_id
+        host, port = peer.address.rsplit(":", 1)
+        assert check.attributes == {"rpc.system": "grpc", "rpc.service": "envoy.service.auth.v3.Authorization",
+                                    "rpc.method": "Check", "server.address": host, "server.port": int(port)}
+        assert dict(servicer.calls[-1].metadata)["traceparent"] == f"00-{CLIENT_TRACE}-{check.span_id}-01"
+        assert check.end_ns <= min(c.start_ns for c in calls if c is not check)   # before the backend call
+    finally:
+        peer.stop(0)
+
+
+def test_ext_authz_http_check_span_and_its_failure(start_gateway, upstream_echo, receiver):
+    from tests.support.authz_peers import HttpAuthServer
+    auth = HttpAuthServer(lambda req: (200, [], b""))
+    try:
+        gw = start_gateway(backend_config(
+            f'[route.ext_authz]\nprotocol = "http"\naddress = "http://127.0.0.1:{auth.port}"\n'
+            f'\n[[route]]\nname = "dead"\nmatch = {{ path_prefix = "/dead" }}\nbackend = "b"\n'
+            f'[route.ext_authz]\nprotocol = "http"\naddress = "http://127.0.0.1:{closed_port()}"\n',
+            f'type = "http"\nurl = "{upstream_echo.url}"', receiver.url).replace(
+            'match = { path_prefix = "/" }', 'match = { path_prefix = "/ok" }'), env=FAST_EXPORT)
+        assert httpx.get(gw.url("/ok")).status_code == 200
+        server, calls = one_request(receiver, 3)
+        (check,) = [c for c in calls if c.name == "GET ext_authz"]
+        assert check.parent_span_id == server.span_id and check.status_code == "STATUS_CODE_UNSET"
+        assert check.attributes["http.response.status_code"] == 200
+        assert check.attributes["url.full"] == f"http://127.0.0.1:{auth.port}/ok"
+        assert dict(auth.seen[-1]["headers"])["traceparent"] == f"00-{server.trace_id}-{check.span_id}-01"
+        assert httpx.get(gw.url("/dead")).status_code == 403
+        spans = receiver.wait_for(lambda spans: len(spans) >= 5)
+        (dead,) = [s for s in servers(spans) if s.attributes["url.path"] == "/dead"]
+        (failed,) = children_of(spans, dead)
+        assert failed.status_code == "STATUS_CODE_ERROR" and failed.attributes["error.type"] == "unreachable"
+    finally:
+        auth.stop()
+
+
+def test_rate_limit_service_and_redis_spans(start_gateway, upstream_echo, receiver, tmp_path):
+    from tests.support.redis_server import RedisServer
+    from tests.support.rls_peer import rls_peer
+    peer, rls = rls_peer({(("user", None),): (10, 86400)})
+    peer.start()
+    redis = RedisServer(tmp_path)
+    try:
+        gw = start_gateway(backend_config(
+            f'[route.rate_limit.remote]\naddress = "{peer.address}"\ndomain = "agents"\n'
+            'descriptors = [[ { key = "user", value = \'request.headers["x-user"]\' } ]]\n'
+            f'[route.rate_limit.redis]\naddress = "{redis.address}"\n'
+            'limits = [ { capacity = 5, refill = { tokens = 5, every = "1h" } } ]\n',
+            f'type = "http"\nurl = "{upstream_echo.url}"', receiver.url), env=FAST_EXPORT)
+        assert httpx.get(gw.url("/x"), headers={"x-user": "u1"}).status_code == 200
+        server, calls = one_request(receiver, 4)
+        by_name = {c.name: c for c in calls}
+        rl = by_name["envoy.service.ratelimit.v3.RateLimitService/ShouldRateLimit"]
+        assert rl.parent_span_id == server.span_id and rl.attributes["rpc.method"] == "ShouldRateLimit"
+        assert dict(rls.metadata[-1])["traceparent"] == f"00-{server.trace_id}-{rl.span_id}-01"
+        db = by_name["EVALSHA"]
+        assert db.parent_span_id == server.span_id
+        assert (db.attributes["db.system.name"], db.attributes["db.operation.name"]) == ("redis", "EVALSHA")
+        assert "GET" in by_name
+    finally:
+        peer.stop(0)
+        redis.stop()
+
+
+def test_mcp_call_span_names_the_method_and_tool(start_gateway, upstream_echo, receiver):
+    gw = start_gateway(backend_config("", f'type = "mcp"\nurl = "{upstream_echo.url}/mcp"', receiver.url),
+                       env=FAST_EXPORT)
+    call = {"jsonrpc": "2.0", "id": 7, "method": "tools/call", "params": {"name": "get_weather", "arguments": {}}}
+    r = httpx.post(gw.url("/mcp"), json=call, headers={"accept": "application/json, text/event-stream"})
+    assert r.status_code == 200
+    server, (client,) = one_request(receiver)
+    assert client.name == "tools/call get_weather" and client.parent_span_id == server.span_id
+    a = client.attributes
+    assert (a["mcp.method.name"], a["gen_ai.tool.name"], a["jsonrpc.request.id"]) == ("tools/call", "get_weather", "7")
+    assert a["gen_ai.operation.name"] == "execute_tool" and a["http.request.method"] == "POST"
+    assert server.attributes["mcp.method.name"] == "tools/call" and server.name == "POST /*"
+    assert upstream_traceparent(upstream_echo) == f"00-{server.trace_id}-{client.span_id}-01"
+
+
+def test_a_request_waiting_on_a_jwks_fetch_has_its_span(start_gateway, upstream_echo, receiver):
+    from tests.support.idp import IdP
+    idp = IdP()
+    try:
+        gw = start_gateway(backend_config(
+            f'[route.jwt]\nissuer = "{idp.issuer}"\naudiences = ["agents"]\n'
+            f'jwks = {{ url = "{idp.jwks_url}", refetch_interval = "100ms" }}\n',
+            f'type = "http"\nurl = "{upstream_echo.url}"', receiver.url), env=FAST_EXPORT)
+        idp.rotate()                    # a token with a kid the gateway has not fetched yet
+        token = idp.mint(sub="alice")
+        deadline = time.monotonic() + 10
+        while (status := httpx.get(gw.url("/x"), headers={"authorization": f"Bearer {token}"}).status_code) != 200:
+            assert status == 401 and time.monotonic() < deadline   # (within refetch_interval of the last fetch)
+        spans = receiver.wait_for(lambda spans: any(s.attributes.get("enduser.id") == "alice" for s in spans)
+                                  and len(clients(spans)) >= 2)
+        (ok,) = [s for s in servers(spans) if s.attributes.get("enduser.id") == "alice"]
+        fetch, backend = sorted(children_of(spans, ok), key=lambda s: s.start_ns)
+        assert fetch.name == "GET" and fetch.attributes["url.full"] == idp.jwks_url
+        assert fetch.attributes["agproxy.jwt.provider"] and fetch.status_code == "STATUS_CODE_UNSET"
+        assert backend.attributes["agproxy.backend"] == "b"
+    finally:
+        idp.close()

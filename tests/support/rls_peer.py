@@ -33,6 +33,7 @@ class RateLimitPeer(rls_pb2_grpc.RateLimitServiceServicer):
         self.response_headers = response_headers or []
         self.counts: dict[tuple, int] = {}
         self.calls: list = []
+        self.metadata: list[list[tuple[str, str]]] = []    # each call's invocation metadata
         self.cond = threading.Condition()
         self.fail_with: grpc.StatusCode | None = None
         self._held = False
@@ -48,6 +49,7 @@ class RateLimitPeer(rls_pb2_grpc.RateLimitServiceServicer):
     def ShouldRateLimit(self, request, context):
         with self.cond:
             self.calls.append((request, context.time_remaining()))
+            self.metadata.append(list(context.invocation_metadata()))
             self.cond.notify_all()
         if self._held:
             self._release.wait(30)
