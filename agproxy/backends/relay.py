@@ -91,7 +91,8 @@ def _attempt_span(ex, parent, origin: Origin, method: str, target: str, headers:
     mcp = ex.mcp
     if mcp is not None and mcp.calls:
         tracing.add_mcp(span, mcp)
-    headers.set("traceparent", span.traceparent())
+    # (A sampled request's headers carry no traceparent: Tracing.start_request.)
+    headers.items.append(("traceparent", span._tp))
     return span
 
 

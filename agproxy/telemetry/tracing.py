@@ -454,16 +454,32 @@ def http_client_span(parent: Span, method: str, scheme: str, authority: str, tar
                      backend: str = "", resend: int = 0, name: str | None = None) -> Span:
     """A sampled request's CLIENT span for one HTTP call (HTTP client semantic
     conventions; `url.full` without the query: it may carry secrets). The caller
-    checked `parent.attributes is not None`."""
+    checked `parent.attributes is not None`.
+
+    Written for the instruction count (one per backend attempt of a sampled request):
+    slots set directly, not through Span.__init__ (~13k → ~6k instructions, callgrind)."""
     attrs = _address_attributes(scheme, authority, backend).copy()
     known = method in _KNOWN_METHODS
     attrs["http.request.method"] = method if known else "_OTHER"
-    path = target.partition("?")[0]
-    attrs["url.full"] = f"{scheme}://{authority}{path}"
+    q = target.find("?")
+    attrs["url.full"] = f"{scheme}://{authority}{target if q < 0 else target[:q]}"
     if resend:
         attrs["http.request.resend_count"] = resend
-    span = parent.child(name or (method if known else "HTTP"), CLIENT)
+    span = _new(Span)
+    span._tracing = parent._tracing
+    span.name = name or (method if known else "HTTP")
+    span.kind = CLIENT
+    span.trace_id = trace_id = parent.trace_id
+    span.span_id = span_id = "%016x" % (getrandbits(64) or 1)
+    span.parent_id = parent.span_id
+    span.sampled = True
+    span.remote_parent = False
+    span.tracestate = parent.tracestate
+    span.error = None
+    span.end_ns = 0
+    span._tp = f"00-{trace_id}-{span_id}-01"
     span.attributes = attrs
+    span.start_ns = time.time_ns()
     return span
 
 
@@ -641,14 +657,17 @@ class Tracing:
             span.remote_parent = False
             span.tracestate = span.error = None
             span.end_ns = 0
-            span._tp = tp = f"00-{trace_id}-{span_id}-01"
-            headers.items.append(("traceparent", tp))
+            span._tp = None
+            # No `traceparent` in the request's headers: each upstream call of a sampled
+            # request names its own CLIENT span (backends/relay.py appends it, cheaper
+            # than replacing one).
             span.start_ns = time.time_ns()
         else:
             span = self._continue(headers)
-            headers.set("traceparent", span.traceparent())
             if not span.sampled:
+                headers.set("traceparent", span.traceparent())
                 return span
+            headers.remove("traceparent")
         method = request.method
         known = method in _KNOWN_METHODS
         span.name = method if known else "HTTP"
