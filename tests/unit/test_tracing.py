@@ -105,7 +105,7 @@ def test_unsampled_span_records_nothing_but_propagates():
     req = request([("tracestate", "orphan=1")])
     span = t.start_request(req, CONN)
     assert span.attributes is None and not span.sampled
-    assert req.headers.items == []     # sampled: the upstream call's span adds its own
+    assert req.headers.items == [("traceparent", span.traceparent())]
     assert span.traceparent() == f"00-{span.trace_id}-{span.span_id}-00"
     span.set("k", "v")
     child = span.child("x")
