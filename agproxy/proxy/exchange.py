@@ -264,7 +264,7 @@ class Gateway:
         ex = Exchange(stream)
         runtime = self.runtime
         if runtime.tracing is not None:
-            ex.span = runtime.tracing.start_request(ex.request, ex.conn)
+            ex.span = runtime.tracing.start_request(ex.request, ex.conn, ex.request_id)
         try:
             # 1. Match. The gateway-wide body limit is checked first (bytes may have
             #    arrived before this task ran: `received` counts them too).

@@ -207,7 +207,8 @@ class Span:
     always has ids to propagate."""
 
     __slots__ = ("_tracing", "name", "kind", "trace_id", "span_id", "parent_id", "sampled",
-                 "remote_parent", "tracestate", "start_ns", "end_ns", "attributes", "error", "_tp")
+                 "remote_parent", "tracestate", "start_ns", "end_ns", "attributes", "error", "_tp",
+                 "varying")
 
     def __init__(self, tracing: "Tracing | None", name: str, kind: str, trace_id: str, parent_id: str,
                  sampled: bool, remote_parent: bool = False, tracestate: str | None = None,
@@ -224,6 +225,9 @@ class Span:
         self.end_ns = 0
         self.error: str | None = None
         self._tp: str | None = None
+        # One attribute that differs on every request (`url.path`): exported like the
+        # others, kept apart so the rest encode as one cached block (telemetry/otlp.py).
+        self.varying: tuple[str, Any] | None = None
         if sampled:
             self.start_ns = time.time_ns()
             self.attributes = attributes if attributes is not None else {}
@@ -283,31 +287,8 @@ class Span:
 _new = object.__new__
 
 
-class _Unsampled(Span):
-    """A root span that is not sampled: ids only (trace_id, span_id, _tp set per
-    instance), everything else fixed here; it records and queues nothing."""
-
-    __slots__ = ()
-    _tracing = None
-    name = ""
-    kind = SERVER
-    parent_id = ""
-    sampled = False
-    remote_parent = False
-    tracestate = None
-    start_ns = end_ns = 0
-    attributes = None
-    error = None
-
-    def end(self, error: str | None = None) -> None:
-        return None
-
-    def child(self, name: str, kind: str = CLIENT, attributes: dict | None = None) -> Span:
-        return Span(None, name, kind, self.trace_id, self.span_id, False)
-
-
 def new_span_id() -> str:
-    return (getrandbits(64) or 1).to_bytes(8, "big").hex()
+    return "%016x" % (getrandbits(64) or 1)
 
 
 def new_ids() -> tuple[str, str]:
@@ -462,7 +443,6 @@ def http_client_span(parent: Span, method: str, scheme: str, authority: str, tar
     known = method in _KNOWN_METHODS
     attrs["http.request.method"] = method if known else "_OTHER"
     q = target.find("?")
-    attrs["url.full"] = f"{scheme}://{authority}{target if q < 0 else target[:q]}"
     if resend:
         attrs["http.request.resend_count"] = resend
     span = _new(Span)
@@ -479,6 +459,7 @@ def http_client_span(parent: Span, method: str, scheme: str, authority: str, tar
     span.end_ns = 0
     span._tp = f"00-{trace_id}-{span_id}-01"
     span.attributes = attrs
+    span.varying = ("url.full", f"{scheme}://{authority}{target if q < 0 else target[:q]}")
     span.start_ns = time.time_ns()
     return span
 
@@ -623,35 +604,37 @@ class Tracing:
             pipeline.put(span)
 
     # -- the request's server span ----------------------------------------------------------
-    def start_request(self, request, conn) -> Span:
+    def start_request(self, request, conn, request_id: str | None = None) -> Span | None:
         """A SERVER span for this request, child of the client's `traceparent` if valid,
-        and the request's headers made ready for the upstream: `traceparent` names this
-        span, the client's `tracestate` stays only beside a valid `traceparent` (W3C).
+        and the request's headers made ready for the upstream: the client's `tracestate`
+        stays only beside a valid `traceparent` (W3C). None for a root (no valid
+        `traceparent` came) that is not sampled: such a request costs what it costs
+        with tracing off, and sends no trace context upstream (W3C lets a vendor start a
+        trace or not when none came; an incoming `traceparent`, sampled or not, is
+        always continued and forwarded).
 
-        Written for the instruction count (benchmarks/instructions.py --tracing): the
-        headers are looked up through one dict built in C, and a root span that is not
-        sampled is an `_Unsampled` with three instance fields."""
+        A root's trace id is `request_id`, the 128 random bits the exchange generated as
+        the request id (one value to correlate on; a client's own `x-request-id` never
+        names a trace). Written for the instruction count (benchmarks/instructions.py
+        --tracing): the headers are looked up through one dict built in C, the span's
+        slots set directly."""
         headers = request.headers
         names = dict(headers.items)
         if "traceparent" not in names:
-            h = (getrandbits(192) | 1).to_bytes(24, "big").hex()
-            sampled = self._root_sampled
-            if sampled is None:     # the trace-id ratio, inline (Sampler.sample's test)
-                sampled = int(h[16:32], 16) < self.sampler.bound
             if "tracestate" in names:
                 headers.remove("tracestate")
+            if request_id is None or len(request_id) != 32 or names.get("x-request-id") == request_id:
+                request_id = "%032x" % (getrandbits(128) or 1)
+            sampled = self._root_sampled
+            if sampled is None:     # the trace-id ratio, inline (Sampler.sample's test)
+                sampled = int(request_id[16:], 16) < self.sampler.bound
             if not sampled:
-                span = _new(_Unsampled)
-                span.trace_id = trace_id = h[:32]
-                span.span_id = span_id = h[32:]
-                span._tp = tp = f"00-{trace_id}-{span_id}-00"
-                headers.items.append(("traceparent", tp))
-                return span
+                return None
             span = _new(Span)
             span._tracing = self
             span.kind = SERVER
-            span.trace_id = trace_id = h[:32]
-            span.span_id = span_id = h[32:]
+            span.trace_id = request_id
+            span.span_id = "%016x" % (getrandbits(64) or 1)
             span.parent_id = ""
             span.sampled = True
             span.remote_parent = False
@@ -673,7 +656,6 @@ class Tracing:
         span.name = method if known else "HTTP"
         span.attributes = attrs = {
             "http.request.method": method if known else "_OTHER",
-            "url.path": request.path,
             "url.scheme": request.scheme,
             "network.protocol.version": _PROTOCOL_VERSION.get(request.protocol, request.protocol),
             "client.address": conn.peer_host,
@@ -685,6 +667,7 @@ class Tracing:
         ua = names.get("user-agent")
         if ua:
             attrs["user_agent.original"] = ua[:256]
+        span.varying = ("url.path", request.path)
         return span
 
     def _continue(self, headers) -> Span:

@@ -154,12 +154,13 @@ def test_invalid_traceparent_starts_a_new_trace_and_drops_tracestate(start_gatew
 
 
 def test_parent_based_sampling(start_gateway, upstream_echo, receiver):
-    """sampling = 0: a root is not sampled, but a sampled parent is followed, and an
-    unsampled parent's trace id still reaches the upstream (flag 00)."""
+    """sampling = 0: a root is not sampled and sends no trace context (it costs what it
+    costs with tracing off), but a sampled parent is followed, and an unsampled parent's
+    trace id still reaches the upstream (flag 00)."""
     gw = start_gateway(config(upstream_echo.url, receiver.url, sampling=0.0), env=FAST_EXPORT)
-    assert httpx.get(gw.url("/api/root")).status_code == 200
-    root_tp = upstream_traceparent(upstream_echo)
-    assert root_tp.endswith("-00")
+    assert httpx.get(gw.url("/api/root"), headers={"tracestate": "orphan=1"}).status_code == 200
+    root_headers = dict(upstream_echo.seen[-1]["headers"])
+    assert "traceparent" not in root_headers and "tracestate" not in root_headers
     unsampled = "1" * 32
     assert httpx.get(gw.url("/api/unsampled"),
                      headers={"traceparent": f"00-{unsampled}-{CLIENT_SPAN}-00"}).status_code == 200
@@ -172,7 +173,21 @@ def test_parent_based_sampling(start_gateway, upstream_echo, receiver):
     lines = gw.access_log(3)
     assert [s.attributes["url.path"] for s in servers(receiver.spans)] == ["/api/sampled"]
     assert len(receiver.spans) == 2
-    assert [l["trace_id"] for l in lines] == [root_tp[3:35], unsampled, CLIENT_TRACE]
+    assert "trace_id" not in lines[0]
+    assert [l["trace_id"] for l in lines[1:]] == [unsampled, CLIENT_TRACE]
+
+
+def test_a_root_trace_id_is_the_request_id(start_gateway, upstream_echo, receiver):
+    gw = start_gateway(config(upstream_echo.url, receiver.url), env=FAST_EXPORT)
+    assert httpx.get(gw.url("/api/x")).status_code == 200
+    server, (backend,) = one_request(receiver)
+    seen = dict(upstream_echo.seen[-1]["headers"])
+    assert seen["x-request-id"] == server.trace_id == gw.access_log(1)[0]["request_id"]
+    # A client's own request id is kept as the request id but never names the trace.
+    assert httpx.get(gw.url("/api/y"), headers={"x-request-id": "ab" * 16}).status_code == 200
+    spans = receiver.wait_for(lambda spans: len(spans) >= 4)
+    (y,) = [s for s in servers(spans) if s.attributes["url.path"] == "/api/y"]
+    assert y.trace_id != "ab" * 16 and dict(upstream_echo.seen[-1]["headers"])["x-request-id"] == "ab" * 16
 
 
 def test_http2_and_status_codes(start_gateway, upstream_echo, receiver):

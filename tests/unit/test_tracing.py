@@ -76,9 +76,10 @@ def test_server_span_from_a_valid_parent_and_its_children():
     # Ready for the upstream: the client's traceparent gone (each upstream call of a
     # sampled request names its own CLIENT span), tracestate kept as sent.
     assert req.headers.items == [("tracestate", "a=1"), ("tracestate", "b=2")]
-    assert span.attributes == {"http.request.method": "GET", "url.path": "/a/b", "url.scheme": "https",
+    assert span.attributes == {"http.request.method": "GET", "url.scheme": "https",
                                "network.protocol.version": "2", "client.address": "10.0.0.7",
                                "server.address": "api.example.com"}
+    assert span.varying == ("url.path", "/a/b")     # exported as an attribute, apart from the cached block
     child = span.child("GET", attributes=http_client_attributes("echo", "GET", "http", "10.1.1.1:9000", "/x"))
     assert child.trace_id == span.trace_id and child.parent_id == span.span_id and not child.remote_parent
     assert child.attributes["server.port"] == 9000 and child.attributes["url.full"] == "http://10.1.1.1:9000/x"
@@ -100,13 +101,19 @@ def test_several_traceparent_headers_are_invalid():
     assert req.headers.items == []     # sampled: the upstream call's span adds its own
 
 
-def test_unsampled_span_records_nothing_but_propagates():
+def test_an_unsampled_root_costs_nothing_and_an_unsampled_parent_is_forwarded():
     t = Collected("parentbased_always_off")
     req = request([("tracestate", "orphan=1")])
+    # No traceparent came and the root is not sampled: no span, no trace context sent
+    # upstream (the request is what it is with tracing off), the orphan tracestate gone.
+    assert t.start_request(req, CONN) is None
+    assert req.headers.items == []
+    # An unsampled parent is continued: the upstream gets the trace id, flag 00.
+    req = request([("traceparent", f"00-{TRACE}-{SPAN}-00")])
     span = t.start_request(req, CONN)
-    assert span.attributes is None and not span.sampled
+    assert span.attributes is None and not span.sampled and span.trace_id == TRACE
     assert req.headers.items == [("traceparent", span.traceparent())]
-    assert span.traceparent() == f"00-{span.trace_id}-{span.span_id}-00"
+    assert span.traceparent() == f"00-{TRACE}-{span.span_id}-00" and span.span_id != SPAN
     span.set("k", "v")
     child = span.child("x")
     assert child.attributes is None and child.traceparent().endswith("-00")
@@ -174,3 +181,13 @@ def test_config_errors_name_their_toml_path():
         in ok.problems.items
     assert "telemetry.access_log_fields.a b: a field name is letters, digits, '_' and '.'" in ok.problems.items
     assert ok.tracing.ratio == 0.5
+
+
+def test_a_root_trace_id_is_the_generated_request_id_never_a_clients():
+    t = Collected()
+    rid = "%032x" % 0xABC
+    assert t.start_request(request([]), CONN, rid).trace_id == rid
+    theirs = "0123456789abcdef0123456789abcdef"
+    span = t.start_request(request([("x-request-id", theirs)]), CONN, theirs)
+    assert span.trace_id != theirs and len(span.trace_id) == 32
+    assert t.start_request(request([]), CONN, "short").trace_id != "short"
