@@ -61,6 +61,9 @@ def _varint(n: int) -> bytes:
     return bytes(out)
 
 
+_VARINTS = [_varint(n) for n in range(16384)]     # the length of a span: looked up, not computed
+
+
 def _ld(tag: bytes, payload: bytes) -> bytes:
     """A length-delimited field."""
     return tag + _varint(len(payload)) + payload
@@ -179,7 +182,8 @@ def encode_span(s) -> bytes:
         block = b""
     varying = s.varying
     if varying is not None:
-        block += _attribute_field(varying)
+        field = _kv_cache.get(varying)
+        block += field if field is not None else _attribute_field(varying)
     nk = (s.name, s.kind)
     name = _names.get(nk)
     if name is None:    # names are low-cardinality ("GET /api/*"): keep their encoding
@@ -203,9 +207,11 @@ def encode_span(s) -> bytes:
 def encode(spans: Iterable, resource: bytes, scope: bytes) -> bytes:
     """`ExportTraceServiceRequest` bytes: one resource, one scope, these spans."""
     body = [_ld(b"\x0a", scope)]
+    varints = _VARINTS
     for s in spans:
         span = encode_span(s)
-        body += (b"\x12", _varint(len(span)), span)
+        n = len(span)
+        body += (b"\x12", varints[n] if n < 16384 else _varint(n), span)
     scope_spans = b"".join(body)
     resource_spans = _ld(b"\x0a", resource) + _ld(b"\x12", scope_spans)
     return _ld(b"\x0a", resource_spans)

@@ -586,7 +586,7 @@ class Tracing:
         self.sampler = Sampler(settings.sampler, settings.ratio)
         root = self.sampler.root
         self._root_sampled = True if root == "always_on" else False if root == "always_off" else None
-        self._routes: dict = {}    # route (of this runtime snapshot) -> (name, http.route)
+        self._routes: dict = {}    # (route of this runtime snapshot, method name) -> names
         self._pipeline: _Pipeline | None = None
 
     # -- lifecycle (in the serving process, after the fork) ---------------------------------
@@ -695,13 +695,15 @@ class Tracing:
         attrs["http.response.status_code"] = status
         route = ex.route
         if route is not None:
-            names = self._routes.get(route)
-            if names is None:
-                names = self._routes[route] = (route.name, http_route(route.match))
+            key = (route, span.name)
+            names = self._routes.get(key)
+            if names is None:      # (route name, http.route, the span's name), once per route and method
+                hr = http_route(route.match)
+                names = self._routes[key] = (route.name, hr, f"{span.name} {hr}" if hr else span.name)
             attrs["agproxy.route"] = names[0]
             if names[1]:
                 attrs["http.route"] = names[1]
-                span.name = f"{span.name} {names[1]}"
+            span.name = names[2]
         if ex.mcp is not None:
             add_mcp(span, ex.mcp, rename=False)
         claims = ex.jwt_claims
