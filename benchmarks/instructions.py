@@ -209,7 +209,13 @@ def main() -> int:
         argv = ["valgrind", "--tool=callgrind", "--instr-atstart=no",
                 f"--callgrind-out-file={workdir}/callgrind.out.%p",
                 str(python), "-m", "agproxy.cli", *spec.argv[1:]]
-        gw = sup.start("agproxy", argv, core=0)
+        # Under valgrind the gateway runs ~50x slower, so the exporter's timed flush
+        # (every OTEL_BSP_SCHEDULE_DELAY, 5 s) would fall on 50x fewer requests than in
+        # production and its fixed cost (one POST) would weigh 50x more per request; the
+        # delay is scaled by the same factor. Batches sent because they are full (512
+        # spans) are counted as they come.
+        env = {**os.environ, "OTEL_BSP_SCHEDULE_DELAY": "250000"} if args.tracing is not None else None
+        gw = sup.start("agproxy", argv, core=0, env=env)
         if (error := wait_ready(gw, spec.urls["h1"] + "/", 120)):
             raise SystemExit(f"agproxy under valgrind: {error}\n{gw.log_tail()}")
         token = {"authorization": f"Bearer {jwt_files.token}", "x-tenant": keys.JWT_TENANT}

@@ -61,7 +61,7 @@ def _varint(n: int) -> bytes:
     return bytes(out)
 
 
-_VARINTS = [_varint(n) for n in range(16384)]     # the length of a span: looked up, not computed
+_VARINTS = [_varint(n) for n in range(4096)]     # the length of a span: looked up, not computed
 
 
 def _ld(tag: bytes, payload: bytes) -> bytes:
@@ -211,7 +211,7 @@ def encode(spans: Iterable, resource: bytes, scope: bytes) -> bytes:
     for s in spans:
         span = encode_span(s)
         n = len(span)
-        body += (b"\x12", varints[n] if n < 16384 else _varint(n), span)
+        body += (b"\x12", varints[n] if n < 4096 else _varint(n), span)
     scope_spans = b"".join(body)
     resource_spans = _ld(b"\x0a", resource) + _ld(b"\x12", scope_spans)
     return _ld(b"\x0a", resource_spans)

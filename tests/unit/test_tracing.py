@@ -62,8 +62,9 @@ class Collected(Tracing):
     def __init__(self, sampler="parentbased_always_on", ratio=1.0):
         super().__init__(TracingSettings(None, sampler, ratio))
         self.queued = []
+        self._pipeline = self       # ended spans are put here (no export thread)
 
-    def queue(self, span):
+    def put(self, span):
         self.queued.append(span)
 
 
