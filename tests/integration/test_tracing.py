@@ -530,3 +530,58 @@ def test_a_request_waiting_on_a_jwks_fetch_has_its_span(start_gateway, upstream_
         assert backend.attributes["agproxy.backend"] == "b"
     finally:
         idp.close()
+
+
+def test_openapi_mcp_rest_call_span_carries_the_tool(start_gateway, receiver):
+    import asyncio
+    import os
+    from mcp import Client
+    from tests.support.petstore.service import PetstoreService
+    api = PetstoreService()
+    spec = os.path.join(os.path.dirname(__file__), "..", "support", "petstore", "openapi.yaml")
+    try:
+        gw = start_gateway(backend_config("", f'type = "openapi_mcp"\nspec_file = "{os.path.abspath(spec)}"\n'
+                                              f'base_url = "{api.url}/api"\ntimeout = "5s"', receiver.url),
+                           env=FAST_EXPORT)
+
+        async def go():
+            async with Client(gw.url("/mcp"), mode="auto") as client:
+                return await client.call_tool("echo", {"value__path": "p", "value__query": "q", "value__header": "h",
+                                                       "value__body": "b", "n": 1})
+        echoed = asyncio.run(go()).structured_content
+        spans = receiver.wait_for(lambda spans: any(s.attributes.get("gen_ai.tool.name") == "echo"
+                                                    for s in clients(spans)))
+        (call,) = [s for s in clients(spans) if s.attributes.get("gen_ai.tool.name") == "echo"]
+        (server,) = [s for s in servers(spans) if s.span_id == call.parent_span_id]
+        assert call.name == "POST" and call.attributes["mcp.method.name"] == "tools/call"
+        assert call.attributes["url.full"] == f"{api.url}/api/echo/p"       # never the query
+        assert call.attributes["http.response.status_code"] == 200 and call.status_code == "STATUS_CODE_UNSET"
+        assert server.attributes["gen_ai.tool.name"] == "echo"
+        assert ["traceparent", f"00-{server.trace_id}-{call.span_id}-01"] in echoed["headers"]
+    finally:
+        api.close()
+
+
+from tests.integration.test_agentcore import identity, jwt_emulator  # noqa: E402,F401 (fixtures)
+
+
+def test_token_exchange_span_on_a_cache_miss_only(start_gateway, identity, jwt_emulator, receiver):  # noqa: F811
+    from tests.integration.test_agentcore import SESSION, bearer, obo_config, post
+    gw = start_gateway(obo_config(identity, jwt_emulator) +
+                       f'\n[telemetry]\ntracing = {{ otlp_endpoint = "{receiver.url}" }}\n', env=FAST_EXPORT)
+    jwt_emulator.set_discovery(gw.url("/.well-known/openid-configuration"))
+    user = identity.user_token("alice")
+    for _ in range(2):
+        st, _, body = post(gw, "/agents/support/chat", {"prompt": "hi"}, {**bearer(user), "x-conversation": SESSION})
+        assert st == 200, body
+    spans = receiver.wait_for(lambda spans: len(servers(spans)) >= 2 and len(clients(spans)) >= 2)
+    first, second = sorted((s for s in servers(spans) if s.attributes["url.path"] == "/agents/support/chat"),
+                           key=lambda s: s.start_ns)
+    (exchange,) = [s for s in spans if s.name == "token_exchange"]
+    assert exchange.kind == "SPAN_KIND_INTERNAL" and exchange.parent_span_id == first.span_id
+    assert exchange.attributes == {"agproxy.token_exchange.audience": "support-agent",
+                                   "agproxy.token_exchange.joined": False}
+    assert exchange.status_code == "STATUS_CODE_UNSET"
+    # The second request was served from the OBO cache: its children are the AgentCore call only.
+    (call,) = children_of(spans, second)
+    assert call.name == "POST" and call.kind == "SPAN_KIND_CLIENT" and call.attributes["http.response.status_code"] == 200

@@ -33,6 +33,7 @@ from agproxy.mcp.openapi import ArgumentError, SpecError, ToolSet, UnknownOperat
 from agproxy.mcp.server import ToolServer
 from agproxy.proxy.build import BuildContext
 from agproxy.proxy.contract import Backend, Response
+from agproxy.telemetry import tracing
 from agproxy.upstream.deadline import within
 from agproxy.upstream.errors import UpstreamError
 from agproxy.upstream.origin import Origin
@@ -112,31 +113,55 @@ class OpenApiMcpBackend(Backend):
             headers.set(self.api_key[0], self.api_key[1])
         headers.add("x-forwarded-for", ex.conn.peer_host)
         headers.add("x-request-id", ex.request_id)
+        span = ex.span
+        if span is not None and span.attributes is not None:   # a sampled request: the call's CLIENT span
+            # The gateway is the MCP server here: the tool on its span, and on the REST call's.
+            ex.span.set("mcp.method.name", "tools/call")
+            ex.span.set("gen_ai.tool.name", tool.name)
+            span = tracing.http_client_span(span, rest.method, o.scheme, o.authority, rest.target, self.name)
+            span.attributes["mcp.method.name"] = "tools/call"
+            span.attributes["gen_ai.tool.name"] = tool.name
+            trace = tracing.context_headers(ex.span, span)
+        else:
+            trace, span = tracing.context_headers(span, None), None
+        for name, value in trace:
+            headers.set(name, value)
         start = time.monotonic()
         resp = None
         status, failure = 0, None
+        kind = None
         try:
             resp = await get_pool().request(o, rest.method, rest.target, headers, rest.body,
                                             timeout=self.timeout, body_length=len(rest.body) if rest.body else None)
             status = resp.status
             data = await within(self.timeout or 60.0, _read_capped(resp, self.max_response_bytes))
         except UpstreamError as exc:
-            failure = str(exc)
+            failure, kind = str(exc), exc.kind
             ex.error = f"openapi_mcp {tool.name}: {exc}"
             what = "did not answer in time" if exc.kind == "timeout" else "could not be reached"
             return _error_result(f"the API {what} ({rest.method} {tool.path})", modern)
         except TimeoutError:
-            failure = "response body timed out"
+            failure, kind = "response body timed out", "timeout"
             if resp is not None:
                 resp.abort()
             ex.error = f"openapi_mcp {tool.name}: response body timed out"
             return _error_result(f"the API did not finish its answer in time ({rest.method} {tool.path})", modern)
         except _TooLarge:
-            failure = "response too large"
+            failure, kind = "response too large", "response_too_large"
             ex.error = f"openapi_mcp {tool.name}: response over {self.max_response_bytes} bytes"
             return _error_result(f"the API's answer exceeds {self.max_response_bytes} bytes", modern)
+        except BaseException:
+            kind = "cancelled"
+            raise
         finally:
             ex.add_attempt(self.name, o.authority, None, start, status, time.monotonic() - start, failure)
+            if span is not None:
+                if status:
+                    span.attributes["http.response.status_code"] = status
+                if failure or status >= 400 or kind == "cancelled":
+                    span.fail(kind or str(status), failure)
+                else:
+                    span.end()
         return tool_result(resp.status, resp.headers.items, data, modern)
 
     def describe(self) -> dict:
