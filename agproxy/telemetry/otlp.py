@@ -212,9 +212,14 @@ def encode(spans: Iterable, resource: bytes, scope: bytes) -> bytes:
         span = encode_span(s)
         n = len(span)
         body += (b"\x12", varints[n] if n < 4096 else _varint(n), span)
-    scope_spans = b"".join(body)
-    resource_spans = _ld(b"\x0a", resource) + _ld(b"\x12", scope_spans)
-    return _ld(b"\x0a", resource_spans)
+    # One join for the whole request (the lengths are known ahead): a batch of 512 spans
+    # is ~300 KB, copied once, not once per enclosing message.
+    n_scope = sum(map(len, body))
+    res = _ld(b"\x0a", resource)
+    head_scope = b"\x12" + _varint(n_scope)
+    n_rs = len(res) + len(head_scope) + n_scope
+    body[:0] = (b"\x0a", _varint(n_rs), res, head_scope)
+    return b"".join(body)
 
 
 # -- sending --------------------------------------------------------------------------

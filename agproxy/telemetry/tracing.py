@@ -334,6 +334,7 @@ def context_headers(parent: Span | None, child: Span | None) -> tuple[tuple[str,
 
 
 _server_attrs: dict[tuple[str, str, str], dict[str, Any]] = {}
+_hosts: dict[str, str] = {}      # authority -> host, for the server span's `server.address`
 
 
 def _address_attributes(scheme: str, authority: str, backend: str) -> dict[str, Any]:
@@ -668,8 +669,14 @@ class Tracing:
         }
         if not known:
             attrs["http.request.method_original"] = method[:64]
-        if request.authority:
-            attrs["server.address"] = request.host
+        authority = request.authority
+        if authority:
+            host = _hosts.get(authority)
+            if host is None:
+                host = request.host
+                if len(_hosts) < 1024:
+                    _hosts[authority] = host
+            attrs["server.address"] = host
         ua = names.get("user-agent")
         if ua:
             attrs["user_agent.original"] = ua[:256]
@@ -807,10 +814,10 @@ class _Pipeline:
 
     def _drain(self) -> None:
         q = self.queue
+        pop = q.popleft
         while q:
-            batch = []
-            while q and len(batch) < self.batch_size:
-                batch.append(q.popleft())
+            # (The event loop only appends: at least len(q) spans are there to take.)
+            batch = [pop() for _ in range(min(len(q), self.batch_size))]
             self._export(batch)
             if self._deadline and time.monotonic() > self._deadline:
                 return
