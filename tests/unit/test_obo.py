@@ -26,6 +26,7 @@ class FakeEx:
     def __init__(self, token: str | None):
         self.jwt_token = token
         self.obo_token: str | None = None
+        self.span = None          # the Exchange's trace span: tracing off
         self.request = type("R", (), {})()
         self.request.headers = Headers([("authorization", f"Bearer {token}")] if token else [])
 
