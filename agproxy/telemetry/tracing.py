@@ -5,16 +5,22 @@ and the per-request path makes no span object at all) gives `TracingSettings`; t
 runtime owns a `Tracing`, started in each serving process (after the fork: the
 supervisor never starts one) and shared across reloads with the same settings.
 
-Per request, on the event loop: `start_request(request, conn)` reads W3C `traceparent`
-(and `tracestate`) from the client, decides sampling (parent-based: a remote parent's
-sampled flag is followed; without one, the trace-id ratio, the same test as the
-OpenTelemetry SDKs' TraceIdRatioBased), rewrites the request's `traceparent` to name its
-span for the upstream, and returns the `Span`. Every span has ids, so the upstream and
-the access log get the trace id even when the trace is not sampled; only a sampled span
-records attributes and is queued when it ends. `span.child(...)` makes the child spans
-the exchange, policies and backends open for their upstream calls
-(`http_client_attributes`, `rpc_attributes`, ... below give the semantic-convention
-attributes; `propagate` injects a child's `traceparent` into a call's headers).
+Per request, on the event loop: `start_request(request, conn, request_id)` reads W3C
+`traceparent` (and `tracestate`) from the client and decides sampling (parent-based: a
+remote parent's sampled flag is followed; without one, the trace-id ratio, the same test
+as the OpenTelemetry SDKs' TraceIdRatioBased, on the request id the exchange generated,
+which becomes the trace id). A root that is not sampled gets no span at all (None: the
+request costs what it costs with tracing off and sends no trace context); an unsampled
+remote parent is continued with an unsampled span, so its trace id still goes upstream.
+Only a sampled span records attributes and is queued when it ends.
+
+Each upstream call of a sampled request is a CLIENT child made at its call site through
+one helper per kind (`http_client_span` for a backend attempt or an HTTP check,
+`rpc_span`, `redis_span`, `gen_ai_span`, `jwks_span`, `client_span` for the rest); each
+returns None when the request is not sampled, so the call site pays one test.
+`context_headers(parent, child)` gives the `traceparent` / `tracestate` to send; a
+call site ends its span (`end()`, `fail(error_type)`, `end_http_client(status)`), or
+hands it to `RemoteDependency.call`, which does. No call site knows about the exporter.
 
 Spans are our own slotted objects, not the OpenTelemetry SDK's, and telemetry/otlp.py
 encodes and sends them: measured with callgrind, the SDK's span start + end cost ~30k
@@ -49,7 +55,7 @@ SCOPE = "agproxy"
 INTERNAL, SERVER, CLIENT = "INTERNAL", "SERVER", "CLIENT"
 
 _TRACEPARENT = re.compile(r"([0-9a-f]{2})-([0-9a-f]{32})-([0-9a-f]{16})-([0-9a-f]{2})(-.*)?")
-_KNOWN_METHODS = frozenset({"GET", "HEAD", "POST", "PUT", "DELETE", "CONNECT", "OPTIONS", "TRACE", "PATCH"})
+KNOWN_METHODS = frozenset({"GET", "HEAD", "POST", "PUT", "DELETE", "CONNECT", "OPTIONS", "TRACE", "PATCH"})
 _PROTOCOL_VERSION = {"HTTP/1.1": "1.1", "HTTP/2": "2", "HTTP/1.0": "1.0"}
 _MAX_TRACESTATE = 512        # W3C: propagate at least 512 characters; longer may be cut
 _RATIO_LIMIT = (1 << 64) - 1
@@ -444,7 +450,7 @@ def http_client_span(parent: Span, method: str, scheme: str, authority: str, tar
     Written for the instruction count (one per backend attempt of a sampled request):
     slots set directly, not through Span.__init__ (~13k → ~6k instructions, callgrind)."""
     attrs = _address_attributes(scheme, authority, backend).copy()
-    known = method in _KNOWN_METHODS
+    known = method in KNOWN_METHODS
     attrs["http.request.method"] = method if known else "_OTHER"
     q = target.find("?")
     if resend:
@@ -530,7 +536,7 @@ def http_route(match) -> str | None:
 # -- semantic-convention attributes for the spans others open -------------------------------
 
 def method_attributes(method: str) -> dict[str, str]:
-    if method in _KNOWN_METHODS:
+    if method in KNOWN_METHODS:
         return {"http.request.method": method}
     return {"http.request.method": "_OTHER", "http.request.method_original": method[:64]}
 
@@ -659,7 +665,7 @@ class Tracing:
                 return span
             headers.remove("traceparent")
         method = request.method
-        known = method in _KNOWN_METHODS
+        known = method in KNOWN_METHODS
         span.name = method if known else "HTTP"
         span.attributes = attrs = {
             "http.request.method": method if known else "_OTHER",

@@ -32,7 +32,6 @@ MAX_DENIAL_BODY = 64 * 1024
 _NOT_TO_CLIENT = HOP_BY_HOP | {"content-length", "host"}     # the gateway frames, names the host
 ALWAYS_SENT = frozenset({"authorization"})
 _TRACE_CONTEXT = frozenset({"traceparent", "tracestate"})
-_METHODS = frozenset({"GET", "HEAD", "POST", "PUT", "DELETE", "CONNECT", "OPTIONS", "TRACE", "PATCH"})
 
 
 class ServerError(Exception):
@@ -72,7 +71,7 @@ class HttpCheck:
         req = ex.request
         target = self.prefix + req.target if self.prefix else req.target
         return tracing.http_client_span(parent, req.method, self.origin.scheme, self.origin.authority, target,
-                                        name=f"{req.method} ext_authz" if req.method in _METHODS else "HTTP ext_authz")
+                                        name=f"{req.method} ext_authz" if req.method in tracing.KNOWN_METHODS else "HTTP ext_authz")
 
     async def __call__(self, ex: Any, span: Any = None) -> Decision:
         req = ex.request
