@@ -3,7 +3,6 @@
 from __future__ import annotations
 
 import os
-import time
 
 import orjson
 import pytest
@@ -158,7 +157,8 @@ def test_names_unique_after_truncation_and_openapi30_nullable():
     assert ts.validate(t, {"n": None}) is None and ts.validate(t, {"n": 0}).rule == "exclusiveMinimum"
 
 
-def test_500_operations_load_fast():
+def test_500_operations_load():
+    # How fast is benchmarks/openapi_load.py's business (no timing assertions in tests).
     paths = {}
     for i in range(250):
         paths[f"/r{i}/{{id}}"] = {
@@ -173,8 +173,6 @@ def test_500_operations_load_fast():
                  "meta": {"$ref": "#/components/schemas/Meta"}}},
                  "Meta": {"type": "object", "properties": {"k": {"type": "string"}}}}}
     text = _spec(paths, comps, "3.1.0")
-    start = time.perf_counter()
     ts = ToolSet.load(spec_text=text)
-    elapsed = time.perf_counter() - start
     assert len(ts.tools) == 500
-    assert elapsed < 0.5, f"500 operations took {elapsed:.3f}s"
+    assert {t.name for t in ts.tools} >= {"get0", "put249"}
