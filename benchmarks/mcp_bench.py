@@ -240,9 +240,13 @@ def cpu_seconds(pids: list[int]) -> float:
 # --- ContextForge ------------------------------------------------------------------------------
 
 def cf_python() -> str:
-    for name in ("python3.12", "python3.11", "python3.13"):
-        found = shutil.which(name)
-        if found and subprocess.run([found, "-c", "1"], capture_output=True).returncode == 0:
+    """A Python ContextForge supports (>= 3.12, < 3.14): on PATH, or a pyenv install whose
+    shim is not active in this directory."""
+    candidates = [shutil.which(n) for n in ("python3.12", "python3.13")]
+    candidates += sorted(str(p) for p in Path.home().glob(".pyenv/versions/3.1[23]*/bin/python3"))
+    for found in candidates:
+        if found and subprocess.run([found, "-c", "import sys; assert (3, 12) <= sys.version_info < (3, 14)"],
+                                    capture_output=True).returncode == 0:
             return found
     return sys._base_executable  # type: ignore[attr-defined]
 
