@@ -21,8 +21,10 @@ any backend:
   `error="invalid_token"`; both bodies are the gateway's JSON error.
 - Audience (RFC 8707, "never accept a token minted for another server"): with
   `audiences` configured the verifier checks them; without, `aud` must name
-  this resource's canonical URL (as the client addressed it, see
-  agproxy/mcp/resource.py for X-Forwarded-* and `trusted_proxies`).
+  this resource's canonical URL: `resource`, or the URL as the client addressed
+  it when that authority is known to be the gateway's (agproxy/mcp/resource.py:
+  `trusted_proxies`, the route's exact `match.host`, the listening address);
+  any other Host is refused, so a client cannot pick the audience accepted.
 - `required_scopes`: all must be in the token's `scope` / `scp`, else 403
   `Bearer error="insufficient_scope", scope="<required>"`.
 - The validated credential is removed before the backend (`forward = false`,
@@ -54,11 +56,13 @@ class McpAuthFilter(Filter):
     name = "mcp_auth"
     provides = frozenset({Provides.CALLER_TOKEN})
 
-    def __init__(self, jwt: Any, resource: ProtectedResource, check_audience: bool, path: str):
+    def __init__(self, jwt: Any, resource: ProtectedResource, check_audience: bool, path: str,
+                 host_bound: bool = False):
         self.jwt = jwt                  # a filters.jwt.JwtFilter, strict
         self.resource = resource
         self.check_audience = check_audience
         self.path = path
+        self.host_bound = host_bound    # the route matches one exact host: Host is not free
 
     def _resource_url(self, ex: Any) -> str:
         r = ex.request
@@ -93,8 +97,11 @@ class McpAuthFilter(Filter):
         claims = ex.jwt_claims or {}
         url = None
         if self.check_audience:
+            r = ex.request
+            want = self.resource.audience_url(r.scheme, r.authority or r.host, ex.conn, r.headers,
+                                              self.host_bound)
             url = self._resource_url(ex)
-            if not audience_matches(claims, url):
+            if want is None or not audience_matches(claims, want):
                 ex.error = "mcp_auth: the token's audience is not this MCP server"
                 value = self.resource.challenge(url, "invalid_token", "the token was not issued for this resource")
                 return LocalReply.error(401, "invalid_token", "the token was not issued for this resource",
@@ -169,10 +176,11 @@ def build(sec: Section, ctx: Any, *, route_path: str | None = None, listener: st
     pr = ProtectedResource(path or "", servers if servers else issuers, resource=resource,
                            scopes_supported=scopes, extra=extra, trusted_proxies=proxies,
                            required_scopes=required or [])
+    route_host = host if route_path is not None else _route_host(sec, ctx)
     f = McpAuthFilter(jwt, pr, check_audience=not any(p.verifier.audiences for p in jwt.group.providers),
-                      path=sec.path)
+                      path=sec.path, host_bound=bool(route_host) and not str(route_host).startswith("*."))
     _register_metadata(ctx, f, sec.path, listener=listener if route_path is not None else _route_listener(sec, ctx),
-                       host=host if route_path is not None else _route_host(sec, ctx))
+                       host=route_host)
     return f
 
 
