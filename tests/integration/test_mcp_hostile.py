@@ -72,3 +72,78 @@ def test_token_for_another_server_refused_whatever_the_host_header(auth_world):
                             {"authorization": f"Bearer {mine}"})
     assert status == 200
     assert echo.requests == before + 1
+
+
+# ---------------------------------------------------------------------------------------------
+# openapi_mcp: arguments that would set the REST request's framing or Host
+# ---------------------------------------------------------------------------------------------
+
+FRAMING_SPEC = json.dumps({
+    "openapi": "3.0.3", "info": {"title": "t", "version": "1"},
+    "paths": {"/upload": {"post": {
+        "operationId": "upload",
+        "parameters": [
+            {"name": "Content-Length", "in": "header", "schema": {"type": "string"}},
+            {"name": "Transfer-Encoding", "in": "header", "schema": {"type": "string"}},
+            {"name": "Host", "in": "header", "schema": {"type": "string"}},
+            {"name": "Connection", "in": "header", "schema": {"type": "string"}},
+            {"name": "X-Tag", "in": "header", "schema": {"type": "string"}},
+        ],
+        "requestBody": {"content": {"application/json": {"schema": {
+            "type": "object", "properties": {"data": {"type": "string"}}, "additionalProperties": False}}}},
+        "responses": {"200": {"description": "ok"}}}}},
+})
+
+OPENAPI_CONFIG = """
+[[route]]
+name = "api"
+match = {{ path = "/mcp" }}
+backend = "api"
+
+[backend.api]
+type = "openapi_mcp"
+spec_inline = '''{spec}'''
+base_url = "{echo}"
+timeout = "5s"
+"""
+
+
+@pytest.fixture(scope="module")
+def openapi_world(tmp_path_factory):
+    echo = EchoServer().start()
+    gw = GatewayProcess(OPENAPI_CONFIG.format(spec=FRAMING_SPEC, echo=echo.url),
+                        tmp_path_factory.mktemp("mcp-hostile-openapi"))
+    yield gw, echo
+    gw.stop()
+    echo.stop()
+
+
+def test_openapi_header_arguments_cannot_set_framing_or_host(openapi_world):
+    """A spec may declare header parameters named Content-Length, Transfer-Encoding, Host or
+    Connection (upload APIs do); their values come from the model. Sent as they are, a second
+    Content-Length or a Transfer-Encoding smuggles the body as another request to the API, a
+    second Host picks another virtual host. The gateway frames and names the host itself:
+    those parameters are not arguments (as OpenAPI says of Accept, Content-Type and
+    Authorization), a call that passes them is refused, and the API only ever gets
+    well-formed requests."""
+    gw, echo = openapi_world
+    port = gw.port
+    listed = {"jsonrpc": "2.0", "id": 1, "method": "tools/list"}
+    status, _, body = raw_post(port, f"127.0.0.1:{port}", "/mcp", json.dumps(listed).encode(), {})
+    (tool,) = json.loads(body)["result"]["tools"]
+    assert sorted(tool["inputSchema"]["properties"]) == ["X-Tag", "data"]
+    before = echo.requests
+    smuggle = {"data": "GET /admin HTTP/1.1\r\nhost: internal\r\n\r\n", "Content-Length": "0",
+               "Transfer-Encoding": "chunked", "Host": "internal.example", "Connection": "x-tag"}
+    call = {"jsonrpc": "2.0", "id": 7, "method": "tools/call", "params": {"name": "upload", "arguments": smuggle}}
+    status, _, body = raw_post(port, f"127.0.0.1:{port}", "/mcp", json.dumps(call).encode(), {})
+    assert status == 200 and json.loads(body)["error"]["code"] == -32602, body
+    call["params"]["arguments"] = {"data": smuggle["data"], "X-Tag": "kept"}
+    status, _, body = raw_post(port, f"127.0.0.1:{port}", "/mcp", json.dumps(call).encode(), {})
+    assert status == 200 and json.loads(body)["result"]["isError"] is False, body
+    assert echo.rejected == [], f"the API refused what the gateway sent: {echo.rejected}"
+    assert echo.requests == before + 1
+    seen = echo.received[-1]
+    assert [seen.header_all(n) for n in ("content-length", "transfer-encoding", "host", "x-tag")] == \
+        [[str(len(seen.body))], [], [echo.url.split("//")[1]], ["kept"]]
+    assert json.loads(seen.body) == {"data": smuggle["data"]}
