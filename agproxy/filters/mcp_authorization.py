@@ -30,6 +30,15 @@ declares `body_limit`, so the exchange buffers it after authentication) and:
   is one JSON document or arrives inside SSE events, page by page (each page of
   a `nextCursor` walk is its own response). A 2026-07-28 list result filtered
   per caller gets `cacheScope: "private"`.
+  A list result is recognised by its shape (a `tools`, `prompts` or
+  `resources` array at the top of a `result`), never by matching its id to a
+  list request of this body: ids are the client's, so a batch reusing one id, a
+  second in-flight request with the list's id (the SDK's server delivers a
+  response on the stream registered for its id) or a GET resuming a stream
+  (`Last-Event-ID`) would otherwise carry an unfiltered list. So every SSE
+  answer (POST or GET) and the JSON answer of every POST carrying a request
+  are inspected; an event or document that cannot hold a list (no such key in
+  its bytes) is passed without being parsed.
 
 A rule that fails to evaluate denies (as in `[route.authorization]`). One
 exception when filtering lists: a rule that reads the arguments cannot be
@@ -174,17 +183,23 @@ class McpAuthorizationFilter(Filter):
 
     # -- response phase (list filtering) -------------------------------------------------
     def on_response(self, ex: Any, resp: Any) -> Any:
-        if ex.request.method != "POST" or getattr(resp, "status", 0) != 200:
+        if getattr(resp, "status", 0) != 200:
             return None
-        req = mcp_request(ex)
-        lists = {_key(c.id): c.method for c in req.calls if c.kind == REQUEST and c.method in LISTS}
-        if not lists:
+        method = ex.request.method
+        if method == "POST":
+            req = mcp_request(ex)
+            if not any(c.kind == REQUEST for c in req.calls):
+                return None
+            listed = any(c.kind == REQUEST and c.method in LISTS for c in req.calls)
+        elif method == "GET":
+            listed = False
+        else:
             return None
         ctype = (resp.headers.get("content-type") or "").split(";")[0].strip().lower()
         if ctype == "text/event-stream":
-            return _SseListHook(self, ex, lists)
-        if ctype == "application/json":
-            return _JsonListHook(self, ex, lists)
+            return _SseListHook(self, ex)
+        if ctype == "application/json" and method == "POST":
+            return _JsonListHook(self, ex, listed)
         return None
 
     def filter_result(self, ex: Any, list_method: str, result: Any) -> bool:
@@ -211,15 +226,15 @@ class McpAuthorizationFilter(Filter):
             result["cacheScope"] = "private"
         return True
 
-    def filter_message(self, ex: Any, lists: dict, doc: Any) -> bytes | None:
+    def filter_message(self, ex: Any, doc: Any) -> bytes | None:
         """A JSON-RPC document (a response or a batch of them) with its list results
-        filtered, or None when nothing in it is ours."""
+        filtered, or None when nothing in it is a list."""
         changed = False
         for msg in doc if type(doc) is list else [doc]:
-            if type(msg) is dict and "result" in msg and "method" not in msg:
-                method = lists.get(_key(msg.get("id")))
-                if method is not None:
-                    changed = self.filter_result(ex, method, msg["result"]) or changed
+            if type(msg) is dict and "method" not in msg and type(result := msg.get("result")) is dict:
+                for list_method, (key, _) in LISTS.items():
+                    if key in result:
+                        changed = self.filter_result(ex, list_method, result) or changed
         return orjson.dumps(doc) if changed else None
 
     def describe(self) -> dict:
@@ -228,8 +243,9 @@ class McpAuthorizationFilter(Filter):
                 "require": [e.source for _, e in r.require], "allow": [e.source for _, e in r.allow]}
 
 
-def _key(rid: Any) -> Any:
-    return ("s", rid) if type(rid) is str else ("n", rid)
+def _may_hold_list(raw: bytes) -> bool:
+    """Cheap pre-check: bytes without any list key cannot carry a list result."""
+    return b'"tools"' in raw or b'"prompts"' in raw or b'"resources"' in raw
 
 
 def _message(call: McpCall) -> str:
@@ -240,13 +256,13 @@ def _message(call: McpCall) -> str:
 class _JsonListHook:
     """Buffers a JSON list answer (bounded) and sends it filtered at the end."""
 
-    __slots__ = ("f", "ex", "lists", "parts", "size")
+    __slots__ = ("f", "ex", "listed", "parts", "size")
     transforms = True
 
-    def __init__(self, f: McpAuthorizationFilter, ex: Any, lists: dict):
+    def __init__(self, f: McpAuthorizationFilter, ex: Any, listed: bool):
         self.f = f
         self.ex = ex
-        self.lists = lists
+        self.listed = listed            # the body asked for a list (an unreadable answer fails)
         self.parts: list[bytes] = []
         self.size = 0
 
@@ -259,27 +275,29 @@ class _JsonListHook:
 
     def end(self) -> bytes:
         raw = b"".join(self.parts)
+        if not self.listed and not _may_hold_list(raw):
+            return raw
         try:
             doc = orjson.loads(raw)
         except orjson.JSONDecodeError:
-            # Unreadable: the list cannot be filtered, so it is not sent (fail closed).
+            # Unreadable: a list in it could not be filtered, so it is not sent (fail closed).
             self.ex.error = "mcp_authorization: unreadable list answer"
-            rid = next(iter(self.lists))[1]
+            req = mcp_request(self.ex)
+            rid = next((c.id for c in req.calls if c.kind == REQUEST), None)
             return error_body(rid, INTERNAL_ERROR, "the gateway could not read the server's list to filter it")
-        out = self.f.filter_message(self.ex, self.lists, doc)
+        out = self.f.filter_message(self.ex, doc)
         return raw if out is None else out
 
 
 class _SseListHook:
     """Filters list results inside SSE events, event by event, whatever the chunking."""
 
-    __slots__ = ("f", "ex", "lists", "splitter")
+    __slots__ = ("f", "ex", "splitter")
     transforms = True
 
-    def __init__(self, f: McpAuthorizationFilter, ex: Any, lists: dict):
+    def __init__(self, f: McpAuthorizationFilter, ex: Any):
         self.f = f
         self.ex = ex
-        self.lists = lists
         self.splitter = SseSplitter()
 
     def feed(self, chunk: bytes) -> bytes:
@@ -293,6 +311,8 @@ class _SseListHook:
         return self._event(rest) if rest else b""
 
     def _event(self, raw: bytes) -> bytes:
+        if not _may_hold_list(raw):
+            return raw
         ev = parse(raw)
         if ev is None or ev.type != "message":
             return raw
@@ -300,7 +320,7 @@ class _SseListHook:
             doc = orjson.loads(ev.data)
         except orjson.JSONDecodeError:
             return raw
-        out = self.f.filter_message(self.ex, self.lists, doc)
+        out = self.f.filter_message(self.ex, doc)
         if out is None:
             return raw
         ev.data = out.decode()

@@ -11,7 +11,8 @@ import pytest
 from tests.support.echo import EchoServer
 from tests.support.gateway import GatewayProcess
 from tests.support.oauth_as import AuthorizationServer
-from tests.support.strict_client import read_response
+from tests.support.strict_client import read_response, request
+from tests.support.strict_http import Conn, Request, StrictHTTPServer
 
 CALL = {"jsonrpc": "2.0", "id": 1, "method": "tools/call", "params": {"name": "getPet", "arguments": {}}}
 
@@ -147,3 +148,103 @@ def test_openapi_header_arguments_cannot_set_framing_or_host(openapi_world):
     assert [seen.header_all(n) for n in ("content-length", "transfer-encoding", "host", "x-tag")] == \
         [[str(len(seen.body))], [], [echo.url.split("//")[1]], ["kept"]]
     assert json.loads(seen.body) == {"data": smuggle["data"]}
+
+
+# ---------------------------------------------------------------------------------------------
+# mcp_authorization list filtering: a list result must be filtered whatever request it answers
+# ---------------------------------------------------------------------------------------------
+
+TOOLS = [{"name": "read_a", "inputSchema": {"type": "object"}}, {"name": "admin_wipe", "inputSchema": {"type": "object"}}]
+
+
+class ScriptedMcp:
+    """A strict MCP peer that answers each request with the next scripted (content-type, body)."""
+
+    def __init__(self, answers: list[tuple[str, bytes]]):
+        self.answers = list(answers)
+        self.seen: list[Request] = []
+        self.server = StrictHTTPServer(self._answer, name="scripted-mcp").start()
+        self.url = self.server.url + "/mcp"
+
+    def _answer(self, req: Request, conn: Conn) -> None:
+        self.seen.append(req)
+        ctype, body = self.answers.pop(0)
+        if ctype == "text/event-stream":
+            conn.start_chunked(200, [("content-type", ctype)])
+            conn.send_chunk(body)
+            conn.end_chunked()
+        else:
+            conn.respond(200, [("content-type", ctype)], body)
+
+    def close(self) -> None:
+        self.server.stop()
+
+
+def filtered_gateway(tmp_path, up: ScriptedMcp) -> GatewayProcess:
+    return GatewayProcess(f"""
+[[route]]
+name = "tools"
+match = {{ path = "/mcp" }}
+backend = "scripted"
+
+[route.mcp_authorization]
+rules = [{{ deny = 'mcp.tool.name.startsWith("admin_")' }}]
+
+[backend.scripted]
+type = "mcp"
+url = "{up.url}"
+""", tmp_path)
+
+
+def names_in(doc) -> list[str]:
+    out = []
+    for msg in doc if isinstance(doc, list) else [doc]:
+        out += [t["name"] for t in msg.get("result", {}).get("tools", [])]
+    return out
+
+
+def test_list_filtered_when_a_batch_reuses_the_list_requests_id(tmp_path):
+    """`[tools/list id 1, prompts/list id 1]`: the filter looked results up by id, the second
+    request's method won, and the tools result went out unfiltered."""
+    answer = [{"jsonrpc": "2.0", "id": 1, "result": {"tools": TOOLS}},
+              {"jsonrpc": "2.0", "id": 1, "result": {"prompts": []}}]
+    up = ScriptedMcp([("application/json", json.dumps(answer).encode())])
+    gw = filtered_gateway(tmp_path, up)
+    try:
+        batch = [{"jsonrpc": "2.0", "id": 1, "method": "tools/list"}, {"jsonrpc": "2.0", "id": 1, "method": "prompts/list"}]
+        status, _, body = raw_post(gw.port, f"127.0.0.1:{gw.port}", "/mcp", json.dumps(batch).encode(), {})
+    finally:
+        gw.stop()
+        up.close()
+    assert status == 200
+    assert "admin_wipe" not in names_in(json.loads(body)), body
+
+
+def sse(doc) -> bytes:
+    return b"event: message\ndata: " + json.dumps(doc).encode() + b"\n\n"
+
+
+def test_list_filtered_when_delivered_on_another_requests_stream(tmp_path):
+    """The SDK's streamable HTTP server routes a response to the POST stream registered for
+    its id (mcp.server.streamable_http `_request_streams[request_id]`): a client that sends
+    `tools/list` id 1 and, at once, `ping` id 1 in the same session gets the list on the
+    ping's stream, and resumes a stream with GET + Last-Event-ID. Neither carries a list
+    request, so neither was filtered."""
+    listed = {"jsonrpc": "2.0", "id": 1, "result": {"tools": TOOLS}}
+    up = ScriptedMcp([("text/event-stream", sse(listed)), ("text/event-stream", b"id: e1\n" + sse(listed)),
+                      ("application/json", json.dumps(listed).encode())])
+    gw = filtered_gateway(tmp_path, up)
+    try:
+        ping = json.dumps({"jsonrpc": "2.0", "id": 1, "method": "ping"}).encode()
+        status, _, on_ping = raw_post(gw.port, f"127.0.0.1:{gw.port}", "/mcp", ping, {})
+        resumed = request(gw.port, "/mcp", {"accept": "text/event-stream", "last-event-id": "e0",
+                                            "mcp-session-id": "s1"})
+        status_json, _, on_ping_json = raw_post(gw.port, f"127.0.0.1:{gw.port}", "/mcp", ping, {})
+    finally:
+        gw.stop()
+        up.close()
+    assert (status, resumed.status, status_json) == (200, 200, 200)
+    leaked = {"POST ping (SSE)": "admin_wipe" in on_ping.decode(), "GET resume": "admin_wipe" in resumed.body.decode(),
+              "POST ping (JSON)": "admin_wipe" in on_ping_json.decode()}
+    assert not any(leaked.values()), leaked
+    assert "read_a" in on_ping.decode() and "read_a" in resumed.body.decode() and "read_a" in on_ping_json.decode()
