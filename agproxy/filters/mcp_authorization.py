@@ -15,7 +15,9 @@ declares `body_limit`, so the exchange buffers it after authentication) and:
   answered here with its JSON-RPC error (-32700 / -32600 / -32020, HTTP 400):
   a rule cannot be evaluated on a body it cannot read, and a header that lies
   must not steer anything behind the gateway;
-- each call of a named item is decided by the rules; a denied call never
+- each call of a named item is decided by the rules, a notification too (a
+  `tools/call` without an id is still a call a server may run: denied, it is
+  answered 403 with a JSON-RPC error without id); a denied call never
   reaches the server: it is answered with a JSON-RPC error carrying the
   request's id (code -32003, HTTP 200, as JSON or as one SSE event when the
   client accepts only SSE), counted in `<prefix>_mcp_denied_total{route,method}`,
@@ -141,7 +143,8 @@ class McpAuthorizationFilter(Filter):
         if req.error is not None:
             ex.error = f"mcp: {req.error.message}"
             return error_reply(ex, req.error)
-        targets = [c for c in req.calls if c.targets and c.kind == REQUEST]
+        # Notifications too: `tools/call` without an id is still a call a server may run.
+        targets = [c for c in req.calls if c.targets and c.kind != RESPONSE]
         if not targets:
             return None
         act = ex.activation
@@ -163,6 +166,10 @@ class McpAuthorizationFilter(Filter):
         first = next(c for c in targets if id(c) in denied)
         ex.error = f"mcp_authorization: {first.method} {first.name!r} denied: {denied[id(first)]}"
         log.debug("%s: request %s: %s", self.path, ex.request_id, ex.error)
+        if not any(c.kind == REQUEST for c in req.calls):
+            # Nothing to answer with an id: streamable HTTP's "an HTTP error, a JSON-RPC
+            # error without id" for input the server will not accept.
+            return jsonrpc_reply(ex, 403, error_body(None, DENIED, _message(first)))
         if not req.body.batch:
             return jsonrpc_reply(ex, 200, error_body(first.id, DENIED, _message(first)))
         docs = []

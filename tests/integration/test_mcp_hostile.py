@@ -248,3 +248,26 @@ def test_list_filtered_when_delivered_on_another_requests_stream(tmp_path):
               "POST ping (JSON)": "admin_wipe" in on_ping_json.decode()}
     assert not any(leaked.values()), leaked
     assert "read_a" in on_ping.decode() and "read_a" in resumed.body.decode() and "read_a" in on_ping_json.decode()
+
+
+def test_denied_call_sent_as_a_notification_never_reaches_the_server(tmp_path):
+    """`tools/call` without an id is a notification: the filter decided only requests, so a
+    denied tool sent that way was forwarded (a server that runs it, as JSON-RPC 2.0 lets it,
+    runs a denied tool; the caller just gets no answer)."""
+    up = ScriptedMcp([("application/json", b"")] * 2)
+    gw = filtered_gateway(tmp_path, up)
+    try:
+        note = {"jsonrpc": "2.0", "method": "tools/call", "params": {"name": "admin_wipe", "arguments": {}}}
+        status, headers, body = raw_post(gw.port, f"127.0.0.1:{gw.port}", "/mcp", json.dumps(note).encode(), {})
+        batch = [note, {"jsonrpc": "2.0", "method": "notifications/initialized"}]
+        bstatus, _, bbody = raw_post(gw.port, f"127.0.0.1:{gw.port}", "/mcp", json.dumps(batch).encode(), {})
+        metrics = request(gw.admin_port, "/metrics").body.decode()
+    finally:
+        gw.stop()
+        up.close()
+    assert up.seen == [], f"forwarded: {[r.body for r in up.seen]}"
+    # Streamable HTTP: input the server will not accept → an HTTP error, a JSON-RPC error without id.
+    assert status == 403 and json.loads(body) == {"jsonrpc": "2.0", "id": None, "error": {
+        "code": -32003, "message": "the gateway's policy does not allow this tool: admin_wipe"}}
+    assert bstatus == 403 and json.loads(bbody)["error"]["code"] == -32003
+    assert 'agproxy_mcp_denied_total{method="tools/call",route="tools"} 2.0' in metrics
