@@ -271,3 +271,63 @@ def test_denied_call_sent_as_a_notification_never_reaches_the_server(tmp_path):
         "code": -32003, "message": "the gateway's policy does not allow this tool: admin_wipe"}}
     assert bstatus == 403 and json.loads(bbody)["error"]["code"] == -32003
     assert 'agproxy_mcp_denied_total{method="tools/call",route="tools"} 2.0' in metrics
+
+
+# ---------------------------------------------------------------------------------------------
+# Sessions: an Mcp-Session-Id is bound to the identity that created it
+# ---------------------------------------------------------------------------------------------
+
+SESSION_CONFIG = """
+[[route]]
+name = "tools"
+match = {{ path = "/mcp" }}
+backend = "tools"
+
+[route.mcp_auth]
+issuer = "{issuer}"
+jwks = {{ url = "{issuer}/jwks.json" }}
+audiences = ["tools"]
+
+[backend.tools]
+type = "mcp"
+url = "{mcp}"
+"""
+
+INIT = {"jsonrpc": "2.0", "id": 1, "method": "initialize", "params": {
+    "protocolVersion": "2025-11-25", "capabilities": {}, "clientInfo": {"name": "t", "version": "1"}}}
+
+
+def test_session_of_another_user_is_not_found(tmp_path):
+    """MCP security best practices: session ids are not authentication, and a server binds
+    them to the user. Behind the gateway the MCP server never sees the user's token, so only
+    the gateway can: Bob, holding Alice's Mcp-Session-Id (a log, a shared proxy, a leaked
+    URL), must not act in Alice's session (call tools in it, read its GET stream)."""
+    from tests.support.mcp_server import McpTestServer
+    auth = AuthorizationServer()
+    server = McpTestServer()
+    gw = GatewayProcess(SESSION_CONFIG.format(issuer=auth.issuer, mcp=server.url), tmp_path)
+    host = f"127.0.0.1:{gw.port}"
+    alice = {"authorization": "Bearer " + auth.mint(sub="alice", aud="tools")}
+    bob = {"authorization": "Bearer " + auth.mint(sub="bob", aud="tools")}
+    call = {"jsonrpc": "2.0", "id": 2, "method": "tools/call",
+            "params": {"name": "read_file", "arguments": {"path": "/alice/notes"}}}
+    try:
+        status, headers, _ = raw_post(gw.port, host, "/mcp", json.dumps(INIT).encode(), alice)
+        assert status == 200
+        sid = headers["mcp-session-id"]
+        version = {"mcp-protocol-version": "2025-11-25"}
+        note = json.dumps({"jsonrpc": "2.0", "method": "notifications/initialized"}).encode()
+        assert raw_post(gw.port, host, "/mcp", note, {**alice, **version, "mcp-session-id": sid})[0] == 202
+        stolen = raw_post(gw.port, host, "/mcp", json.dumps(call).encode(), {**bob, **version, "mcp-session-id": sid})
+        stream = request(gw.port, "/mcp", {**bob, **version, "accept": "text/event-stream", "mcp-session-id": sid,
+                                           "connection": "close"}, timeout=5) if stolen[0] != 200 else None
+        own = raw_post(gw.port, host, "/mcp", json.dumps(call).encode(), {**alice, **version, "mcp-session-id": sid})
+    finally:
+        gw.stop()
+        server.close()
+        auth.close()
+    assert stolen[0] == 404, f"Bob used Alice's session: {stolen}"
+    assert json.loads(stolen[2])["error"]["message"] == "Session not found"
+    assert stream.status == 404
+    assert own[0] == 200 and "contents of /alice/notes" in own[2].decode()
+    assert server.calls == [("read_file", "/alice/notes")]
