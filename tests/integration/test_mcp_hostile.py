@@ -331,3 +331,36 @@ def test_session_of_another_user_is_not_found(tmp_path):
     assert stream.status == 404
     assert own[0] == 200 and "contents of /alice/notes" in own[2].decode()
     assert server.calls == [("read_file", "/alice/notes")]
+
+
+def test_openapi_ref_outside_the_specs_folder_is_refused(tmp_path):
+    """A spec (often a vendor's file) whose `$ref` climbs out of its folder made the gateway
+    read any file it can, and its content reached every MCP client in tools/list."""
+    import subprocess
+    from tests.support.gateway import agproxy_cmd
+    (tmp_path / "private.json").write_text(json.dumps({"S": {"type": "string", "description": "SECRET-42"}}))
+    spec_dir = tmp_path / "spec"
+    spec_dir.mkdir()
+    spec = {"openapi": "3.0.3", "info": {"title": "t", "version": "1"}, "paths": {"/x": {"get": {
+        "operationId": "x", "parameters": [{"name": "q", "in": "query", "schema": {"$ref": "../private.json#/S"}}],
+        "responses": {"200": {"description": "ok"}}}}}}
+    (spec_dir / "api.json").write_text(json.dumps(spec))
+    cfg = tmp_path / "gw.toml"
+    cfg.write_text(f'''
+[[listener]]
+name = "main"
+bind = "127.0.0.1:1"
+
+[[route]]
+name = "api"
+match = {{ path = "/mcp" }}
+backend = "api"
+
+[backend.api]
+type = "openapi_mcp"
+spec_file = "{spec_dir / 'api.json'}"
+base_url = "http://127.0.0.1:1"
+''')
+    r = subprocess.run(agproxy_cmd() + ["validate", str(cfg)], capture_output=True, text=True, timeout=60)
+    assert r.returncode != 0, "a $ref outside the spec's folder was followed"
+    assert "outside" in (r.stdout + r.stderr) and "SECRET-42" not in (r.stdout + r.stderr)
