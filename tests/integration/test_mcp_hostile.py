@@ -364,3 +364,31 @@ base_url = "http://127.0.0.1:1"
     r = subprocess.run(agproxy_cmd() + ["validate", str(cfg)], capture_output=True, text=True, timeout=60)
     assert r.returncode != 0, "a $ref outside the spec's folder was followed"
     assert "outside" in (r.stdout + r.stderr) and "SECRET-42" not in (r.stdout + r.stderr)
+
+
+def test_forwarded_host_a_client_prepended_is_not_believed(tmp_path):
+    """A trusted proxy that appends to X-Forwarded-Host (Envoy's append_x_forwarded_host)
+    leaves the client's own value first: `X-Forwarded-Host: other.example, gw:port`. The
+    gateway believed the first value, so a token for other.example was accepted."""
+    auth = AuthorizationServer()
+    echo = EchoServer().start()
+    config = AUTH_CONFIG.format(issuer=auth.issuer, echo=echo.url).replace(
+        'jwks = {', 'trusted_proxies = ["127.0.0.1"]\njwks = {', 1)
+    gw = GatewayProcess(config, tmp_path)
+    me = f"127.0.0.1:{gw.port}"
+    try:
+        other = auth.mint(sub="mallory", aud="http://other.example/mcp")
+        spoofed = raw_post(gw.port, me, "/mcp", json.dumps(CALL).encode(),
+                           {"authorization": f"Bearer {other}", "x-forwarded-host": f"other.example, {me}"})
+        mine = auth.mint(sub="alice", aud=f"http://{me}/mcp")
+        honest = raw_post(gw.port, me, "/mcp", json.dumps(CALL).encode(),
+                          {"authorization": f"Bearer {mine}", "x-forwarded-host": f"other.example, {me}"})
+        meta = request(gw.port, "/.well-known/oauth-protected-resource/mcp",
+                       {"x-forwarded-host": f"other.example, {me}", "x-forwarded-proto": "https, http"})
+    finally:
+        gw.stop()
+        echo.stop()
+        auth.close()
+    assert spoofed[0] == 401, "the client's X-Forwarded-Host picked the audience"
+    assert honest[0] == 200
+    assert meta.json()["resource"] == f"http://{me}/mcp"
