@@ -184,6 +184,15 @@ class StreamTranslator:
                 self.error = f"{ev[1]}: {ev[2]}"[:200]
 
     def feed(self, chunk: bytes) -> bytes:
+        """The client's bytes for one chunk of the provider's stream; ProviderError when
+        the stream is not of the provider's API (an event that is JSON but of another
+        shape, `"choices": 5`, is as invalid as one that is not JSON)."""
+        try:
+            return self._feed(chunk)
+        except (TypeError, AttributeError, KeyError, IndexError) as exc:
+            raise ProviderError(f"a malformed stream event ({type(exc).__name__})") from None
+
+    def _feed(self, chunk: bytes) -> bytes:
         if self._bedrock:
             events = self._decoder.feed(chunk)
             self._note(events)
