@@ -392,3 +392,19 @@ def test_forwarded_host_a_client_prepended_is_not_believed(tmp_path):
     assert spoofed[0] == 401, "the client's X-Forwarded-Host picked the audience"
     assert honest[0] == 200
     assert meta.json()["resource"] == f"http://{me}/mcp"
+
+
+def test_openapi_batch_of_calls_is_bounded(openapi_world):
+    """The gateway is the MCP server of an openapi_mcp backend: each tools/call of a batch is
+    one REST call. A 4 MB batch held ~40,000 calls, made one after the other from one
+    HTTP request (which rate limits count once). A batch has a budget (`max_batch`, 32)."""
+    gw, echo = openapi_world
+    before = echo.requests
+    one = {"jsonrpc": "2.0", "method": "tools/call", "params": {"name": "upload", "arguments": {"data": "x"}}}
+    batch = [{**one, "id": i} for i in range(33)]
+    status, _, body = raw_post(gw.port, f"127.0.0.1:{gw.port}", "/mcp", json.dumps(batch).encode(), {})
+    assert echo.requests == before, f"{echo.requests - before} REST calls for one HTTP request"
+    assert status == 400 and json.loads(body)["error"]["code"] == -32600, body
+    status, _, body = raw_post(gw.port, f"127.0.0.1:{gw.port}", "/mcp", json.dumps(batch[:2]).encode(), {})
+    assert status == 200 and [d["result"]["isError"] for d in json.loads(body)] == [False, False]
+    assert echo.requests == before + 2
