@@ -23,6 +23,9 @@ declares `body_limit`, so the exchange buffers it after authentication) and:
   client accepts only SSE), counted in `<prefix>_mcp_denied_total{route,method}`,
   and the access log's `error` names the rule. In a batch, one denied call
   fails the batch: every request in it gets an error (the denied ones say why);
+- a batch of more than `max_batch` (32) messages is refused whole (-32600,
+  HTTP 400): its calls are decided synchronously, and one request must not
+  hold the event loop for long;
 - other methods (initialize, server/discover, ping, notifications, client
   responses, lists) pass: the rules are about what may be used, and lists are
   filtered instead;
@@ -60,7 +63,7 @@ from agproxy.filters import eval_errors
 from agproxy.http.sse import SseSplitter, format_event, parse
 from agproxy.filters.mcp_common import batch_reply, error_reply, jsonrpc_reply, mcp_request
 from agproxy.mcp.call import LISTS, McpCall, item_call
-from agproxy.mcp.jsonrpc import INTERNAL_ERROR, REQUEST, RESPONSE, error_body
+from agproxy.mcp.jsonrpc import INTERNAL_ERROR, INVALID_REQUEST, REQUEST, RESPONSE, RpcError, error_body
 from agproxy.proxy.contract import Filter, FilterResult
 from agproxy.proxy.registry import AUTHORIZATION
 
@@ -128,8 +131,10 @@ class McpAuthorizationFilter(Filter):
     name = "mcp_authorization"
     reads_response_body = True
 
-    def __init__(self, rules: Rules, path: str, max_message: int, max_list: int, counter: Any):
+    def __init__(self, rules: Rules, path: str, max_message: int, max_list: int, counter: Any,
+                 max_batch: int = 32):
         self.rules = rules
+        self.max_batch = max_batch
         self.path = path
         self.body_limit = max_message
         self.max_list = max_list
@@ -143,6 +148,11 @@ class McpAuthorizationFilter(Filter):
         if req.error is not None:
             ex.error = f"mcp: {req.error.message}"
             return error_reply(ex, req.error)
+        if len(req.calls) > self.max_batch:
+            # Each call is decided synchronously on the event loop: a budget per request.
+            ex.error = f"mcp_authorization: a batch of {len(req.calls)} messages"
+            return error_reply(ex, RpcError(INVALID_REQUEST, f"Invalid Request: a batch holds at most "
+                                                             f"{self.max_batch} messages here", status=400))
         # Notifications too: `tools/call` without an id is still a call a server may run.
         targets = [c for c in req.calls if c.targets and c.kind != RESPONSE]
         if not targets:
@@ -338,6 +348,7 @@ def build(sec: Section, ctx: Any) -> McpAuthorizationFilter | None:
     from agproxy.filters import authorization
     max_message = sec.int("max_message_bytes", DEFAULT_MAX_MESSAGE, min=1024)
     max_list = sec.int("max_list_bytes", DEFAULT_MAX_LIST, min=1024)
+    max_batch = sec.int("max_batch", 32, min=1, max=10000)
     rules_raw = sec.raw("rules", [])
     sec.done()
     view = Section(sec.path, {"rules": rules_raw}, sec.problems)
@@ -347,7 +358,8 @@ def build(sec: Section, ctx: Any) -> McpAuthorizationFilter | None:
             sec.error("rules", "at least one rule is required")
         return None
     return McpAuthorizationFilter(Rules(authz), sec.path, max_message, max_list,
-                                  _denied_counter(getattr(ctx, "metrics", None)))
+                                  _denied_counter(getattr(ctx, "metrics", None)),
+                                  max_batch if isinstance(max_batch, int) else 32)
 
 
 _counters: dict[int, Any] = {}
