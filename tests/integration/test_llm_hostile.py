@@ -116,11 +116,14 @@ models = {{ smart = "gpt-4o-mini" }}
 """
 
 
-@pytest.mark.parametrize("event", [b'{"choices": 5}', b'{"choices": [7]}', b'{"choices": [{"delta": {"tool_calls": 3}}]}'])
+@pytest.mark.parametrize("event", [b'{"choices": 5}', b'{"choices": [7]}', b'{"choices": [{"delta": {"tool_calls": 3}}]}',
+                                   b"x" * (5 * 1024 * 1024)], ids=["choices-int", "choice-int", "tool-calls-int",
+                                                                   "event-over-4MB"])
 def test_malformed_provider_stream_event_is_a_provider_failure(tmp_path, event):
     """A provider stream event that is JSON but not of the API's shape (`choices: 5`) raised
-    TypeError/AttributeError in the decoder: a 500 with no verdict on the provider and no
-    failover. It is an invalid stream: unhealthy, and the next provider answers."""
+    TypeError/AttributeError in the decoder, and an event over the SSE splitter's 4 MB bound
+    raised SseError: a 500 with no verdict on the provider and no failover. Both are an
+    invalid stream: unhealthy, and the next provider answers."""
     from tests.support.strict_http import Conn, Request, StrictHTTPServer
 
     def answer(req: Request, conn: Conn) -> None:
