@@ -148,3 +148,73 @@ def test_malformed_provider_stream_event_is_a_provider_failure(tmp_path, event):
     assert b"Hello from the fake." in r.body.replace(b'"', b"").replace(b"\\", b"") or b"Hello" in r.body
     assert len(good.requests) == 1
     assert 'agproxy_llm_failovers_total{group="llm",provider="broken"} 1.0' in metrics
+
+
+TOKENS_CONFIG = """
+[[route]]
+name = "llm"
+match = {{ path_prefix = "/v1" }}
+backend = "llm"
+
+[[route.rate_limit.local]]
+capacity = 30
+refill = {{ tokens = 1, every = "1h" }}
+unit = "tokens"
+
+[backend.llm]
+type = "llm_group"
+models = ["smart"]
+
+[[backend.llm.provider]]
+name = "gpt"
+kind = "openai"
+url = "{url}"
+api_key_env = "TEST_OPENAI_KEY"
+models = {{ smart = "gpt-4o-mini" }}
+"""
+
+
+def _tokens_gateway(tmp_path, fake) -> GatewayProcess:
+    return GatewayProcess(TOKENS_CONFIG.format(url=fake.url), tmp_path, env={"TEST_OPENAI_KEY": OPENAI_KEY})
+
+
+def test_token_rate_limit_charges_the_llm_groups_usage(tmp_path):
+    """`unit = "tokens"` charges the usage the exchange's LLM record reports; the llm_group
+    backend never filled that record (`ex.llm`), so every request was charged 0 tokens and
+    the limit never refused anything. 20 input + 9 output tokens a request, capacity 30:
+    the third request is refused."""
+    fake = FakeProvider("openai").start()        # usage: 20 input, 9 output
+    gw = _tokens_gateway(tmp_path, fake)
+    body = json.dumps({"model": "smart", "messages": HI}).encode()
+    try:
+        statuses = [request(gw.port, "/v1/chat/completions", {"content-type": "application/json"}, "POST",
+                            body).status for _ in range(3)]
+    finally:
+        gw.stop()
+        fake.stop()
+    assert statuses == [200, 200, 429]
+    assert len(fake.requests) == 2
+
+
+def test_token_rate_limit_charges_a_stream_the_client_cut(tmp_path):
+    """OpenAI streams report usage in their last chunk only: a client that reads the answer
+    and disconnects before that chunk was charged nothing, so cutting every stream just
+    before its end was a way around any token limit. An unfinished stream is charged
+    what the request could have cost (its input and its max_tokens)."""
+    import socket
+    from tests.support.strict_client import read_response
+    fake = FakeProvider("openai", stream_delay=0.2).start()
+    gw = _tokens_gateway(tmp_path, fake)
+    body = json.dumps({"model": "smart", "messages": HI, "stream": True, "max_tokens": 100}).encode()
+    try:
+        with socket.create_connection(("127.0.0.1", gw.port), timeout=10) as s:
+            s.sendall(b"POST /v1/chat/completions HTTP/1.1\r\nhost: x\r\ncontent-type: application/json\r\n"
+                      b"content-length: %d\r\n\r\n" % len(body) + body)
+            assert s.recv(65536).startswith(b"HTTP/1.1 200")      # the head and the first event
+        fake.client_gone.wait(10)
+        after = request(gw.port, "/v1/chat/completions", {"content-type": "application/json"}, "POST",
+                        json.dumps({"model": "smart", "messages": HI}).encode())
+    finally:
+        gw.stop()
+        fake.stop()
+    assert after.status == 429, "a cut stream cost no tokens"
