@@ -157,8 +157,12 @@ class McpAuthFilter(Filter):
                 items[i] = (k, self.seal.seal(identity_of(ex.jwt_claims), v))
 
     def on_response(self, ex: Any, resp: Any) -> None:
-        if self.seal is not None and ex.jwt_claims is not None:
-            self.seal_session(ex, resp)
+        if self.seal is None or ex.jwt_claims is None:
+            return None
+        m = ex.mcp
+        if m is not None and m.session is None and m.method != "initialize":
+            return None         # a sessionless call: no session id to hand out (one scan less)
+        self.seal_session(ex, resp)
         return None
 
     def describe(self) -> dict:

@@ -40,10 +40,12 @@ declares `body_limit`, so the exchange buffers it after authentication) and:
   list request of this body: ids are the client's, so a batch reusing one id, a
   second in-flight request with the list's id (the SDK's server delivers a
   response on the stream registered for its id) or a GET resuming a stream
-  (`Last-Event-ID`) would otherwise carry an unfiltered list. So every SSE
-  answer (POST or GET) and the JSON answer of every POST carrying a request
+  (`Last-Event-ID`) would otherwise carry an unfiltered list. So the answer of
+  a POST that asks for a list or belongs to a session (`Mcp-Session-Id`: the
+  requests of a session share the server's routing by id) and every GET stream
   are inspected; an event or document that cannot hold a list (no such key in
-  its bytes) is passed without being parsed.
+  its bytes) is passed without being parsed. A sessionless POST that asks for
+  no list (a 2026-07-28 tools/call) pays nothing.
 
 A rule that fails to evaluate denies (as in `[route.authorization]`). One
 exception when filtering lists: a rule that reads the arguments cannot be
@@ -205,9 +207,15 @@ class McpAuthorizationFilter(Filter):
         method = ex.request.method
         if method == "POST":
             req = mcp_request(ex)
-            if not any(c.kind == REQUEST for c in req.calls):
+            listed = False
+            for c in req.calls:
+                if c.kind == REQUEST and c.method in LISTS:
+                    listed = True
+                    break
+            if not listed and (req.session is None or req.body is None or not req.body.requests):
+                # No session: no other request shares this one's routing on the server,
+                # so only its own list requests can be answered with a list.
                 return None
-            listed = any(c.kind == REQUEST and c.method in LISTS for c in req.calls)
         elif method == "GET":
             listed = False
         else:

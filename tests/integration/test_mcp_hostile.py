@@ -236,10 +236,11 @@ def test_list_filtered_when_delivered_on_another_requests_stream(tmp_path):
     gw = filtered_gateway(tmp_path, up)
     try:
         ping = json.dumps({"jsonrpc": "2.0", "id": 1, "method": "ping"}).encode()
-        status, _, on_ping = raw_post(gw.port, f"127.0.0.1:{gw.port}", "/mcp", ping, {})
+        session = {"mcp-session-id": "s1"}
+        status, _, on_ping = raw_post(gw.port, f"127.0.0.1:{gw.port}", "/mcp", ping, session)
         resumed = request(gw.port, "/mcp", {"accept": "text/event-stream", "last-event-id": "e0",
                                             "mcp-session-id": "s1"})
-        status_json, _, on_ping_json = raw_post(gw.port, f"127.0.0.1:{gw.port}", "/mcp", ping, {})
+        status_json, _, on_ping_json = raw_post(gw.port, f"127.0.0.1:{gw.port}", "/mcp", ping, session)
     finally:
         gw.stop()
         up.close()
