@@ -29,6 +29,8 @@ def serve(config_path: str, workers: int, metrics) -> int:
     from agproxy.config.model import load_file
     from agproxy.filters.rate_limit.buckets import shared_table
     shared_table(load_file(config_path).gateway.rate_limit_buckets)
+    from agproxy.mcp.session import process_key
+    process_key()       # the MCP session binding key, the same in every worker
     supervisor = Supervisor(
         config_path, workers, metrics,
         load=lambda: load_runtime(config_path),

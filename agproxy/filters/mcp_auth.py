@@ -21,12 +21,18 @@ any backend:
   `error="invalid_token"`; both bodies are the gateway's JSON error.
 - Audience (RFC 8707, "never accept a token minted for another server"): with
   `audiences` configured the verifier checks them; without, `aud` must name
-  this resource's canonical URL (as the client addressed it, see
-  agproxy/mcp/resource.py for X-Forwarded-* and `trusted_proxies`).
+  this resource's canonical URL: `resource`, or the URL as the client addressed
+  it when that authority is known to be the gateway's (agproxy/mcp/resource.py:
+  `trusted_proxies`, the route's exact `match.host`, the listening address);
+  any other Host is refused, so a client cannot pick the audience accepted.
 - `required_scopes`: all must be in the token's `scope` / `scp`, else 403
   `Bearer error="insufficient_scope", scope="<required>"`.
 - The validated credential is removed before the backend (`forward = false`,
   the default: token passthrough is what the MCP specification forbids).
+- Sessions (`bind_sessions`, on by default): the `Mcp-Session-Id` the server
+  hands out is sealed to the caller's `iss` + `sub` on its way to the client and
+  checked and unsealed on the way back (agproxy/mcp/session.py), so a session id
+  is useless to anyone else: 404 "Session not found", never their session.
 
 On success the exchange carries the verified claims (`jwt` in CEL), so
 `[route.mcp_authorization]`, `[route.authorization]`, `[route.transform]` and
@@ -38,13 +44,21 @@ from __future__ import annotations
 
 from typing import Any
 
+import os
+
+import orjson
+
 from agproxy.config.reader import Section
+from agproxy.mcp.session import SessionSeal, identity_of, process_key
 from agproxy.mcp.resource import ProtectedResource, TrustedProxies, audience_matches, token_scopes
 from agproxy.proxy.contract import Filter, FilterResult, LocalReply, Provides
 from agproxy.proxy.registry import AUTHENTICATION
 
 KEY = "mcp_auth"
 STAGE = AUTHENTICATION + 1
+
+SESSION = "mcp-session-id"
+_NOT_FOUND = orjson.dumps({"jsonrpc": "2.0", "id": None, "error": {"code": -32600, "message": "Session not found"}})
 
 JWT_KEYS = ("issuer", "audiences", "jwks", "algorithms", "clock_skew", "required_claims", "providers",
             "cache_size", "location", "forward")
@@ -54,11 +68,15 @@ class McpAuthFilter(Filter):
     name = "mcp_auth"
     provides = frozenset({Provides.CALLER_TOKEN})
 
-    def __init__(self, jwt: Any, resource: ProtectedResource, check_audience: bool, path: str):
+    def __init__(self, jwt: Any, resource: ProtectedResource, check_audience: bool, path: str,
+                 host_bound: bool = False, seal: SessionSeal | None = None, session_key_env: str | None = None):
         self.jwt = jwt                  # a filters.jwt.JwtFilter, strict
         self.resource = resource
         self.check_audience = check_audience
         self.path = path
+        self.host_bound = host_bound    # the route matches one exact host: Host is not free
+        self.seal = seal                # binds Mcp-Session-Id to the caller (None: bind_sessions = false)
+        self.session_key_env = session_key_env
 
     def _resource_url(self, ex: Any) -> str:
         r = ex.request
@@ -93,8 +111,11 @@ class McpAuthFilter(Filter):
         claims = ex.jwt_claims or {}
         url = None
         if self.check_audience:
+            r = ex.request
+            want = self.resource.audience_url(r.scheme, r.authority or r.host, ex.conn, r.headers,
+                                              self.host_bound)
             url = self._resource_url(ex)
-            if not audience_matches(claims, url):
+            if want is None or not audience_matches(claims, want):
                 ex.error = "mcp_auth: the token's audience is not this MCP server"
                 value = self.resource.challenge(url, "invalid_token", "the token was not issued for this resource")
                 return LocalReply.error(401, "invalid_token", "the token was not issued for this resource",
@@ -110,13 +131,46 @@ class McpAuthFilter(Filter):
                                                 required)
                 return LocalReply.error(403, "insufficient_scope", "the token lacks required scopes",
                                         [("www-authenticate", value)])
+        if self.seal is not None:
+            return self.open_session(ex)
+        return None
+
+    # -- session binding ---------------------------------------------------------------
+    def open_session(self, ex: Any) -> LocalReply | None:
+        """Check and unseal the request's Mcp-Session-Id (404 when it is not the caller's)."""
+        headers = ex.request.headers
+        values = headers.get_all(SESSION)
+        if not values:
+            return None
+        sid = self.seal.open(identity_of(ex.jwt_claims), values[0]) if len(values) == 1 else None
+        if sid is None:
+            ex.error = "mcp_auth: the Mcp-Session-Id is not one this caller was given"
+            return LocalReply(404, _NOT_FOUND, [("content-type", "application/json")])
+        headers.set(SESSION, sid)
+        return None
+
+    def seal_session(self, ex: Any, resp: Any) -> None:
+        """Seal the Mcp-Session-Id of an answer to the caller's identity."""
+        items = resp.headers.items
+        for i, (k, v) in enumerate(items):
+            if k == SESSION:
+                items[i] = (k, self.seal.seal(identity_of(ex.jwt_claims), v))
+
+    def on_response(self, ex: Any, resp: Any) -> None:
+        if self.seal is None or ex.jwt_claims is None:
+            return None
+        m = ex.mcp
+        if m is not None and m.session is None and m.method != "initialize":
+            return None         # a sessionless call: no session id to hand out (one scan less)
+        self.seal_session(ex, resp)
         return None
 
     def describe(self) -> dict:
         r = self.resource
         return {"type": self.name, "jwt": self.jwt.describe(), "resource": r.resource,
                 "authorization_servers": r.authorization_servers, "scopes_supported": r.scopes_supported,
-                "required_scopes": r.required_scopes, "metadata_paths": list(r.metadata_paths)}
+                "required_scopes": r.required_scopes, "metadata_paths": list(r.metadata_paths),
+                "bind_sessions": self.seal is not None, "session_key_env": self.session_key_env}
 
 
 def build(sec: Section, ctx: Any, *, route_path: str | None = None, listener: str | None = None,
@@ -135,6 +189,8 @@ def build(sec: Section, ctx: Any, *, route_path: str | None = None, listener: st
     servers = sec.str_list("authorization_servers", None)
     required = sec.str_list("required_scopes", [])
     trusted = sec.str_list("trusted_proxies", [])
+    bind_sessions = sec.bool("bind_sessions", True)
+    key_env = sec.str("session_key_env", None)
     meta = sec.section("resource_metadata")
     scopes = None
     extra: dict = {}
@@ -163,16 +219,28 @@ def build(sec: Section, ctx: Any, *, route_path: str | None = None, listener: st
         path = _route_path(sec, ctx)
     if path is None and not isinstance(resource, str):
         sec.error("resource", "required when the route matches neither path nor path_prefix")
+    seal = None
+    if bind_sessions:
+        key = process_key()
+        if isinstance(key_env, str):
+            secret = os.environ.get(key_env, "")
+            if len(secret) < 16:
+                sec.error("session_key_env", f"environment variable {key_env} must hold a secret of at least "
+                                             "16 characters (shared by the replicas that serve these sessions)")
+            key = secret.encode()
+        seal = SessionSeal(key)
     if jwt is None or len(problems.items) > before:
         return None
     issuers = [p.issuer for p in jwt.group.providers if p.issuer]
     pr = ProtectedResource(path or "", servers if servers else issuers, resource=resource,
                            scopes_supported=scopes, extra=extra, trusted_proxies=proxies,
                            required_scopes=required or [])
+    route_host = host if route_path is not None else _route_host(sec, ctx)
     f = McpAuthFilter(jwt, pr, check_audience=not any(p.verifier.audiences for p in jwt.group.providers),
-                      path=sec.path)
+                      path=sec.path, host_bound=bool(route_host) and not str(route_host).startswith("*."),
+                      seal=seal, session_key_env=key_env if isinstance(key_env, str) else None)
     _register_metadata(ctx, f, sec.path, listener=listener if route_path is not None else _route_listener(sec, ctx),
-                       host=host if route_path is not None else _route_host(sec, ctx))
+                       host=route_host)
     return f
 
 

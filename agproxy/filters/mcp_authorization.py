@@ -15,12 +15,17 @@ declares `body_limit`, so the exchange buffers it after authentication) and:
   answered here with its JSON-RPC error (-32700 / -32600 / -32020, HTTP 400):
   a rule cannot be evaluated on a body it cannot read, and a header that lies
   must not steer anything behind the gateway;
-- each call of a named item is decided by the rules; a denied call never
+- each call of a named item is decided by the rules, a notification too (a
+  `tools/call` without an id is still a call a server may run: denied, it is
+  answered 403 with a JSON-RPC error without id); a denied call never
   reaches the server: it is answered with a JSON-RPC error carrying the
   request's id (code -32003, HTTP 200, as JSON or as one SSE event when the
   client accepts only SSE), counted in `<prefix>_mcp_denied_total{route,method}`,
   and the access log's `error` names the rule. In a batch, one denied call
   fails the batch: every request in it gets an error (the denied ones say why);
+- a batch of more than `max_batch` (32) messages is refused whole (-32600,
+  HTTP 400): its calls are decided synchronously, and one request must not
+  hold the event loop for long;
 - other methods (initialize, server/discover, ping, notifications, client
   responses, lists) pass: the rules are about what may be used, and lists are
   filtered instead;
@@ -30,6 +35,17 @@ declares `body_limit`, so the exchange buffers it after authentication) and:
   is one JSON document or arrives inside SSE events, page by page (each page of
   a `nextCursor` walk is its own response). A 2026-07-28 list result filtered
   per caller gets `cacheScope: "private"`.
+  A list result is recognised by its shape (a `tools`, `prompts` or
+  `resources` array at the top of a `result`), never by matching its id to a
+  list request of this body: ids are the client's, so a batch reusing one id, a
+  second in-flight request with the list's id (the SDK's server delivers a
+  response on the stream registered for its id) or a GET resuming a stream
+  (`Last-Event-ID`) would otherwise carry an unfiltered list. So the answer of
+  a POST that asks for a list or belongs to a session (`Mcp-Session-Id`: the
+  requests of a session share the server's routing by id) and every GET stream
+  are inspected; an event or document that cannot hold a list (no such key in
+  its bytes) is passed without being parsed. A sessionless POST that asks for
+  no list (a 2026-07-28 tools/call) pays nothing.
 
 A rule that fails to evaluate denies (as in `[route.authorization]`). One
 exception when filtering lists: a rule that reads the arguments cannot be
@@ -49,7 +65,7 @@ from agproxy.filters import eval_errors
 from agproxy.http.sse import SseSplitter, format_event, parse
 from agproxy.filters.mcp_common import batch_reply, error_reply, jsonrpc_reply, mcp_request
 from agproxy.mcp.call import LISTS, McpCall, item_call
-from agproxy.mcp.jsonrpc import INTERNAL_ERROR, REQUEST, RESPONSE, error_body
+from agproxy.mcp.jsonrpc import INTERNAL_ERROR, INVALID_REQUEST, REQUEST, RESPONSE, RpcError, error_body
 from agproxy.proxy.contract import Filter, FilterResult
 from agproxy.proxy.registry import AUTHORIZATION
 
@@ -117,8 +133,10 @@ class McpAuthorizationFilter(Filter):
     name = "mcp_authorization"
     reads_response_body = True
 
-    def __init__(self, rules: Rules, path: str, max_message: int, max_list: int, counter: Any):
+    def __init__(self, rules: Rules, path: str, max_message: int, max_list: int, counter: Any,
+                 max_batch: int = 32):
         self.rules = rules
+        self.max_batch = max_batch
         self.path = path
         self.body_limit = max_message
         self.max_list = max_list
@@ -132,7 +150,13 @@ class McpAuthorizationFilter(Filter):
         if req.error is not None:
             ex.error = f"mcp: {req.error.message}"
             return error_reply(ex, req.error)
-        targets = [c for c in req.calls if c.targets and c.kind == REQUEST]
+        if len(req.calls) > self.max_batch:
+            # Each call is decided synchronously on the event loop: a budget per request.
+            ex.error = f"mcp_authorization: a batch of {len(req.calls)} messages"
+            return error_reply(ex, RpcError(INVALID_REQUEST, f"Invalid Request: a batch holds at most "
+                                                             f"{self.max_batch} messages here", status=400))
+        # Notifications too: `tools/call` without an id is still a call a server may run.
+        targets = [c for c in req.calls if c.targets and c.kind != RESPONSE]
         if not targets:
             return None
         act = ex.activation
@@ -154,6 +178,10 @@ class McpAuthorizationFilter(Filter):
         first = next(c for c in targets if id(c) in denied)
         ex.error = f"mcp_authorization: {first.method} {first.name!r} denied: {denied[id(first)]}"
         log.debug("%s: request %s: %s", self.path, ex.request_id, ex.error)
+        if not any(c.kind == REQUEST for c in req.calls):
+            # Nothing to answer with an id: streamable HTTP's "an HTTP error, a JSON-RPC
+            # error without id" for input the server will not accept.
+            return jsonrpc_reply(ex, 403, error_body(None, DENIED, _message(first)))
         if not req.body.batch:
             return jsonrpc_reply(ex, 200, error_body(first.id, DENIED, _message(first)))
         docs = []
@@ -174,17 +202,29 @@ class McpAuthorizationFilter(Filter):
 
     # -- response phase (list filtering) -------------------------------------------------
     def on_response(self, ex: Any, resp: Any) -> Any:
-        if ex.request.method != "POST" or getattr(resp, "status", 0) != 200:
+        if getattr(resp, "status", 0) != 200:
             return None
-        req = mcp_request(ex)
-        lists = {_key(c.id): c.method for c in req.calls if c.kind == REQUEST and c.method in LISTS}
-        if not lists:
+        method = ex.request.method
+        if method == "POST":
+            req = mcp_request(ex)
+            listed = False
+            for c in req.calls:
+                if c.kind == REQUEST and c.method in LISTS:
+                    listed = True
+                    break
+            if not listed and (req.session is None or req.body is None or not req.body.requests):
+                # No session: no other request shares this one's routing on the server,
+                # so only its own list requests can be answered with a list.
+                return None
+        elif method == "GET":
+            listed = False
+        else:
             return None
         ctype = (resp.headers.get("content-type") or "").split(";")[0].strip().lower()
         if ctype == "text/event-stream":
-            return _SseListHook(self, ex, lists)
-        if ctype == "application/json":
-            return _JsonListHook(self, ex, lists)
+            return _SseListHook(self, ex)
+        if ctype == "application/json" and method == "POST":
+            return _JsonListHook(self, ex, listed)
         return None
 
     def filter_result(self, ex: Any, list_method: str, result: Any) -> bool:
@@ -211,15 +251,15 @@ class McpAuthorizationFilter(Filter):
             result["cacheScope"] = "private"
         return True
 
-    def filter_message(self, ex: Any, lists: dict, doc: Any) -> bytes | None:
+    def filter_message(self, ex: Any, doc: Any) -> bytes | None:
         """A JSON-RPC document (a response or a batch of them) with its list results
-        filtered, or None when nothing in it is ours."""
+        filtered, or None when nothing in it is a list."""
         changed = False
         for msg in doc if type(doc) is list else [doc]:
-            if type(msg) is dict and "result" in msg and "method" not in msg:
-                method = lists.get(_key(msg.get("id")))
-                if method is not None:
-                    changed = self.filter_result(ex, method, msg["result"]) or changed
+            if type(msg) is dict and "method" not in msg and type(result := msg.get("result")) is dict:
+                for list_method, (key, _) in LISTS.items():
+                    if key in result:
+                        changed = self.filter_result(ex, list_method, result) or changed
         return orjson.dumps(doc) if changed else None
 
     def describe(self) -> dict:
@@ -228,8 +268,9 @@ class McpAuthorizationFilter(Filter):
                 "require": [e.source for _, e in r.require], "allow": [e.source for _, e in r.allow]}
 
 
-def _key(rid: Any) -> Any:
-    return ("s", rid) if type(rid) is str else ("n", rid)
+def _may_hold_list(raw: bytes) -> bool:
+    """Cheap pre-check: bytes without any list key cannot carry a list result."""
+    return b'"tools"' in raw or b'"prompts"' in raw or b'"resources"' in raw
 
 
 def _message(call: McpCall) -> str:
@@ -240,13 +281,13 @@ def _message(call: McpCall) -> str:
 class _JsonListHook:
     """Buffers a JSON list answer (bounded) and sends it filtered at the end."""
 
-    __slots__ = ("f", "ex", "lists", "parts", "size")
+    __slots__ = ("f", "ex", "listed", "parts", "size")
     transforms = True
 
-    def __init__(self, f: McpAuthorizationFilter, ex: Any, lists: dict):
+    def __init__(self, f: McpAuthorizationFilter, ex: Any, listed: bool):
         self.f = f
         self.ex = ex
-        self.lists = lists
+        self.listed = listed            # the body asked for a list (an unreadable answer fails)
         self.parts: list[bytes] = []
         self.size = 0
 
@@ -259,27 +300,29 @@ class _JsonListHook:
 
     def end(self) -> bytes:
         raw = b"".join(self.parts)
+        if not self.listed and not _may_hold_list(raw):
+            return raw
         try:
             doc = orjson.loads(raw)
         except orjson.JSONDecodeError:
-            # Unreadable: the list cannot be filtered, so it is not sent (fail closed).
+            # Unreadable: a list in it could not be filtered, so it is not sent (fail closed).
             self.ex.error = "mcp_authorization: unreadable list answer"
-            rid = next(iter(self.lists))[1]
+            req = mcp_request(self.ex)
+            rid = next((c.id for c in req.calls if c.kind == REQUEST), None)
             return error_body(rid, INTERNAL_ERROR, "the gateway could not read the server's list to filter it")
-        out = self.f.filter_message(self.ex, self.lists, doc)
+        out = self.f.filter_message(self.ex, doc)
         return raw if out is None else out
 
 
 class _SseListHook:
     """Filters list results inside SSE events, event by event, whatever the chunking."""
 
-    __slots__ = ("f", "ex", "lists", "splitter")
+    __slots__ = ("f", "ex", "splitter")
     transforms = True
 
-    def __init__(self, f: McpAuthorizationFilter, ex: Any, lists: dict):
+    def __init__(self, f: McpAuthorizationFilter, ex: Any):
         self.f = f
         self.ex = ex
-        self.lists = lists
         self.splitter = SseSplitter()
 
     def feed(self, chunk: bytes) -> bytes:
@@ -293,6 +336,8 @@ class _SseListHook:
         return self._event(rest) if rest else b""
 
     def _event(self, raw: bytes) -> bytes:
+        if not _may_hold_list(raw):
+            return raw
         ev = parse(raw)
         if ev is None or ev.type != "message":
             return raw
@@ -300,7 +345,7 @@ class _SseListHook:
             doc = orjson.loads(ev.data)
         except orjson.JSONDecodeError:
             return raw
-        out = self.f.filter_message(self.ex, self.lists, doc)
+        out = self.f.filter_message(self.ex, doc)
         if out is None:
             return raw
         ev.data = out.decode()
@@ -311,6 +356,7 @@ def build(sec: Section, ctx: Any) -> McpAuthorizationFilter | None:
     from agproxy.filters import authorization
     max_message = sec.int("max_message_bytes", DEFAULT_MAX_MESSAGE, min=1024)
     max_list = sec.int("max_list_bytes", DEFAULT_MAX_LIST, min=1024)
+    max_batch = sec.int("max_batch", 32, min=1, max=10000)
     rules_raw = sec.raw("rules", [])
     sec.done()
     view = Section(sec.path, {"rules": rules_raw}, sec.problems)
@@ -320,7 +366,8 @@ def build(sec: Section, ctx: Any) -> McpAuthorizationFilter | None:
             sec.error("rules", "at least one rule is required")
         return None
     return McpAuthorizationFilter(Rules(authz), sec.path, max_message, max_list,
-                                  _denied_counter(getattr(ctx, "metrics", None)))
+                                  _denied_counter(getattr(ctx, "metrics", None)),
+                                  max_batch if isinstance(max_batch, int) else 32)
 
 
 _counters: dict[int, Any] = {}

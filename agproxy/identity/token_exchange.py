@@ -31,7 +31,8 @@ An exchange, step by step (`exchange`):
 3. policy: the audience/resource must be one the service issues for
    (`audiences`, or those of the routes' `[route.obo]` sections); with
    `enforce_may_act` the subject's `may_act` must name the actor; the requested
-   scope must be within the subject's scope;
+   scope must be within the subject's scope (`scope`, else `scp`; a subject
+   with neither grants none);
 4. the OBO token is assembled from an allowlist: `iss`, `sub`, `aud`,
    `client_id`, `iat`, `nbf`, `exp` (≤ the subject's and the actor's expiry),
    `jti`, `scope` (if any), the `allowed_subject_claims` copied from the subject
@@ -272,7 +273,7 @@ class TokenExchangeService:
             if "iss" in may_act and actor_claims and may_act["iss"] != actor_claims.get("iss"):
                 raise ExchangeError("invalid_grant", "the subject token's may_act does not allow this actor")
 
-        scope = self._scope(req.scope, subject.get("scope"))
+        scope = self._scope(req.scope, subject.get("scope", subject.get("scp")))   # scp: Entra ID
         now = int(time.time())
         exp = now + int(self.ttl)
         for e in (subject.get("exp"), actor_claims.get("exp")):
@@ -311,7 +312,7 @@ class TokenExchangeService:
 
     @staticmethod
     def _scope(requested: str | None, subject_scope: Any) -> str | None:
-        have = None
+        have: list[str] = []
         if isinstance(subject_scope, str):
             have = subject_scope.split()
         elif isinstance(subject_scope, list):
@@ -319,7 +320,8 @@ class TokenExchangeService:
         if requested is None or not requested.strip():
             return " ".join(have) if have else None
         want = requested.split()
-        if have is not None and not set(want) <= set(have):
+        # A subject without scope grants none (fail closed: never an escalation).
+        if not set(want) <= set(have):
             raise ExchangeError("invalid_scope", "the requested scope exceeds the subject token's scope")
         return " ".join(dict.fromkeys(want))
 

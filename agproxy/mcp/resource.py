@@ -7,8 +7,16 @@ authorization servers, scopes and extra metadata keys. Per request:
   addressed it: the configured `resource` when set, else scheme and authority
   of the request. `X-Forwarded-Proto` / `X-Forwarded-Host` are believed only
   when the connection comes from a configured trusted proxy (an address or a
-  network), and only their first (client-side) value; otherwise a client could
+  network), and only their last value (the one that proxy set: a proxy that
+  appends leaves the client's own values in front); otherwise a client could
   make the gateway advertise, and accept tokens for, a resource of its choice.
+- `audience_url(...)` is the URL a token's `aud` must name. The `Host` header is
+  client input too: a token minted for `http://other.example/mcp` would pass the
+  audience check if sent with `Host: other.example`. So without a configured
+  `resource`, a derived URL is used for the audience check only when its
+  authority is known to be this gateway's: it came from a trusted proxy's
+  X-Forwarded-Host, the route matches that exact host, or it is the address the
+  connection was accepted on (`127.0.0.1:8080`); otherwise None (refused).
 - `metadata_url(resource)` is where the metadata lives, in the path-inserted
   form RFC 9728 §3.1 defines (`/.well-known/oauth-protected-resource/<path>`);
   the root form `/.well-known/oauth-protected-resource` serves the same document.
@@ -99,22 +107,30 @@ class ProtectedResource:
 
     def origin(self, scheme: str, authority: str, peer: str | None, headers: Any) -> str:
         if self.trusted.trusts(peer):
-            fproto = headers.get("x-forwarded-proto")
-            fhost = headers.get("x-forwarded-host")
-            if fproto:
-                p = fproto.split(",")[0].strip().lower()
-                if p in ("http", "https"):
-                    scheme = p
-            if fhost:
-                h = fhost.split(",")[0].strip()
-                if h and all(c.isalnum() or c in ".-:[]" for c in h):
-                    authority = h
+            p = _last(headers, "x-forwarded-proto").lower()
+            if p in ("http", "https"):
+                scheme = p
+            h = _last(headers, "x-forwarded-host")
+            if _valid_host(h):
+                authority = h
         return f"{scheme}://{authority.lower()}"
 
     def resource_url(self, scheme: str, authority: str, peer: str | None, headers: Any) -> str:
         if self.resource:
             return self.resource
         return self.origin(scheme, authority, peer, headers) + self.path.rstrip("/")
+
+    def audience_url(self, scheme: str, authority: str, conn: Any, headers: Any,
+                     host_bound: bool = False) -> str | None:
+        """The URL tokens must name, or None when it would come from an unverified Host."""
+        if self.resource:
+            return self.resource
+        peer = conn.peer_host
+        if self.trusted.trusts(peer) and _valid_host(_last(headers, "x-forwarded-host")):
+            return self.resource_url(scheme, authority, peer, headers)
+        if not host_bound and not _is_local_address(scheme, authority, conn):
+            return None
+        return self.resource_url(scheme, authority, peer, headers)
 
     def metadata_url(self, resource: str) -> str:
         p = urlsplit(resource)
@@ -146,6 +162,32 @@ class ProtectedResource:
         if scopes:
             parts.append(f'scope="{_quote(" ".join(scopes))}"')
         return "Bearer " + ", ".join(parts)
+
+
+def _last(headers: Any, name: str) -> str:
+    """The value the trusted proxy set: the last of a list (one that appends, as Envoy's
+    append_x_forwarded_host does, leaves the client's own values in front of it)."""
+    values = headers.get_all(name)
+    return values[-1].rsplit(",", 1)[-1].strip() if values else ""
+
+
+def _valid_host(h: str) -> bool:
+    return bool(h) and all(c.isalnum() or c in ".-:[]" for c in h)
+
+
+def _is_local_address(scheme: str, authority: str, conn: Any) -> bool:
+    """`authority` names the address and port the connection was accepted on."""
+    local = getattr(conn, "local_host", "") or ""
+    if not local:
+        return False
+    try:
+        p = urlsplit(f"//{authority}")
+        host, port = (p.hostname or ""), p.port
+    except ValueError:
+        return False
+    if port is None:
+        port = int(_DEFAULT_PORTS.get(scheme, "0"))
+    return host == local.split("%")[0].lower() and port == conn.local_port
 
 
 def audience_matches(claims: Any, resource: str) -> bool:

@@ -20,7 +20,9 @@ request and there is no session to lose:
   header, which means 2025-03-26) get `initialize` answered with the version
   the client asked for when served here, else the latest handshake version;
   errors travel in a 200 like any JSON-RPC response. A batch is answered with
-  an array (2025-03-26 allowed them).
+  an array (2025-03-26 allowed them); it holds at most `max_batch` requests
+  (else -32600, HTTP 400): each tools/call is a REST call, and one HTTP request
+  (which a rate limit counts once) must not become thousands of them.
 - `server/discover` answers in either generation (the SDK's `mode="auto"` probes
   it first); `ping`; `tools/list` (all tools in one page unless `page_size`;
   the cursor is the offset, opaque to clients); `tools/call` (unknown tool or
@@ -78,8 +80,10 @@ def _accepts_json(accept: str | None) -> bool:
 
 class ToolServer:
     def __init__(self, tools: Any, *, name: str = "agproxy", version: str = "0",
-                 instructions: str | None = None, page_size: int | None = None, ttl_ms: int = 0):
+                 instructions: str | None = None, page_size: int | None = None, ttl_ms: int = 0,
+                 max_batch: int = 32):
         self.tools = tools                 # a mcp.openapi.ToolSet (by_name, listing, validate)
+        self.max_batch = max_batch
         self.info = {"name": name, "version": version}
         self.instructions = instructions
         self.page_size = page_size
@@ -109,6 +113,9 @@ class ToolServer:
                                {"supported": list(MODERN_VERSIONS), "requested": version[:40]}, status=400)
             if modern and parsed.batch:
                 raise RpcError(INVALID_REQUEST, "Invalid Request: batches are not part of 2026-07-28")
+            if parsed.batch and len(parsed.requests) > self.max_batch:
+                raise RpcError(INVALID_REQUEST, f"Invalid Request: a batch holds at most {self.max_batch} "
+                                                "requests here", status=400)
         except RpcError as exc:
             return _json(exc.status, exc.body())
         if parsed.only_notifications_or_responses:

@@ -22,7 +22,10 @@ LIST = {"jsonrpc": "2.0", "id": 5, "result": {"tools": [{"name": "a", "inputSche
                                                        {"name": "bad_tool", "inputSchema": {"type": "object"}},
                                                        {"name": "c", "inputSchema": {"type": "object"}}],
                                              "nextCursor": "p2"}}
-OTHER = b'data: {"jsonrpc":"2.0","id":99,"result":{"tools":[{"name":"bad_tool"}]}}\n\n'   # not our request's id
+# A list result under another id (a client can make a server deliver one on this stream:
+# tests/integration/test_mcp_hostile.py) is filtered too: lists are known by their shape.
+OTHER = b'data: {"jsonrpc":"2.0","id":99,"result":{"tools":[{"name":"bad_tool"}]}}\n\n'
+OTHER_FILTERED = b'data: {"jsonrpc":"2.0","id":99,"result":{"tools":[]}}\n\n'
 
 
 class ScriptedSseServer:
@@ -71,7 +74,7 @@ url = "{up.url}"
     filtered = dict(LIST, result={"tools": [LIST["result"]["tools"][0], LIST["result"]["tools"][2]],
                                   "nextCursor": "p2"})
     assert r.content == (PROGRESS + b"event: message\ndata: " + json.dumps(filtered, separators=(",", ":")).encode()
-                         + b"\n\n" + OTHER)
+                         + b"\n\n" + OTHER_FILTERED)
 
 
 def test_json_lists_filtered_page_by_page(tmp_path):

@@ -34,3 +34,21 @@ def test_audience_and_scopes():
     assert not audience_matches({}, "https://gw.example.com/mcp")
     assert normalize_url("http://H:80/a/") == "http://h/a"
     assert token_scopes({"scope": "a b", "scp": ["c"]}) == {"a", "b", "c"}
+
+
+def test_audience_url_trusts_only_the_gateways_own_authority():
+    from agproxy.http.messages import ConnInfo, Headers
+    from agproxy.mcp.resource import ProtectedResource, TrustedProxies
+    pr = ProtectedResource("/mcp", ["https://idp"], trusted_proxies=TrustedProxies(["10.0.0.0/8"]))
+    conn = ConnInfo("192.0.2.7", 5555, 8080, False, local_host="127.0.0.1")
+    none = Headers([])
+    assert pr.audience_url("http", "127.0.0.1:8080", conn, none) == "http://127.0.0.1:8080/mcp"
+    assert pr.audience_url("http", "other.example", conn, none) is None
+    assert pr.audience_url("http", "127.0.0.1:9999", conn, none) is None
+    assert pr.audience_url("http", "gw.example.com", conn, none, host_bound=True) == "http://gw.example.com/mcp"
+    proxied = ConnInfo("10.1.2.3", 5555, 8080, False, local_host="10.0.0.5")
+    fwd = Headers([("x-forwarded-host", "gw.example.com"), ("x-forwarded-proto", "https")])
+    assert pr.audience_url("http", "10.0.0.5:8080", proxied, fwd) == "https://gw.example.com/mcp"
+    assert pr.audience_url("http", "other.example", conn, fwd) is None          # not a trusted peer
+    fixed = ProtectedResource("/mcp", [], resource="https://gw.example.com/mcp")
+    assert fixed.audience_url("http", "other.example", conn, none) == "https://gw.example.com/mcp"

@@ -72,7 +72,7 @@ def parse_request(body: Any) -> Chat:
         if role not in ("user", "assistant"):
             raise BadRequest(f"messages.{i}.role: Input should be 'user' or 'assistant'")
         ch.add(role, _blocks(m.get("content"), f"messages.{i}.content"))
-    for j, t in enumerate(body.get("tools") or []):
+    for j, t in enumerate(c.array(body, "tools", "tools")):
         if not isinstance(t, dict) or not isinstance(t.get("name"), str) or t.get("type") not in (None, "custom"):
             raise BadRequest(f"tools.{j}: only custom tools with a name can be translated")
         ch.tools.append({"name": t["name"], "description": t.get("description") or "",

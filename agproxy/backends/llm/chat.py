@@ -132,6 +132,16 @@ def number(body: dict, key: str, kind: type = float) -> Any:
     return v
 
 
+def array(doc: dict, key: str, where: str) -> list:
+    """`doc[key]` when it is a list, [] when absent or null, else BadRequest (400)."""
+    v = doc.get(key)
+    if v is None:
+        return []
+    if type(v) is not list:
+        raise BadRequest(f"'{where}' must be an array")
+    return v
+
+
 def stop_list(v: Any, key: str) -> list[str]:
     if v is None:
         return []

@@ -55,6 +55,7 @@ from agproxy.backends.llm.chat import BadRequest, ProviderError
 from agproxy.backends.llm.eviction import EvictionPolicy, GroupHealth, ProviderHealth
 from agproxy.backends.llm.health import DEFAULT_HEALTH, HealthCheck
 from agproxy.backends.llm.providers import Provider, build_provider
+from agproxy.backends.llm.record import UsageRecord
 from agproxy.backends.llm.translate import ClientRequest, StreamTranslator
 from agproxy.backends.llm.usage import Usage
 from agproxy.config.reader import Section
@@ -297,6 +298,7 @@ class LlmGroup(Backend):
             return self._error(api, 404, "not_found",
                                f"the model {creq.model[:100]!r} is not served by llm group {self.name!r}")
         call = _Call(creq, ex.start)
+        ex.llm = UsageRecord(call, len(raw))     # what token rate limits charge (record.py)
         ex.on_done(self._done_hook(call))
         ex.add_cel_variable("llm", lambda: self._cel(call))
         return await self._attempts(ex, call, api)

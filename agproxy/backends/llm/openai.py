@@ -62,7 +62,7 @@ def parse_request(body: Any) -> Chat:
             text = c.text_of(m.get("content"), where)
             if text:
                 blocks.append({"type": "text", "text": text})
-            for j, tc in enumerate(m.get("tool_calls") or []):
+            for j, tc in enumerate(c.array(m, "tool_calls", f"messages[{i}].tool_calls")):
                 fn = tc.get("function") if isinstance(tc, dict) else None
                 if not isinstance(fn, dict) or not isinstance(fn.get("name"), str) or not isinstance(tc.get("id"), str):
                     raise BadRequest(f"messages[{i}].tool_calls[{j}]: id and function.name are required")
@@ -81,7 +81,7 @@ def parse_request(body: Any) -> Chat:
                              "content": c.text_of(m.get("content"), where), "is_error": False}])
         else:
             raise BadRequest(f"messages[{i}].role {role!r} is not one of system, developer, user, assistant, tool")
-    for j, t in enumerate(body.get("tools") or []):
+    for j, t in enumerate(c.array(body, "tools", "tools")):
         fn = t.get("function") if isinstance(t, dict) and t.get("type") == "function" else None
         if not isinstance(fn, dict) or not isinstance(fn.get("name"), str):
             raise BadRequest(f"tools[{j}]: only function tools with a name can be translated")
@@ -93,7 +93,8 @@ def parse_request(body: Any) -> Chat:
         if ch.tool_choice is None:
             raise BadRequest("tool_choice must be auto, none, required or a function")
     elif isinstance(tc, dict):
-        name = (tc.get("function") or {}).get("name")
+        fn = tc.get("function")
+        name = fn.get("name") if isinstance(fn, dict) else None
         if not isinstance(name, str):
             raise BadRequest("tool_choice.function.name is required")
         ch.tool_choice = {"name": name}

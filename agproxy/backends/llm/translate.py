@@ -31,7 +31,7 @@ import orjson
 from agproxy.backends.llm import anthropic, bedrock, openai
 from agproxy.backends.llm.chat import BadRequest, Chat, ProviderError, Reply
 from agproxy.backends.llm.usage import Usage
-from agproxy.http.sse import SseSplitter, parse as parse_sse
+from agproxy.http.sse import SseError, SseSplitter, parse as parse_sse
 
 CLIENT_APIS = ("openai", "anthropic")
 WIRE = {"openai": "openai", "openai_compatible": "openai", "anthropic": "anthropic", "bedrock": "bedrock"}
@@ -184,6 +184,18 @@ class StreamTranslator:
                 self.error = f"{ev[1]}: {ev[2]}"[:200]
 
     def feed(self, chunk: bytes) -> bytes:
+        """The client's bytes for one chunk of the provider's stream; ProviderError when
+        the stream is not of the provider's API (an event that is JSON but of another
+        shape, `"choices": 5`, is as invalid as one that is not JSON, or one over the
+        splitter's bound)."""
+        try:
+            return self._feed(chunk)
+        except (TypeError, AttributeError, KeyError, IndexError) as exc:
+            raise ProviderError(f"a malformed stream event ({type(exc).__name__})") from None
+        except SseError as exc:
+            raise ProviderError(str(exc)) from None
+
+    def _feed(self, chunk: bytes) -> bytes:
         if self._bedrock:
             events = self._decoder.feed(chunk)
             self._note(events)

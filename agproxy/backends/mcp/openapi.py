@@ -219,6 +219,7 @@ def build(name: str, sec: Section, ctx: BuildContext) -> OpenApiMcpBackend | Non
     max_message = sec.int("max_message_bytes", DEFAULT_MAX_MESSAGE, min=1024)
     max_response = sec.int("max_response_bytes", DEFAULT_MAX_RESPONSE, min=1)
     page_size = sec.int("page_size", 0, min=0)
+    max_batch = sec.int("max_batch", 32, min=1, max=10000)
     server_name = sec.str("server_name", name)
     instructions = sec.str("instructions", None)
     forward_token = sec.str("forward_token", "none", choices=("none", "caller", "obo"))
@@ -268,7 +269,7 @@ def build(name: str, sec: Section, ctx: BuildContext) -> OpenApiMcpBackend | Non
         log.warning("backend %s: TLS certificate verification is DISABLED (tls_insecure_skip_verify)", name)
     from agproxy import __version__
     server = ToolServer(tools, name=server_name or name, version=__version__, instructions=instructions,
-                        page_size=page_size or None)
+                        page_size=page_size or None, max_batch=max_batch if isinstance(max_batch, int) else 32)
     return OpenApiMcpBackend(tools, server, origin, base_url, max_message_bytes=max_message,
                              max_response_bytes=max_response,
                              forward_token=None if forward_token == "none" else forward_token,

@@ -99,6 +99,9 @@ class McpProxyBackend(Backend):
         body, length = ex.request_body()
         resp = await relay(ex, self.origin, ex.request.method, target, headers, body, ex.route.timeout, length,
                            self.name)
+        if self.auth is not None and self.auth.seal is not None and ex.route.name in self._own_auth \
+                and ex.jwt_claims is not None:
+            self.auth.seal_session(ex, resp)
         ctype = resp.headers.get("content-type")
         if ctype is not None and ctype.startswith("text/event-stream"):
             # An event stream's first event may be long in coming (a GET stream has none

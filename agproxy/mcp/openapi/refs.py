@@ -2,7 +2,8 @@
 
 Theory of operation: `Documents` loads the root document (a file or inline text)
 and, lazily, every file a relative `$ref` names (`common.yaml#/components/schemas/Pet`,
-relative to the document that holds the reference), each once. YAML goes through
+relative to the document that holds the reference, and never outside the root
+document's folder), each once. YAML goes through
 PyYAML's C loader when present, without its timestamp rule (an `example: 2024-01-01`
 stays a string, as JSON would have it).
 
@@ -156,6 +157,11 @@ class Documents:
                                        "relative-file references)", file=self.label(file))
             base = os.path.dirname(file) if file else self.base_dir
             tfile: str | None = os.path.normpath(os.path.join(base, unquote(target)))
+            # Only files under the spec's own folder (symlinks resolved): a spec is often
+            # someone else's file, and what a $ref reads is served to every MCP client.
+            root = os.path.realpath(self.base_dir)
+            if os.path.commonpath([root, os.path.realpath(tfile)]) != root:  # type: ignore[arg-type]
+                raise SpecError(where, f"$ref {ref!r} points outside the spec's folder", file=self.label(file))
             doc = self.load(tfile)  # type: ignore[arg-type]
         else:
             tfile = file

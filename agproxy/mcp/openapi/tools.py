@@ -19,6 +19,12 @@ document order and makes one `Tool` per operation:
 - `bindings`: for each argument, where it goes in the REST request and how it
   is serialised (style, explode), for mcp/openapi/rest.py.
 
+Header parameters named `Accept`, `Content-Type` or `Authorization` are ignored
+(OpenAPI's rule), and so are those the gateway owns on the wire (`Host`,
+`Content-Length`, hop-by-hop and framing headers such as `Transfer-Encoding` or
+`Connection`): an argument's value comes from a model, and a second
+Content-Length or Host would smuggle a request to the API or pick another host.
+
 `include` / `exclude` name operations by operationId (or by the tool name for
 operations without one). A problem is a `SpecError` naming the operation and the
 JSON pointer.
@@ -29,10 +35,12 @@ from __future__ import annotations
 import re
 from typing import Any, Iterable
 
+from agproxy.http.messages import HOP_BY_HOP
 from agproxy.mcp.openapi.refs import Documents, Expander, SpecError, join
 
 METHODS = ("get", "put", "post", "delete", "options", "head", "patch", "trace")
 LOCATIONS = ("path", "query", "header", "cookie")
+_GATEWAY_HEADERS = frozenset({"accept", "content-type", "authorization", "host", "content-length"}) | HOP_BY_HOP
 MAX_NAME = 64
 _BAD_NAME = re.compile(r"[^A-Za-z0-9_-]")
 _TEMPLATE = re.compile(r"\{([^{}]+)\}")
@@ -331,8 +339,8 @@ def _parameters(docs: Documents, shared: Any, own: Any, opointer: str, file: str
                 raise SpecError(join(ppointer, "name"), "a parameter needs a name")
             if loc not in LOCATIONS:
                 raise SpecError(join(ppointer, "in"), f"'in' must be one of {', '.join(LOCATIONS)}, got {loc!r}")
-            if loc == "header" and name.lower() in ("accept", "content-type", "authorization"):
-                continue    # OpenAPI: these header parameters are ignored (set by the gateway)
+            if loc == "header" and name.lower() in _GATEWAY_HEADERS:
+                continue    # OpenAPI ignores the first three; the rest frame the request (ours)
             out[(name, loc)] = {**p, "_pointer": ppointer, "_file": pfile}
     return out
 
