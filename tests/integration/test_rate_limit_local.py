@@ -286,3 +286,27 @@ headers = { "x-ratelimit-limit" = "999", "x-ratelimit-remaining" = "999", "x-oth
     assert r.status == 200 and r.body == b"ok"
     assert (r.header("x-ratelimit-limit"), r.header("x-ratelimit-remaining"), r.header("x-ratelimit-reset"),
             r.header("x-other")) == ("5", "4", "720", "kept")
+
+
+@pytest.mark.parametrize("key", ['request.headers["x-api-key"]',                       # read directly
+                                 'request.headers["x-api-key"] + "/" + request.path'])  # through CEL
+def test_a_repeated_header_a_key_reads_is_refused_not_a_fresh_bucket(start_gateway, upstream, key):
+    # x-api-key: K plus x-api-key: <random> joined into one key would be a new bucket per
+    # request while the upstream (Go, Starlette: the first value) still reads K.
+    limits = f'''
+[[route.rate_limit.local]]
+key = '{key}'
+capacity = 2
+refill = {{ tokens = 2, every = "1h" }}
+'''
+    gw = start_gateway(config(upstream.url, limits))
+    assert [request(gw.port, "/k", {"x-api-key": "K"}).status for _ in range(3)] == [200, 200, 429]
+    for i in range(3):
+        r = request(gw.port, "/k", [("x-api-key", "K"), ("x-api-key", f"random-{i}")])
+        assert r.status == 400, (r.status, r.body)
+        assert r.json() == {"error": "bad_request",
+                            "message": "header 'x-api-key' is repeated and a rate limit key reads it"}
+    assert len(upstream.targets()) == 2
+    # Another header repeated is nobody's business here: the limit still answers for K.
+    r = request(gw.port, "/k", [("x-api-key", "K"), ("accept", "a"), ("accept", "b")])
+    assert r.status == 429

@@ -300,3 +300,14 @@ def test_a_key_that_cannot_be_computed_follows_failure_mode(start_gateway, upstr
         assert r.status == 200 and upstream.targets() == ["/nobody"]
     assert redis.cli("KEYS", "*").split() == []          # Redis was not asked about a partial key
     assert "route[0].rate_limit.redis.limits[0].key" in gw.logs()
+
+
+def test_a_repeated_key_header_is_refused_even_failing_open(start_gateway, upstream):
+    # Not a failure of the limiter (which failure_mode = "open" would let through): the
+    # client's own doing, refused before Redis is asked, here one that is not even there.
+    gw = start_gateway(config(upstream.url, f"redis://127.0.0.1:{free_port()}", failure_mode="open",
+                              key='request.headers["x-user"]'))
+    r = request(gw.port, "/", [("x-user", "a"), ("x-user", "b")])
+    assert r.status == 400 and r.json()["error"] == "bad_request"
+    assert request(gw.port, "/", {"x-user": "a"}).status == 200     # failing open, as configured
+    assert len(upstream.targets()) == 1

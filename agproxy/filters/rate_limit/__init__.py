@@ -42,8 +42,8 @@ from typing import Any
 
 from agproxy.config.reader import Section
 from agproxy.filters import eval_errors
-from agproxy.filters.rate_limit.keys import key_reader
-from agproxy.filters.rate_limit.limits import NS, LimitSpec, failed, limited, read_limit
+from agproxy.filters.rate_limit.keys import RepeatedHeader, key_reader
+from agproxy.filters.rate_limit.limits import NS, LimitSpec, failed, limited, read_limit, repeated
 from agproxy.proxy.filter import Filter, FilterResult, LocalReply
 from agproxy.proxy.registry import RATE_LIMITING
 from agproxy.telemetry.counters import counter, direct_counts
@@ -155,8 +155,12 @@ class RateLimitFilter(Filter):
         return None
 
     def _key_failed(self, ex: Any, lim: LocalLimit, exc: Exception, taken: list | None, now: int) -> LocalReply:
-        eval_errors.error(lim.where, lim.key.source, exc, "failed (rate limit key: refusing)")
         self._give_back(taken, now)
+        if type(exc) is RepeatedHeader:
+            self.decisions.inc(self._error)
+            ex.error = f"rate_limit: {exc}"
+            return repeated(exc)
+        eval_errors.error(lim.where, lim.key.source, exc, "failed (rate limit key: refusing)")
         self.decisions.inc(self._error)
         ex.error = f"rate_limit: {lim.where} could not be evaluated"
         return failed("the rate limit key could not be computed for this request")

@@ -7,9 +7,14 @@ request (callgrind, benchmarks/ratelimit_bench.py "filter, header key"), a quart
 of a whole proxied request; reading the field directly costs a few hundred. So
 `key_reader(expr)` recognises exactly those shapes and reads the field itself,
 with CEL's semantics: a missing header or claim is an error (the caller fails
-closed), repeated headers are joined with ", " as in CEL's `request.headers`, and a
-claim that is not a string (a number, a list) is handed to CEL after all, so that
-its text is CEL's `string()` form. Any other expression is evaluated by CEL.
+closed), and a claim that is not a string (a number, a list) is handed to CEL after
+all, so that its text is CEL's `string()` form. Any other expression is evaluated by
+CEL.
+
+A header a key reads that the request repeats is refused (`RepeatedHeader`, 400 in
+every limiter whatever its failure_mode), never joined: `x-api-key: K` plus
+`x-api-key: <random>` would otherwise be a fresh bucket per request while the
+upstream (Go, Starlette: the first value) still reads K, a way around any limit.
 """
 
 from __future__ import annotations
@@ -25,6 +30,17 @@ _FIELD = re.compile(r"^\s*(request\s*\.\s*(?:path|method|host)|source\s*\.\s*add
 
 class KeyError_(LookupError):
     """The key's field is not there (CEL: no such key)."""
+
+
+class RepeatedHeader(ValueError):
+    """A header the key reads appears more than once in the request (the client's doing)."""
+
+    def __init__(self, name: str):
+        super().__init__(f"header {name!r} is repeated and a rate limit key reads it")
+        self.name = name
+
+
+_HEADER_READ = re.compile(r"""headers\s*\[\s*(["'])([^"'\\]+)\1\s*\]""")
 
 
 def key_reader(expr: Any) -> Callable[[Any], str]:
@@ -43,7 +59,19 @@ def key_reader(expr: Any) -> Callable[[Any], str]:
             return lambda ex: ex.conn.peer_host
         attr = field.split(".")[1]
         return lambda ex: getattr(ex.request, attr)
-    return lambda ex: expr.evaluate_str(ex.activation)
+    names = frozenset(m.group(2).lower() for m in _HEADER_READ.finditer(src))
+    if not names:
+        return lambda ex: expr.evaluate_str(ex.activation)
+
+    def read_checked(ex: Any) -> str:
+        seen = set()
+        for k, _ in ex.request.headers.items:
+            if k in names:
+                if k in seen:
+                    raise RepeatedHeader(k)
+                seen.add(k)
+        return expr.evaluate_str(ex.activation)
+    return read_checked
 
 
 def _header_reader(name: str) -> Callable[[Any], str]:
@@ -51,7 +79,9 @@ def _header_reader(name: str) -> Callable[[Any], str]:
         found = None
         for k, v in ex.request.headers.items:
             if k == name:
-                found = v if found is None else f"{found}, {v}"
+                if found is not None:
+                    raise RepeatedHeader(name)
+                found = v
         if found is None:
             raise KeyError_(f"no such key: {name}")
         return found

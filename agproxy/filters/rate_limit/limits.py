@@ -102,6 +102,11 @@ def limited(capacity: int, reset_ns: int, retry_ns: int) -> LocalReply:
     return LocalReply.error(429, "rate_limited", "too many requests: the route's rate limit is reached", h)
 
 
+def repeated(exc: Exception) -> LocalReply:
+    """The 400 for a request that repeats a header a rate limit key reads (keys.RepeatedHeader)."""
+    return LocalReply.error(400, "bad_request", str(exc))
+
+
 def failed(why: str) -> LocalReply:
     """The answer when the rate-limit step itself fails and fails closed."""
     return LocalReply.error(500, "rate_limit_error", why)

@@ -33,7 +33,7 @@ import orjson
 
 from agproxy.filters.rate_limit import RateLimitFilter
 from agproxy.mcp.call import McpRequest
-from agproxy.mcp.jsonrpc import INTERNAL_ERROR, error_body
+from agproxy.mcp.jsonrpc import INTERNAL_ERROR, INVALID_REQUEST, error_body
 from agproxy.proxy.contract import FilterResult, LocalReply
 
 RATE_LIMITED = -32029
@@ -83,7 +83,7 @@ def as_jsonrpc(ex: Any, reply: LocalReply) -> LocalReply:
             if k == "retry-after" and v.isdigit():
                 data = {"retryAfter": int(v)}
     else:
-        code = INTERNAL_ERROR
+        code = INVALID_REQUEST if reply.status == 400 else INTERNAL_ERROR
     req = ex.mcp
     rid = None
     if isinstance(req, McpRequest) and req.body is not None and not req.body.batch:

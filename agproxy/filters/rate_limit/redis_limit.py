@@ -36,8 +36,8 @@ from typing import Any
 
 from agproxy.config.reader import Section
 from agproxy.filters import eval_errors
-from agproxy.filters.rate_limit.keys import key_reader
-from agproxy.filters.rate_limit.limits import LimitSpec, failed, limited, read_limit
+from agproxy.filters.rate_limit.keys import RepeatedHeader, key_reader
+from agproxy.filters.rate_limit.limits import LimitSpec, failed, limited, read_limit, repeated
 from agproxy.proxy.filter import LocalReply
 from agproxy.telemetry import tracing
 from agproxy.telemetry.counters import counter
@@ -127,6 +127,9 @@ class RedisLimits:
         for i, spec in enumerate(self.specs):
             try:
                 keys.append(self._key(i, ex))
+            except RepeatedHeader as exc:
+                ex.error = f"rate_limit: {exc}"
+                return repeated(exc)          # the client's doing: 400, whatever failure_mode says
             except Exception as exc:
                 eval_errors.error(f"{spec.path}.key", spec.key.source, exc, "failed (rate limit key)")
                 return self._failed(ex, "the rate limit key could not be computed for this request", exc)

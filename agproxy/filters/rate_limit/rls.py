@@ -37,8 +37,8 @@ from envoy.service.ratelimit.v3 import rls_pb2
 
 from agproxy.config.reader import Section
 from agproxy.filters import compile_cel, eval_errors
-from agproxy.filters.rate_limit.keys import key_reader
-from agproxy.filters.rate_limit.limits import NS, failed, limited
+from agproxy.filters.rate_limit.keys import RepeatedHeader, key_reader
+from agproxy.filters.rate_limit.limits import NS, failed, limited, repeated
 from agproxy.proxy.filter import LocalReply
 from agproxy.telemetry import tracing
 from agproxy.telemetry.counters import counter
@@ -88,6 +88,8 @@ class RemoteLimits:
             for key, read, expr, path in entries:
                 try:
                     values.append(_Entry(key=key, value=read(ex)))
+                except RepeatedHeader:
+                    raise
                 except Exception as exc:
                     eval_errors.error(path, expr.source, exc, "failed (rate limit descriptor)")
                     raise
@@ -100,6 +102,9 @@ class RemoteLimits:
         failed closed."""
         try:
             request = self._request(ex, 1)
+        except RepeatedHeader as exc:
+            ex.error = f"rate_limit: {exc}"
+            return repeated(exc)              # the client's doing: 400, whatever failure_mode says
         except Exception:
             return self._failed(ex, "a rate limit descriptor could not be computed for this request")
         span = tracing.rpc_span(ex.span, _SERVICE, "ShouldRateLimit", self.address)
