@@ -43,7 +43,6 @@ its provider names are unchanged.
 
 from __future__ import annotations
 
-import asyncio
 import logging
 import time
 from typing import Any
@@ -61,6 +60,7 @@ from agproxy.config.reader import Section
 from agproxy.http.messages import BodyAborted, BodyTooLarge, Headers
 from agproxy.proxy.contract import Backend, Response
 from agproxy.telemetry import tracing
+from agproxy.upstream.deadline import within
 from agproxy.upstream.errors import UpstreamError
 
 log = logging.getLogger("agproxy.llm")
@@ -229,6 +229,18 @@ async def _read_all(body: Any, limit: int) -> bytes:
         parts.append(chunk)
 
 
+async def _first_output(body: Any, tr: StreamTranslator) -> bytes:
+    """Read the provider's stream until the translator has something for the client
+    (or the stream ended: then whatever its end produces)."""
+    while True:
+        chunk = await body.read()
+        if not chunk:
+            return tr.end()
+        first = tr.feed(chunk)
+        if first:
+            return first
+
+
 class LlmGroup(Backend):
     kind = TYPE
 
@@ -352,7 +364,7 @@ class LlmGroup(Backend):
         return self._error(api, 503, "unavailable", why)
 
     async def _try(self, ex: Any, call: _Call, i: int, p: Provider, model: str, path: str, body: bytes,
-                   timeout: float | None, span: Any = None) -> Response | None:
+                   timeout: float, span: Any = None) -> Response | None:
         """One attempt: the Response to commit, or None (unhealthy: try the next)."""
         creq = call.creq
         state = self.state
@@ -392,8 +404,7 @@ class LlmGroup(Backend):
         status = resp.status
         parsed = None
         try:
-            async with asyncio.timeout(timeout):
-                data = await _read_all(resp.body, MAX_ERROR_BODY)
+            data = await within(timeout, _read_all(resp.body, MAX_ERROR_BODY))
             if "json" in (resp.headers.get("content-type") or ""):
                 parsed = orjson.loads(data)
         except (ProviderError, BodyAborted, TimeoutError, orjson.JSONDecodeError):
@@ -417,8 +428,7 @@ class LlmGroup(Backend):
     async def _json_answer(self, call: _Call, i: int, p: Provider, model: str, resp, attempt: dict,
                            timeout) -> Response | None:
         try:
-            async with asyncio.timeout(timeout):
-                data = await _read_all(resp.body, MAX_ANSWER)
+            data = await within(timeout, _read_all(resp.body, MAX_ANSWER))
             parsed, reply = translate.parse_provider_reply(p.kind, data, model)
         except (ProviderError, BodyAborted, TimeoutError) as exc:
             resp.abort()
@@ -437,15 +447,8 @@ class LlmGroup(Backend):
         """Read until the stream produced something for the client: a stream that dies
         or says garbage before that can still go to the next provider."""
         tr = StreamTranslator(call.creq, p.kind, model)
-        first = b""
         try:
-            async with asyncio.timeout(timeout):
-                while not first:
-                    chunk = await resp.body.read()
-                    if not chunk:
-                        first = tr.end()
-                        break
-                    first = tr.feed(chunk)
+            first = await within(timeout, _first_output(resp.body, tr))
         except (ProviderError, BodyAborted, TimeoutError) as exc:
             resp.abort()
             attempt["error"] = "invalid stream" if isinstance(exc, ProviderError) else "broken stream"
