@@ -48,6 +48,8 @@ class SseSplitter:
     def feed(self, data: bytes) -> list[bytes]:
         buf = self._buf
         buf += data
+        if not self._after_cr and buf.find(b"\r", self._scan) < 0:
+            return self._feed_lf(buf)
         n = len(buf)
         i = self._scan
         line_start = self._line_start
@@ -82,6 +84,37 @@ class SseSplitter:
         if n > self.max_event:
             raise SseError(f"an event exceeds {self.max_event} bytes")
         self._scan = i
+        self._line_start = line_start
+        return events
+
+    def _feed_lf(self, buf: bytearray) -> list[bytes]:
+        """No CR in the unsearched bytes (what every LLM provider sends): an event ends at
+        the first LF that starts a line, found with bytes.find (memchr) instead of a
+        regex per line end. Measured with callgrind (benchmarks/instructions.py
+        h1-llm-stream, a 2.6 KB stream of 10 events in one chunk): the regex scan cost
+        ~170k instructions a request, about a sixth of the whole streamed request."""
+        events = []
+        find = buf.find
+        i, line_start = self._scan, self._line_start
+        while True:
+            p = find(b"\n", i)
+            if p < 0:
+                break
+            if p != line_start:             # a line ended: the event ends at the next empty line
+                p = find(b"\n\n", p)
+                if p < 0:
+                    line_start = buf.rfind(b"\n") + 1
+                    break
+                p += 1
+            end = p + 1
+            if end > self.max_event:
+                raise SseError(f"an event exceeds {self.max_event} bytes")
+            events.append(bytes(buf[:end]))
+            del buf[:end]
+            i = line_start = 0
+        if len(buf) > self.max_event:
+            raise SseError(f"an event exceeds {self.max_event} bytes")
+        self._scan = len(buf)
         self._line_start = line_start
         return events
 
@@ -120,7 +153,7 @@ def parse(raw: bytes) -> Event | None:
         text = text[1:]
     data: list[str] = []
     ev = Event()
-    for line in _LINES.split(text):
+    for line in (text.split("\n") if "\r" not in text else _LINES.split(text)):
         if not line:
             continue     # the blank line(s) ending the event
         if line[0] == ":":
