@@ -223,9 +223,16 @@ class StreamTranslator:
         openai_wire = self.wire == "openai"
         for raw in raws:
             if openai_wire:
-                find = raw.find
-                interesting = (not self.first_token or find(b'"usage":{') >= 0 or find(b"[DONE]") >= 0
-                               or find(b'"error"') >= 0)
+                if not self.first_token:
+                    interesting = True
+                elif raw.endswith(b'"usage":null}\n\n'):
+                    # A content chunk as OpenAI writes it under include_usage (which the
+                    # gateway asks for): no usage, no end marker, no error. One test
+                    # instead of three scans (each bytes method call ~1.5k instructions).
+                    interesting = False
+                else:
+                    find = raw.find
+                    interesting = find(b'"usage":{') >= 0 or find(b"[DONE]") >= 0 or find(b'"error"') >= 0
             else:
                 head = raw[:40]
                 interesting = not self.first_token or head.find(b"message_") >= 0 or head.find(b"error") >= 0
