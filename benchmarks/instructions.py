@@ -30,6 +30,11 @@ backend to the nginx (body parsed and checked, forwarded as it came), h1-mcp-pol
 same with mcp_auth + 3 mcp_authorization rules + claims_to_headers, h1-openapi-mcp
 to an `openapi_mcp` backend whose tool is a GET of the nginx (the gateway is the MCP
 server: validation, the REST call, the tool result).
+h1-llm / h1-llm-stream = the fixed 1 KB chat completion (harness/proxies.py
+`llm_request`) through an `llm_group` route with one `openai` provider, the mock
+provider in the same nginx (a fixed JSON answer, or a fixed SSE stream with a usage
+chunk); h1-llm-relay / h1-llm-relay-stream = the same POST relayed by the plain route
+(the baseline). The two llm routes are set up only when one of these scenarios runs.
 h1-limit / h2-limit = a route with one local rate limit keyed on a header (their
 request carries that header: h1-plain-hdr / h2-plain-hdr send it to the plain route, the
 baseline that differs only by the limit), and
@@ -88,8 +93,15 @@ SCENARIOS = {
     "h1-extauthz": (["--h1", "-c", "16", "-m", "1"], proxies.EXT_AUTHZ_PREFIX + "/", False),
     "h2-extauthz": (["-c", "16", "-m", "10"], proxies.EXT_AUTHZ_PREFIX + "/", False),
     "h1-authzcached": (["--h1", "-c", "16", "-m", "1"], proxies.EXT_AUTHZ_CACHED_PREFIX + "/", False),
+    # the fixed 1 KB chat completion (proxies.llm_request) to the mock provider in the nginx:
+    # relayed by the plain route (the baseline), and through an llm_group route (one openai provider)
+    "h1-llm-relay": (["--h1", "-c", "16", "-m", "1"], proxies.LLM_MOCK_JSON + proxies.LLM_PATH, False),
+    "h1-llm": (["--h1", "-c", "16", "-m", "1"], proxies.LLM_PREFIX_JSON + proxies.LLM_PATH, False),
+    "h1-llm-relay-stream": (["--h1", "-c", "16", "-m", "1"], proxies.LLM_MOCK_SSE + proxies.LLM_PATH, False),
+    "h1-llm-stream": (["--h1", "-c", "16", "-m", "1"], proxies.LLM_PREFIX_SSE + proxies.LLM_PATH, False),
 }
 MCP_SCENARIOS = {"h1-post", "h1-mcp", "h1-mcp-policy", "h1-openapi-mcp"}
+LLM_SCENARIOS = {"h1-llm-relay": False, "h1-llm": False, "h1-llm-relay-stream": True, "h1-llm-stream": True}
 
 
 def wait_redis(port: int, timeout: float = 10.0) -> None:
@@ -192,10 +204,16 @@ def main() -> int:
                     raise SystemExit(f"authorization server did not start:\n{authz.log_tail()}")
                 time.sleep(0.1)
             authz_address = f"127.0.0.1:{authz_port}"
+        llm = any(n in LLM_SCENARIOS for n in args.scenarios)
         spec = proxies.agproxy_spec(workdir, ports, tls, jwt_files, h2_upstream=True, mcp=True,
-                                    rate_limits=True, redis_port=redis_port, ext_authz=authz_address)
+                                    rate_limits=True, redis_port=redis_port, ext_authz=authz_address, llm=llm)
+        os.environ.update(proxies.LLM_ENV)      # the llm provider's key variable (the mock ignores it)
         call = workdir / "mcp-call.json"
         call.write_bytes(proxies.MCP_CALL)
+        llm_bodies = {}
+        for stream in (False, True):
+            llm_bodies[stream] = workdir / f"llm-request-{int(stream)}.json"
+            llm_bodies[stream].write_bytes(proxies.llm_request(stream))
         if args.tracing is not None:
             sink_port = next(free)
             sink = sup.start("otlp-sink", [sys.executable, str(Path(__file__).parent / "harness" / "otlp_sink.py"),
@@ -227,6 +245,9 @@ def main() -> int:
             if name in MCP_SCENARIOS:
                 flags = [*flags, "-d", str(call)]
                 headers.update(MCP_HEADERS)
+            if name in LLM_SCENARIOS:
+                flags = [*flags, "-d", str(llm_bodies[LLM_SCENARIOS[name]])]
+                headers["content-type"] = "application/json"
             results[name] = measure(gw.popen.pid, workdir, flags, spec.urls["h1"] + path,
                                     headers, args.requests, args.warm_up, name if args.keep else "")
             print(f"{name:10s} {results[name]:10,.0f} instructions/request", flush=True)
@@ -235,6 +256,10 @@ def main() -> int:
             if post:
                 print(f"{name} ÷ h1-post (instructions; the req/s ratio if CPU were all): "
                       f"{post / results[name]:.3f}")
+        for mode in ("", "-stream"):
+            relay, llm_cost = results.get(f"h1-llm-relay{mode}"), results.get(f"h1-llm{mode}")
+            if relay and llm_cost:
+                print(f"h1-llm{mode} ÷ h1-llm-relay{mode} (the req/s ratio if CPU were all): {relay / llm_cost:.3f}")
         for proto in ("h1", "h2"):
             plain, policy = results.get(f"{proto}-plain"), results.get(f"{proto}-policy")
             if plain and policy:

@@ -48,6 +48,8 @@ class SseSplitter:
     def feed(self, data: bytes) -> list[bytes]:
         buf = self._buf
         buf += data
+        if not self._after_cr and buf.find(b"\r", self._scan) < 0:
+            return self._feed_lf(buf)
         n = len(buf)
         i = self._scan
         line_start = self._line_start
@@ -85,6 +87,36 @@ class SseSplitter:
         self._line_start = line_start
         return events
 
+    def _feed_lf(self, buf: bytearray) -> list[bytes]:
+        """No CR in the unsearched bytes (what every LLM provider sends): line ends are
+        the LFs, found with bytes.find (memchr) instead of a regex search per line end;
+        an LF at the start of a line ends the event. Measured with callgrind, `feed` of a
+        2.6 KB stream of 10 events (benchmarks/instructions.py h1-llm-stream's answer):
+        228k instructions with the regex, 63k with this loop (most of it is the ~1.5k
+        each bytes method call costs; a two-byte needle, `find(b"\n\n")` or `split`, is
+        a scan of ~3 instructions a byte and was no cheaper)."""
+        events = []
+        find = buf.find             # no copy of buf: a slow event may arrive a byte at a time
+        start = 0
+        line_start = self._line_start
+        p = find(b"\n", self._scan)
+        while p >= 0:
+            if p == line_start:
+                end = p + 1
+                if end - start > self.max_event:
+                    raise SseError(f"an event exceeds {self.max_event} bytes")
+                events.append(bytes(buf[start:end]))
+                start = end
+            line_start = p + 1
+            p = find(b"\n", line_start)
+        if start:
+            del buf[:start]
+        if len(buf) > self.max_event:
+            raise SseError(f"an event exceeds {self.max_event} bytes")
+        self._scan = len(buf)
+        self._line_start = line_start - start
+        return events
+
     def end(self) -> bytes:
         """The bytes of an unterminated last event (b"" when the stream ended cleanly)."""
         rest = bytes(self._buf)
@@ -120,7 +152,7 @@ def parse(raw: bytes) -> Event | None:
         text = text[1:]
     data: list[str] = []
     ev = Event()
-    for line in _LINES.split(text):
+    for line in (text.split("\n") if "\r" not in text else _LINES.split(text)):
         if not line:
             continue     # the blank line(s) ending the event
         if line[0] == ":":

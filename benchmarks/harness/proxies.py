@@ -83,6 +83,147 @@ def _nginx_argv(conf: Path, workdir: Path, name: str) -> list[str]:
             "-p", str(workdir), "-c", str(conf)]
 
 
+# --- the mock LLM provider (in the upstream nginx) -------------------------------
+
+#: An OpenAI Chat Completions answer as the API writes it (compact JSON, so that a
+#: gateway that re-serialises it with orjson gives the same bytes), with the usage a
+#: prompt-cached request reports (`prompt_tokens_details.cached_tokens`).
+LLM_TEXT = "Hello from the mock LLM."
+LLM_USAGE = {"prompt_tokens": 312, "completion_tokens": 7, "total_tokens": 319,
+             "prompt_tokens_details": {"cached_tokens": 256, "audio_tokens": 0},
+             "completion_tokens_details": {"reasoning_tokens": 0, "audio_tokens": 0,
+                                           "accepted_prediction_tokens": 0, "rejected_prediction_tokens": 0}}
+_LLM_HEAD = {"id": "chatcmpl-bench0000000000000000001", "created": 1760000000, "model": "gpt-4o-mini-2024-07-18"}
+
+
+def _compact(obj) -> str:
+    return json.dumps(obj, separators=(",", ":"))
+
+
+def llm_mock_json() -> bytes:
+    return _compact({**_LLM_HEAD, "object": "chat.completion", "choices": [{
+        "index": 0, "message": {"role": "assistant", "content": LLM_TEXT, "refusal": None, "annotations": []},
+        "logprobs": None, "finish_reason": "stop"}], "usage": LLM_USAGE, "service_tier": "default",
+        "system_fingerprint": "fp_bench0001"}).encode()
+
+
+def llm_mock_sse() -> bytes:
+    """The stream of the same answer as OpenAI sends it under `stream_options.include_usage`:
+    a role chunk, one chunk per word, the finish chunk, the usage chunk (`choices: []`),
+    `data: [DONE]`. A mock cannot read the request, so the usage chunk is always there."""
+    def chunk(delta: dict, finish=None) -> str:
+        return "data: " + _compact({**_LLM_HEAD, "object": "chat.completion.chunk", "service_tier": "default",
+                                    "system_fingerprint": "fp_bench0001", "choices": [{
+                                        "index": 0, "delta": delta, "logprobs": None, "finish_reason": finish}],
+                                    "usage": None}) + "\n\n"
+    words = LLM_TEXT.split(" ")
+    events = [chunk({"role": "assistant", "content": "", "refusal": None})]
+    events += [chunk({"content": w if i == 0 else " " + w}) for i, w in enumerate(words)]
+    events.append(chunk({}, "stop"))
+    events.append("data: " + _compact({**_LLM_HEAD, "object": "chat.completion.chunk", "service_tier": "default",
+                                       "system_fingerprint": "fp_bench0001", "choices": [],
+                                       "usage": LLM_USAGE}) + "\n\n")
+    events.append("data: [DONE]\n\n")
+    return "".join(events).encode()
+
+
+#: the mock's two endpoints (one answers JSON, one a stream: nginx does not read the body)
+LLM_MOCK_JSON = "/mock-json"
+LLM_MOCK_SSE = "/mock-sse"
+LLM_MODEL_JSON, LLM_MODEL_SSE = "bench-json", "bench-sse"
+#: agproxy's llm_group routes (one `openai` provider each, pointing at the mock)
+LLM_PREFIX_JSON, LLM_PREFIX_SSE = "/llm-json", "/llm-sse"
+LLM_PATH = "/v1/chat/completions"
+#: the provider's API key variable (the mock does not check it; the gateway requires one)
+LLM_ENV = {"AGPROXY_BENCH_LLM_KEY": "sk-bench-mock-provider-key"}
+
+
+def _nginx_quote(body: bytes) -> str:
+    text = body.decode()
+    assert "'" not in text and "$" not in text
+    return "'" + text.replace("\\", "\\\\").replace("\n", "\\n") + "'"
+
+
+def _llm_mock_locations() -> str:
+    out = []
+    for prefix, ctype, body in ((LLM_MOCK_JSON, "application/json", llm_mock_json()),
+                                (LLM_MOCK_SSE, "text/event-stream", llm_mock_sse())):
+        out.append(f"""    location = {prefix}{LLM_PATH} {{
+      if ($request_method != POST) {{ return 405; }}
+      default_type {ctype};
+      return 200 {_nginx_quote(body)};
+    }}""")
+    return "\n".join(out)
+
+
+def llm_request(stream: bool, size: int = 1024) -> bytes:
+    """A fixed Chat Completions request of exactly `size` bytes."""
+    def build(pad: int) -> bytes:
+        body = {"model": LLM_MODEL_SSE if stream else LLM_MODEL_JSON, "messages": [
+            {"role": "system", "content": "You are a concise assistant. Answer in one sentence."},
+            {"role": "user", "content": "Summarise this note: " + "lorem ipsum dolor sit amet " * 25}],
+            "max_tokens": 64, "temperature": 0, "user": "x" * pad}
+        if stream:
+            body["stream"] = True
+        return _compact(body).encode()
+    pad = size - len(build(0))
+    assert pad >= 0, "the fixed request is larger than asked"
+    out = build(pad)
+    assert len(out) == size
+    return out
+
+
+def _llm_routes(ports: Ports) -> str:
+    out = ""
+    for name, prefix, mock, model in (("llm-json", LLM_PREFIX_JSON, LLM_MOCK_JSON, LLM_MODEL_JSON),
+                                      ("llm-sse", LLM_PREFIX_SSE, LLM_MOCK_SSE, LLM_MODEL_SSE)):
+        out += f"""[[route]]
+name = "{name}"
+match = {{ path_prefix = "{prefix}" }}
+backend = "{name}"
+
+[backend.{name}]
+type = "llm_group"
+models = ["{model}"]
+
+[[backend.{name}.provider]]
+name = "mock"
+kind = "openai"
+url = "http://127.0.0.1:{ports.up_h1}{mock}"
+api_key_env = "{next(iter(LLM_ENV))}"
+models = {{ {model} = "gpt-4o-mini" }}
+
+"""
+    return out
+
+
+def litellm_spec(workdir: Path, port: int, ports: Ports, litellm_bin: str, workers: int,
+                 master_key: str) -> tuple[Spec, dict[str, str]]:
+    """The LiteLLM proxy in front of the same mock: one `openai/...` model per endpoint,
+    no database, the model cost map from the package (offline). Returns the spec and its
+    environment."""
+    models = []
+    for model, mock in ((LLM_MODEL_JSON, LLM_MOCK_JSON), (LLM_MODEL_SSE, LLM_MOCK_SSE)):
+        models.append(f"""  - model_name: {model}
+    litellm_params:
+      model: openai/gpt-4o-mini
+      api_base: http://127.0.0.1:{ports.up_h1}{mock}/v1
+      api_key: {LLM_ENV[next(iter(LLM_ENV))]}""")
+    conf = workdir / "litellm.yaml"
+    conf.write_text("model_list:\n" + "\n".join(models) + f"""
+general_settings:
+  master_key: {master_key}
+litellm_settings:
+  set_verbose: false
+  telemetry: false
+""")
+    env = {**os.environ, "LITELLM_LOCAL_MODEL_COST_MAP": "True", "LITELLM_LOG": "ERROR",
+           "LITELLM_TELEMETRY": "False", "NO_DOCS": "True", "DISABLE_ADMIN_UI": "True"}
+    argv = [litellm_bin, "--config", str(conf), "--host", "127.0.0.1", "--port", str(port),
+            "--num_workers", str(workers)]
+    return Spec("litellm", argv, urls_for(port, port, port), ready_timeout=120.0), env
+
+
 def upstream_spec(workdir: Path, ports: Ports, tls: keys.TlsFiles) -> Spec:
     http = f"""  access_log off;
   server {{
@@ -96,6 +237,7 @@ def upstream_spec(workdir: Path, ports: Ports, tls: keys.TlsFiles) -> Spec:
     location = /policy/check {{
       return 200 "user=$http_x_user groups=$http_x_groups authz=$http_authorization";
     }}
+{_llm_mock_locations()}
   }}"""
     conf = workdir / "upstream.conf"
     conf.write_text(_nginx_main(workdir, "upstream", http))
@@ -437,7 +579,7 @@ def agproxy_toml(workdir: Path, ports: Ports, tls: keys.TlsFiles,
                  jwt_files: keys.JwtFiles | None = None, h2_upstream: bool = False,
                  mcp: bool = False, rate_limits: bool = False,
                  redis_port: int | None = None, ext_authz: str | None = None,
-                 rls: str | None = None, workers: int = 1) -> str:
+                 rls: str | None = None, workers: int = 1, llm: bool = False) -> str:
     port = ports.proxy["agproxy"]["h1"]
     policy = _policy_route(jwt_files) if jwt_files else ""
     if h2_upstream:
@@ -450,6 +592,8 @@ def agproxy_toml(workdir: Path, ports: Ports, tls: keys.TlsFiles,
         policy += _ext_authz_routes(ext_authz)
     if rls:
         policy += _rls_route(rls)
+    if llm:
+        policy += _llm_routes(ports)
     return f"""# generated by benchmarks/run.py
 [gateway]
 workers = {workers}
@@ -482,10 +626,10 @@ def agproxy_spec(workdir: Path, ports: Ports, tls: keys.TlsFiles,
                  jwt_files: keys.JwtFiles | None = None, name: str = "agproxy",
                  h2_upstream: bool = False, mcp: bool = False, rate_limits: bool = False,
                  redis_port: int | None = None, ext_authz: str | None = None,
-                 rls: str | None = None, workers: int = 1) -> Spec:
+                 rls: str | None = None, workers: int = 1, llm: bool = False) -> Spec:
     conf = workdir / f"{name}.toml"
     conf.write_text(agproxy_toml(workdir, ports, tls, jwt_files, h2_upstream, mcp, rate_limits, redis_port,
-                                 ext_authz, rls, workers))
+                                 ext_authz, rls, workers, llm))
     port = ports.proxy["agproxy"]["h1"]
     extra = os.environ.get("AGPROXY_BENCH_ARGS", "").split()  # e.g. flags under test
     argv = [agproxy_binary(), "run", "--config", str(conf), *extra]

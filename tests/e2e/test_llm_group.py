@@ -149,6 +149,31 @@ def test_primary_failure_falls_back_and_evicts(fakes, start_gateway, fault):
     assert fallback.requests[-1].header("authorization") is None
 
 
+@pytest.mark.parametrize("stream", [False, True], ids=["json", "stream"])
+def test_primary_that_stalls_after_its_head_falls_back_within_the_timeout(fakes, start_gateway, stream):
+    """The head arrives in time, then nothing: the route's timeout bounds the wait for the
+    body (JSON) or the first event (stream); the provider is unhealthy and the fallback answers."""
+    primary = fakes("openai")
+    fallback = fakes("anthropic")
+    gw = start_gateway(_config([primary, fallback], timeout="1s"), env=ENV)
+    primary.faults.append(Fault("stall", seconds=10))
+    client = _oa(gw, timeout=8)
+    t0 = time.monotonic()
+    if stream:
+        chunks = list(client.chat.completions.create(model="smart", messages=HI, stream=True))
+        text = "".join(c.choices[0].delta.content or "" for c in chunks if c.choices)
+    else:
+        text = client.chat.completions.create(model="smart", messages=HI).choices[0].message.content
+    elapsed = time.monotonic() - t0
+    assert text == "Hello from the fake."
+    assert 0.9 <= elapsed < 5, elapsed
+    rec = gw.access_log(1)[-1]
+    assert rec["llm_provider"] == "anthropic"
+    assert rec["llm_attempts"][0] == {"provider": "openai", "status": 200,
+                                      "error": "broken stream" if stream else "broken answer"}
+    assert _metric(gw, "agproxy_llm_provider_evictions_total", group="llm", provider="openai") == 1
+
+
 def test_primary_restored_after_the_eviction_and_backoff_doubles(fakes, start_gateway):
     primary = fakes("openai")
     fallback = fakes("bedrock")

@@ -31,6 +31,7 @@ decodes them).
 Faults (`fake.faults`, consumed one per request, FIFO; `fake.fault_always` for
 every request): `Fault("status", 503)`, `Fault("status", 429, retry_after=7)`,
 `Fault("reset")` (RST after reading the request), `Fault("hang", seconds=S)`,
+`Fault("stall", seconds=S)` (a 200 head, JSON or a stream as asked, then nothing for S),
 `Fault("garbage")` (bytes that are not HTTP), `Fault("garbage_json")` (200, a body
 that is not JSON), `Fault("truncate", events=N)` (N stream events, then the
 connection drops mid-body). A stream that loses its reader mid-way sets
@@ -71,7 +72,7 @@ _PAD = "abcdefghijklmnopqrstuvwxyzABCDEFGHIJKLMNOPQRSTUVWXYZ0123"
 
 @dataclass
 class Fault:
-    kind: str                      # status | reset | hang | garbage | garbage_json | truncate
+    kind: str                      # status | reset | hang | stall | garbage | garbage_json | truncate
     status: int = 503
     retry_after: float | None = None
     seconds: float = 30.0
@@ -202,7 +203,7 @@ class FakeProvider(StrictPeer):
         with self.cond:
             fault = self.faults.pop(0) if self.faults else self.fault_always
         if fault is not None and fault.kind != "truncate":
-            return self._fault(conn, fault)
+            return self._fault(conn, fault, isinstance(seen.json, dict) and bool(seen.json.get("stream")))
         try:
             auth = self._check_auth(seen)
             if auth is not None:
@@ -220,7 +221,7 @@ class FakeProvider(StrictPeer):
             self.requests.append(seen)
             self.cond.notify_all()
 
-    def _fault(self, conn: Conn, fault: Fault) -> bool:
+    def _fault(self, conn: Conn, fault: Fault, stream: bool = False) -> bool:
         if fault.kind == "status":
             extra = []
             if fault.retry_after is not None:
@@ -231,6 +232,14 @@ class FakeProvider(StrictPeer):
             conn.reset()
             return False
         if fault.kind == "hang":
+            conn.hang(fault.seconds)
+            return False
+        if fault.kind == "stall":
+            if stream:
+                conn.start_chunked(200, [("content-type", "application/vnd.amazon.eventstream" if self.kind == "bedrock"
+                                          else "text/event-stream; charset=utf-8")])
+            else:
+                conn.respond(200, [("content-type", "application/json")], b"x" * 400, head_only=True)
             conn.hang(fault.seconds)
             return False
         if fault.kind == "garbage":

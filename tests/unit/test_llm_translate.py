@@ -402,3 +402,13 @@ def test_truncated_stream_ends_with_an_error_event():
     tr = StreamTranslator(oreq, "anthropic", "c")
     out = tr.feed(_anthropic_sse()[:200]) + tr.end()
     assert _openai_chunks(out)[-1]["error"]["type"] == "server_error"
+
+
+def test_the_one_line_event_shortcut_reads_what_the_parser_reads():
+    from agproxy.backends.llm.translate import _data_of
+    from agproxy.http.sse import parse
+    for raw in (b'data: {"a":1}\n\n', b"data: [DONE]\n\n", b"data:  two\n\n", b"data:\n\n", b"data: \xff\n\n",
+                b"data: a\ndata: b\n\n", b"data: a\r\n\r\n", b"event: x\ndata: y\n\n", b": c\n\n",
+                b"\xef\xbb\xbfdata: bom\n\n", b"data: x\n", b"\n"):
+        ev = parse(raw)
+        assert _data_of(raw) == (None if ev is None else ev.data), raw

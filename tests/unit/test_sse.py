@@ -106,3 +106,52 @@ def test_format_round_trip():
     assert (back.data, back.event, back.id, back.retry, back.comments) == ("a\nb", "e", "1", 5, ["c"])
     # Line ends inside data become data lines (a CR must never end the field early).
     assert format_event(Event("x\r\ny\rz")) == b"data: x\ndata: y\ndata: z\n\n"
+
+
+LF_STREAM = (b"\ndata: a\n\n\ndata: b\nid: 1\n\n: c\n\n\n\ndata: {\"x\": 1}\n\n"
+             b"event: e\ndata: 2\ndata: 3\n\ndata: cut")
+
+
+def _reference(stream: bytes) -> tuple[list[bytes], bytes]:
+    """The WHATWG rule for an LF-only stream, byte by byte: an event ends at a line end
+    that starts a line (an empty line)."""
+    events, start, line_start = [], 0, 0
+    for i, b in enumerate(stream):
+        if b == 10:
+            if i == line_start:
+                events.append(stream[start:i + 1])
+                start = i + 1
+            line_start = i + 1
+    return events, stream[start:]
+
+
+def test_lf_only_streams_split_as_the_rule_says_at_every_cut():
+    # LF-only streams take a memchr path of their own; it must agree with the rule.
+    want = _reference(LF_STREAM)
+    assert want[1] == b"data: cut" and len(want[0]) == 9
+    assert split_all([LF_STREAM]) == want
+    assert split_all([LF_STREAM[i:i + 1] for i in range(len(LF_STREAM))]) == want
+    for a in range(len(LF_STREAM) + 1):
+        for b in range(a, len(LF_STREAM) + 1, 7):
+            assert split_all([LF_STREAM[:a], LF_STREAM[a:b], LF_STREAM[b:]]) == want, (a, b)
+
+
+def test_a_stream_that_turns_to_cr_line_ends_midway_splits_the_same():
+    # The LF path, then CRs arrive: the general path takes over from the same state.
+    stream = b"data: a\n\ndata: b\n" + b"data: c\r\n\r\ndata: d\r\rdata: e\n\n"
+    whole = split_all([stream])
+    assert [parse(e).data for e in whole[0]] == ["a", "b\nc", "d", "e"]
+    for cut in range(len(stream) + 1):
+        events, rest = split_all([stream[:cut], stream[cut:]])
+        assert b"".join(events) + rest == stream, cut
+        assert [parse(e).data for e in events if parse(e)] == ["a", "b\nc", "d", "e"], cut
+
+
+def test_lf_only_event_size_is_bounded():
+    s = SseSplitter(max_event=64)
+    with pytest.raises(SseError):
+        s.feed(b"data: " + b"x" * 100 + b"\n\n")
+    s = SseSplitter(max_event=64)
+    with pytest.raises(SseError):
+        for _ in range(100):
+            s.feed(b"data: yy\n")       # lines, never an empty one

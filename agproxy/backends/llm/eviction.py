@@ -96,6 +96,8 @@ class GroupHealth:
         now = self.clock()
         self._refresh(now)
         ps = self.providers
+        if len(ps) == 1:
+            return [0]      # the one provider is tried whatever its state (below, the soonest back)
         ready = [i for i, p in enumerate(ps) if p.state == HEALTHY or (p.state == RESTORED and not p.probing)]
         if not ready:
             soonest = min(range(len(ps)), key=lambda i: ps[i].evicted_until if ps[i].state == EVICTED else now)

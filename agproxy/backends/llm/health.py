@@ -13,6 +13,11 @@ An expression that fails to evaluate (say `response.body.error.type == "x"` on a
 body without `error`) counts as unhealthy: fail closed, the provider leaves the
 rotation rather than keep answering what nobody understood. That is logged once
 per `log_interval` per group, not once per request.
+
+The default expression is answered in Python (`status >= 500 or status == 429`)
+without CEL: it is asked on every answer, healthy ones included, and an evaluation
+(activation, the lazy `response` map, the library call) cost ~5 µs; any other
+expression goes through CEL.
 """
 
 from __future__ import annotations
@@ -30,7 +35,7 @@ DEFAULT_HEALTH = "response.code >= 500 || response.code == 429"
 
 
 class HealthCheck:
-    __slots__ = ("expr", "group", "log_interval", "clock", "_last_log", "eval_errors")
+    __slots__ = ("expr", "group", "log_interval", "clock", "_last_log", "eval_errors", "_default")
 
     def __init__(self, expr: "cel.Expression", group: str, log_interval: float = 60.0,
                  clock: Callable[[], float] = time.monotonic):
@@ -40,12 +45,16 @@ class HealthCheck:
         self.clock = clock
         self._last_log: float | None = None
         self.eval_errors = 0
+        self._default = " ".join(expr.source.split()) == DEFAULT_HEALTH
 
     @property
     def source(self) -> str:
         return self.expr.source
 
     def unhealthy(self, status: int, headers: Headers, body: Any = None) -> bool:
+        if self._default:
+            return status >= 500 or status == 429
+
         def response() -> dict:
             return {"code": status, "headers": headers.as_dict(), "body": body if isinstance(body, dict) else {}}
         try:

@@ -131,6 +131,16 @@ def provider_error(kind: str, body: Any, error_type: str | None = None) -> tuple
     return bedrock.error_message(body, error_type)
 
 
+def _data_of(raw: bytes) -> str | None:
+    """The data of one raw SSE event: the usual one-line `data: …` event (LF, no CR)
+    read directly, anything else through the parser. What `parse(raw).data` gives."""
+    if raw.startswith(b"data: ") and raw.endswith(b"\n\n") and raw.find(b"\n") == len(raw) - 2 \
+            and raw.find(b"\r") < 0:
+        return raw[6:-2].decode("utf-8", "replace")
+    ev = parse_sse(raw)
+    return None if ev is None else ev.data
+
+
 class StreamTranslator:
     """A provider's stream → the client's, one chunk at a time (synchronous, no I/O).
 
@@ -214,20 +224,37 @@ class StreamTranslator:
         return b"".join(out)
 
     def _observe(self, raws: list[bytes]) -> bytes:
-        """Pass-through: parse only the events that can carry what we need."""
+        """Pass-through: parse only the events that can carry what we need.
+
+        `raw.find(x) >= 0`, not `x in raw`: CPython's bytes `in` first tries its operand
+        as an integer and builds (then clears) a TypeError for a bytes one, ~1.9k
+        instructions each time; callgrind on h1-llm-stream (10 events): ~50k of the
+        request's instructions went to these tests."""
         keep = []
         drop = False
+        openai_wire = self.wire == "openai"
         for raw in raws:
-            if self.wire == "openai":
-                interesting = not self.first_token or b'"usage":{' in raw or b"[DONE]" in raw or b'"error"' in raw
+            if openai_wire:
+                if not self.first_token:
+                    interesting = True
+                elif raw.endswith(b'"usage":null}\n\n'):
+                    # A content chunk as OpenAI writes it under include_usage (which the
+                    # gateway asks for): no usage, no end marker, no error. One test
+                    # instead of three scans (each bytes method call ~1.5k instructions).
+                    interesting = False
+                else:
+                    find = raw.find
+                    interesting = find(b'"usage":{') >= 0 or find(b"[DONE]") >= 0 or find(b'"error"') >= 0
             else:
-                interesting = b"message_" in raw[:40] or b"error" in raw[:40] or not self.first_token
+                head = raw[:40]
+                interesting = not self.first_token or head.find(b"message_") >= 0 or head.find(b"error") >= 0
             if interesting:
-                ev = parse_sse(raw)
-                if ev is not None:
-                    events = self._decoder.feed(ev.data)
+                data = _data_of(raw)
+                if data is not None:
+                    events = self._decoder.feed(data)
                     self._note(events)
-                    if self.drop_usage_chunk and any(e[0] == "usage" for e in events) and b'"choices":[]' in raw:
+                    if (self.drop_usage_chunk and raw.find(b'"choices":[]') >= 0
+                            and any(e[0] == "usage" for e in events)):
                         drop = True
                         continue
             keep.append(raw)
