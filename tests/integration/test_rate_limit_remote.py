@@ -199,3 +199,17 @@ def test_service_dying_and_coming_back(start_gateway, upstream, mode):
             peer2.stop()
     finally:
         peer.stop()
+
+
+def test_a_long_or_unprintable_descriptor_value_is_sent_as_its_digest(start_gateway, upstream):
+    # A client's 8 KB header must not become an 8 KB descriptor value at the service (its
+    # cache keys, its logs): values over 128 characters go as '#' + a 128-bit digest.
+    peer, rls = rls_peer({(("user", None),): (100, DAY)})
+    with peer:
+        gw = start_gateway(config(upstream.url, peer.address))
+        for value in ("x" * 8000, "x" * 8000, "a\tb", "short"):
+            assert request(gw.port, "/", {"x-user": value}).status == 200
+        sent = [d.entries[0].value for req, _ in rls.calls for d in req.descriptors]
+        assert sent[0] == sent[1] and sent[0].startswith("#") and len(sent[0]) == 33
+        assert sent[2].startswith("#") and len(sent[2]) == 33
+        assert sent[3] == "short"

@@ -19,6 +19,7 @@ upstream (Go, Starlette: the first value) still reads K, a way around any limit.
 
 from __future__ import annotations
 
+import hashlib
 import re
 from typing import Any, Callable
 
@@ -98,3 +99,16 @@ def _claim_reader(claim: str, expr: Any) -> Callable[[Any], str]:
             raise KeyError_(f"no such key: {claim}")
         return expr.evaluate_str(ex.activation)    # not text: CEL's string() form, or its error
     return read
+
+
+#: The longest key value sent to a remote limiter as it is; longer or unprintable ones
+#: (client input: a header can be 64 KB) go as their digest, so a client cannot grow
+#: Redis keys or a rate-limit service's descriptor cache without bound.
+MAX_VALUE = 128
+
+
+def bounded(value: str) -> str:
+    """`value`, or `#` + its 128-bit digest when it is too long or not printable."""
+    if len(value) > MAX_VALUE or not value.isprintable():
+        return "#" + hashlib.blake2b(value.encode("utf-8", "surrogatepass"), digest_size=16).hexdigest()
+    return value

@@ -29,14 +29,13 @@ through; both are counted (`error_denied` / `error_allowed`).
 
 from __future__ import annotations
 
-import hashlib
 import logging
 import os
 from typing import Any
 
 from agproxy.config.reader import Section
 from agproxy.filters import eval_errors
-from agproxy.filters.rate_limit.keys import RepeatedHeader, key_reader
+from agproxy.filters.rate_limit.keys import RepeatedHeader, bounded, key_reader
 from agproxy.filters.rate_limit.limits import LimitSpec, failed, limited, read_limit, repeated
 from agproxy.proxy.filter import LocalReply
 from agproxy.telemetry import tracing
@@ -47,7 +46,6 @@ from agproxy.upstream.remote import Failed, RemoteDependency, remote_settings
 log = logging.getLogger("agproxy.policy")
 
 US = 1000            # ns per microsecond: Redis keeps microseconds
-MAX_VALUE = 128
 
 # KEYS: one per limit. ARGV[1]: "take" or "charge"; then per limit: interval (us),
 # burst (us), cost, check_only ("1": must fit, is not written; unit = "tokens").
@@ -115,10 +113,7 @@ class RedisLimits:
         read = self._readers[i]
         if read is None:
             return base
-        value = read(ex)
-        if len(value) > MAX_VALUE or not value.isprintable():
-            value = "#" + hashlib.blake2b(value.encode("utf-8", "surrogatepass"), digest_size=16).hexdigest()
-        return f"{base}:{value}"
+        return f"{base}:{bounded(read(ex))}"
 
     async def decide(self, ex: Any, pending: Any) -> "tuple | LocalReply | None":
         """(remaining, capacity, reset_ns) of the tightest limit when allowed; a reply when

@@ -37,7 +37,7 @@ from envoy.service.ratelimit.v3 import rls_pb2
 
 from agproxy.config.reader import Section
 from agproxy.filters import compile_cel, eval_errors
-from agproxy.filters.rate_limit.keys import RepeatedHeader, key_reader
+from agproxy.filters.rate_limit.keys import RepeatedHeader, bounded, key_reader
 from agproxy.filters.rate_limit.limits import NS, failed, limited, repeated
 from agproxy.proxy.filter import LocalReply
 from agproxy.telemetry import tracing
@@ -87,7 +87,7 @@ class RemoteLimits:
             values = []
             for key, read, expr, path in entries:
                 try:
-                    values.append(_Entry(key=key, value=read(ex)))
+                    values.append(_Entry(key=key, value=bounded(read(ex))))
                 except RepeatedHeader:
                     raise
                 except Exception as exc:
