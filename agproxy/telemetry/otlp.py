@@ -113,7 +113,6 @@ def _attribute_field(item: tuple) -> bytes:
     return b
 
 
-_names: dict[tuple[str, str], bytes] = {}
 _STATUS_UNSET = b"\x7a\x00"          # an empty Status, written as the SDKs do
 _FLAGS = {False: b"\x85\x01" + _pack_i(1 | _HAS_IS_REMOTE), True: b"\x85\x01" + _pack_i(1 | _HAS_IS_REMOTE | _IS_REMOTE)}
 
@@ -155,53 +154,54 @@ def _cacheable(attrs: dict) -> bool:
     return True
 
 
+def _head(s) -> bytes:
+    """A span's constant part: name, kind, attributes, flags (fields 5, 6, 9, 16)."""
+    name = _ld(b"\x2a", s.name.encode("utf-8", "replace")) + b"\x30" + bytes((KIND[s.kind],))
+    attrs = s.attributes
+    return name + (_attribute_block(attrs) if attrs else b"") + _FLAGS[s.remote_parent]
+
+
 def encode_span(s) -> bytes:
     """`Span` message bytes from a telemetry.tracing.Span.
 
-    The attributes' bytes are cached as one block by (keys, values): requests of one
-    route from one kind of client repeat them whole (method, route, scheme, client
-    address, status, backend), so a hit costs one lookup. A miss (a new path in
-    `url.path`, say) encodes each attribute through the per-(key, value) cache and keeps
-    the block while the table has room (`_BLOCKS_MAX`; then misses stay misses: ~1k
-    instructions more). A block is kept only when its values are strings, or ints under
-    INT_KEYS (so 1, True and 1.0 never share one). The attribute that varies with every
-    path (`url.path`, `url.full`) is the span's `varying` (key, value), out of the block.
-    Measured with callgrind: ~24k → ~10k instructions per span."""
+    Written for the instruction count (callgrind; one call per exported span, on the
+    export thread but under the event loop's GIL). Everything but the ids, the times,
+    the one attribute that varies with every request (`s.varying`: `url.path`,
+    `url.full`) and the status is one cached `head` (name, kind, attributes, flags),
+    looked up by one flat tuple of the name, kind, parent's remoteness, the attribute
+    keys then values (its length tells keys from values, so two attribute sets never
+    share a key). Requests of one route from one kind of client repeat it whole. A
+    head is kept only when its values are strings, or ints under INT_KEYS (so 1, True
+    and 1.0 never share one), and while the table has room (`_BLOCKS_MAX`). The fields
+    are not in field-number order (protobuf readers accept any order): the cached part
+    is one piece. The ids are one `bytes.fromhex` of their hex with the tags. Measured:
+    ~16.4k → ~13.3k instructions per span (a server and a CLIENT span: 32.7k → 26.6k)."""
     attrs = s.attributes
-    if attrs:
-        try:
-            ck = (tuple(attrs), tuple(attrs.values()))
-            block = _blocks.get(ck)
-        except TypeError:
-            ck = block = None
-        if block is None:
-            block = _attribute_block(attrs)
-            if ck is not None and len(_blocks) < _BLOCKS_MAX and _cacheable(attrs):
-                _blocks[ck] = block
-    else:
-        block = b""
+    try:
+        ck = (s.name, s.kind, s.remote_parent, *attrs, *attrs.values()) if attrs else (s.name, s.kind, s.remote_parent)
+        head = _blocks.get(ck)
+    except TypeError:                   # an unhashable value (a list)
+        ck = head = None
+    if head is None:
+        head = _head(s)
+        if ck is not None and len(_blocks) < _BLOCKS_MAX and (not attrs or _cacheable(attrs)):
+            _blocks[ck] = head
     varying = s.varying
     if varying is not None:
         field = _kv_cache.get(varying)
-        block += field if field is not None else _attribute_field(varying)
-    nk = (s.name, s.kind)
-    name = _names.get(nk)
-    if name is None:    # names are low-cardinality ("GET /api/*"): keep their encoding
-        name = _ld(b"\x2a", s.name.encode("utf-8", "replace")) + b"\x30" + bytes((KIND[s.kind],))
-        if len(_names) < 1024:
-            _names[nk] = name
-    ts = s.tracestate
-    pid = s.parent_id
-    if ts or pid:
-        ids = b"\x0a\x10%b\x12\x08%b%b%b" % (
-            _fromhex(s.trace_id), _fromhex(s.span_id), _ld(b"\x1a", ts.encode()) if ts else b"",
-            b"\x22\x08" + _fromhex(pid) if pid else b"")
+        if field is None:
+            field = _attribute_field(varying)
     else:
-        ids = b"\x0a\x10%b\x12\x08%b" % (_fromhex(s.trace_id), _fromhex(s.span_id))
+        field = b""
+    pid = s.parent_id
+    ids = _fromhex(f"0a10{s.trace_id}1208{s.span_id}2208{pid}" if pid else f"0a10{s.trace_id}1208{s.span_id}")
+    ts = s.tracestate
+    if ts:
+        ids += _ld(b"\x1a", ts.encode())
     error = s.error
-    return b"".join((ids, name, _pack_times(0x39, s.start_ns, 0x41, s.end_ns), block,
+    return b"".join((ids, _pack_times(0x39, s.start_ns, 0x41, s.end_ns), head, field,
                      _ld(b"\x7a", _ld(b"\x12", error.encode("utf-8", "replace")) + b"\x18\x02")
-                     if error else _STATUS_UNSET, _FLAGS[s.remote_parent]))
+                     if error else _STATUS_UNSET))
 
 
 def encode(spans: Iterable, resource: bytes, scope: bytes) -> bytes:
