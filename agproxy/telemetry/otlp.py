@@ -14,7 +14,11 @@ thread but under the same GIL and core as the event loop): the SDK's path (build
 thousand. tests/unit/test_otlp.py decodes its output with the opentelemetry-proto
 messages and compares it field by field with what the SDK's encoder produces.
 
-`Sender` POSTs with urllib3 (already a dependency, through botocore) and honours the
+`Sender` POSTs to an `http://` collector over one kept-alive socket of its own, the
+answer parsed with httptools (`_PlainConnection`: measured with callgrind, a 300 KB
+export cost ~0.94M instructions through urllib3, ~0.4M through http.client, ~58k this
+way: ~1.7k less per exported span at 512 a batch); to an `https://` one with urllib3
+(already a dependency, through botocore: certificates, mTLS). It honours the
 standard variables: `OTEL_EXPORTER_OTLP_[TRACES_]ENDPOINT`, `_HEADERS` (`k=v` pairs,
 percent-decoded), `_TIMEOUT` (seconds, default 10, for the whole export with its
 retries), `_COMPRESSION` (`gzip` or `none`), `_CERTIFICATE` (CA bundle),
@@ -28,6 +32,8 @@ from __future__ import annotations
 import gzip
 import logging
 import os
+import select
+import socket
 import struct
 import threading
 import time
@@ -225,6 +231,76 @@ def encode(spans: Iterable, resource: bytes, scope: bytes) -> bytes:
 # -- sending --------------------------------------------------------------------------
 
 _RETRYABLE = frozenset({429, 502, 503, 504})
+_MAX_ANSWER = 1 << 20        # a collector's answer is small: more is a broken peer
+
+
+class _Answer:
+    """httptools callbacks for one response (`should_keep_alive` is read when the
+    message completes: after it, llhttp has reset)."""
+    __slots__ = ("done", "size", "parser", "keep_alive")
+
+    def __init__(self):
+        self.done = self.keep_alive = False
+        self.size = 0
+        self.parser = None
+
+    def on_body(self, data: bytes) -> None:
+        self.size += len(data)
+
+    def on_message_complete(self) -> None:
+        self.done = True
+        self.keep_alive = self.parser.should_keep_alive()
+
+
+class _PlainConnection:
+    """POST /v1/traces to an http:// collector over one kept-alive socket; `post`
+    returns the status or raises OSError / httptools.HttpParserError (the Sender
+    retries those as connection errors). A socket the collector closed while idle is
+    seen (readable before we wrote) and replaced before it is used."""
+
+    def __init__(self, url: str, headers: Mapping[str, str]):
+        from urllib.parse import urlsplit
+        parts = urlsplit(url)
+        self.address = (parts.hostname or "localhost", parts.port or 80)
+        target = (parts.path or "/") + (f"?{parts.query}" if parts.query else "")
+        lines = "".join(f"{k}: {v}\r\n" for k, v in headers.items())
+        self.head = f"POST {target} HTTP/1.1\r\nhost: {parts.netloc}\r\n{lines}content-length: ".encode("latin-1")
+        self.sock: socket.socket | None = None
+
+    def post(self, body: bytes, timeout: float) -> int:
+        import httptools
+        sock = self.sock
+        if sock is not None and select.select((sock,), (), (), 0)[0]:
+            self.close()                 # closed by the collector (or it sent what we did not ask)
+            sock = None
+        try:
+            if sock is None:
+                sock = self.sock = socket.create_connection(self.address, timeout)
+                sock.setsockopt(socket.IPPROTO_TCP, socket.TCP_NODELAY, 1)
+            sock.settimeout(timeout)
+            sock.sendall(b"%b%d\r\n\r\n" % (self.head, len(body)))
+            sock.sendall(body)
+            answer = _Answer()
+            parser = answer.parser = httptools.HttpResponseParser(answer)
+            while not answer.done:
+                data = sock.recv(65536)
+                if not data:
+                    raise ConnectionError("the collector closed the connection")
+                parser.feed_data(data)
+                if answer.size > _MAX_ANSWER:
+                    raise ConnectionError("the collector's answer is too large")
+            status = parser.get_status_code()
+            if not answer.keep_alive:
+                self.close()
+            return status
+        except BaseException:
+            self.close()
+            raise
+
+    def close(self) -> None:
+        sock, self.sock = self.sock, None
+        if sock is not None:
+            sock.close()
 
 
 def _env(env: Mapping[str, str], name: str) -> str:
@@ -271,37 +347,55 @@ class Sender:
         if _env(e, "CLIENT_CERTIFICATE"):
             tls["cert_file"] = _env(e, "CLIENT_CERTIFICATE")
             tls["key_file"] = _env(e, "CLIENT_KEY") or None
+        self.plain = _PlainConnection(url, self.headers) if url.startswith("http://") else None
         self.pool = urllib3.PoolManager(num_pools=2, maxsize=1, retries=False, **tls)
 
     def send(self, body: bytes) -> str | None:
         """POST one export; None when the collector took it, else why not."""
-        import urllib3
         if self.gzip:
             body = gzip.compress(body, compresslevel=5)
         deadline = time.monotonic() + self.timeout
         backoff = 0.5
         while True:
             left = deadline - time.monotonic()
-            try:
-                r = self.pool.request("POST", self.url, body=body, headers=self.headers,
-                                      timeout=urllib3.Timeout(total=max(left, 0.05)), redirect=False,
-                                      preload_content=True)
-                if 200 <= r.status < 300:
+            if self.plain is not None:
+                try:
+                    status = self.plain.post(body, max(left, 0.05))
+                    if 200 <= status < 300:
+                        return None
+                    why = f"HTTP {status}"
+                    retry = status in _RETRYABLE
+                except Exception as exc:      # OSError, httptools.HttpParserError
+                    why = f"{type(exc).__name__}: {exc}"
+                    retry = True
+            else:
+                why, retry = self._post_urllib3(body, left)
+                if why is None:
                     return None
-                why = f"HTTP {r.status}"
-                retry = r.status in _RETRYABLE
-            except urllib3.exceptions.HTTPError as exc:
-                why = f"{type(exc).__name__}: {exc}"
-                retry = True
-            except Exception as exc:   # a bad URL, a TLS file that cannot be read: not retried
-                return f"{type(exc).__name__}: {exc}"
             if not retry or time.monotonic() + backoff > deadline or self.stop.is_set():
                 return why
             if self.stop.wait(backoff):
                 return why
             backoff *= 2
 
+    def _post_urllib3(self, body: bytes, left: float) -> tuple[str | None, bool]:
+        """(None, _) when the collector took it, else (why, whether to retry)."""
+        import urllib3
+        try:
+            r = self.pool.request("POST", self.url, body=body, headers=self.headers,
+                                  timeout=urllib3.Timeout(total=max(left, 0.05)), redirect=False,
+                                  preload_content=True)
+        except urllib3.exceptions.HTTPError as exc:
+            return f"{type(exc).__name__}: {exc}", True
+        except Exception as exc:   # a bad URL, a TLS file that cannot be read: not retried
+            return f"{type(exc).__name__}: {exc}", False
+        if 200 <= r.status < 300:
+            return None, False
+        return f"HTTP {r.status}", r.status in _RETRYABLE
+
     def close(self) -> None:
+        if self.plain is not None:
+            self.plain.close()
         try:
             self.pool.clear()
         except Exception:
