@@ -91,6 +91,8 @@ def _attempt_span(ex, parent, origin: Origin, method: str, target: str, headers:
     mcp = ex.mcp
     if mcp is not None and mcp.calls:
         tracing.add_mcp(span, mcp)
+    else:   # only the status (or a failure, which clears it) changes its attributes now
+        span.key = (origin.scheme, origin.authority, backend, method, len(attempts) if attempts else 0)
     # (A sampled request's headers carry no traceparent: Tracing.start_request.)
     headers.items.append(("traceparent", span._tp))
     return span

@@ -214,7 +214,7 @@ class Span:
 
     __slots__ = ("_tracing", "name", "kind", "trace_id", "span_id", "parent_id", "sampled",
                  "remote_parent", "tracestate", "start_ns", "end_ns", "attributes", "error", "_tp",
-                 "varying")
+                 "varying", "key")
 
     def __init__(self, tracing: "Tracing | None", name: str, kind: str, trace_id: str, parent_id: str,
                  sampled: bool, remote_parent: bool = False, tracestate: str | None = None,
@@ -234,6 +234,9 @@ class Span:
         # One attribute that differs on every request (`url.path`): exported like the
         # others, kept apart so the rest encode as one cached block (telemetry/otlp.py).
         self.varying: tuple[str, Any] | None = None
+        # Set only where nothing but the status code can change the attributes after it
+        # (a plain backend attempt: backends/relay.py): the encoder's cache key then.
+        self.key: tuple | None = None
         if sampled:
             self.start_ns = time.time_ns()
             self.attributes = attributes if attributes is not None else {}
@@ -272,6 +275,7 @@ class Span:
         """End with status ERROR and `error.type` (a low-cardinality kind: "timeout",
         "503", ...); `message` (or the type) is the status description."""
         attrs = self.attributes
+        self.key = None
         if attrs is not None and not self.end_ns:
             attrs["error.type"] = error_type
         self.end(message or error_type)
@@ -468,6 +472,7 @@ def http_client_span(parent: Span, method: str, scheme: str, authority: str, tar
     span.error = None
     span.end_ns = 0
     span._tp = f"00-{trace_id}-{span_id}-01"
+    span.key = None
     span.attributes = attrs
     span.varying = ("url.full", f"{scheme}://{authority}{target if q < 0 else target[:q]}")
     span.start_ns = time.time_ns()
@@ -653,7 +658,7 @@ class Tracing:
             span.remote_parent = False
             span.tracestate = span.error = None
             span.end_ns = 0
-            span._tp = None
+            span._tp = span.key = None
             # No `traceparent` in the request's headers: each upstream call of a sampled
             # request names its own CLIENT span (backends/relay.py appends it, cheaper
             # than replacing one).

@@ -79,3 +79,33 @@ def test_attribute_cache_is_bounded_and_type_aware():
     for i in range(otlp._CACHE_MAX + 10):
         otlp._attribute_field(("url.path", f"/{i}"))
     assert 0 < len(otlp._kv_cache) <= otlp._CACHE_MAX
+
+
+def test_a_keyed_attempt_span_is_cached_by_its_key_and_status_and_a_failure_leaves_the_cache():
+    """backends/relay.py keys a plain attempt's span (origin, backend, method, resend): the
+    encoder's cache then goes by (key, status). What is decoded must still be each span's
+    own attributes: its status, and after `fail` its error.type."""
+    from agproxy.telemetry.tracing import end_http_client, http_client_span
+
+    def attempt(status: int | str) -> Span:
+        parent = Span(None, "GET", SERVER, "4bf92f3577b34da6a3ce929d0e0e4736", "", True, attributes={})
+        span = http_client_span(parent, "GET", "http", "10.0.0.9:8080", "/x", "echo")
+        span.key = ("http", "10.0.0.9:8080", "echo", "GET", 0)
+        if isinstance(status, str):
+            span.fail(status)            # no answer (relay.py: an UpstreamError's kind)
+        else:
+            end_http_client(span, status)
+        return span
+
+    spans = [attempt(200), attempt(201), attempt(200), attempt(503), attempt("timeout"), attempt("connect")]
+    got = ExportTraceServiceRequest.FromString(otlp.encode(spans, b"", b"")).resource_spans[0].scope_spans[0].spans
+
+    def attrs(s):
+        return {kv.key: kv.value.int_value or kv.value.string_value for kv in s.attributes}
+    assert [attrs(s).get("http.response.status_code") for s in got] == [200, 201, 200, 503, None, None]
+    assert [attrs(s).get("error.type") for s in got[3:]] == ["503", "timeout", "connect"]
+    assert "error.type" not in attrs(got[1]) and attrs(got[3])["error.type"] == "503"
+    assert got[3].status.code == 2 and got[1].status.code == 0
+    assert attrs(got[0]) == {"server.address": "10.0.0.9", "server.port": 8080, "agproxy.backend": "echo",
+                             "http.request.method": "GET", "http.response.status_code": 200,
+                             "url.full": "http://10.0.0.9:8080/x"}
