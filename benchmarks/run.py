@@ -27,6 +27,9 @@ How it works
    `agproxy`, with the same generated config on ports of its own, measured in the
    same interleaved rounds; its ratios ÷ Envoy sit next to agproxy's, and a note
    gives agproxy ÷ agproxy-base per scenario ("must not drop" in one run).
+   `--tracing RATIO` adds `agproxy-traced` the same way: this agproxy, the same
+   config plus `[telemetry].tracing` at that sampling ratio, exporting to an OTLP
+   sink (harness/otlp_sink.py) on the load core; a note gives traced ÷ agproxy.
 8. Tables are printed and written to benchmarks/RESULTS.md (RESULTS-quick.md
    with --quick). Every process is stopped at exit, Ctrl-C and errors included
    (harness/procs.py).
@@ -59,6 +62,7 @@ from harness.procs import (Child, Supervisor, free_ports, http_get,  # noqa: E40
 PROXY_CORE, LOAD_CORE = 0, 1
 PROXIES = ["direct", "agproxy", "envoy", "nginx", "haproxy"]
 BASELINE = "agproxy-base"   # --baseline: another agproxy binary, same config
+TRACED = "agproxy-traced"   # --tracing RATIO: this agproxy, same config + [telemetry].tracing
 
 
 @dataclass(frozen=True)
@@ -111,14 +115,15 @@ class Bench:
         self.notes: list[str] = []
 
     def _allocate_ports(self) -> proxies.Ports:
-        free = iter(free_ports(18))
+        free = iter(free_ports(22))
         ports = proxies.Ports(next(free), next(free), next(free), agproxy_admin=next(free))
-        for name in ("agproxy", "envoy", BASELINE):  # one port for h1 and h2c (codec detection)
+        for name in ("agproxy", "envoy", BASELINE, TRACED):  # one port for h1 and h2c (codec detection)
             port = next(free)
             ports.proxy[name] = {"h1": port, "h2c": port, "tls": next(free)}
-        for name in ("agproxy", BASELINE):
+        for name in ("agproxy", BASELINE, TRACED):
             ports.proxy[name]["tls"] = ports.proxy[name]["h1"]  # one port, sniffed
         self.baseline_admin = next(free)
+        self.traced_admin, self.sink_port = next(free), next(free)
         for name in ("nginx", "haproxy"):
             ports.proxy[name] = {"h1": next(free), "h2c": next(free), "tls": next(free)}
         return ports
@@ -154,6 +159,8 @@ class Bench:
             return proxies.agproxy_spec(self.workdir, self.ports, self.tls)
         if name == BASELINE:
             return self.baseline_spec()
+        if name == TRACED:
+            return self.traced_spec()
         return proxies.PEER_SPECS[name](self.workdir, self.ports, self.tls)
 
     def baseline_spec(self) -> proxies.Spec:
@@ -171,6 +178,25 @@ class Bench:
         flag = ["--config"] if "--config" in _output([binary, "run", "-h"]) else []
         argv = [binary, "run", *flag, conf, *spec.argv[spec.argv.index("--config") + 2:]]
         return proxies.Spec(BASELINE, argv, spec.urls, spec.ready_timeout)
+
+    def traced_spec(self) -> proxies.Spec:
+        """agproxy with the same config plus tracing at --tracing's ratio, exporting to an
+        OTLP/HTTP sink (harness/otlp_sink.py) on the load core, on its own ports."""
+        if not getattr(self, "_sink", None):
+            self._sink = self.sup.start("otlp-sink", [sys.executable, str(HERE / "harness" / "otlp_sink.py"),
+                                                      str(self.sink_port)], LOAD_CORE)
+            error = wait_ready(self._sink, f"http://127.0.0.1:{self.sink_port}/", 30)
+            if error:
+                raise SystemExit(f"otlp sink did not start: {error}")
+        workdir = self.workdir / TRACED
+        workdir.mkdir(exist_ok=True)
+        ports = dataclasses.replace(self.ports, proxy={**self.ports.proxy, "agproxy": self.ports.proxy[TRACED]},
+                                    agproxy_admin=self.traced_admin)
+        spec = proxies.agproxy_spec(workdir, ports, self.tls, name=TRACED)
+        conf = Path(spec.argv[spec.argv.index("--config") + 1])
+        conf.write_text(conf.read_text() + f'\n[telemetry]\ntracing = {{ otlp_endpoint = '
+                        f'"http://127.0.0.1:{self.sink_port}", sampling = {self.args.tracing} }}\n')
+        return proxies.Spec(TRACED, spec.argv, spec.urls, spec.ready_timeout)
 
     def start_proxies(self) -> None:
         for name in self.args.proxies:
@@ -231,12 +257,17 @@ class Bench:
                     self.run_cell(f"[{rnd}/{self.args.rounds}] {sc.name:8s}",
                                   tables[sc.name].cells[name], running,
                                   partial(self.measure, sc, url), name)
-        if BASELINE in self.args.proxies:
+        for other in (BASELINE, TRACED):
+            if other not in self.args.proxies:
+                continue
             for sc in scenarios:
                 cells = tables[sc.name].cells
-                new, old = cells["agproxy"].median("rps"), cells[BASELINE].median("rps")
+                new, old = cells["agproxy"].median("rps"), cells[other].median("rps")
                 if new and old:
-                    self.notes.append(f"{sc.name}: agproxy ÷ {BASELINE} = {new / old:.3f} (req/s medians)")
+                    self.notes.append(f"{sc.name}: agproxy ÷ {other} = {new / old:.3f} (req/s medians)"
+                                      if other == BASELINE else
+                                      f"{sc.name}: {other} (sampling {self.args.tracing}) ÷ agproxy = "
+                                      f"{old / new:.3f} (req/s medians)")
 
     # --- policy scenario ---------------------------------------------------------
 
@@ -390,6 +421,9 @@ def parse_args(argv: list[str]) -> argparse.Namespace:
                         help="keep configs and logs (the path is printed)")
     parser.add_argument("--baseline", type=Path, metavar="AGPROXY_BIN",
                         help=f"also run this agproxy binary as '{BASELINE}' (same config, same rounds)")
+    parser.add_argument("--tracing", type=float, metavar="RATIO",
+                        help=f"also run agproxy with [telemetry].tracing at this sampling ratio as '{TRACED}', "
+                             "exporting to a local OTLP sink")
     args = parser.parse_args(argv)
     args.rounds = args.rounds or (1 if args.quick else 5)
     args.duration = args.duration or (3.0 if args.quick else 10.0)
@@ -403,6 +437,8 @@ def parse_args(argv: list[str]) -> argparse.Namespace:
             parser.error(f"--baseline: not an executable: {args.baseline}")
         args.baseline = args.baseline.absolute()
         args.proxies.insert(args.proxies.index("agproxy") + 1 if "agproxy" in args.proxies else 1, BASELINE)
+    if args.tracing is not None:
+        args.proxies.insert(args.proxies.index("agproxy") + 1 if "agproxy" in args.proxies else 1, TRACED)
     return args
 
 
