@@ -84,12 +84,16 @@ class GroupHealth:
         self.policy = policy
         self.clock = clock
         self.rand = rand
+        # Bumped whenever a provider's state changes: the health gauges are republished
+        # only then, not by a loop over the providers on every request (group.py _publish).
+        self.version = 0
 
     def _refresh(self, now: float) -> None:
         for p in self.providers:
             if p.state == EVICTED and now >= p.evicted_until:
                 p.state = RESTORED
                 p.probing = False
+                self.version += 1
 
     def plan(self) -> list[int]:
         """Indices of the providers to try for one request, in order."""
@@ -145,6 +149,7 @@ class GroupHealth:
                 p.state = HEALTHY
                 p.probing = False
                 p.restored_at = now
+                self.version += 1
             elif p.state == HEALTHY and p.level and p.restored_at is not None \
                     and now - p.restored_at >= self.policy.duration:
                 p.level = 0
@@ -167,6 +172,7 @@ class GroupHealth:
         p.evicted_until = now + self.policy.length(p.level, retry_after)
         p.level += 1
         p.state = EVICTED
+        self.version += 1
         p.failures = 0
         p.probing = False
         p.evictions += 1

@@ -288,6 +288,7 @@ class LlmGroup(Backend):
             known.update(p.models.values())
         self._label = _Bounded(frozenset(known))
         self._published: dict[int, float] = {}
+        self._published_version = -1
         self._publish()
 
     # -- the client's side ------------------------------------------------------------
@@ -507,6 +508,10 @@ class LlmGroup(Backend):
         self._publish()
 
     def _publish(self) -> None:
+        state = self.state
+        if state.version == self._published_version:
+            return
+        self._published_version = state.version
         m = self.metrics
         if m is None:
             return

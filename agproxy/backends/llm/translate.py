@@ -134,7 +134,9 @@ def provider_error(kind: str, body: Any, error_type: str | None = None) -> tuple
 def _data_of(raw: bytes) -> str | None:
     """The data of one raw SSE event: the usual one-line `data: …` event (LF, no CR)
     read directly, anything else through the parser. What `parse(raw).data` gives."""
-    if raw.startswith(b"data: ") and raw.endswith(b"\n\n") and raw.find(b"\n") == len(raw) - 2 \
+    # Slice comparisons, not startswith/endswith: a bytes method call costs ~1.5k
+    # instructions of argument parsing, a slice and compare a few hundred (callgrind).
+    if raw[:6] == b"data: " and raw[-2:] == b"\n\n" and raw.find(b"\n") == len(raw) - 2 \
             and raw.find(b"\r") < 0:
         return raw[6:-2].decode("utf-8", "replace")
     ev = parse_sse(raw)
@@ -237,11 +239,14 @@ class StreamTranslator:
             if openai_wire:
                 if not self.first_token:
                     interesting = True
-                elif raw.endswith(b'"usage":null}\n\n'):
+                elif raw[-15:] == b'"usage":null}\n\n':
                     # A content chunk as OpenAI writes it under include_usage (which the
-                    # gateway asks for): no usage, no end marker, no error. One test
-                    # instead of three scans (each bytes method call ~1.5k instructions).
+                    # gateway asks for): no usage, no end marker, no error. One slice
+                    # compare instead of three scans (each bytes method call ~1.5k
+                    # instructions, a slice compare a few hundred).
                     interesting = False
+                elif raw == b"data: [DONE]\n\n":
+                    interesting = True
                 else:
                     find = raw.find
                     interesting = find(b'"usage":{') >= 0 or find(b"[DONE]") >= 0 or find(b'"error"') >= 0
