@@ -88,6 +88,9 @@ class Metrics:
         self._upstream: dict[str, list] = {}         # backend -> histogram
         self._flush_scheduled = False
         self._families: dict[str, object] = {}
+        # Writers of samples a module batches (telemetry/histograms.py): run before
+        # every exposition, so /metrics shows them.
+        self.flush_hooks: list = []
         if self.multiprocess:
             self.requests = Counter(f"{p}_requests", _REQUESTS_HELP, ["route", "method", "status"], registry=r)
             self.duration = Histogram(f"{p}_request_duration_seconds", _DURATION_HELP,
@@ -221,6 +224,8 @@ class Metrics:
                     flushed[key] = n
 
     def expose(self) -> bytes:
+        for hook in self.flush_hooks:
+            hook()
         if self.multiprocess:
             self.flush()
             reg = CollectorRegistry()

@@ -62,6 +62,7 @@ from agproxy.config.reader import Section
 from agproxy.http.messages import BodyAborted, BodyTooLarge, Headers
 from agproxy.proxy.contract import Backend, Response
 from agproxy.telemetry import tracing
+from agproxy.telemetry.histograms import pending as pending_histograms
 from agproxy.upstream.deadline import within
 from agproxy.upstream.errors import UpstreamError
 
@@ -107,12 +108,12 @@ class _Bounded:
 TOKEN_TYPES = ("input", "output", "input_cache_read", "input_cache_write")
 
 
-def _observe(child: Any, value: float) -> None:
-    """`Histogram.observe` without its Python loop over the buckets: the sum and the one
-    bucket (found by bisect) get the same increments, as telemetry/metrics.py's flush
-    does. Five observations a request; callgrind (benchmarks/instructions.py h1-llm)."""
-    child._sum.inc(value)
-    child._buckets[bisect_left(child._upper_bounds, value)].inc(1)
+def _observe(h: list, bounds: Any, value: float) -> None:
+    """One sample into a pending histogram (telemetry/histograms.py): the sum and the
+    one bucket, found by bisect. Five observations a request; through prometheus-client
+    (a lock per inc) they cost ~2.5k instructions each (callgrind, h1-llm)."""
+    h[0] += value
+    h[1 + bisect_left(bounds, value)] += 1
 
 
 class _Metrics:
@@ -140,14 +141,20 @@ class _Metrics:
                              "Requests retried on another provider after an unhealthy answer", ["group", "provider"])
         self._children: dict[tuple, Any] = {}
         self._series: dict[tuple, tuple] = {}
+        self.pending = pending_histograms(metrics)
+        self.multiprocess = self.pending.multiprocess
 
     def series(self, labels: tuple) -> tuple:
-        """(duration, ttft, token children in TOKEN_TYPES order) of one label tuple: one
-        dict lookup a request instead of six (the label values are bounded, so is this)."""
+        """The pending histograms (telemetry/histograms.py) of one label tuple: duration,
+        ttft, the token ones in TOKEN_TYPES order, then the three families' bucket bounds.
+        One dict lookup a request instead of six (the label values are bounded, so is this)."""
         s = self._series.get(labels)
         if s is None:
-            s = self._series[labels] = (self.duration.labels(*labels), self.ttft.labels(*labels),
-                                        tuple(self.tokens.labels(k, *labels) for k in TOKEN_TYPES))
+            p = self.pending
+            d, t = self.duration.labels(*labels), self.ttft.labels(*labels)
+            toks = [self.tokens.labels(k, *labels) for k in TOKEN_TYPES]
+            s = self._series[labels] = (p.series(d), p.series(t), tuple(p.series(c) for c in toks),
+                                        d._upper_bounds, t._upper_bounds, toks[0]._upper_bounds)
         return s
 
     def child(self, family: Any, labels: tuple) -> Any:
@@ -570,15 +577,17 @@ class LlmGroup(Backend):
             return
         route = ex.route.name if ex.route is not None else ""
         labels = ("chat", PROVIDER_NAMES[p.kind], self._label(call.creq.model), self._label(call.response_model), route)
-        duration, ttft, tokens = m.series(labels)
-        _observe(duration, time.monotonic() - call.start)
+        duration, ttft, tokens, dur_bounds, ttft_bounds, tok_bounds = m.series(labels)
+        _observe(duration, dur_bounds, time.monotonic() - call.start)
         if call.ttft is not None:
-            _observe(ttft, call.ttft)
+            _observe(ttft, ttft_bounds, call.ttft)
         if u is not None:
-            _observe(tokens[0], u.input)
-            _observe(tokens[1], u.output)
-            _observe(tokens[2], u.cache_read)
-            _observe(tokens[3], u.cache_write)
+            _observe(tokens[0], tok_bounds, u.input)
+            _observe(tokens[1], tok_bounds, u.output)
+            _observe(tokens[2], tok_bounds, u.cache_read)
+            _observe(tokens[3], tok_bounds, u.cache_write)
+        if m.multiprocess:
+            m.pending.added()
 
     def _cel(self, call: _Call) -> dict:
         p = call.provider
