@@ -234,6 +234,24 @@ def test_cache_token_metrics_per_provider_kind(fakes, start_gateway, kind, strea
     assert _metric(gw, "agproxy_gen_ai_server_request_duration_seconds_count", gen_ai_provider_name=provider) == 1
 
 
+def test_token_metrics_with_two_workers(fakes, start_gateway):
+    """Several workers (prometheus-client multiprocess mode): the histogram samples the
+    group batches reach the aggregated /metrics, whichever worker served each request."""
+    f = fakes("openai", usage=Usage(input=20, output=9, cache_read=100))
+    gw = start_gateway('[gateway]\nadmin = "127.0.0.1:{admin_port}"\nworkers = 2\n\n' + _config([f]), env=ENV)
+    client = _oa(gw)
+    for n in range(6):
+        if n % 2:
+            list(client.chat.completions.create(model="smart", messages=HI, stream=True))
+        else:
+            client.chat.completions.create(model="smart", messages=HI)
+    _wait(lambda: _metric(gw, "agproxy_gen_ai_server_request_duration_seconds_count", route="llm") == 6,
+          what="six requests counted")
+    assert _metric(gw, "agproxy_gen_ai_client_token_usage_sum", gen_ai_token_type="input", route="llm") == 6 * 120
+    assert _metric(gw, "agproxy_gen_ai_client_token_usage_count", gen_ai_token_type="output", route="llm") == 6
+    assert _metric(gw, "agproxy_gen_ai_server_time_to_first_token_seconds_count", route="llm") == 3
+
+
 def test_tool_calls_translated_both_ways(fakes, start_gateway):
     claude = fakes("anthropic")
     gw = start_gateway(_config([claude]), env=ENV)
