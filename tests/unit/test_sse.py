@@ -155,3 +155,16 @@ def test_lf_only_event_size_is_bounded():
     with pytest.raises(SseError):
         for _ in range(100):
             s.feed(b"data: yy\n")       # lines, never an empty one
+
+
+def test_lf_only_streams_without_blank_line_runs_split_as_the_rule_says():
+    # No event opening with an empty line: a chunk that starts on an event boundary is
+    # split in one call; the rest (carried-over bytes, extra blank lines) by the loop.
+    stream = (b"data: {\"a\": 1}\n\ndata: b\nid: 2\n\n: note\n\ndata: [DONE]\n\n"
+              b"data: x\n\n\ndata: after a blank line\n\ndata: cut")
+    want = _reference(stream)
+    assert len(want[0]) == 7 and want[1] == b"data: cut"
+    assert split_all([stream]) == want
+    for a in range(len(stream) + 1):
+        for b in range(a, len(stream) + 1, 5):
+            assert split_all([stream[:a], stream[a:b], stream[b:]]) == want, (a, b)
