@@ -44,7 +44,7 @@ from agproxy.config.reader import Section
 from agproxy.filters import eval_errors
 from agproxy.filters.rate_limit.keys import RepeatedHeader, key_reader
 from agproxy.filters.rate_limit.limits import NS, LimitSpec, failed, limited, read_limit, repeated
-from agproxy.proxy.filter import Filter, FilterResult, LocalReply
+from agproxy.proxy.contract import Filter, FilterResult, LocalReply
 from agproxy.proxy.registry import RATE_LIMITING
 from agproxy.telemetry.counters import counter, direct_counts
 

@@ -18,7 +18,7 @@ from typing import Any
 
 from agproxy.config.reader import Section
 from agproxy.filters import compile_cel
-from agproxy.proxy.filter import LocalReply
+from agproxy.proxy.contract import LocalReply
 
 NS = 1_000_000_000
 UNITS = ("requests", "tokens")

@@ -37,7 +37,7 @@ from agproxy.config.reader import Section
 from agproxy.filters import eval_errors
 from agproxy.filters.rate_limit.keys import RepeatedHeader, bounded, key_reader
 from agproxy.filters.rate_limit.limits import LimitSpec, failed, limited, read_limit, repeated
-from agproxy.proxy.filter import LocalReply
+from agproxy.proxy.contract import LocalReply
 from agproxy.telemetry import tracing
 from agproxy.telemetry.counters import counter
 from agproxy.upstream.redis import Script, classify, client_for, parse_address

@@ -39,7 +39,7 @@ from agproxy.config.reader import Section
 from agproxy.filters import compile_cel, eval_errors
 from agproxy.filters.rate_limit.keys import RepeatedHeader, bounded, key_reader
 from agproxy.filters.rate_limit.limits import NS, failed, limited, repeated
-from agproxy.proxy.filter import LocalReply
+from agproxy.proxy.contract import LocalReply
 from agproxy.telemetry import tracing
 from agproxy.telemetry.counters import counter
 from agproxy.upstream.grpc import GrpcClient, parse_target
