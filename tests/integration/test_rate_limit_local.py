@@ -11,6 +11,7 @@ from pathlib import Path
 
 import pytest
 
+from tests.support.gateway import metric
 from tests.support.recorder import RecordingUpstream
 from tests.support.strict_client import concurrently, request
 
@@ -47,14 +48,6 @@ url = "{upstream_url}"
 '''
 
 
-def metric(text: str, name: str, **labels) -> float:
-    total = 0.0
-    for line in text.splitlines():
-        if not line.startswith(name + "{") and not line.startswith(name + " "):
-            continue
-        if all(f'{k}="{v}"' in line for k, v in labels.items()):
-            total += float(line.rsplit(" ", 1)[1])
-    return total
 
 
 def workers_of(gateway_pid: int) -> list[int]:

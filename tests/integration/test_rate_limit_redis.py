@@ -8,6 +8,7 @@ import time
 
 import pytest
 
+from tests.support.gateway import metric
 from tests.support.ports import free_port
 from tests.support.recorder import RecordingUpstream
 from tests.support.redis_server import GarbagePeer, RedisServer, SilentPeer
@@ -61,12 +62,6 @@ url = "{upstream_url}"
 '''
 
 
-def metric(text: str, name: str, **labels) -> float:
-    total = 0.0
-    for line in text.splitlines():
-        if line.startswith(name + "{") and all(f'{k}="{v}"' in line for k, v in labels.items()):
-            total += float(line.rsplit(" ", 1)[1])
-    return total
 
 
 ERROR_500 = {"error": "rate_limit_error", "message": "the rate limit service is unavailable"}

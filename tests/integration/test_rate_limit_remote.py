@@ -9,6 +9,7 @@ import time
 import grpc
 import pytest
 
+from tests.support.gateway import metric
 from tests.support.grpc_peers import RawPeer
 from tests.support.ports import free_port
 from tests.support.recorder import RecordingUpstream
@@ -55,12 +56,6 @@ url = "{upstream_url}"
 '''
 
 
-def metric(text: str, name: str, **labels) -> float:
-    total = 0.0
-    for line in text.splitlines():
-        if line.startswith(name + "{") and all(f'{k}="{v}"' in line for k, v in labels.items()):
-            total += float(line.rsplit(" ", 1)[1])
-    return total
 
 
 ERROR = {"error": "rate_limit_error", "message": "the rate limit service is unavailable"}

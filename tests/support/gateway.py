@@ -122,3 +122,14 @@ class GatewayProcess:
             if len(lines) >= min_lines or time.monotonic() > deadline:
                 return lines
             time.sleep(0.05)
+
+
+def metric(text: str, name: str, **labels) -> float:
+    """The sum of the samples of `name` in a /metrics text whose labels include `labels`."""
+    total = 0.0
+    for line in text.splitlines():
+        if not line.startswith(name + "{") and not line.startswith(name + " "):
+            continue
+        if all(f'{k}="{v}"' in line for k, v in labels.items()):
+            total += float(line.rsplit(" ", 1)[1])
+    return total
