@@ -57,7 +57,7 @@ def urls_for(h1: int, tls: int, h2c: int) -> dict[str, str]:
 
 # --- nginx (upstream and proxy) ------------------------------------------------
 
-def _nginx_main(workdir: Path, name: str, http_body: str) -> str:
+def nginx_main(workdir: Path, name: str, http_body: str) -> str:
     return f"""daemon off;
 master_process on;
 user root;
@@ -78,7 +78,7 @@ http {{
 """
 
 
-def _nginx_argv(conf: Path, workdir: Path, name: str) -> list[str]:
+def nginx_argv(conf: Path, workdir: Path, name: str) -> list[str]:
     return [shutil.which("nginx") or "/usr/sbin/nginx", "-e", str(workdir / f"{name}-error.log"),
             "-p", str(workdir), "-c", str(conf)]
 
@@ -240,8 +240,8 @@ def upstream_spec(workdir: Path, ports: Ports, tls: keys.TlsFiles) -> Spec:
 {_llm_mock_locations()}
   }}"""
     conf = workdir / "upstream.conf"
-    conf.write_text(_nginx_main(workdir, "upstream", http))
-    return Spec("upstream", _nginx_argv(conf, workdir, "upstream"),
+    conf.write_text(nginx_main(workdir, "upstream", http))
+    return Spec("upstream", nginx_argv(conf, workdir, "upstream"),
                 urls_for(ports.up_h1, ports.up_tls, ports.up_h2c))
 
 
@@ -266,8 +266,8 @@ def nginx_spec(workdir: Path, ports: Ports, tls: keys.TlsFiles) -> Spec:
     }}
   }}"""
     conf = workdir / "nginx.conf"
-    conf.write_text(_nginx_main(workdir, "nginx", http))
-    return Spec("nginx", _nginx_argv(conf, workdir, "nginx"), urls_for(p["h1"], p["tls"], p["h2c"]))
+    conf.write_text(nginx_main(workdir, "nginx", http))
+    return Spec("nginx", nginx_argv(conf, workdir, "nginx"), urls_for(p["h1"], p["tls"], p["h2c"]))
 
 
 # --- haproxy -------------------------------------------------------------------
@@ -466,19 +466,18 @@ MCP_CALL = (b'{"jsonrpc":"2.0","id":1,"method":"tools/call","params":{"name":"ge
             b'"arguments":{"database":"reporting"}}}')
 
 
-def _mcp_routes(ports: Ports, jwt_files: keys.JwtFiles | None) -> str:
-    spec = json.dumps({"openapi": "3.1.0", "info": {"title": "bench", "version": "1"}, "paths": {"/": {"get": {
-        "operationId": "get_root", "summary": "the upstream's page", "parameters": [
-            {"name": "database", "in": "query", "schema": {"type": "string"}}]}}}})
+def mcp_policy_route(name: str, path: str, backend: str, jwt_files: keys.JwtFiles) -> str:
+    """The MCP policy route of the benchmarks: mcp_auth (RS256, the benchmark's JWKS file),
+    3 mcp_authorization rules (a tool name, an argument, a claim) and claims_to_headers."""
     rules = ", ".join([
         "{ deny = " + toml_str('mcp.tool.name.startsWith("delete_") && !("admin" in jwt.groups)') + " }",
         "{ require = " + toml_str('mcp.method != "tools/call" || mcp.tool.arguments.database == "reporting"') + " }",
         toml_str('jwt.sub != ""'),
     ])
-    policy = f"""[[route]]
-name = "mcp-policy"
-match = {{ path = "{MCP_POLICY_PREFIX}" }}
-backend = "mcp"
+    return f"""[[route]]
+name = "{name}"
+match = {{ path = "{path}" }}
+backend = "{backend}"
 
 [route.mcp_auth]
 issuer = "{keys.JWT_ISSUER}"
@@ -492,7 +491,14 @@ rules = [{rules}]
 [route.claims_to_headers]
 "x-user" = {toml_str('jwt.sub')}
 
-""" if jwt_files else ""
+"""
+
+
+def _mcp_routes(ports: Ports, jwt_files: keys.JwtFiles | None) -> str:
+    spec = json.dumps({"openapi": "3.1.0", "info": {"title": "bench", "version": "1"}, "paths": {"/": {"get": {
+        "operationId": "get_root", "summary": "the upstream's page", "parameters": [
+            {"name": "database", "in": "query", "schema": {"type": "string"}}]}}}})
+    policy = mcp_policy_route("mcp-policy", MCP_POLICY_PREFIX, "mcp", jwt_files) if jwt_files else ""
     return policy + f"""[[route]]
 name = "mcp"
 match = {{ path = "{MCP_PREFIX}" }}
