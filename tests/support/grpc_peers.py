@@ -60,13 +60,36 @@ class Call:
         self.ended_before_answer = False
 
 
-class AuthorizationPeer(external_auth_pb2_grpc.AuthorizationServicer):
-    def __init__(self, handler: Callable = allow):
-        self.handler = handler
-        self.calls: list[Call] = []
+class HoldablePeer:
+    """The test side of a servicer: `hold()` makes calls wait (bounded) until `release()`;
+    `wait_for(predicate)` waits on `cond`, which the servicer notifies on every call."""
+
+    what = "the gRPC peer"
+
+    def _init_hold(self) -> None:
         self.cond = threading.Condition()
         self._held = False
         self._release = threading.Event()
+
+    def hold(self) -> None:
+        self._held = True
+        self._release.clear()
+
+    def release(self) -> None:
+        self._held = False
+        self._release.set()
+
+    def wait_for(self, predicate: Callable[[], bool], timeout: float = 10.0) -> None:
+        with self.cond:
+            if not self.cond.wait_for(predicate, timeout):
+                raise AssertionError(f"{self.what} did not reach the expected state in time")
+
+
+class AuthorizationPeer(HoldablePeer, external_auth_pb2_grpc.AuthorizationServicer):
+    def __init__(self, handler: Callable = allow):
+        self.handler = handler
+        self.calls: list[Call] = []
+        self._init_hold()
 
     # -- servicer -------------------------------------------------------------------
     def Check(self, request, context):
@@ -89,19 +112,6 @@ class AuthorizationPeer(external_auth_pb2_grpc.AuthorizationServicer):
         answered = True
         return response
 
-    # -- test side --------------------------------------------------------------------
-    def hold(self) -> None:
-        self._held = True
-        self._release.clear()
-
-    def release(self) -> None:
-        self._held = False
-        self._release.set()
-
-    def wait_for(self, predicate: Callable[[], bool], timeout: float = 10.0) -> None:
-        with self.cond:
-            if not self.cond.wait_for(predicate, timeout):
-                raise AssertionError("the gRPC peer did not reach the expected state in time")
 
 
 class GrpcPeer:

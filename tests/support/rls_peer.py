@@ -12,32 +12,30 @@ every call end with that gRPC status. `rls_peer(...)` wraps it in a GrpcPeer
 
 from __future__ import annotations
 
-import threading
 import time
-from typing import Callable
 
 import grpc
 from envoy.service.ratelimit.v3 import rls_pb2, rls_pb2_grpc
 from google.protobuf.duration_pb2 import Duration
 
-from tests.support.grpc_peers import GrpcPeer
+from tests.support.grpc_peers import GrpcPeer, HoldablePeer
 
 Response = rls_pb2.RateLimitResponse
 UNITS = {1: Response.RateLimit.SECOND, 60: Response.RateLimit.MINUTE, 3600: Response.RateLimit.HOUR,
          86400: Response.RateLimit.DAY}
 
 
-class RateLimitPeer(rls_pb2_grpc.RateLimitServiceServicer):
+class RateLimitPeer(HoldablePeer, rls_pb2_grpc.RateLimitServiceServicer):
+    what = "the rate limit service"
+
     def __init__(self, limits: dict, response_headers: list[tuple[str, str]] | None = None):
         self.limits = limits
         self.response_headers = response_headers or []
         self.counts: dict[tuple, int] = {}
         self.calls: list = []
         self.metadata: list[list[tuple[str, str]]] = []    # each call's invocation metadata
-        self.cond = threading.Condition()
         self.fail_with: grpc.StatusCode | None = None
-        self._held = False
-        self._release = threading.Event()
+        self._init_hold()
 
     def _limit_for(self, entries: tuple):
         for pattern, limit in self.limits.items():
@@ -81,20 +79,6 @@ class RateLimitPeer(rls_pb2_grpc.RateLimitServiceServicer):
         for k, v in self.response_headers:
             out.response_headers_to_add.add(key=k, value=v)
         return out
-
-    # -- test side --------------------------------------------------------------------
-    def hold(self) -> None:
-        self._held = True
-        self._release.clear()
-
-    def release(self) -> None:
-        self._held = False
-        self._release.set()
-
-    def wait_for(self, predicate: Callable[[], bool], timeout: float = 10.0) -> None:
-        with self.cond:
-            if not self.cond.wait_for(predicate, timeout):
-                raise AssertionError("the rate limit service did not reach the expected state in time")
 
 
 def rls_peer(limits: dict, port: int = 0, **kw) -> tuple[GrpcPeer, RateLimitPeer]:
