@@ -231,8 +231,10 @@ class H1Stream(ServerStream):
             if proto.write_paused:
                 await proto.drain()
 
-    async def end(self, trailers: Headers | None = None) -> None:
+    async def end(self, trailers: Headers | None = None, data: bytes = b"") -> None:
         if self.done:
+            if data:
+                raise ConnectionResetError("response already finished")
             return
         tail = b""
         if self._chunked:
@@ -241,6 +243,12 @@ class H1Stream(ServerStream):
                 tail = b"0\r\n" + t.encode("latin-1") + b"\r\n"
             else:
                 tail = b"0\r\n\r\n"
+            if data and not self._no_body:
+                tail = b"%x\r\n%b\r\n%b" % (len(data), data, tail)
+        elif data and not self._no_body:
+            tail = data
+        if data and (self.proto.transport is None or self.proto.transport.is_closing()):
+            raise ConnectionResetError("client went away")
         head = self._head
         if head is not None:
             self._head = None

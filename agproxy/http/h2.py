@@ -301,7 +301,9 @@ class H2Stream(ServerStream):
             else:
                 w.set_exception(exc)
 
-    async def end(self, trailers: Headers | None = None) -> None:
+    async def end(self, trailers: Headers | None = None, data: bytes = b"") -> None:
+        if data:
+            await self.send_data(data)    # held, then sent with END_STREAM below
         if self.done:
             return
         proto = self.proto

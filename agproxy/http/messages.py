@@ -324,7 +324,9 @@ class ServerStream:
     """One request/response exchange with the client (implemented per protocol).
 
     `send_head` only records the head; the first `send_data` or `end` writes it, so
-    a small response leaves in one write. `send_data` waits while the client is
+    a small response leaves in one write. `end(trailers, data)` sends a last chunk
+    together with the end of the body (HTTP/1.1: the chunk and the last-chunk in one
+    write; HTTP/2: one DATA frame with END_STREAM). `send_data` waits while the client is
     not reading (backpressure). `abort` resets the stream (HTTP/2) or closes the
     connection (HTTP/1.1): the client must see a broken response, never a hang.
     """
@@ -340,7 +342,7 @@ class ServerStream:
     async def send_data(self, data: bytes) -> None:
         raise NotImplementedError
 
-    async def end(self, trailers: Headers | None = None) -> None:
+    async def end(self, trailers: Headers | None = None, data: bytes = b"") -> None:
         raise NotImplementedError
 
     def abort(self) -> None:

@@ -386,6 +386,9 @@ class Gateway:
                 if not chunk:
                     break
                 ex.bytes_out += len(chunk)
+                if reader.at_eof:       # the last chunk: with the body's end, one write
+                    await stream.end(reader.trailers, chunk)
+                    return
                 await stream.send_data(chunk)
         except BodyAborted as exc:
             ex.error = f"upstream broke mid-body: {exc}"
@@ -549,6 +552,11 @@ async def _stream_hooked(ex: Exchange, resp: Response, chain: HookChain) -> None
             if not chunk:
                 break
             data = chain.feed(chunk)
+            if reader.at_eof:           # the last chunk: with the body's end, one write
+                data += chain.end()
+                ex.bytes_out += len(data)
+                await stream.end(reader.trailers, data)
+                return
             if data:
                 ex.bytes_out += len(data)
                 await send(data)

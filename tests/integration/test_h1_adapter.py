@@ -32,6 +32,14 @@ async def handler(stream) -> None:
         return
     if path == "/raises":
         raise RuntimeError("handler bug")
+    if path in ("/last-with-end", "/first-and-last-with-end"):
+        # A chunked body whose last chunk goes with end() (the exchange does this when
+        # its reader is at EOF): the chunk and the last-chunk leave in one write.
+        stream.send_head(200, Headers([("content-type", "text/plain")]))
+        if path == "/last-with-end":
+            await stream.send_data(b"abc")
+        await stream.end(None, b"defg")
+        return
     if path == "/cancelled":
         # Answers, then is cancelled by something other than the connection (as a
         # deadline helper that failed to take its cancel back would).
@@ -45,6 +53,33 @@ async def handler(stream) -> None:
     await stream.end()
 
 
+class _CountedTransport:
+    """The real transport, with its writes counted (one write is one send to the socket)."""
+
+    def __init__(self, transport, counts: list) -> None:
+        self._t = transport
+        self._counts = counts
+
+    def write(self, data) -> None:
+        self._counts.append(bytes(data))
+        self._t.write(data)
+
+    def __getattr__(self, name):
+        return getattr(self._t, name)
+
+
+class CountingH1(H1Connection):
+    __slots__ = ("writes",)
+
+    def connection_made(self, transport) -> None:
+        self.writes: list[bytes] = []
+        writes.append(self.writes)
+        super().connection_made(_CountedTransport(transport, self.writes))
+
+
+writes: list[list[bytes]] = []    # per connection, in accept order
+
+
 class H1TestServer:
     def __init__(self) -> None:
         self.loop = uvloop.new_event_loop()
@@ -56,7 +91,7 @@ class H1TestServer:
 
             async def start():
                 def factory():
-                    return H1Connection(handler, ConnInfo("127.0.0.1", 0, 0, False), Limits(), tracker=self)
+                    return CountingH1(handler, ConnInfo("127.0.0.1", 0, 0, False), Limits(), tracker=self)
                 self.server = await self.loop.create_server(factory, "127.0.0.1", 0)
                 self.port = self.server.sockets[0].getsockname()[1]
             self.loop.run_until_complete(start())
@@ -218,3 +253,28 @@ def test_requests_on_one_connection_are_each_answered_in_order(server, pipelined
 def test_a_handler_cancelled_after_answering_leaves_the_connection_serving(server):
     got = _keep_alive_requests(server.port, ["/cancelled", "/after"], pipelined=False)
     assert [(r.status, r.body) for r in got] == [(200, b"ok"), (200, b"ok")]
+
+
+@pytest.mark.parametrize("path", ["/last-with-end", "/first-and-last-with-end"])
+def test_a_last_chunk_given_to_end_leaves_with_the_last_chunk_in_one_write(server, path):
+    writes.clear()
+    got = _keep_alive_requests(server.port, [path, "/after"], pipelined=False)
+    expected = b"abcdefg" if path == "/last-with-end" else b"defg"
+    assert [(r.status, r.body) for r in got] == [(200, expected), (200, b"ok")]
+    (conn_writes,) = writes
+    first = conn_writes[:-1]            # the last write is the answer to /after
+    assert first[-1].endswith(b"4\r\ndefg\r\n0\r\n\r\n")
+    assert len(first) == (2 if path == "/last-with-end" else 1)
+
+
+def test_end_with_data_on_a_head_request_sends_no_body(server):
+    with socket.create_connection(("127.0.0.1", server.port), timeout=10) as s:
+        s.sendall(b"HEAD /first-and-last-with-end HTTP/1.1\r\nHost: x\r\n\r\n"
+                  b"GET /after HTTP/1.1\r\nHost: x\r\n\r\n")
+        buf = b""
+        while b"\r\n\r\nok" not in buf:
+            chunk = s.recv(65536)
+            assert chunk
+            buf += chunk
+    assert b"defg" not in buf
+    assert buf.count(b"HTTP/1.1 200") == 2

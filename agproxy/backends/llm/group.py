@@ -204,12 +204,22 @@ class LlmStream:
         self.call = call
         self.failure: str | None = None
 
+    @property
+    def at_eof(self) -> bool:
+        """Nothing more to read: the exchange sends the last chunk with the body's end."""
+        return self.done and not self.pending
+
     async def read(self) -> bytes:
+        body = self.src.body
         if self.pending:
             out, self.pending = self.pending, b""
+            if not self.done and body.at_eof:
+                # The provider's stream has already ended (a short answer arrives in one
+                # read): its ending goes with these bytes, in one write to the client.
+                self.done = True
+                out += self.tr.end()
             return out
         tr = self.tr
-        body = self.src.body
         while not self.done:
             try:
                 chunk = await body.read()
@@ -229,6 +239,9 @@ class LlmStream:
                 return tr.fail("the provider sent an invalid stream")
             if self.call.ttft is None and tr.first_token:
                 self.call.ttft = time.monotonic() - self.call.start
+            if body.at_eof:
+                self.done = True
+                out += tr.end()
             if out:
                 return out
         return b""
