@@ -146,6 +146,11 @@ class SseSplitter:
         # next line end being past it either way.)
         return events
 
+    @property
+    def idle(self) -> bool:
+        """Nothing carried over: the next byte fed starts a new event."""
+        return not self._buf and not self._after_cr
+
     def end(self) -> bytes:
         """The bytes of an unterminated last event (b"" when the stream ended cleanly)."""
         rest = bytes(self._buf)

@@ -412,3 +412,98 @@ def test_the_one_line_event_shortcut_reads_what_the_parser_reads():
                 b"\xef\xbb\xbfdata: bom\n\n", b"data: x\n", b"\n"):
         ev = parse(raw)
         assert _data_of(raw) == (None if ev is None else ev.data), raw
+
+
+# -- the pass-through OpenAI stream, whatever the chunking ---------------------------------------
+from hypothesis import given, settings, strategies as st  # noqa: E402
+
+_BASE = {"id": "chatcmpl-1", "object": "chat.completion.chunk", "created": 1, "model": "gpt-real-1"}
+_CONTENT_TEXTS = ["", "Hi", " [DONE] ", 'say "usage":{ and "error" in text', "ünïcödé", "a\nb"]
+
+
+def _event_of(kind: str, i: int) -> bytes:
+    """One provider event as OpenAI writes it (compact JSON, `data: ` and a blank line),
+    or the other shapes a stream may hold: a comment, an empty line, a CRLF event."""
+    if kind == "content":
+        c = {**_BASE, "choices": [{"index": 0, "delta": {"content": _CONTENT_TEXTS[i % len(_CONTENT_TEXTS)]},
+                                   "finish_reason": None}], "usage": None}
+    elif kind == "tool":
+        c = {**_BASE, "choices": [{"index": 0, "delta": {"tool_calls": [
+            {"index": 0, "id": f"call_{i}", "function": {"name": "f", "arguments": "{}"}}]}}], "usage": None}
+    elif kind == "finish":
+        c = {**_BASE, "choices": [{"index": 0, "delta": {}, "finish_reason": "stop"}], "usage": None}
+    elif kind == "usage":
+        c = {**_BASE, "choices": [], "usage": {"prompt_tokens": 10 + i, "completion_tokens": i,
+                                               "prompt_tokens_details": {"cached_tokens": i}}}
+    elif kind == "error":
+        c = {"error": {"type": "server_error", "message": f"boom {i}"}}
+    elif kind == "comment":
+        return b": keep-alive\n\n"
+    elif kind == "blank":
+        return b"\n"
+    elif kind == "crlf":
+        c = {**_BASE, "choices": [{"index": 0, "delta": {"content": "cr"}}], "usage": None}
+        return b"data: " + orjson.dumps(c) + b"\r\n\r\n"
+    else:
+        return b"data: [DONE]\n\n"
+    return b"data: " + orjson.dumps(c) + b"\n\n"
+
+
+def _reference(stream: bytes, drop_usage: bool):
+    """What the pass-through must do, read off every event with the SSE parser: the bytes
+    the client gets, the usage, the model, whether it completed, the first token, the error."""
+    split = SseSplitter()
+    raws = split.feed(stream)
+    out, usage, model, complete, first, error, seen = [], None, "gpt-x", False, False, None, False
+    for raw in raws:
+        ev = parse_sse(raw)
+        drop = False
+        if ev is not None:
+            if ev.data == "[DONE]":
+                complete = True
+            else:
+                c = orjson.loads(ev.data)
+                if "error" in c:
+                    error = f"{c['error']['type']}: {c['error']['message']}"
+                else:
+                    if not seen:
+                        seen, model = True, c.get("model") or model
+                    for ch in c.get("choices") or ():
+                        d = ch.get("delta") or {}
+                        first = first or bool(d.get("content")) or any(t.get("id") for t in d.get("tool_calls") or ())
+                    if c.get("usage"):
+                        usage = from_openai(c["usage"])
+                        drop = drop_usage and c["choices"] == []
+        if not drop:
+            out.append(raw)
+    return b"".join(out), usage, model, complete, first, error
+
+
+_KINDS = st.sampled_from(["content", "content", "tool", "finish", "usage", "error", "comment", "blank", "crlf"])
+
+
+@settings(max_examples=300, deadline=None)
+@given(kinds=st.lists(_KINDS, max_size=12), done=st.booleans(), drop=st.booleans(),
+       cuts=st.lists(st.integers(0, 10_000), max_size=6), at_events=st.booleans())
+def test_openai_passthrough_reads_every_chunking_as_the_parser_does(kinds, done, drop, cuts, at_events):
+    events = [_event_of(k, i) for i, k in enumerate(kinds)] + ([_event_of("done", 0)] if done else [])
+    stream = b"".join(events)
+    if at_events:       # chunks that end where events end (the pass-through's fast path)
+        ends = [sum(len(e) for e in events[:i + 1]) for i in range(len(events))]
+        points = sorted({ends[c % len(ends)] for c in cuts}) if ends else []
+    else:               # anywhere, one byte at a time included
+        points = sorted({c % (len(stream) + 1) for c in cuts})
+    chunks, at = [], 0
+    for p in points + [len(stream)]:
+        if p > at:
+            chunks.append(stream[at:p])
+            at = p
+    body = {"model": "smart", "messages": [{"role": "user", "content": "x"}], "stream": True}
+    if not drop:
+        body["stream_options"] = {"include_usage": True}
+    tr = StreamTranslator(_client("openai", body), "openai", "gpt-x")
+    out = b"".join(tr.feed(c) for c in chunks)
+    want_out, usage, model, complete, first, error = _reference(stream, drop)
+    assert out == want_out
+    assert (tr.usage, tr.response_model, tr.complete, tr.first_token, tr.error) == (usage, model, complete, first,
+                                                                                    error)
