@@ -198,6 +198,13 @@ class Exchange:
         else:
             self.log_extra[key] = value
 
+    def log_fields(self, fields: dict[str, Any]) -> None:
+        """Several access-log fields at once (`log` for each; the dict is kept, not copied)."""
+        if self.log_extra is None:
+            self.log_extra = fields
+        else:
+            self.log_extra.update(fields)
+
     # -- CEL ------------------------------------------------------------------------
     @property
     def activation(self):

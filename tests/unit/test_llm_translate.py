@@ -507,3 +507,54 @@ def test_openai_passthrough_reads_every_chunking_as_the_parser_does(kinds, done,
     assert out == want_out
     assert (tr.usage, tr.response_model, tr.complete, tr.first_token, tr.error) == (usage, model, complete, first,
                                                                                     error)
+
+
+def test_an_answer_without_content_ends_once_however_often_its_end_is_read():
+    """An Anthropic answer with no text (message_start, message_delta, message_stop) to an
+    OpenAI client, whole in one read: the committed stream (LlmStream) reads the end
+    twice (once to have bytes for the client, once at EOF); the client gets one ending."""
+    import asyncio
+
+    from agproxy.backends.llm.group import LlmStream, _Call
+    from agproxy.http.messages import BodyReader
+
+    def ev(name, data):
+        return f"event: {name}\ndata: {json.dumps(data)}\n\n".encode()
+    upstream = (ev("message_start", {"type": "message_start", "message": {
+        "id": "msg_1", "type": "message", "role": "assistant", "model": "claude-x", "content": [],
+        "stop_reason": None, "usage": {"input_tokens": 3, "output_tokens": 0}}})
+        + ev("message_delta", {"type": "message_delta", "delta": {"stop_reason": "end_turn"},
+                               "usage": {"output_tokens": 0}})
+        + ev("message_stop", {"type": "message_stop"}))
+    req = _client("openai", {"model": "smart", "messages": [{"role": "user", "content": "x"}], "stream": True})
+
+    class Upstream:            # the UpstreamResponse shape LlmStream reads: a body and abort()
+        def __init__(self, body):
+            self.body = body
+
+        def abort(self):
+            raise AssertionError("a clean stream is not aborted")
+
+    async def client_bytes() -> bytes:
+        body = BodyReader()
+        body.feed(upstream)
+        body.feed_eof()
+        tr = StreamTranslator(req, "anthropic", "claude-x")
+        first = tr.feed(body.take_buffered()) or tr.end()     # what group.py does before committing
+        stream = LlmStream(Upstream(body), tr, first, _Call(req, 0.0))
+        out = b""
+        while chunk := await stream.read():
+            out += chunk
+        assert stream.at_eof
+        return out
+
+    out = asyncio.run(client_bytes())
+    assert out.count(b"data: [DONE]") == 1, out
+    assert tr_end_is_idempotent()
+
+
+def tr_end_is_idempotent() -> bool:
+    req = _client("openai", {"model": "smart", "messages": [{"role": "user", "content": "x"}], "stream": True})
+    tr = StreamTranslator(req, "anthropic", "claude-x")
+    tr.feed(_anthropic_sse())
+    return tr.end().count(b"[DONE]") == 1 and tr.end() == b""

@@ -309,6 +309,8 @@ class LlmGroup(Backend):
                 known.add(p.model)
             known.update(p.models.values())
         self._label = _Bounded(frozenset(known))
+        self._series: dict[tuple, tuple] = {}      # (kind, model, response model, route) → metric series
+        self._served: dict[str, bool] = {}         # requested model → served (bounded)
         self._published: dict[int, float] = {}
         self._published_version = -1
         self._publish()
@@ -328,9 +330,13 @@ class LlmGroup(Backend):
         return Response(status, Headers([*_JSON, *headers]), translate.error_reply(api, kind, message))
 
     def _serves(self, model: str) -> bool:
-        if self.models is not None and model not in self.models:
-            return False
-        return any(p.model_for(model) is not None for p in self.providers)
+        served = self._served.get(model)
+        if served is None:
+            served = (self.models is None or model in self.models) and \
+                any(p.model_for(model) is not None for p in self.providers)
+            if len(self._served) < 1024:
+                self._served[model] = served
+        return served
 
     async def respond(self, ex: Any) -> Response:
         req = ex.request
@@ -384,7 +390,8 @@ class LlmGroup(Backend):
             except BadRequest as exc:
                 state.release(i)
                 return self._error(api, exc.status, exc.kind, str(exc))
-            span = tracing.gen_ai_span(ex.span, PROVIDER_NAMES[p.kind], model, p.origin, p.name)
+            span = (tracing.gen_ai_span(ex.span, PROVIDER_NAMES[p.kind], model, p.origin, p.name)
+                    if ex.span is not None else None)
             try:
                 verdict = await self._try(ex, call, i, p, model, path, body, timeout, span)
             except BaseException:
@@ -419,7 +426,8 @@ class LlmGroup(Backend):
         attempt = {"provider": p.name, "status": 0}
         call.attempts.append(attempt)
         try:
-            resp = await p.request(path, body, creq.stream, timeout, tracing.context_headers(ex.span, span))
+            trace = tracing.context_headers(ex.span, span) if ex.span is not None else ()
+            resp = await p.request(path, body, creq.stream, timeout, trace)
         except UpstreamError as exc:
             ex.add_attempt(self.name, p.origin.authority, p.name, start, 0, time.monotonic() - start, str(exc))
             attempt["error"] = exc.kind
@@ -475,7 +483,11 @@ class LlmGroup(Backend):
     async def _json_answer(self, call: _Call, i: int, p: Provider, model: str, resp, attempt: dict,
                            timeout) -> Response | None:
         try:
-            data = await within(timeout, _read_all(resp.body, MAX_ANSWER))
+            body = resp.body
+            if body.complete and body.error is None and body.received <= MAX_ANSWER:
+                data = body.take_buffered()     # the whole answer came with its head: no wait, no timer
+            else:
+                data = await within(timeout, _read_all(body, MAX_ANSWER))
             parsed, reply = translate.parse_provider_reply(p.kind, data, model)
         except (ProviderError, BodyAborted, TimeoutError) as exc:
             resp.abort()
@@ -497,7 +509,14 @@ class LlmGroup(Backend):
         or says garbage before that can still go to the next provider."""
         tr = StreamTranslator(call.creq, p.kind, model)
         try:
-            first = await within(timeout, _first_output(resp.body, tr))
+            body = resp.body
+            if body.complete and body.error is None:
+                # The whole stream came with its head (a short answer): read without a
+                # wait or a timer, as _first_output would.
+                chunk = body.take_buffered()
+                first = (tr.feed(chunk) if chunk else b"") or tr.end()
+            else:
+                first = await within(timeout, _first_output(body, tr))
         except (ProviderError, BodyAborted, TimeoutError) as exc:
             resp.abort()
             attempt["error"] = "invalid stream" if isinstance(exc, ProviderError) else "broken stream"
@@ -580,19 +599,28 @@ class LlmGroup(Backend):
     def _account(self, ex: Any, call: _Call) -> None:
         p = call.provider
         u = call.usage
-        if p is not None:
-            ex.log("llm_provider", p.name)
-            ex.log("llm_model", call.model)
-            if u is not None:
-                ex.log("llm_usage", {"input": u.input, "output": u.output, "input_cache_read": u.cache_read,
-                                     "input_cache_write": u.cache_write})
-        ex.log("llm_attempts", call.attempts)
+        if p is None:
+            ex.log("llm_attempts", call.attempts)
+        elif u is None:
+            ex.log_fields({"llm_provider": p.name, "llm_model": call.model, "llm_attempts": call.attempts})
+        else:
+            ex.log_fields({"llm_provider": p.name, "llm_model": call.model,
+                           "llm_usage": {"input": u.input, "output": u.output, "input_cache_read": u.cache_read,
+                                         "input_cache_write": u.cache_write},
+                           "llm_attempts": call.attempts})
         m = self.metrics
         if m is None or p is None or call.status != 200:
             return
         route = ex.route.name if ex.route is not None else ""
-        labels = ("chat", PROVIDER_NAMES[p.kind], self._label(call.creq.model), self._label(call.response_model), route)
-        duration, ttft, tokens, dur_bounds, ttft_bounds, tok_bounds = m.series(labels)
+        # The series by the raw values (one lookup); the bounded labels only for a new key.
+        key = (p.kind, call.creq.model, call.response_model, route)
+        series = self._series.get(key)
+        if series is None:
+            series = m.series(("chat", PROVIDER_NAMES[p.kind], self._label(call.creq.model),
+                               self._label(call.response_model), route))
+            if len(self._series) < 1024:
+                self._series[key] = series
+        duration, ttft, tokens, dur_bounds, ttft_bounds, tok_bounds = series
         _observe(duration, dur_bounds, time.monotonic() - call.start)
         if call.ttft is not None:
             _observe(ttft, ttft_bounds, call.ttft)

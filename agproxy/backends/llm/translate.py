@@ -160,7 +160,7 @@ class StreamTranslator:
     """
 
     __slots__ = ("api", "wire", "passthrough", "drop_usage_chunk", "usage", "response_model", "complete",
-                 "first_token", "error", "_split", "_decoder", "_encoder", "_bedrock", "_seen")
+                 "first_token", "error", "_split", "_decoder", "_encoder", "_bedrock", "_seen", "_ended")
 
     def __init__(self, req: ClientRequest, kind: str, model: str):
         self.api = req.api
@@ -174,6 +174,7 @@ class StreamTranslator:
         self.error: str | None = None
         self._bedrock = self.wire == "bedrock"
         self._seen = False          # a pass-through OpenAI stream's first chunk was read
+        self._ended = False
         self._split = None if self._bedrock else SseSplitter()
         if self.wire == "openai":
             self._decoder = openai.Decoder()
@@ -398,7 +399,11 @@ class StreamTranslator:
 
     def end(self) -> bytes:
         """The provider's stream ended (EOF). Its remainder, then the client's ending;
-        an error event instead when the provider's end marker never came."""
+        an error event instead when the provider's end marker never came. Once: a
+        second call (the stream's reader finding EOF again) gives b""."""
+        if self._ended:
+            return b""
+        self._ended = True
         out = b""
         if self._bedrock:
             events = self._decoder.end()
