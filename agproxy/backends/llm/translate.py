@@ -144,9 +144,11 @@ def _data_of(raw: bytes) -> str | None:
 
 
 #: what makes an event of a pass-through OpenAI stream worth parsing, once the first
-#: token came (`_observe` tests the same per event).
-_MARKERS = (b'"usage":{', b"[DONE]", b'"error"')
-_MARKERS_BUT_DONE = (b'"usage":{', b'"error"')
+#: token came (`_observe` tests the same per event). Not an error event: after the first
+#: token it goes on to the client as it came and decides nothing (the stream is judged
+#: by its end marker), so the gateway does not look for one.
+_MARKERS = (b'"usage":{', b"[DONE]")
+_MARKERS_BUT_DONE = (b'"usage":{',)
 _NO_JSON = object()
 
 
@@ -156,7 +158,9 @@ class StreamTranslator:
     `feed(chunk)` returns the bytes for the client, `end()` the last ones when the
     provider's stream ended cleanly, `fail(why)` an error event when it did not.
     Afterwards: `usage`, `response_model`, `complete` (the provider's end marker
-    was seen), `first_token` (True once content arrived; the caller times it).
+    was seen), `first_token` (True once content arrived; the caller times it),
+    `error` (an error event the provider opened its stream with: before the first
+    token; a pass-through OpenAI stream is not searched for one after it).
     """
 
     __slots__ = ("api", "wire", "passthrough", "drop_usage_chunk", "usage", "response_model", "complete",
@@ -242,7 +246,7 @@ class StreamTranslator:
         over, LF line ends, ending with a blank line): what `_observe` does, without
         splitting the chunk into events. The events before the first token are read one
         by one (the model, an opening error, garbage); after it, only the events holding
-        a marker `_observe` would parse (`"usage":{`, `[DONE]`, `"error"`) are found, by
+        a marker `_observe` would parse (`"usage":{`, `[DONE]`) are found, by
         one scan of the chunk per marker, and parsed. The chunk goes on as it came, less
         a usage chunk the client did not ask for.
 
@@ -255,6 +259,9 @@ class StreamTranslator:
         pos = 0
         drops: list[tuple[int, int]] = []
         while not self.first_token and pos < n:
+            if chunk[pos] == 10:    # an empty line (dispatches nothing): never part of an event
+                pos += 1
+                continue
             end = find(b"\n\n", pos) + 2
             if end < 2:     # only the LF of an empty line is left: it dispatches nothing
                 break
@@ -275,7 +282,12 @@ class StreamTranslator:
                 i = find(marker, pos)
                 while i >= 0:
                     start = chunk.rfind(b"\n\n", pos, i)
-                    start = pos if start < 0 else start + 2
+                    if start < 0:
+                        start = pos
+                        while chunk[start] == 10:     # empty lines before the event
+                            start += 1
+                    else:
+                        start += 2
                     end = find(b"\n\n", i) + 2
                     spans[start] = end
                     i = find(marker, end)
@@ -379,7 +391,7 @@ class StreamTranslator:
                     interesting = True
                 else:
                     find = raw.find
-                    interesting = find(b'"usage":{') >= 0 or find(b"[DONE]") >= 0 or find(b'"error"') >= 0
+                    interesting = find(b'"usage":{') >= 0 or find(b"[DONE]") >= 0
             else:
                 head = raw[:40]
                 interesting = not self.first_token or head.find(b"message_") >= 0 or head.find(b"error") >= 0
@@ -409,7 +421,9 @@ class StreamTranslator:
             events = self._decoder.end()
             self._note(events)
         else:
-            self._split.end()      # an unterminated last event: a client discards it too
+            rest = self._split.end()   # an unterminated last event: a client discards it too
+            if self.passthrough and rest and not rest.strip(b"\r\n"):
+                out = rest      # only line ends (the LF of a CRLF cut from its CR): passed on as they came
         if not self.complete:
             return out + self.fail("the provider's stream ended before its end marker")
         if self._encoder is not None:
