@@ -10,8 +10,8 @@ import pytest
 
 from agproxy.backends.llm import anthropic, bedrock, openai
 from agproxy.backends.llm.chat import BadRequest, ProviderError
-from agproxy.backends.llm.translate import (StreamTranslator, client_reply, parse_client, parse_provider_reply,
-                                            provider_request)
+from agproxy.backends.llm.translate import (StreamTranslator, client_reply, parse_client, parse_passthrough_reply,
+                                            parse_provider_reply, provider_request)
 from agproxy.backends.llm.usage import AnthropicTally, Usage, from_anthropic, from_bedrock, from_openai
 from agproxy.http.sse import SseSplitter, parse as parse_sse
 from tests.support.llm_fakes import bedrock_event, bedrock_exception
@@ -213,11 +213,28 @@ def test_openai_and_bedrock_answers_to_anthropic_client():
     assert out["model"] == "amazon.nova-pro-v1:0"
 
 
-@pytest.mark.parametrize("kind,data", [("openai", b"<html>"), ("openai", b'{"choices": []}'),
-                                       ("anthropic", b'{"type": "error"}'), ("bedrock", b'{"output": 1}')])
+@pytest.mark.parametrize("kind,data", [
+    ("openai", b"<html>"), ("openai", b'{"choices": []}'), ("openai", b"[1]"), ("openai", b'{"choices": [1]}'),
+    ("openai", b'{"choices": [{"message": 5}]}'), ("openai", b'{"choices": [{"delta": {}}]}'),
+    ("openai", b'{"choices": [{"message": {"tool_calls": [{"id": "c"}]}}]}'),
+    ("openai", b'{"choices": [{"message": {}, "finish_reason": ["stop"]}]}'),
+    ("anthropic", b'{"type": "error"}'), ("bedrock", b'{"output": 1}')])
 def test_garbage_answers_are_provider_errors(kind, data):
     with pytest.raises(ProviderError):
         parse_provider_reply(kind, data, "m")
+    with pytest.raises(ProviderError):          # the same answer passed through unchanged
+        parse_passthrough_reply(kind, data, "m")
+
+
+def test_a_passed_through_answer_reads_as_a_parsed_one():
+    answer = {"id": "c1", "model": "gpt-4o-2024", "choices": [{"index": 0, "finish_reason": "tool_calls", "message": {
+        "role": "assistant", "content": None, "tool_calls": [
+            {"id": "call_1", "type": "function", "function": {"name": "f", "arguments": "{}"}}]}}],
+        "usage": {"prompt_tokens": 9, "completion_tokens": 2, "prompt_tokens_details": {"cached_tokens": 4}}}
+    for kind in ("openai", "openai_compatible"):
+        _, reply = parse_provider_reply(kind, orjson.dumps(answer), "m")
+        assert parse_passthrough_reply(kind, orjson.dumps(answer), "m") == (reply.model, reply.usage)
+        assert reply.usage == Usage(9, 2, 4, 0)
 
 
 # -- streams ------------------------------------------------------------------------------------------

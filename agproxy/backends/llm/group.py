@@ -488,7 +488,14 @@ class LlmGroup(Backend):
                 data = body.take_buffered()     # the whole answer came with its head: no wait, no timer
             else:
                 data = await within(timeout, _read_all(body, MAX_ANSWER))
-            parsed, reply = translate.parse_provider_reply(p.kind, data, model)
+            if translate.WIRE[p.kind] == call.creq.api:
+                # Same format: the provider's bytes as they came (parsed to check and count them).
+                response_model, usage = translate.parse_passthrough_reply(p.kind, data, model)
+                out = data
+            else:
+                parsed, reply = translate.parse_provider_reply(p.kind, data, model)
+                response_model, usage = reply.model, reply.usage
+                out = translate.client_reply(call.creq, p.kind, parsed, reply)
         except (ProviderError, BodyAborted, TimeoutError) as exc:
             resp.abort()
             attempt["error"] = "invalid answer" if isinstance(exc, ProviderError) else "broken answer"
@@ -496,11 +503,8 @@ class LlmGroup(Backend):
             return None
         self._verdict(i, p, True)
         call.provider, call.index, call.model, call.status = p, i, model, 200
-        call.usage = reply.usage
-        call.response_model = reply.model or model
-        # Same format: the provider's bytes as they came (parsed above to check and count them).
-        out = data if translate.WIRE[p.kind] == call.creq.api else translate.client_reply(call.creq, p.kind, parsed,
-                                                                                         reply)
+        call.usage = usage
+        call.response_model = response_model or model
         return Response(200, Headers(list(_JSON)), out)
 
     async def _stream_answer(self, call: _Call, i: int, p: Provider, model: str, resp, attempt: dict,

@@ -104,6 +104,19 @@ def parse_provider_reply(kind: str, data: bytes, model: str) -> tuple[Any, Reply
     return body, bedrock.parse_response(body, model)
 
 
+def parse_passthrough_reply(kind: str, data: bytes, model: str) -> tuple[str, Usage | None]:
+    """(response model, usage) of a provider's JSON answer that goes to a client of the
+    same API unchanged; ProviderError as `parse_provider_reply` gives it."""
+    if WIRE[kind] != "openai":
+        _, reply = parse_provider_reply(kind, data, model)
+        return reply.model, reply.usage
+    try:
+        body = orjson.loads(data)
+    except orjson.JSONDecodeError:
+        raise ProviderError("the provider's answer is not JSON") from None
+    return openai.check_response(body)
+
+
 def client_reply(req: ClientRequest, kind: str, body: Any, reply: Reply) -> bytes:
     """The answer as the client's API writes it (the provider's own bytes when the
     formats match: only re-serialised, never re-shaped)."""
