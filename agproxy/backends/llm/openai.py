@@ -296,6 +296,17 @@ def check_response(body: Any) -> tuple[str, Usage | None]:
         raise ProviderError(f"not an OpenAI chat completion: {type(exc).__name__}") from None
 
 
+def load_chunk(data: str | bytes) -> dict:
+    """One stream event's data as a chunk object; ProviderError when it is not one."""
+    try:
+        chunk = orjson.loads(data)
+    except orjson.JSONDecodeError:
+        raise ProviderError("an OpenAI stream event is not JSON") from None
+    if not isinstance(chunk, dict):
+        raise ProviderError("an OpenAI stream event is not an object")
+    return chunk
+
+
 class Decoder:
     """One SSE event's `data` of an OpenAI stream → stream events."""
 
@@ -307,12 +318,7 @@ class Decoder:
     def feed(self, data: str) -> list[tuple]:
         if data == "[DONE]":
             return [("done",)]
-        try:
-            chunk = orjson.loads(data)
-        except orjson.JSONDecodeError:
-            raise ProviderError("an OpenAI stream event is not JSON") from None
-        if not isinstance(chunk, dict):
-            raise ProviderError("an OpenAI stream event is not an object")
+        chunk = load_chunk(data)
         out: list[tuple] = []
         err = error_message(chunk)
         if err is not None:

@@ -351,11 +351,8 @@ class StreamTranslator:
             if data == "[DONE]":
                 self.complete = True
                 return False
-            try:
-                chunk = orjson.loads(data)
-            except orjson.JSONDecodeError:
-                raise ProviderError("an OpenAI stream event is not JSON") from None
-        if not isinstance(chunk, dict):
+            chunk = openai.load_chunk(data)
+        elif not isinstance(chunk, dict):
             raise ProviderError("an OpenAI stream event is not an object")
         err = openai.error_message(chunk) if "error" in chunk else None
         if err is not None:
