@@ -56,8 +56,8 @@ from typing import Callable
 import httptools
 
 from agproxy.http.flow import WriteFlowControl
-from agproxy.http.messages import (BodyAborted, BodyMalformed, BodyReader, ConnInfo, Headers, RequestHead,
-                                   ServerStream, field_name)
+from agproxy.http.messages import (NOTED_FIELDS, BodyAborted, BodyMalformed, BodyReader, ConnInfo, Headers,
+                                   RequestHead, ServerStream, field_name)
 
 log = logging.getLogger("agproxy.http")
 
@@ -73,7 +73,8 @@ _AUTHORITY = re.compile(
     r"(?:\[(?:[0-9A-Fa-f:.]+|v[0-9A-Fa-f]+\.[A-Za-z0-9\-._~!$&'()*+,;=:]+)\]"
     r"|(?:[A-Za-z0-9\-._~!$&'()*+,;=]|%[0-9A-Fa-f]{2})*)(?::[0-9]*)?")
 _VALID_AUTHORITIES: set[str] = set()
-_FRAMING = frozenset({"content-length", "transfer-encoding", "host", "expect"})   # names on_header notes
+# Names on_header notes: its own framing fields, and NOTED_FIELDS for the layers above.
+_FRAMING = frozenset({"content-length", "transfer-encoding", "host", "expect", *NOTED_FIELDS})
 # Response fields send_head frames itself: content-length kept, the others dropped.
 _FRAMING_OUT = frozenset({"content-length", "connection", "transfer-encoding", "keep-alive"})
 
@@ -277,7 +278,7 @@ class H1Connection(WriteFlowControl, asyncio.Protocol):
     __slots__ = ("handler", "info", "limits", "on_h2", "tracker", "transport", "parser", "scheme",
                  "current", "pipeline", "closing", "write_paused", "_drain_waiters", "_read_paused_by",
                  "_first", "_preface", "_url", "_headers", "_header_bytes", "_cl_count", "_te", "_host", "_expect",
-                 "_underscores", "_reading_stream", "_reject_payload", "_abort_reason", "last_activity",
+                 "_noted", "_underscores", "_reading_stream", "_reject_payload", "_abort_reason", "last_activity",
                  "head_start", "progress", "_quiet_since", "_in_head", "_read_len", "_head_first",
                  "_head_reads", "_task", "_wake", "_next", "__weakref__")
 
@@ -308,6 +309,7 @@ class H1Connection(WriteFlowControl, asyncio.Protocol):
         self._te: str | None = None
         self._host: str | None = None
         self._expect: str | None = None
+        self._noted = 0                   # NOTED_FIELDS bits of the head being read
         self._underscores = limits.headers_with_underscores
         self._reading_stream: H1Stream | None = None
         self._reject_payload: bytes | None = None   # answered once the requests before it are
@@ -444,6 +446,7 @@ class H1Connection(WriteFlowControl, asyncio.Protocol):
         self._te = None
         self._host = None
         self._expect = None
+        self._noted = 0
         if not self.head_start:   # (the first request's deadline runs from the connection's start)
             self.head_start = self.last_activity
 
@@ -476,8 +479,11 @@ class H1Connection(WriteFlowControl, asyncio.Protocol):
                 if self._host is not None:
                     raise BadRequest(400, "more than one Host header")
                 self._host = v
-            elif self._expect is None:
-                self._expect = v
+            elif n == "expect":
+                if self._expect is None:
+                    self._expect = v
+            else:
+                self._noted |= NOTED_FIELDS[n]
         self._headers.append((n, v))
 
     def _check_head_size(self) -> None:
@@ -521,7 +527,7 @@ class H1Connection(WriteFlowControl, asyncio.Protocol):
                 else:
                     headers.items = [("host", host) if k == "host" else (k, v) for k, v in headers.items]
         req = RequestHead(p.get_method().decode("ascii"), url, headers, self.scheme, host,
-                          "HTTP/1.1" if version == "1.1" else "HTTP/1.0")
+                          "HTTP/1.1" if version == "1.1" else "HTTP/1.0", self._noted)
         expect = self._expect      # (noted by on_header: no scan of the fields)
         expect_continue = expect is not None and expect.lower() == "100-continue" and version == "1.1"
         stream = H1Stream(self, req, p.should_keep_alive(), expect_continue)

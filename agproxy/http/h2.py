@@ -84,7 +84,7 @@ from agproxy.http import h2_budget
 from agproxy.http import h2_frames as fr
 from agproxy.http.flow import WriteFlowControl
 from agproxy.http.h2_frames import H2Error, ServerCodec
-from agproxy.http.messages import BodyAborted, BodyReader, ConnInfo, Headers, RequestHead, ServerStream
+from agproxy.http.messages import NOTED_FIELDS, BodyAborted, BodyReader, ConnInfo, Headers, RequestHead, ServerStream
 
 __all__ = ["H2Connection", "H2Stream"]
 
@@ -560,12 +560,13 @@ def _headers_to_list(block, limits, trailers: bool = False) -> tuple[list, dict]
     return items, pseudo
 
 
-_CHECKED = frozenset({"content-length", "te", "cookie", "host"})   # fields _parse_request looks at
+# Fields _parse_request looks at: its own, and NOTED_FIELDS for the layers above.
+_CHECKED = frozenset({"content-length", "te", "cookie", "host", *NOTED_FIELDS})
 
 
 def _parse_request(block, limits) -> tuple:
     """One pass over a request header block → (method, path, scheme, authority, fields,
-    content-length or None); raises _Malformed (RFC 9113 §8.1.1, §8.3.1)."""
+    content-length or None, NOTED_FIELDS bits); raises _Malformed (RFC 9113 §8.1.1, §8.3.1)."""
     method = path = scheme = authority = None
     items: list[tuple[str, str]] = []
     size = 0
@@ -573,6 +574,7 @@ def _parse_request(block, limits) -> tuple:
     cookies = 0
     host = None
     length = None
+    noted = 0
     for name, value in block:
         size += len(name) + len(value) + 32
         if name[:1] == b":":
@@ -608,8 +610,11 @@ def _parse_request(block, limits) -> tuple:
                     raise _Malformed(400, "te other than 'trailers'")
             elif n == "cookie":
                 cookies += 1
-            elif host is None:
-                host = v
+            elif n == "host":
+                if host is None:
+                    host = v
+            else:
+                noted |= NOTED_FIELDS[n]
         items.append((n, v))
     if len(items) > limits.max_headers or size > limits.max_header_bytes:
         raise _Malformed(431, "request header fields too large")
@@ -637,7 +642,7 @@ def _parse_request(block, limits) -> tuple:
         auth = host or ""
     if cookies > 1:
         items = _join_cookies(items)
-    return m, path.decode("latin-1"), sch, auth, items, length
+    return m, path.decode("latin-1"), sch, auth, items, length, noted
 
 
 # -- the connection --------------------------------------------------------------------------------
@@ -759,12 +764,12 @@ class H2Connection(BatchedOutput, WriteFlowControl, asyncio.Protocol):
             h.budget.reset()
             return
         try:
-            method, path, scheme, auth, items, expected = _parse_request(block, self.limits)
+            method, path, scheme, auth, items, expected, noted = _parse_request(block, self.limits)
         except _Malformed as exc:
             self._reject(sid, exc.status, str(exc), ended=ended)
             h.budget.reset()
             return
-        req = RequestHead(method, path, Headers(items), scheme, auth, "HTTP/2")
+        req = RequestHead(method, path, Headers(items), scheme, auth, "HTTP/2", noted)
         stream = H2Stream(self, sid, req, expected)
         self.streams[sid] = stream
         task = stream.task = self.loop.create_task(self.handler(stream))

@@ -190,6 +190,53 @@ def test_a_root_trace_id_is_the_request_id(start_gateway, upstream_echo, receive
     assert y.trace_id != "ab" * 16 and dict(upstream_echo.seen[-1]["headers"])["x-request-id"] == "ab" * 16
 
 
+@pytest.mark.parametrize("http2", [False, True], ids=["h1", "h2c"])
+def test_sampling_decides_on_the_request_id_and_a_clients_context_is_followed(
+        start_gateway, upstream_echo, receiver, http2):
+    """sampling = 0.01, over each protocol's parser (the trace-context fields are noted
+    there: http/messages.py NOTED_FIELDS). A root is sampled exactly when its request id's
+    low 64 bits are below the ratio's bound (the SDKs' TraceIdRatioBased on the trace id,
+    which is the request id); an unsampled root has no span, sends no trace context and
+    logs no trace id, its request id still correlating the log and the upstream; a
+    client's sampled `traceparent` is followed whatever the ratio, an unsampled one
+    continued with flag 00; a `tracestate` without a `traceparent` is dropped."""
+    gw = start_gateway(config(upstream_echo.url, receiver.url, sampling=0.01), env=FAST_EXPORT)
+    bound = round(0.01 * (1 << 64))
+    with httpx.Client(http2=http2, http1=not http2) as c:
+        for i in range(300):
+            assert c.get(gw.url(f"/api/root/{i}")).status_code == 200
+        assert c.get(gw.url("/api/orphan"), headers={"tracestate": "orphan=1"}).status_code == 200
+        unsampled = "1" * 32
+        assert c.get(gw.url("/api/unsampled"),
+                     headers={"traceparent": f"00-{unsampled}-{CLIENT_SPAN}-00"}).status_code == 200
+        assert c.get(gw.url("/api/sampled"), headers={"traceparent": f"00-{CLIENT_TRACE}-{CLIENT_SPAN}-01",
+                                                      "tracestate": "k=v"}).status_code == 200
+    # Spans leave in order: once the last request's are in, every sampled root's are.
+    spans = receiver.wait_for(lambda spans: any(s.trace_id == CLIENT_TRACE for s in spans))
+    lines = {l["path"]: l for l in gw.access_log(303)}
+    seen = {r["path"]: dict(r["headers"]) for r in upstream_echo.seen}
+    roots = [f"/api/root/{i}" for i in range(300)] + ["/api/orphan"]
+    expected = {p for p in roots if int(lines[p]["request_id"][16:], 16) < bound}
+    traced = {s.attributes["url.path"]: s for s in servers(spans)}
+    assert set(traced) == expected | {"/api/sampled"}
+    for path in roots:
+        line, headers = lines[path], seen[path]
+        assert headers["x-request-id"] == line["request_id"] and "tracestate" not in headers
+        if path in expected:
+            assert line["trace_id"] == traced[path].trace_id == line["request_id"]
+            assert line["span_id"] == traced[path].span_id
+            assert headers["traceparent"].startswith(f"00-{line['request_id']}-")
+        else:
+            assert "trace_id" not in line and "span_id" not in line and "traceparent" not in headers
+    tp = seen["/api/unsampled"]["traceparent"]
+    assert tp.startswith(f"00-{unsampled}-") and tp.endswith("-00") and lines["/api/unsampled"]["trace_id"] == unsampled
+    server = traced["/api/sampled"]
+    assert (server.trace_id, server.parent_span_id) == (CLIENT_TRACE, CLIENT_SPAN)
+    (backend,) = [s for s in clients(spans) if s.parent_span_id == server.span_id]
+    assert seen["/api/sampled"]["traceparent"] == f"00-{CLIENT_TRACE}-{backend.span_id}-01"
+    assert seen["/api/sampled"]["tracestate"] == "k=v"
+
+
 def test_http2_and_status_codes(start_gateway, upstream_echo, receiver):
     gw = start_gateway(config(upstream_echo.url, receiver.url) + '''
 [[route]]

@@ -6,7 +6,7 @@ import pytest
 
 from agproxy.http import h2 as h2mod
 from agproxy.http.h1 import Limits
-from agproxy.http.messages import Headers
+from agproxy.http.messages import NOTE_REQUEST_ID, NOTE_TRACEPARENT, NOTE_TRACESTATE, Headers
 
 LIM = Limits(max_headers=5, max_header_bytes=1000)
 BASE = [(b":method", b"POST"), (b":scheme", b"https"), (b":authority", b"api.example:8443"), (b":path", b"/v1/x?y=1")]
@@ -17,9 +17,23 @@ def parse(extra=(), base=BASE):
 
 
 def test_parses_pseudo_headers_and_fields():
-    method, path, scheme, authority, items, length = parse([(b"content-length", b"12"), (b"x-a", b"1")])
+    method, path, scheme, authority, items, length, noted = parse([(b"content-length", b"12"), (b"x-a", b"1")])
     assert (method, path, scheme, authority, length) == ("POST", "/v1/x?y=1", "https", "api.example:8443", 12)
     assert items == [("content-length", "12"), ("x-a", "1")]
+    assert noted == 0
+
+
+def test_trace_context_and_request_id_fields_are_noted_and_kept():
+    """The layers above test RequestHead.noted instead of scanning (http/messages.py
+    NOTED_FIELDS); the fields themselves stay in the head, in order."""
+    fields = [(b"tracestate", b"a=1"), (b"x-b", b"2"), (b"traceparent", b"00-x"), (b"x-request-id", b"r")]
+    *_, items, _, noted = parse(fields)
+    assert items == [("tracestate", "a=1"), ("x-b", "2"), ("traceparent", "00-x"), ("x-request-id", "r")]
+    assert noted == NOTE_TRACEPARENT | NOTE_TRACESTATE | NOTE_REQUEST_ID
+    assert parse([(b"tracestate", b"a=1")])[6] == NOTE_TRACESTATE
+    # The branch that notes them must not take `host` (the authority when none came).
+    base = [f for f in BASE if f[0] != b":authority"]
+    assert parse([(b"traceparent", b"00-x"), (b"host", b"h.example")], base)[3] == "h.example"
 
 
 def test_host_is_the_authority_when_there_is_no_authority():

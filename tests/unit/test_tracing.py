@@ -40,6 +40,39 @@ def test_ratio_sampler_decides_like_the_sdk(ratio):
         assert ours.sample(None, "%032x" % tid) is expected
 
 
+@pytest.mark.parametrize("ratio", [0.0, 0.01, 0.25, 0.5, 0.999, 1.0])
+def test_a_root_is_sampled_like_the_sdk_decides_on_its_request_id(ratio):
+    """Differential, through start_request (which compares the request id's low 64 bits
+    as hex text, not as a number): random ids, and ids at the bound, around it, and
+    differing from it in the first or the last hex digit only."""
+    from opentelemetry.sdk.trace.sampling import Decision, TraceIdRatioBased
+    sdk = TraceIdRatioBased(ratio)
+    t = Collected("parentbased_traceidratio", ratio)
+    bound = round(ratio * (1 << 64))
+    rng = random.Random(11)
+    lows = [0, 1, (1 << 64) - 1, bound - 1, bound, bound + 1, bound ^ (0xF << 60), bound ^ 0xF,
+            bound | (0xF << 56), *(rng.getrandbits(64) for _ in range(2000))]
+    for low in lows:
+        low &= (1 << 64) - 1
+        tid = (rng.getrandbits(64) << 64) | low or 1
+        expected = sdk.should_sample(None, tid, "x").decision is Decision.RECORD_AND_SAMPLE
+        span = t.start_request(request([]), CONN, "%032x" % tid)
+        assert (span is not None) is expected, hex(tid)
+        if span is not None:
+            assert span.trace_id == "%032x" % tid
+
+
+def test_noted_fields_are_what_the_parser_saw():
+    """A head from a parser says which trace-context fields came (RequestHead.noted): no
+    lookup in its headers. One made otherwise (noted -1) is looked at."""
+    t = Collected()
+    head = RequestHead("GET", "/", Headers([("traceparent", f"00-{TRACE}-{SPAN}-01")]), "http", "h", "HTTP/1.1", 0)
+    assert t.start_request(head, CONN).trace_id != TRACE        # the parser saw none: a root
+    assert head.headers.items == [("traceparent", f"00-{TRACE}-{SPAN}-01")]
+    noted = RequestHead("GET", "/", Headers([("traceparent", f"00-{TRACE}-{SPAN}-01")]), "http", "h", "HTTP/1.1")
+    assert noted.noted == -1 and t.start_request(noted, CONN).trace_id == TRACE and noted.noted == 1
+
+
 def test_parent_based_follows_the_remote_parent():
     s = Sampler("parentbased_traceidratio", 0.0)
     tid = TRACE
