@@ -28,7 +28,9 @@ Spans are our own slotted objects, not the OpenTelemetry SDK's, and telemetry/ot
 encodes and sends them: measured with callgrind, the SDK's span start + end cost ~30k
 instructions and its export path (ReadableSpan, then its protobuf encoder) ~365k per
 span, against ~240k for a whole relayed request. The export runs on one thread per
-process; the queue is bounded (`OTEL_BSP_MAX_QUEUE_SIZE`): a span that finds it full is
+process, started by the first span queued and asleep (no timer) while the queue is
+empty, so a worker that samples nothing, or little, has none or one wake-up per batch
+(a wake-up takes the GIL from the event loop); the queue is bounded (`OTEL_BSP_MAX_QUEUE_SIZE`): a span that finds it full is
 dropped and counted, never waited for; an export that fails (collector down, slow past
 its timeout, an error status) counts its spans as dropped and is logged at most once per
 `LOG_INTERVAL`.
@@ -828,25 +830,49 @@ class _Pipeline:
         self._last_log = 0.0
         self._deadline = 0.0
         self.users = 0
-        self.thread = threading.Thread(target=self._run, name="agproxy-otlp-export", daemon=True)
-        self.thread.start()
+        self.pid = os.getpid()
+        # Started by the first span (a worker that samples nothing has no export thread).
+        self.thread: threading.Thread | None = None
 
     # The event loop's side: never blocks, never raises.
     def put(self, span: Span) -> None:
         q = self.queue
-        if len(q) >= self.max_queue:
+        n = len(q)
+        if n >= self.max_queue:
             if self.metrics is not None:
                 self.metrics.spans_dropped.labels("queue_full").inc()
             return
         q.append(span)
-        if len(q) >= self.batch_size and not self._wake.is_set():
+        # The thread sleeps untimed while the queue is empty: the first span wakes it
+        # (then it waits for the schedule delay), and so does a full batch.
+        if n == 0 or n + 1 == self.batch_size:
+            if self.thread is None:
+                self._start_thread()
             self._wake.set()
 
-    # The export thread's side.
+    def _start_thread(self) -> None:
+        if self._stop.is_set():
+            return          # shutting down: shutdown() exports what is queued
+        thread = threading.Thread(target=self._run, name="agproxy-otlp-export", daemon=True)
+        try:
+            thread.start()
+        except RuntimeError as exc:    # (no thread to be had: spans queue up, then count as dropped)
+            log.warning("tracing: cannot start the export thread: %s", exc)
+            return
+        self.thread = thread
+
+    # The export thread's side. Wake-ups: one when a span arrives in an empty queue, one
+    # when a batch fills or the schedule delay ends; none while there is nothing to send
+    # (each costs the event loop a GIL hand-off).
     def _run(self) -> None:
-        while not self._stop.is_set():
-            self._wake.wait(self.settings.schedule_delay)
-            self._wake.clear()
+        wake, stop, q = self._wake, self._stop, self.queue
+        while not stop.is_set():
+            wake.clear()
+            if not q:
+                wake.wait()                  # until a span is queued (or shutdown)
+                wake.clear()
+            if len(q) < self.batch_size and not stop.is_set():
+                wake.wait(self.settings.schedule_delay)   # until a full batch (or shutdown)
             self._drain()
         self._drain()
 
@@ -893,7 +919,10 @@ class _Pipeline:
         self._deadline = time.monotonic() + timeout
         self._stop.set()
         self._wake.set()
-        self.thread.join(timeout)
+        if self.thread is not None:
+            self.thread.join(timeout)
+        else:
+            self._drain()       # (nothing queued, unless the thread could not start)
         self.sender.close()
 
 
@@ -906,7 +935,8 @@ _lock = threading.Lock()
 def _acquire(settings: TracingSettings, metrics: Any) -> _Pipeline:
     with _lock:
         p = _pipelines.get(settings)
-        if p is None or not p.thread.is_alive():   # (a pipeline inherited through a fork has no thread)
+        # (A pipeline inherited through a fork is the parent's: its thread is not here.)
+        if p is None or p.pid != os.getpid() or (p.thread is not None and not p.thread.is_alive()):
             p = _pipelines[settings] = _Pipeline(settings, metrics)
         p.users += 1
         return p

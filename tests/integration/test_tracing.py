@@ -8,6 +8,7 @@ attributes, the resource from OTEL_SERVICE_NAME / OTEL_RESOURCE_ATTRIBUTES), the
 
 from __future__ import annotations
 
+import os
 import re
 import signal
 import socket
@@ -358,6 +359,45 @@ def test_each_worker_process_exports_its_own_spans(start_gateway, upstream_echo,
             assert c.get(gw.url(f"/api/{i}")).status_code == 200
     spans = servers(receiver.wait_for(lambda spans: len(spans) >= 16))
     assert sorted(s.attributes["url.path"] for s in spans) == sorted(f"/api/{i}" for i in range(8))
+
+
+def threads(pid: int) -> set[int]:
+    return {int(t) for t in os.listdir(f"/proc/{pid}/task")}
+
+
+def blocking_waits(pid: int, tid: int) -> int:
+    """How many times thread `tid` went to sleep (each sleep ends in a wake-up)."""
+    for line in open(f"/proc/{pid}/task/{tid}/status"):
+        if line.startswith("voluntary_ctxt_switches"):
+            return int(line.split()[1])
+    raise AssertionError("no voluntary_ctxt_switches")
+
+
+def test_the_export_thread_starts_with_the_first_span_and_sleeps_while_none_comes(
+        start_gateway, upstream_echo, receiver):
+    """A worker that samples nothing has no export thread; once started it sleeps until
+    a span is queued: no timer while there is nothing to send (each wake-up would take
+    the GIL from the event loop)."""
+    gw = start_gateway(config(upstream_echo.url, receiver.url, sampling=0.0), env=FAST_EXPORT)
+    pid = gw.proc.pid                      # one worker: the serving process itself
+    before = threads(pid)
+    with httpx.Client() as c:
+        for i in range(5):
+            assert c.get(gw.url(f"/api/{i}")).status_code == 200
+        assert threads(pid) == before      # unsampled roots: no span, no thread
+        sampled = {"traceparent": f"00-{CLIENT_TRACE}-{CLIENT_SPAN}-01"}
+        assert c.get(gw.url("/api/first"), headers=sampled).status_code == 200
+        receiver.wait_for(lambda spans: len(spans) >= 2)
+        (export,) = threads(pid) - before
+        waits = blocking_waits(pid, export)
+        # An observation window of 20 schedule delays (50 ms each), not a synchronisation:
+        # a thread on a timer would wake ~20 times in it.
+        time.sleep(1.0)
+        assert blocking_waits(pid, export) - waits <= 1
+        assert c.get(gw.url("/api/second"), headers=sampled).status_code == 200
+        spans = receiver.wait_for(lambda spans: len(spans) >= 4)
+    assert sorted(s.attributes["url.path"] for s in servers(spans)) == ["/api/first", "/api/second"]
+    assert threads(pid) - before == {export}
 
 
 def test_spans_still_queued_at_sigterm_are_exported_before_exit(start_gateway, upstream_echo, receiver):
