@@ -38,8 +38,8 @@ from random import getrandbits
 from typing import TYPE_CHECKING, Any, Callable
 
 from agproxy import cel
-from agproxy.http.messages import (BodyAborted, BodyMalformed, BodyReader, BodyTooLarge, ConnInfo, RequestHead,
-                                   ServerStream)
+from agproxy.http.messages import (NOTE_REQUEST_ID, BodyAborted, BodyMalformed, BodyReader, BodyTooLarge,
+                                   ConnInfo, RequestHead, ServerStream)
 from agproxy.http.path import PathError
 from agproxy.proxy.body import HookChain, content_coding
 from agproxy.proxy.contract import LocalReply, Response
@@ -93,7 +93,8 @@ class Exchange:
         self.conn: ConnInfo = stream.conn
         self.route: "Route | None" = None
         self.start = time.monotonic()
-        rid = request.headers.get("x-request-id")
+        # (The parser noted whether the field came: no scan of the head when it did not.)
+        rid = request.headers.get("x-request-id") if request.noted & NOTE_REQUEST_ID else None
         # Else 128 random bits from the process PRNG (reseeded in every forked worker):
         # unique enough for correlation, and no getrandom() syscall per request.
         self.request_id = rid if rid and len(rid) <= 128 and rid.isprintable() else \

@@ -207,6 +207,7 @@ def test_sampling_decides_on_the_request_id_and_a_clients_context_is_followed(
         for i in range(300):
             assert c.get(gw.url(f"/api/root/{i}")).status_code == 200
         assert c.get(gw.url("/api/orphan"), headers={"tracestate": "orphan=1"}).status_code == 200
+        assert c.get(gw.url("/api/theirs"), headers={"x-request-id": "client-id-7"}).status_code == 200
         unsampled = "1" * 32
         assert c.get(gw.url("/api/unsampled"),
                      headers={"traceparent": f"00-{unsampled}-{CLIENT_SPAN}-00"}).status_code == 200
@@ -214,12 +215,13 @@ def test_sampling_decides_on_the_request_id_and_a_clients_context_is_followed(
                                                       "tracestate": "k=v"}).status_code == 200
     # Spans leave in order: once the last request's are in, every sampled root's are.
     spans = receiver.wait_for(lambda spans: any(s.trace_id == CLIENT_TRACE for s in spans))
-    lines = {l["path"]: l for l in gw.access_log(303)}
+    lines = {l["path"]: l for l in gw.access_log(304)}
     seen = {r["path"]: dict(r["headers"]) for r in upstream_echo.seen}
     roots = [f"/api/root/{i}" for i in range(300)] + ["/api/orphan"]
     expected = {p for p in roots if int(lines[p]["request_id"][16:], 16) < bound}
     traced = {s.attributes["url.path"]: s for s in servers(spans)}
-    assert set(traced) == expected | {"/api/sampled"}
+    # (/api/theirs: a root whose trace id is random, not its request id: sampled or not.)
+    assert set(traced) - {"/api/theirs"} == expected | {"/api/sampled"}
     for path in roots:
         line, headers = lines[path], seen[path]
         assert headers["x-request-id"] == line["request_id"] and "tracestate" not in headers
@@ -229,6 +231,9 @@ def test_sampling_decides_on_the_request_id_and_a_clients_context_is_followed(
             assert headers["traceparent"].startswith(f"00-{line['request_id']}-")
         else:
             assert "trace_id" not in line and "span_id" not in line and "traceparent" not in headers
+    # A client's request id is the request id (the parser noted the field), never a trace id.
+    assert lines["/api/theirs"]["request_id"] == seen["/api/theirs"]["x-request-id"] == "client-id-7"
+    assert lines["/api/theirs"].get("trace_id") != "client-id-7"
     tp = seen["/api/unsampled"]["traceparent"]
     assert tp.startswith(f"00-{unsampled}-") and tp.endswith("-00") and lines["/api/unsampled"]["trace_id"] == unsampled
     server = traced["/api/sampled"]
