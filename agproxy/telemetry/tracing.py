@@ -643,7 +643,8 @@ class Tracing:
 
         A root's trace id is `request_id`, the 128 random bits (32 lowercase hex digits)
         the exchange generated as the request id: one value to correlate on (a client's
-        own `x-request-id` never names a trace).
+        own `x-request-id` never names a trace; a head the parser noted nothing in has the
+        exchange's id, which is then taken as is).
 
         Written for the instruction count (benchmarks/instructions.py --tracing 0.01:
         ~1k instructions for an unsampled root, ~4.6k before): the root is decided
@@ -659,11 +660,11 @@ class Tracing:
                 return self._continue_request(request, conn)
             if noted & NOTE_TRACESTATE:
                 request.headers.remove("tracestate")     # (W3C: only beside a valid traceparent)
-            if noted & NOTE_REQUEST_ID and request_id is not None and len(request_id) == 32 \
-                    and request.headers.get("x-request-id") == request_id:
-                request_id = None        # the client's, kept as the request id: not a trace id
-        if request_id is None or len(request_id) != 32:
-            request_id = "%032x" % (getrandbits(128) or 1)
+            # The client's request id (kept as the request id) never names a trace.
+            if request_id is None or len(request_id) != 32 or (
+                    noted & NOTE_REQUEST_ID and request.headers.get("x-request-id") == request_id):
+                request_id = "%032x" % (getrandbits(128) or 1)
+        # (Else, nothing noted: `request_id` is the exchange's, generated.)
         sampled = self._root_sampled
         if sampled is None:     # the trace-id ratio: int(request_id[16:], 16) < bound
             sampled = request_id[16] <= self._bound_first and request_id[16:] < self._bound_hex
