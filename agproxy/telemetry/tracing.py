@@ -12,8 +12,8 @@ as the OpenTelemetry SDKs' TraceIdRatioBased, on the request id the exchange gen
 which becomes the trace id). A root that is not sampled gets no span at all (None: the
 request costs what it costs with tracing off, one call and a few tests: the parser noted
 whether trace-context fields came, so nothing is looked up or built, and it sends no
-trace context); an unsampled
-remote parent is continued with an unsampled span, so its trace id still goes upstream.
+trace context); an unsampled remote parent is continued with an unsampled span, so its
+trace id still goes upstream.
 Only a sampled span records attributes and is queued when it ends.
 
 Each upstream call of a sampled request is a CLIENT child made at its call site through
@@ -30,10 +30,10 @@ instructions and its export path (ReadableSpan, then its protobuf encoder) ~365k
 span, against ~240k for a whole relayed request. The export runs on one thread per
 process, started by the first span queued and asleep (no timer) while the queue is
 empty, so a worker that samples nothing, or little, has none or one wake-up per batch
-(a wake-up takes the GIL from the event loop); the queue is bounded (`OTEL_BSP_MAX_QUEUE_SIZE`): a span that finds it full is
-dropped and counted, never waited for; an export that fails (collector down, slow past
-its timeout, an error status) counts its spans as dropped and is logged at most once per
-`LOG_INTERVAL`.
+(a wake-up takes the GIL from the event loop); the queue is bounded
+(`OTEL_BSP_MAX_QUEUE_SIZE`): a span that finds it full is dropped and counted, never
+waited for; an export that fails (collector down, slow past its timeout, an error
+status) counts its spans as dropped and is logged at most once per `LOG_INTERVAL`.
 """
 
 from __future__ import annotations
