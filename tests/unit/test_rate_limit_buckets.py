@@ -164,3 +164,23 @@ def test_a_lock_left_held_by_a_dead_process_is_taken_over(monkeypatch, caplog):
 def test_slots_must_be_a_power_of_two():
     with pytest.raises(ValueError):
         BucketTable(slots=100)
+
+
+def test_shared_takes_see_time_in_lock_order():
+    """Two workers read the clock, then take one after the other in the other order: the
+    later taker's `now` is the one that read the clock first. Each take's `now` (what the
+    filter computes x-ratelimit-remaining from) is never before an earlier take's, so the
+    tokens left read 9, then 8 (with the earlier reading: 7, and 7 again next)."""
+    interval, burst = 6 * 60 * S, 10 * 6 * 60 * S     # 10 a hour
+    t = BucketTable(slots=64)
+    t._shared()             # as after fork: other processes see the mapping
+    h = 77
+    early = time.monotonic_ns()
+    late = early + 1000
+    left = []
+    for now in (late, early):
+        tat = t.take(h, interval, burst, 1, now)
+        assert tat > 0
+        assert t.now >= now
+        left.append((burst - tat + t.now) // interval)
+    assert left == [9, 8]

@@ -118,6 +118,7 @@ class RateLimitFilter(Filter):
         one = self.local[0] if len(self.local) == 1 and not self.remotes else None
         self._one = one if one is not None and not one.tokens else None
         self._counts = direct_counts(self.decisions)     # (one process: no call per request)
+        self._table = table
         self._take = table.take if table is not None else None
         self._allowed = (route, "local", "allowed")
         self._limited = (route, "local", "limited")
@@ -151,6 +152,7 @@ class RateLimitFilter(Filter):
             counts[key] = counts.get(key, 0) + 1
         else:
             self.decisions.inc(self._allowed)
+        now = self._table.now       # with other workers, maybe later than the clock read above
         ex.rate_limit = ((burst - tat + now) // interval, lim.label, tat - now)
         return None
 
@@ -196,8 +198,9 @@ class RateLimitFilter(Filter):
                     self._give_back(taken, now)
                     self.decisions.inc(self._limited)
                     return limited(lim.capacity, lim.burst - lim.interval - tat, -tat)
-                remaining = (lim.burst - tat + now) // lim.interval
-                reset = tat - now
+                took_at = table.now     # with other workers, maybe later than `now`
+                remaining = (lim.burst - tat + took_at) // lim.interval
+                reset = tat - took_at
                 if taken is None:
                     taken = [(lim, h)]
                 else:

@@ -64,6 +64,7 @@ import logging
 import mmap
 import multiprocessing
 import os
+import time
 
 log = logging.getLogger("agproxy.policy")
 
@@ -89,7 +90,7 @@ class BucketTable:
     """
 
     __slots__ = ("slots", "evictions", "on_evict", "_q", "_mm", "_locks", "_mask", "_tats", "_fd", "_pid",
-                 "_alone")
+                 "_alone", "now")
 
     def __init__(self, slots: int = DEFAULT_SLOTS):
         if slots < WAYS or slots & (slots - 1):
@@ -107,6 +108,7 @@ class BucketTable:
         self._fd = os.memfd_create("agproxy-rate-limit", 0)
         self._pid = os.getpid()
         self._alone = True          # no other process can see the mapping: no lock needed
+        self.now = 0                # the "now" the last take() used (the caller's, or later)
         os.register_at_fork(after_in_child=self._after_fork, after_in_parent=self._shared)
 
     def _after_fork(self) -> None:
@@ -127,6 +129,10 @@ class BucketTable:
 
         Returns the bucket's new tat (> 0) when allowed; when refused, minus the
         nanoseconds until `cost` tokens will be there (< 0), and nothing changes.
+        `self.now` is the time it took them at: `now`, or with other processes, the
+        clock read under the lock when that is later (so the takes of one bucket see
+        time in the order they hold its lock: a process that read the clock first and
+        took second would count one token too few left).
         """
         j = h & self._mask                  # the key's home slot
         q = self._q
@@ -138,6 +144,10 @@ class BucketTable:
             if not lock.acquire(False):
                 self._wait(stripe, lock)
             q[stripe] = self._pid
+            clock = time.monotonic_ns()
+            if clock > now:
+                now = clock
+        self.now = now
         try:
             k = q[KEYS + j]
             t = self._tats + j
