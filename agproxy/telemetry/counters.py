@@ -29,6 +29,18 @@ from prometheus_client.core import CounterMetricFamily
 _BY_METRICS: dict[int, dict[str, "Counter"]] = {}
 
 
+
+def flush_soon(flush: Any) -> bool:
+    """Run `flush` at the end of this event-loop iteration (True: it is scheduled), or
+    now when no loop is running, as in a tool (False). The counters and the pending
+    histograms batch their multiprocess writes this way: one flush per iteration."""
+    try:
+        asyncio.get_running_loop().call_soon(flush)
+        return True
+    except RuntimeError:
+        flush()
+        return False
+
 class Counter:
     __slots__ = ("name", "help", "labels", "counts", "_prom", "_children", "_multiprocess",
                  "_scheduled")
@@ -51,11 +63,7 @@ class Counter:
         counts = self.counts
         counts[key] = counts.get(key, 0) + n
         if self._multiprocess and not self._scheduled:
-            try:
-                asyncio.get_running_loop().call_soon(self.flush)
-                self._scheduled = True
-            except RuntimeError:      # no loop running (a tool): write now
-                self.flush()
+            self._scheduled = flush_soon(self.flush)
 
     def flush(self) -> None:
         self._scheduled = False

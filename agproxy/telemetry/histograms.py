@@ -25,8 +25,9 @@ keeps its list for the life of the process (children are bounded by their labels
 
 from __future__ import annotations
 
-import asyncio
 from typing import Any
+
+from agproxy.telemetry.counters import flush_soon
 
 _BY_METRICS: dict[int, "PendingHistograms"] = {}
 
@@ -49,11 +50,7 @@ class PendingHistograms:
     def added(self) -> None:
         """Samples were added: with several workers, flush at the end of this iteration."""
         if self.multiprocess and not self._scheduled:
-            try:
-                asyncio.get_running_loop().call_soon(self.flush)
-                self._scheduled = True
-            except RuntimeError:      # no loop running (a tool): write now
-                self.flush()
+            self._scheduled = flush_soon(self.flush)
 
     def flush(self) -> None:
         self._scheduled = False
