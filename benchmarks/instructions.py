@@ -181,12 +181,7 @@ def main() -> int:
         tls = keys.make_tls(workdir)
         jwt_files = keys.make_jwt(workdir)
         free = iter(free_ports(11))
-        ports = proxies.Ports(next(free), next(free), next(free), agproxy_admin=next(free))
-        ports.proxy["agproxy"] = {"h1": next(free)}
-        up = proxies.upstream_spec(workdir, ports, tls)
-        child = sup.start(up.name, up.argv, core=1)
-        if (error := wait_ready(child, up.urls["h1"] + "/", up.ready_timeout)):
-            raise SystemExit(f"upstream: {error}")
+        ports, _ = proxies.start_upstream(sup, workdir, tls, free, 1)
         redis_port = None
         if any(n.endswith("-redis") for n in args.scenarios):
             redis_port = next(free)

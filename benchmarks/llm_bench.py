@@ -295,13 +295,8 @@ def main(argv: list[str]) -> int:
 def run(args, rows: list[str], workdir: Path, sup: Supervisor, litellm_bin: str | None):
     tls = keys.make_tls(workdir)
     free = iter(free_ports(8))
-    ports = proxies.Ports(next(free), next(free), next(free), agproxy_admin=next(free))
-    ports.proxy["agproxy"] = {"h1": next(free)}
+    ports, up = proxies.start_upstream(sup, workdir, tls, free, LOAD_CORE, "the mock (nginx)")
     litellm_port = next(free)
-    up = proxies.upstream_spec(workdir, ports, tls)
-    child = sup.start(up.name, up.argv, LOAD_CORE)
-    if (error := wait_ready(child, up.urls["h1"] + "/", up.ready_timeout)):
-        raise SystemExit(f"the mock (nginx): {error}")
     spec = proxies.agproxy_spec(workdir, ports, tls, llm=True)
     gw = sup.start(spec.name, spec.argv, PROXY_CORE, env={**os.environ, **proxies.LLM_ENV})
     if (error := wait_ready(gw, spec.urls["h1"] + "/", spec.ready_timeout)):

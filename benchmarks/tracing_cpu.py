@@ -111,12 +111,7 @@ def main() -> int:
     try:
         tls = keys.make_tls(workdir)
         free = iter(free_ports(9))
-        ports = proxies.Ports(next(free), next(free), next(free), agproxy_admin=next(free))
-        ports.proxy["agproxy"] = {"h1": next(free)}
-        up = proxies.upstream_spec(workdir, ports, tls)
-        child = sup.start(up.name, up.argv, core=1)
-        if (error := wait_ready(child, up.urls["h1"] + "/", up.ready_timeout)):
-            raise SystemExit(f"upstream: {error}")
+        ports, _ = proxies.start_upstream(sup, workdir, tls, free, 1)
         sink_port = next(free)
         sink = sup.start("otlp-sink", [sys.executable, str(HERE / "harness" / "otlp_sink.py"), str(sink_port)], core=1)
         if (error := wait_ready(sink, f"http://127.0.0.1:{sink_port}/", 30)):

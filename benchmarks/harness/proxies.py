@@ -27,6 +27,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 
 from . import keys
+from .procs import Supervisor, wait_ready
 
 BODY = "a" * 99 + "\n"  # exactly 100 bytes
 VENV = Path(sys.prefix)
@@ -243,6 +244,20 @@ def upstream_spec(workdir: Path, ports: Ports, tls: keys.TlsFiles) -> Spec:
     conf.write_text(nginx_main(workdir, "upstream", http))
     return Spec("upstream", nginx_argv(conf, workdir, "upstream"),
                 urls_for(ports.up_h1, ports.up_tls, ports.up_h2c))
+
+
+def start_upstream(sup: Supervisor, workdir: Path, tls: keys.TlsFiles, free, core: int,
+                   name: str = "upstream") -> tuple[Ports, Spec]:
+    """Ports for the upstream and one agproxy (its h1 listener and admin) taken from the
+    `free` port iterator, and the suite's upstream nginx started on `core` and ready
+    (SystemExit naming it as `name` if it does not come up)."""
+    ports = Ports(next(free), next(free), next(free), agproxy_admin=next(free))
+    ports.proxy["agproxy"] = {"h1": next(free)}
+    up = upstream_spec(workdir, ports, tls)
+    child = sup.start(up.name, up.argv, core)
+    if (error := wait_ready(child, up.urls["h1"] + "/", up.ready_timeout)):
+        raise SystemExit(f"{name}: {error}")
+    return ports, up
 
 
 def nginx_spec(workdir: Path, ports: Ports, tls: keys.TlsFiles) -> Spec:
