@@ -432,7 +432,7 @@ def test_the_one_line_event_shortcut_reads_what_the_parser_reads():
 
 
 # -- the pass-through OpenAI stream, whatever the chunking ---------------------------------------
-from hypothesis import given, settings, strategies as st  # noqa: E402
+from hypothesis import example, given, settings, strategies as st  # noqa: E402
 
 _BASE = {"id": "chatcmpl-1", "object": "chat.completion.chunk", "created": 1, "model": "gpt-real-1"}
 _CONTENT_TEXTS = ["", "Hi", " [DONE] ", 'say "usage":{ and "error" in text', "ünïcödé", "a\nb"]
@@ -501,7 +501,14 @@ def _reference(stream: bytes, drop_usage: bool):
 _KINDS = st.sampled_from(["content", "content", "tool", "finish", "usage", "error", "comment", "blank", "crlf"])
 
 
-@settings(max_examples=1000, deadline=None)
+@settings(max_examples=3000, deadline=None)
+# Cases hypothesis found (each a bug fixed): a blank line left at the end; an opening
+# blank line with a dropped usage chunk; an LF cut from its CR at EOF; the LF of a CRLF
+# cut from its CR before a dropped usage chunk.
+@example(kinds=["finish", "blank"], done=False, drop=False, cuts=[], at_events=True)
+@example(kinds=["blank", "usage"], done=False, drop=True, cuts=[], at_events=False)
+@example(kinds=["crlf"], done=False, drop=False, cuts=[3474], at_events=False)
+@example(kinds=["crlf", "usage", "usage"], done=True, drop=True, cuts=[8192], at_events=False)
 @given(kinds=st.lists(_KINDS, max_size=12), done=st.booleans(), drop=st.booleans(),
        cuts=st.lists(st.integers(0, 10_000), max_size=6), at_events=st.booleans())
 def test_openai_passthrough_reads_every_chunking_as_the_parser_does(kinds, done, drop, cuts, at_events):

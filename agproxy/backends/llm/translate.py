@@ -407,6 +407,8 @@ class StreamTranslator:
                 interesting = not self.first_token or head.find(b"message_") >= 0 or head.find(b"error") >= 0
             if interesting and self._read_event(raw):
                 drop = True
+                if raw[:1] == b"\n":
+                    keep.append(b"\n")    # the LF of a CRLF cut from its CR: not the dropped event's
                 continue
             keep.append(raw)
         if not drop and len(keep) == len(raws):
