@@ -449,6 +449,9 @@ def _event_of(kind: str, i: int) -> bytes:
             {"index": 0, "id": f"call_{i}", "function": {"name": "f", "arguments": "{}"}}]}}], "usage": None}
     elif kind == "finish":
         c = {**_BASE, "choices": [{"index": 0, "delta": {}, "finish_reason": "stop"}], "usage": None}
+    elif kind == "content+usage":     # a provider that reports usage on every chunk (cumulative)
+        c = {**_BASE, "choices": [{"index": 0, "delta": {"content": f"w{i}"}, "finish_reason": None}],
+             "usage": {"prompt_tokens": 5, "completion_tokens": i, "prompt_tokens_details": {"cached_tokens": 1}}}
     elif kind == "usage":
         c = {**_BASE, "choices": [], "usage": {"prompt_tokens": 10 + i, "completion_tokens": i,
                                                "prompt_tokens_details": {"cached_tokens": i}}}
@@ -498,7 +501,8 @@ def _reference(stream: bytes, drop_usage: bool):
     return b"".join(out), usage, model, complete, first, error
 
 
-_KINDS = st.sampled_from(["content", "content", "tool", "finish", "usage", "error", "comment", "blank", "crlf"])
+_KINDS = st.sampled_from(["content", "content", "tool", "finish", "usage", "error", "comment", "blank", "crlf",
+                          "content+usage"])
 
 
 @settings(max_examples=3000, deadline=None)
@@ -509,6 +513,8 @@ _KINDS = st.sampled_from(["content", "content", "tool", "finish", "usage", "erro
 @example(kinds=["blank", "usage"], done=False, drop=True, cuts=[], at_events=False)
 @example(kinds=["crlf"], done=False, drop=False, cuts=[3474], at_events=False)
 @example(kinds=["crlf", "usage", "usage"], done=True, drop=True, cuts=[8192], at_events=False)
+# the first token known by its bytes (not parsed) still gives its usage
+@example(kinds=["finish", "content+usage"], done=True, drop=True, cuts=[], at_events=True)
 @given(kinds=st.lists(_KINDS, max_size=12), done=st.booleans(), drop=st.booleans(),
        cuts=st.lists(st.integers(0, 10_000), max_size=6), at_events=st.booleans())
 def test_openai_passthrough_reads_every_chunking_as_the_parser_does(kinds, done, drop, cuts, at_events):
