@@ -216,6 +216,7 @@ class Exchange:
                 "request": self._cel_request,
                 "source": self._cel_source,
                 "jwt": self._cel_jwt,
+                "llm": self._cel_llm,
             }
             extra = self._cel_extra
             if extra:
@@ -250,6 +251,10 @@ class Exchange:
 
     def _cel_jwt(self) -> dict:
         return self.jwt_claims or {}
+
+    def _cel_llm(self) -> dict | None:
+        llm = self.llm
+        return llm.cel() if llm is not None else None
 
 
 def _parse_query(query: str) -> dict[str, str]:
@@ -463,8 +468,14 @@ class Gateway:
                 rec["span_id"] = span.span_id
             if runtime.log_fields is not None:     # [telemetry].access_log_fields (CEL)
                 runtime.log_fields.add_to(rec, ex.activation)
-            if ex.log_extra:
-                rec = {**ex.log_extra, **rec}   # a module's field never hides a core one
+            extra = ex.log_extra
+            if extra:
+                # A module's field never hides a core one. (Added in place when no key
+                # is shared, the usual case: the merged copy cost ~3k instructions.)
+                if extra.keys().isdisjoint(rec.keys()):     # (two views: the smaller one is walked)
+                    rec.update(extra)
+                else:
+                    rec = {**extra, **rec}
             al.write(rec)
 
 

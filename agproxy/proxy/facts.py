@@ -5,9 +5,10 @@ Theory of operation: the Exchange holds these in typed slots (`ex.mcp`, an
 policies and backends; `ex.llm`, and `ex.attempts`; the verified identity is `ex.jwt_claims` / `ex.jwt_token` /
 `ex.jwt_provider`, the exchanged token `ex.obo_token`) instead of a string-keyed
 dict, so a reader finds who writes a fact by its name and a typo is an
-AttributeError, not a silent miss. A module that fills `ex.mcp` or `ex.llm` also
-hands CEL its view (`ex.add_cel_variable("mcp", call.cel)`), since only then does
-a request pay for building it.
+AttributeError, not a silent miss. A module that fills `ex.mcp` also hands CEL its
+view (`ex.add_cel_variable("mcp", call.cel)`), since only then does a request pay for
+building it; CEL's `llm` is the exchange's own, `ex.llm.cel()` (an empty map
+without one).
 """
 
 from __future__ import annotations

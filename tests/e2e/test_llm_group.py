@@ -366,3 +366,32 @@ def test_client_disconnect_mid_stream_cancels_the_upstream(fakes, start_gateway)
         got += s.recv(4096)
     s.close()
     assert slow.client_gone.wait(5), "the provider kept streaming after the client left"
+
+
+def test_cel_llm_reads_the_answered_call(fakes, start_gateway):
+    """CEL's `llm` (the exchange reads the group's record): the group, the provider that
+    answered, the models, and the usage once the answer (or its stream) is over; an
+    empty map on a route that is not an llm_group."""
+    primary = fakes("openai", usage=Usage(input=20, output=9, cache_read=100))
+    fields = ('[telemetry]\naccess_log_fields = { g = "llm.group", p = "llm.provider", k = "llm.provider_kind", '
+              'm = "llm.model", rm = "llm.response_model", s = "llm.streaming", out = "llm.usage.output", '
+              'cached = "llm.usage.input_cache_read", has = \'has(llm.group)\' }\n\n')
+    gw = start_gateway(fields + _config([primary]) + f'''
+[[route]]
+name = "plain"
+match = {{ path_prefix = "/" }}
+backend = "plain"
+
+[backend.plain]
+type = "http"
+url = "{primary.url}"
+''', env=ENV)
+    _oa(gw).chat.completions.create(model="smart", messages=HI)
+    list(_oa(gw).chat.completions.create(model="smart", messages=HI, stream=True))
+    httpx.get(gw.url("/elsewhere"))
+    json_rec, stream_rec, plain_rec = gw.access_log(3)[-3:]
+    for rec, streaming in ((json_rec, False), (stream_rec, True)):
+        assert (rec["g"], rec["p"], rec["k"], rec["m"], rec["s"]) == ("llm", "openai", "openai", "smart", streaming)
+        assert rec["rm"] == "gpt-4o-mini-2024-07-18" and (rec["out"], rec["cached"]) == (9, 100)
+        assert rec["has"] is True
+    assert plain_rec["route"] == "plain" and plain_rec["has"] is False

@@ -7,7 +7,8 @@ from __future__ import annotations
 
 from prometheus_client import CollectorRegistry, Histogram, generate_latest
 
-from agproxy.backends.llm.group import DURATION_BUCKETS, TOKEN_BUCKETS, _observe
+from agproxy.backends.llm.group import DURATION_BUCKETS, TOKEN_BUCKETS, TOKEN_TYPES, _observe, _observe_usage
+from agproxy.backends.llm.usage import Usage
 from agproxy.telemetry.histograms import PendingHistograms
 
 
@@ -33,3 +34,22 @@ def test_observe_shortcut_matches_prometheus_client():
         assert _exposition(ours) == _exposition(theirs)
         pend.flush()                # nothing pending: adds nothing
         assert _exposition(ours) == _exposition(theirs)
+
+
+def test_usage_shortcut_matches_prometheus_client():
+    """The four token samples of an answer (`_observe_usage`, int bounds) land where
+    observe() puts them, each in its own token type's histogram."""
+    ours, theirs = CollectorRegistry(), CollectorRegistry()
+    a = Histogram("t", "t", ["type"], buckets=TOKEN_BUCKETS, registry=theirs)
+    b = Histogram("t", "t", ["type"], buckets=TOKEN_BUCKETS, registry=ours)
+    pend = PendingHistograms(multiprocess=False)
+    series = tuple(pend.series(b.labels(k)) for k in TOKEN_TYPES)
+    for n, v in enumerate((0, 1, 2, 4, 5, 256, 257, 67108864, 67108865, 10**12)):
+        u = Usage(v, v + 3, v // 2, n)
+        for k, x in zip(TOKEN_TYPES, (u.input, u.output, u.cache_read, u.cache_write)):
+            a.labels(k).observe(x)
+        _observe_usage(series, u)
+        if n % 4 == 0:
+            pend.flush()
+    pend.flush()
+    assert _exposition(ours) == _exposition(theirs)

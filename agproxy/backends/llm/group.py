@@ -112,10 +112,29 @@ TOKEN_TYPES = ("input", "output", "input_cache_read", "input_cache_write")
 
 def _observe(h: list, bounds: Any, value: float) -> None:
     """One sample into a pending histogram (telemetry/histograms.py): the sum and the
-    one bucket, found by bisect. Five observations a request; through prometheus-client
-    (a lock per inc) they cost ~2.5k instructions each (callgrind, h1-llm)."""
+    one bucket, found by bisect. Through prometheus-client (a lock per inc) an
+    observation cost ~2.5k instructions (callgrind, h1-llm)."""
     h[0] += value
     h[1 + bisect_left(bounds, value)] += 1
+
+
+def _observe_usage(tokens: tuple, u: Usage) -> None:
+    """The four token samples of one answer (TOKEN_TYPES order), as `_observe` adds them,
+    in one call and bisecting the int TOKEN_BUCKETS (an int against the children's
+    float bounds compares by conversion): ~6k instructions a request less (callgrind)."""
+    h_in, h_out, h_read, h_write = tokens
+    v = u.input
+    h_in[0] += v
+    h_in[1 + bisect_left(TOKEN_BUCKETS, v)] += 1
+    v = u.output
+    h_out[0] += v
+    h_out[1 + bisect_left(TOKEN_BUCKETS, v)] += 1
+    v = u.cache_read
+    h_read[0] += v
+    h_read[1 + bisect_left(TOKEN_BUCKETS, v)] += 1
+    v = u.cache_write
+    h_write[0] += v
+    h_write[1 + bisect_left(TOKEN_BUCKETS, v)] += 1
 
 
 class _Metrics:
@@ -148,7 +167,7 @@ class _Metrics:
 
     def series(self, labels: tuple) -> tuple:
         """The pending histograms (telemetry/histograms.py) of one label tuple: duration,
-        ttft, the token ones in TOKEN_TYPES order, then the three families' bucket bounds.
+        ttft, the token ones in TOKEN_TYPES order, then the bucket bounds of the first two.
         One dict lookup a request instead of six (the label values are bounded, so is this)."""
         s = self._series.get(labels)
         if s is None:
@@ -156,7 +175,7 @@ class _Metrics:
             d, t = self.duration.labels(*labels), self.ttft.labels(*labels)
             toks = [self.tokens.labels(k, *labels) for k in TOKEN_TYPES]
             s = self._series[labels] = (p.series(d), p.series(t), tuple(p.series(c) for c in toks),
-                                        d._upper_bounds, t._upper_bounds, toks[0]._upper_bounds)
+                                        d._upper_bounds, t._upper_bounds)
         return s
 
     def child(self, family: Any, labels: tuple) -> Any:
@@ -361,9 +380,9 @@ class LlmGroup(Backend):
             return self._error(api, 404, "not_found",
                                f"the model {creq.model[:100]!r} is not served by llm group {self.name!r}")
         call = _Call(creq, ex.start)
-        ex.llm = UsageRecord(call, len(raw))     # what token rate limits charge (record.py)
+        # What token rate limits charge, and CEL's `llm` (record.py).
+        ex.llm = UsageRecord(call, len(raw), self._cel)
         ex.on_done(self._done_hook(call))
-        ex.add_cel_variable("llm", lambda: self._cel(call))
         return await self._attempts(ex, call, api)
 
     # -- trying providers ------------------------------------------------------------
@@ -624,15 +643,12 @@ class LlmGroup(Backend):
                                self._label(call.response_model), route))
             if len(self._series) < 1024:
                 self._series[key] = series
-        duration, ttft, tokens, dur_bounds, ttft_bounds, tok_bounds = series
+        duration, ttft, tokens, dur_bounds, ttft_bounds = series
         _observe(duration, dur_bounds, time.monotonic() - call.start)
         if call.ttft is not None:
             _observe(ttft, ttft_bounds, call.ttft)
         if u is not None:
-            _observe(tokens[0], tok_bounds, u.input)
-            _observe(tokens[1], tok_bounds, u.output)
-            _observe(tokens[2], tok_bounds, u.cache_read)
-            _observe(tokens[3], tok_bounds, u.cache_write)
+            _observe_usage(tokens, u)
         if m.multiprocess:
             m.pending.added()
 
